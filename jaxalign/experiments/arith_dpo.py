@@ -1,0 +1,428 @@
+"""The main job: SFT on noisy ARITH demonstrations, then DPO on on-policy pairs labelled by the oracle.
+
+Pipeline (each phase resumable; re-running the same command continues where a killed run stopped):
+1. SFT on demonstrations that drop most carries (`jaxalign.tasks.arith`), so the greedy SFT policy is
+   systematically wrong on the prompts that need a carry.
+2. Pairs: sample K completions per training prompt from the SFT policy (KV-cached sampler, temperature, top-k),
+   grade them with the oracle, and pair the best- against the worst-scored sample; tied prompts are dropped and
+   counted.
+3. DPO (sigmoid loss, Rafailov et al. 2023, eq. 7) with the SFT policy as the frozen reference.
+4. Guard against over-optimisation: with a fixed reference DPO keeps pushing rejected likelihoods down, responses
+   drift and answers the SFT policy had right start to break. Every `dpo.eval_every` steps the policy is decoded
+   greedily on validation prompts (training problems never used for pairs) and checkpointed; the run returns the
+   checkpoint with the best validation accuracy (earliest on ties), not the last one. results.json reports both.
+5. Greedy exact-match accuracy of both policies on held-out problems (disjoint from all training problems).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign.data.iterator import ArrayDataset, dropped_per_epoch
+from jaxalign.losses.dpo import check_beta
+from jaxalign.models.llama import DecoderLM, ModelConfig, count_params, init_params
+from jaxalign.sampling import SamplingConfig, generate
+from jaxalign.sharding import (
+    MeshConfig,
+    check_batch_fits_mesh,
+    check_model_fits_mesh,
+    init_sharded,
+    logical_shardings,
+    make_mesh,
+)
+from jaxalign.tasks import arith
+from jaxalign.tasks.tokenizer import CharTokenizer
+from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer
+from jaxalign.train.loop import MetricsLog, train_loop
+from jaxalign.train.optim import OptimConfig, make_optimizer
+from jaxalign.train.state import TrainState
+from jaxalign.train.step import dpo_loss_fn, jit_train_step, make_train_step, sft_loss_fn
+
+PROMPT_LEN = 8  # "a+b+c+d=" with single digits
+COMPLETION_LEN = 24  # longest chain "9+9=18;18+9=27;27+9=36" (22 chars) + EOS, plus one slot of slack
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 1200
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    optim: OptimConfig = OptimConfig(learning_rate=2e-3, warmup_steps=100)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairConfig:
+    """On-policy pair construction: `samples_per_prompt` samples for each of `num_prompts` training prompts."""
+
+    num_prompts: int = 2048
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_k: int = 0
+    min_score_gap: float = 0.5
+
+    def __post_init__(self):
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"pairs.samples_per_prompt must be >= 2 to form a pair, got {self.samples_per_prompt!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    steps: int = 300
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    objective: str = "sigmoid"
+    sft_weight: float = 0.0
+    optim: OptimConfig = OptimConfig(learning_rate=5e-4, warmup_steps=20)
+    eval_every: int = 25
+    select_best: bool = True
+
+    def __post_init__(self):
+        check_beta(self.beta)
+        if self.eval_every <= 0:
+            raise ValueError(f"dpo.eval_every must be positive, got {self.eval_every!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithDPOConfig:
+    """Everything the main job needs; every field can be overridden from the command line (key=value)."""
+
+    seed: int = 0
+    task: arith.ArithConfig = arith.ArithConfig()
+    model: ModelConfig = ModelConfig(vocab_size=16, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
+                                     mlp_dim=344, max_len=PROMPT_LEN + COMPLETION_LEN)
+    mesh: MeshConfig = MeshConfig()
+    sft: SFTConfig = SFTConfig()
+    pairs: PairConfig = PairConfig()
+    dpo: DPOConfig = DPOConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig(every_steps=100, keep_last=2)
+    eval_fraction: float = 0.2
+    num_val_prompts: int = 256
+    eval_batch_size: int = 1024
+    show_progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small pure helpers.
+
+
+def params_sha256(params) -> str:
+    """A hash of the parameters' bytes (leaves in tree order), to compare runs bit for bit."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(jax.device_get(params)):
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+    """Write to a temporary file and rename, so readers never see a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problems:
+    """Disjoint problem sets: SFT/pair training, validation (for DPO checkpoint selection) and held-out test."""
+
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+
+
+def split(cfg: ArithDPOConfig) -> Problems:
+    train, test = arith.split_problems(cfg.task.num_operands, cfg.eval_fraction, cfg.seed)
+    order = np.random.default_rng([cfg.seed, 1]).permutation(len(train))
+    validation = train[order[: cfg.num_val_prompts]]
+    return Problems(train=train[order[cfg.num_val_prompts :]], validation=validation, test=test)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation and sampling.
+
+
+def sample_completions(params, model_cfg: ModelConfig, problems: np.ndarray, sampling: SamplingConfig, rng,
+                       batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prompt tokens [N, P], completion tokens [N, C], completion masks [N, C]) for every problem, in order."""
+    tok = CharTokenizer()
+    prompts = [arith.prompt_text(p) for p in problems]
+    prompt_tokens, prompt_mask = arith.encode_prompts(tok, prompts, pad_to=PROMPT_LEN)
+    out_tokens, out_masks = [], []
+    for start in range(0, len(problems), batch_size):
+        rng, sub = jax.random.split(rng)
+        tokens, mask = generate(
+            params, prompt_tokens[start : start + batch_size], prompt_mask[start : start + batch_size], sub,
+            cfg=model_cfg, sampling=sampling, eos_id=tok.EOS_ID, pad_id=tok.PAD_ID, num_tokens=tok.vocab_size,
+        )
+        out_tokens.append(np.asarray(tokens))
+        out_masks.append(np.asarray(mask))
+    return prompt_tokens, np.concatenate(out_tokens), np.concatenate(out_masks)
+
+
+def grade_completions(problems: np.ndarray, completion_tokens: np.ndarray) -> list[arith.Grade]:
+    tok = CharTokenizer()
+    return [arith.grade(p, tok.decode(t)) for p, t in zip(problems, completion_tokens)]
+
+
+def greedy_eval(params, model_cfg: ModelConfig, problems: np.ndarray, batch_size: int):
+    """Greedy exact-match accuracy, per-problem correctness and mean completion length (tokens incl. EOS)."""
+    greedy = SamplingConfig(max_new_tokens=COMPLETION_LEN, temperature=0.0)
+    _, tokens, mask = sample_completions(params, model_cfg, problems, greedy, jax.random.key(0), batch_size)
+    correct = np.array([g.correct for g in grade_completions(problems, tokens)])
+    return {"accuracy": float(correct.mean()), "mean_length": float(mask.sum(-1).mean())}, correct
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets.
+
+
+def sft_dataset(cfg: ArithDPOConfig, problems: np.ndarray) -> ArrayDataset:
+    rng = np.random.default_rng([cfg.seed, 2])
+    examples = arith.make_sft_examples(problems, rng, cfg.task.carry_drop_prob)
+    batch = arith.encode_batch(CharTokenizer(), [p for p, _ in examples], [c for _, c in examples],
+                               max_len=cfg.model.max_len)
+    return ArrayDataset(batch)
+
+
+def build_pairs(problems, prompt_tokens, completions, masks, samples_per_prompt: int, min_score_gap: float):
+    """Pair, for every prompt, its best-scored sample (chosen) with its worst-scored one (rejected).
+
+    `completions`/`masks` are [N * K, C] with the K samples of prompt i at rows i*K .. i*K+K-1. Prompts whose best
+    and worst scores differ by less than `min_score_gap` give no pair; their number is returned as `dropped`.
+    """
+    k = samples_per_prompt
+    grades = grade_completions(np.repeat(problems, k, axis=0), completions)
+    scores = np.array([arith.score(g) for g in grades]).reshape(-1, k)
+    best, worst = scores.argmax(axis=1), scores.argmin(axis=1)
+    keep = scores.max(axis=1) - scores.min(axis=1) >= min_score_gap
+    rows = np.nonzero(keep)[0]
+    pick = lambda which: rows * k + which[rows]  # noqa: E731
+    prompt_part = prompt_tokens[rows]
+    zeros = np.zeros_like(prompt_part)
+    arrays = {}
+    for side, idx in (("chosen", pick(best)), ("rejected", pick(worst))):
+        arrays[f"{side}_tokens"] = np.concatenate([prompt_part, completions[idx]], axis=1).astype(np.int32)
+        arrays[f"{side}_attention_mask"] = np.concatenate([prompt_part != 0, masks[idx]], axis=1).astype(np.int32)
+        arrays[f"{side}_completion_mask"] = np.concatenate([zeros, masks[idx]], axis=1).astype(np.int32)
+    stats = {
+        "pairs": int(len(rows)),
+        "pairs_dropped_tied": int((~keep).sum()),
+        "pairs_chosen_correct_rate": float(np.mean([grades[i].correct for i in pick(best)])) if len(rows) else 0.0,
+        "samples_correct_rate": float(np.mean([g.correct for g in grades])),
+    }
+    return ArrayDataset(arrays), stats
+
+
+def on_policy_pairs(cfg: ArithDPOConfig, params, problems: np.ndarray, workdir: str):
+    """Sample, grade and pair; cached in workdir/pairs.npz so a resumed run reuses exactly the same pairs."""
+    path = os.path.join(workdir, "pairs.npz")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            stats = json.loads(str(f["stats"]))
+            return ArrayDataset({k: f[k] for k in f.files if k != "stats"}), stats
+    chosen_problems = problems[np.random.default_rng([cfg.seed, 3]).permutation(len(problems))[: cfg.pairs.num_prompts]]
+    repeated = np.repeat(chosen_problems, cfg.pairs.samples_per_prompt, axis=0)
+    sampling = SamplingConfig(max_new_tokens=COMPLETION_LEN, temperature=cfg.pairs.temperature, top_k=cfg.pairs.top_k)
+    prompt_tokens, completions, masks = sample_completions(
+        params, cfg.model, repeated, sampling, jax.random.key(cfg.seed + 17), cfg.eval_batch_size
+    )
+    k = cfg.pairs.samples_per_prompt
+    dataset, stats = build_pairs(chosen_problems, prompt_tokens[::k], completions, masks, k, cfg.pairs.min_score_gap)
+    if stats["pairs"] < cfg.dpo.batch_size:
+        raise ValueError(
+            f"only {stats['pairs']} preference pairs survived pairs.min_score_gap={cfg.pairs.min_score_gap} "
+            f"({stats['pairs_dropped_tied']} prompts tied), fewer than dpo.batch_size={cfg.dpo.batch_size}"
+        )
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, stats=json.dumps(stats), **dataset.arrays)
+    os.replace(tmp, path)
+    return dataset, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training phases.
+
+
+def _state_setup(cfg: ArithDPOConfig, mesh, optim: OptimConfig, steps: int):
+    tx = make_optimizer(optim, steps)
+
+    def boxed_state(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        return TrainState.create(init_params(cfg.model, init_rng), tx, state_rng)
+
+    return tx, boxed_state
+
+
+def train_sft(cfg: ArithDPOConfig, mesh, problems: Problems, workdir: str, log: MetricsLog):
+    """Phase 1: returns the SFT parameters (restored from the final checkpoint when the phase already finished)."""
+    model = DecoderLM(cfg.model)
+    tx, boxed_state = _state_setup(cfg, mesh, cfg.sft.optim, cfg.sft.steps)
+    state, shardings = init_sharded(boxed_state, jax.random.key(cfg.seed), mesh)
+    with Checkpointer(os.path.join(workdir, "checkpoints", "sft"), cfg.checkpoint,
+                      metadata={"phase": "sft", "model": dataclasses.asdict(cfg.model)}) as ckpt:
+        state = ckpt.restore_latest(state) or state
+        step_fn = jit_train_step(make_train_step(sft_loss_fn(model), cfg.sft.grad_accum_steps), mesh, shardings,
+                                 None)
+        state = train_loop(
+            state=state, step_fn=step_fn, frozen=None, dataset=sft_dataset(cfg, problems.train),
+            batch_size=cfg.sft.batch_size, num_steps=cfg.sft.steps, seed=cfg.seed, mesh=mesh, checkpointer=ckpt,
+            metrics_log=log, desc="sft", token_keys=("attention_mask",), show_progress=cfg.show_progress,
+        )
+    return state.params, shardings.params
+
+
+def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: ArrayDataset, problems: Problems,
+              workdir: str, log: MetricsLog):
+    """Phase 3 + 4: DPO from the SFT policy with it as frozen reference; returns (selected params, guard record)."""
+    model = DecoderLM(cfg.model)
+    tx = make_optimizer(cfg.dpo.optim, cfg.dpo.steps)
+    abstract = jax.eval_shape(lambda r: TrainState.create(init_params(cfg.model, r), tx, r), jax.random.key(0))
+    shardings = logical_shardings(abstract, mesh)
+    with mesh:
+        state = jax.jit(lambda p, r: TrainState.create(p, tx, r), out_shardings=shardings)(
+            sft_params, jax.random.key(cfg.seed + 1))
+    reference = sft_params
+    directory = os.path.join(workdir, "checkpoints", "dpo")
+    keep = cfg.dpo.steps // cfg.dpo.eval_every + 1
+    ckpt_cfg = dataclasses.replace(cfg.checkpoint, every_steps=cfg.dpo.eval_every, keep_last=max(keep, 1))
+    with Checkpointer(directory, ckpt_cfg, metadata={"phase": "dpo", "model": dataclasses.asdict(cfg.model)}) as ckpt:
+        state = ckpt.restore_latest(state) or state
+        start = int(state.step)
+        history = [r for r in _read_jsonl(log.path) if r.get("phase") == "dpo" and "val/accuracy" in r]
+        history = [r for r in history if r["step"] <= start]
+        if start == 0:
+            sft_val, _ = greedy_eval(sft_params, cfg.model, problems.validation, cfg.eval_batch_size)
+            record = {"phase": "dpo", "step": 0, "val/accuracy": sft_val["accuracy"],
+                      "val/mean_length": sft_val["mean_length"]}
+            log.write(record)
+            history.append(record)
+
+        def validate(state, metrics):
+            step = int(state.step)
+            if step % cfg.dpo.eval_every and step != cfg.dpo.steps:
+                return None
+            val, _ = greedy_eval(state.params, cfg.model, problems.validation, cfg.eval_batch_size)
+            history.append({"step": step, "val/accuracy": val["accuracy"], "val/mean_length": val["mean_length"]})
+            return {"val/accuracy": val["accuracy"], "val/mean_length": val["mean_length"]}
+
+        loss = dpo_loss_fn(model, cfg.dpo.objective, sft_weight=cfg.dpo.sft_weight, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing)
+        step_fn = jit_train_step(make_train_step(loss, cfg.dpo.grad_accum_steps), mesh, shardings, param_shardings)
+        state = train_loop(
+            state=state, step_fn=step_fn, frozen=reference, dataset=pairs, batch_size=cfg.dpo.batch_size,
+            num_steps=cfg.dpo.steps, seed=cfg.seed + 1, mesh=mesh, checkpointer=ckpt, metrics_log=log, desc="dpo",
+            hooks=(validate,), token_keys=("chosen_attention_mask", "rejected_attention_mask"),
+            show_progress=cfg.show_progress,
+        )
+        # Earliest step with the best validation accuracy: ties favour staying closer to the reference.
+        best = max(history, key=lambda r: (r["val/accuracy"], -r["step"]))
+        guard = {"selected_step": best["step"], "selected_val_accuracy": best["val/accuracy"],
+                 "last_step": cfg.dpo.steps, "last_val_accuracy": history[-1]["val/accuracy"],
+                 "validation_history": history}
+        if not cfg.dpo.select_best or best["step"] == cfg.dpo.steps:
+            return state.params, state.params, guard
+        if best["step"] == 0:
+            return sft_params, state.params, guard
+        return ckpt.restore(best["step"], state).params, state.params, guard
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The experiment.
+
+
+def validate_config(cfg: ArithDPOConfig, mesh) -> None:
+    check_model_fits_mesh(cfg.model, mesh)
+    check_batch_fits_mesh(cfg.sft.batch_size // cfg.sft.grad_accum_steps, mesh, "sft.batch_size / grad_accum_steps")
+    check_batch_fits_mesh(cfg.dpo.batch_size // cfg.dpo.grad_accum_steps, mesh, "dpo.batch_size / grad_accum_steps")
+    if cfg.model.max_len < PROMPT_LEN + COMPLETION_LEN:
+        raise ValueError(f"model.max_len={cfg.model.max_len} is too short for ARITH; expected at least "
+                         f"{PROMPT_LEN + COMPLETION_LEN} (prompt {PROMPT_LEN} + completion {COMPLETION_LEN})")
+
+
+def run(cfg: ArithDPOConfig, workdir: str) -> dict:
+    """Run (or resume) the whole pipeline in `workdir`; returns and writes results.json."""
+    clock = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(cfg.mesh)
+    validate_config(cfg, mesh)
+    write_json_atomic(os.path.join(workdir, "config.json"), config_to_dict(cfg))
+    problems = split(cfg)
+    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+
+    sft_params, param_shardings = train_sft(cfg, mesh, problems, workdir, log)
+    pairs, pair_stats = on_policy_pairs(cfg, sft_params, problems.train, workdir)
+    dpo_params, last_params, guard = train_dpo(cfg, mesh, sft_params, param_shardings, pairs, problems, workdir, log)
+
+    sft_eval, sft_correct = greedy_eval(sft_params, cfg.model, problems.test, cfg.eval_batch_size)
+    dpo_eval, dpo_correct = greedy_eval(dpo_params, cfg.model, problems.test, cfg.eval_batch_size)
+    last_eval, last_correct = greedy_eval(last_params, cfg.model, problems.test, cfg.eval_batch_size)
+    on_sft_correct = lambda correct: float(correct[sft_correct].mean()) if sft_correct.any() else float("nan")  # noqa: E731
+    results = {
+        "sft_accuracy": sft_eval["accuracy"],
+        "dpo_accuracy": dpo_eval["accuracy"],
+        "dpo_accuracy_on_sft_correct": on_sft_correct(dpo_correct),
+        "sft_mean_length": sft_eval["mean_length"],
+        "dpo_mean_length": dpo_eval["mean_length"],
+        "dpo_last_step_accuracy": last_eval["accuracy"],
+        "dpo_last_step_accuracy_on_sft_correct": on_sft_correct(last_correct),
+        "dpo_last_step_mean_length": last_eval["mean_length"],
+        "guard": guard,
+        "carry_share": arith.carry_share(cfg.task.num_operands),
+        "num_test_prompts": int(len(problems.test)),
+        "sft_examples_dropped_per_epoch": dropped_per_epoch(len(problems.train), cfg.sft.batch_size),
+        **pair_stats,
+        "steps": {"sft": cfg.sft.steps, "dpo": cfg.dpo.steps},
+        "num_params": count_params(sft_params),
+        "wall_seconds": time.perf_counter() - clock,
+        "params_sha256": params_sha256(dpo_params),
+        "config": config_to_dict(cfg),
+    }
+    write_json_atomic(os.path.join(workdir, "results.json"), results)
+    _plot(guard["validation_history"], _read_jsonl(log.path), os.path.join(workdir, "dpo_validation.png"))
+    return results
+
+
+def _plot(history: list[dict], records: list[dict], path: str) -> None:
+    """Validation accuracy and response length over DPO steps, with the selected checkpoint marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, (ax_acc, ax_len) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_acc.plot(steps, [r["val/accuracy"] for r in history], marker="o")
+    best = max(history, key=lambda r: (r["val/accuracy"], -r["step"]))
+    ax_acc.axvline(best["step"], color="gray", linestyle="--", label=f"selected step {best['step']}")
+    ax_acc.set(xlabel="DPO step", ylabel="validation accuracy (greedy)", title="DPO on ARITH")
+    ax_acc.legend()
+    ax_len.plot(steps, [r["val/mean_length"] for r in history], marker="o", label="mean response length")
+    dpo = [r for r in records if r.get("phase") == "dpo" and "rewards/margin" in r]
+    if dpo:
+        twin = ax_len.twinx()
+        twin.plot([r["step"] for r in dpo], [r["rewards/margin"] for r in dpo], color="tab:orange", alpha=0.6)
+        twin.set_ylabel("reward margin", color="tab:orange")
+    ax_len.set(xlabel="DPO step", ylabel="tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

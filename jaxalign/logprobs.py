@@ -1,0 +1,51 @@
+"""Per-token and per-sequence log-probabilities of completions under a decoder LM.
+
+Conventions (METHODS.md section 0): for a sequence x, logp_t = log softmax(logits_{t-1})[x_t]. Arrays are aligned
+with the token positions: `token_logps[:, t]` is the log-probability of `tokens[:, t]` given the tokens before it,
+and `token_logps[:, 0] = 0` (the first token has no prediction). A completion mask is 1 on response tokens only
+(prompt and padding are 0), so L(y) = sum_t mask_t logp_t. Works for right and left padding alike because the
+mask, not the position, says which tokens count.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log p(tokens[:, t] | tokens[:, :t]) for t >= 1, aligned to `tokens`; zero at t = 0. Computed in fp32."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(picked, ((0, 0), (1, 0)))
+
+
+def masked_token_logprobs(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """`token_logprobs` with everything outside `mask` set to exactly zero."""
+    return jnp.where(mask.astype(bool), token_logprobs(logits, tokens), 0.0)
+
+
+def sequence_logprobs(token_logps: jax.Array, mask: jax.Array, average: bool = False) -> jax.Array:
+    """L(y) = sum_t mask_t logp_t, or the average log-prob L(y)/|y| when `average` (0 for an empty completion)."""
+    mask = mask.astype(jnp.float32)
+    total = jnp.sum(token_logps * mask, axis=-1)
+    if average:
+        return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+    return total
+
+
+def pair_token_logprobs(apply_fn: Callable[..., Any], params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Masked per-token log-probs of the chosen and rejected sequences from ONE concatenated forward pass.
+
+    `batch` holds chosen_tokens / chosen_attention_mask / chosen_completion_mask and the rejected_* twins, all
+    [pairs, time]. Concatenating along the batch halves the number of kernel launches and keeps both halves of a
+    pair on the same device shard.
+    """
+    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
+    attention = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
+    completion = jnp.concatenate([batch["chosen_completion_mask"], batch["rejected_completion_mask"]], axis=0)
+    logits = apply_fn(params, tokens, attention)
+    logps = masked_token_logprobs(logits, tokens, completion)
+    pairs = batch["chosen_tokens"].shape[0]
+    return logps[:pairs], logps[pairs:]

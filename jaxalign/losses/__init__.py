@@ -1,0 +1,10 @@
+"""Preference objectives as pure functions of per-token log-probs and masks, and their registry.
+
+Design principle 2 (DESIGN.md): objectives never touch models. Each objective maps a `PairwiseInputs` (per-token
+log-probs of policy and reference for chosen and rejected completions, plus completion masks) to (loss, metrics).
+A new objective is one function, one `@register` line and one test.
+"""
+from jaxalign.losses.registry import OBJECTIVES, PairwiseInputs, compute_objective, get_objective, register
+from jaxalign.losses import dpo as _dpo  # noqa: F401  (registers its objectives)
+
+__all__ = ["OBJECTIVES", "PairwiseInputs", "compute_objective", "get_objective", "register"]

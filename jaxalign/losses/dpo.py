@@ -1,0 +1,46 @@
+"""Direct Preference Optimization (Rafailov et al., 2023) and the SFT term used beside it."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign.losses.registry import PairwiseInputs, register
+
+
+def implicit_reward_metrics(z_chosen: jax.Array, z_rejected: jax.Array, beta: float) -> dict[str, jax.Array]:
+    """The metrics logged for every pairwise loss (METHODS.md section 0): beta*z for chosen and rejected,
+    their margin and the pair accuracy mean(z_w > z_l)."""
+    chosen, rejected = beta * z_chosen, beta * z_rejected
+    return {
+        "rewards/chosen": jnp.mean(chosen),
+        "rewards/rejected": jnp.mean(rejected),
+        "rewards/margin": jnp.mean(chosen - rejected),
+        "rewards/accuracy": jnp.mean((z_chosen > z_rejected).astype(jnp.float32)),
+    }
+
+
+def check_beta(beta: float) -> None:
+    """beta is the KL-regularisation strength; zero or negative values invert or remove the objective."""
+    if isinstance(beta, (int, float)) and not beta > 0:
+        raise ValueError(f"dpo.beta must be a positive number (the KL-penalty strength), got {beta!r}")
+
+
+@register("sigmoid")
+def sigmoid(inputs: PairwiseInputs, beta: float = 0.1, label_smoothing: float = 0.0):
+    """DPO loss, Rafailov et al. (2023), eq. 7: -log sigmoid(beta * (z_w - z_l)), z = L_theta(y) - L_ref(y).
+
+    With label_smoothing eps > 0 this is the conservative form -(1-eps) logsig(bD) - eps logsig(-bD)
+    (TRL's loss_type="sigmoid" with label_smoothing).
+    """
+    check_beta(beta)
+    z_chosen = inputs.sequence("policy_chosen") - inputs.sequence("reference_chosen")
+    z_rejected = inputs.sequence("policy_rejected") - inputs.sequence("reference_rejected")
+    logits = beta * (z_chosen - z_rejected)
+    per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits) - label_smoothing * jax.nn.log_sigmoid(-logits)
+    return jnp.mean(per_pair), implicit_reward_metrics(z_chosen, z_rejected, beta)
+
+
+def nll_per_token(token_logps: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of -logp over masked tokens, number of masked tokens): the SFT loss before normalisation."""
+    mask = mask.astype(jnp.float32)
+    return -jnp.sum(token_logps * mask), jnp.sum(mask)

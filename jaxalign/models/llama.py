@@ -1,0 +1,283 @@
+"""A Llama-family decoder-only language model in flax.linen.
+
+Pure-functional: `model.init(rng, tokens)` gives the parameters, `model.apply(params, tokens, ...)` the logits.
+Architecture as in LLaMA (Touvron et al., 2023): pre-norm blocks with RMSNorm (Zhang & Sennrich, 2019), rotary
+position embeddings (Su et al., 2021, eq. 34), grouped-query attention (Ainslie et al., 2023) and a SwiGLU MLP
+(Shazeer, 2020, eq. 6), optionally tied input/output embeddings.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`); `jaxalign.sharding` maps them to mesh
+axes with one rules table. Parameters are stored in `param_dtype` (fp32) and matmuls run in `dtype` (bf16 or fp32);
+logits are always returned in fp32 so that log-softmax is computed at full precision.
+
+Decoding uses an explicit key/value cache pytree passed in and returned (no mutable collections), see
+`init_cache` and `jaxalign.sampling`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Sizes and numerics of the decoder. `dtype` is the compute dtype; parameters are always float32."""
+
+    vocab_size: int = 16
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    mlp_dim: int = 344
+    max_len: int = 64
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+    remat: bool = False
+    scan_layers: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads} "
+                "(grouped-query attention shares each key/value head among n_heads/n_kv_heads query heads)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+
+def _dense_init(fan_in: int):
+    return nn.initializers.normal(stddev=fan_in**-0.5)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich, 2019, eq. 4): x / rms(x) * g, computed in fp32."""
+
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale).astype(self.dtype)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate pairs of channels by position-dependent angles (RoFormer, Su et al. 2021, eq. 34).
+
+    x: [batch, time, heads, head_dim]; positions: [batch, time]. Uses the half-split pairing of the Llama reference
+    implementation (channel i pairs with i + head_dim/2), so converted Hugging Face checkpoints match.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, half]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with rotary embeddings and an optional key/value cache."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, key_mask, cache):
+        cfg = self.cfg
+        dtype = cfg.compute_dtype
+
+        def proj(name, heads, axes):
+            return nn.DenseGeneral(
+                features=(heads, cfg.head_dim),
+                use_bias=False,
+                dtype=dtype,
+                kernel_init=nn.with_logical_partitioning(_dense_init(cfg.d_model), axes),
+                name=name,
+            )(x)
+
+        q = proj("q", cfg.n_heads, ("embed", "heads", "head_dim"))
+        k = proj("k", cfg.n_kv_heads, ("embed", "kv_heads", "head_dim"))
+        v = proj("v", cfg.n_kv_heads, ("embed", "kv_heads", "head_dim"))
+        q = rotary_embedding(q, positions, cfg.rope_theta)
+        k = rotary_embedding(k, positions, cfg.rope_theta)
+
+        batch, time = x.shape[:2]
+        if cache is None:
+            keys, values = k, v
+            key_positions = positions
+            allowed = key_mask[:, None, :]  # [b, 1(q), t(k)]
+            causal = jnp.tril(jnp.ones((time, time), bool))[None]
+            allowed = allowed & causal
+            new_cache = None
+        else:
+            # Write this chunk at `cache["index"]` for every row; rows are aligned (prompts left-padded).
+            index = cache["index"]
+            keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+            values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+            valid = jax.lax.dynamic_update_slice(cache["valid"], key_mask, (0, index))
+            slots = jnp.arange(keys.shape[1])
+            query_slots = index + jnp.arange(time)
+            causal = slots[None, :] <= query_slots[:, None]  # [q, k]
+            allowed = valid[:, None, :] & causal[None]
+            new_cache = {"k": keys, "v": values, "valid": valid, "index": index + time}
+            key_positions = None
+        del key_positions
+
+        groups = cfg.n_heads // cfg.n_kv_heads
+        q = q.reshape(batch, time, cfg.n_kv_heads, groups, cfg.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(dtype)).astype(jnp.float32)
+        scores = scores * cfg.head_dim**-0.5
+        scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(dtype))
+        out = out.reshape(batch, time, cfg.n_heads, cfg.head_dim)
+        out = nn.DenseGeneral(
+            features=cfg.d_model,
+            axis=(-2, -1),
+            use_bias=False,
+            dtype=dtype,
+            kernel_init=nn.with_logical_partitioning(_dense_init(cfg.n_heads * cfg.head_dim), ("heads", "head_dim", "embed")),
+            name="o",
+        )(out)
+        return out, new_cache
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP: W_down (silu(x W_gate) * x W_up) (Shazeer, 2020, eq. 6)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        dense = lambda name, features, axes, fan_in: nn.Dense(  # noqa: E731
+            features, use_bias=False, dtype=cfg.compute_dtype,
+            kernel_init=nn.with_logical_partitioning(_dense_init(fan_in), axes), name=name,
+        )
+        gate = dense("gate", cfg.mlp_dim, ("embed", "mlp"), cfg.d_model)(x)
+        up = dense("up", cfg.mlp_dim, ("embed", "mlp"), cfg.d_model)(x)
+        return dense("down", cfg.d_model, ("mlp", "embed"), cfg.mlp_dim)(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block. Signature (carry, *broadcast, per-layer) so it can sit under nn.scan."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, key_mask, cache):
+        cfg = self.cfg
+        h, new_cache = Attention(cfg, name="attn")(
+            RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x), positions, key_mask, cache
+        )
+        x = x + h
+        x = x + SwiGLU(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed_act"))
+        return x, new_cache
+
+
+class DecoderLM(nn.Module):
+    """The decoder. __call__(tokens, attention_mask, positions=None, cache=None) -> (logits fp32, new_cache)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, attention_mask=None, positions=None, cache=None, return_hidden=False):
+        cfg = self.cfg
+        if attention_mask is None:
+            attention_mask = jnp.ones(tokens.shape, bool)
+        attention_mask = attention_mask.astype(bool)
+        if positions is None:
+            # Positions count real tokens only, so left padding does not shift the rotary phase.
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+            embedding_init=nn.with_logical_partitioning(_dense_init(cfg.d_model), ("vocab", "embed")),
+            name="embed",
+        )
+        x = embed(tokens).astype(cfg.compute_dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed_act"))
+
+        block = Block
+        if cfg.remat:
+            block = nn.remat(block, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+            x, new_cache = stack(x, positions, attention_mask, cache)
+        else:
+            new_layers = []
+            for i in range(cfg.n_layers):
+                layer_cache = None if cache is None else cache[i]
+                x, c = block(cfg, name=f"layer_{i}")(x, positions, attention_mask, layer_cache)
+                new_layers.append(c)
+            new_cache = None if cache is None else new_layers
+
+        hidden = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(hidden.astype(jnp.float32))
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=jnp.float32,
+                kernel_init=nn.with_logical_partitioning(_dense_init(cfg.d_model), ("embed", "vocab")),
+                name="lm_head",
+            )(hidden.astype(jnp.float32))
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        if return_hidden:
+            return logits, new_cache, hidden
+        return logits, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None):
+    """An empty key/value cache for `batch` rows and `max_len` slots, in the layout `DecoderLM` expects."""
+    max_len = max_len or cfg.max_len
+    dtype = dtype or cfg.compute_dtype
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+
+    def layer():
+        return {
+            "k": jnp.zeros(shape, dtype),
+            "v": jnp.zeros(shape, dtype),
+            "valid": jnp.zeros((batch, max_len), bool),
+            "index": jnp.zeros((), jnp.int32),
+        }
+
+    if cfg.scan_layers:
+        return jax.tree_util.tree_map(lambda x: jnp.stack([x] * cfg.n_layers), layer())
+    return [layer() for _ in range(cfg.n_layers)]
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array):
+    """Boxed (logically annotated) parameters for `cfg`; unbox with `nn.meta.unbox` or use `jaxalign.sharding`."""
+    tokens = jnp.zeros((1, min(8, cfg.max_len)), jnp.int32)
+    return DecoderLM(cfg).init(rng, tokens)["params"]
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(nn.meta.unbox(params)))

@@ -1,0 +1,96 @@
+"""The thin training loop: for each batch, state, metrics = step(state, batch); plus checkpoint, log and hooks.
+
+Design principle 4 (DESIGN.md). Everything a resumed run needs is in the `TrainState` (the data position
+included), so resuming is: restore the latest checkpoint, then run this same loop from `state.step`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxalign.data.iterator import ArrayDataset, batch_at
+from jaxalign.sharding import put_batch
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to a JSONL file (flushed every write, so a killed run keeps it).
+
+    On resume, records at or after the restored step are dropped first, so the file never holds a step twice.
+    """
+
+    def __init__(self, path: str, resume_from_step: int = 0):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_from_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+
+
+def to_python(metrics: dict) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def train_loop(
+    *,
+    state,
+    step_fn: Callable,
+    frozen: Any,
+    dataset: ArrayDataset,
+    batch_size: int,
+    num_steps: int,
+    seed: int,
+    mesh,
+    checkpointer=None,
+    metrics_log: MetricsLog | None = None,
+    log_every: int = 10,
+    desc: str = "train",
+    hooks: Iterable[Callable[[Any, dict], dict | None]] = (),
+    token_keys: tuple[str, ...] = ("attention_mask",),
+    show_progress: bool = True,
+):
+    """Run `step_fn` until `state.step == num_steps`. Returns the final state.
+
+    `hooks` are called after every step as hook(state, metrics_so_far) and may return extra metrics to log (for
+    example a validation evaluation every k steps). tokens/s counts the real (unpadded) tokens of `token_keys`.
+    """
+    position = jax.device_get(state.data)
+    start = int(jax.device_get(state.step))
+    process_index, process_count = jax.process_index(), jax.process_count()
+    bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step", disable=not show_progress, dynamic_ncols=True)
+    tokens, clock = 0, time.perf_counter()
+    for step in range(start, num_steps):
+        host_batch, position = batch_at(dataset, position, batch_size, seed, process_index, process_count)
+        tokens += sum(int(np.sum(host_batch[k])) for k in token_keys) * process_count
+        state, metrics = step_fn(state, frozen, put_batch(host_batch, mesh), position)
+        extra = {}
+        for hook in hooks:
+            extra.update(hook(state, metrics) or {})
+        done = step + 1
+        if done % log_every == 0 or done == num_steps or extra:
+            record = to_python(metrics)
+            elapsed = time.perf_counter() - clock
+            record.update(extra, step=done, tokens_per_second=tokens / max(elapsed, 1e-9), phase=desc)
+            tokens, clock = 0, time.perf_counter()
+            if metrics_log is not None:
+                metrics_log.write(record)
+            bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "rewards/accuracy", "grad_norm") if k in record})
+        if checkpointer is not None:
+            checkpointer.save(state, force=done == num_steps)
+        bar.update(1)
+    bar.close()
+    if checkpointer is not None:
+        checkpointer.wait()
+    return state

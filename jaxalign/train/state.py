@@ -1,0 +1,64 @@
+"""The training state: one explicit pytree holding everything a resumed run needs.
+
+Design principle 1 (DESIGN.md): state is an explicit pytree (params, optimizer state, step, rng, data position);
+nothing mutates itself. A checkpoint of a `TrainState` is therefore a complete description of a run in progress.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class DataPosition:
+    """Where the deterministic data iterator stands: the epoch and the next example's offset in that epoch."""
+
+    epoch: jax.Array
+    offset: jax.Array
+
+    @classmethod
+    def start(cls) -> "DataPosition":
+        return cls(epoch=jnp.zeros((), jnp.int32), offset=jnp.zeros((), jnp.int32))
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Params, optimizer state, step counter, PRNG key and data position of one training run.
+
+    `tx` (the optax transformation) is static: it is rebuilt from the config on resume and is never checkpointed.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    data: DataPosition
+    tx: Any = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, params: Any, tx: Any, rng: jax.Array) -> "TrainState":
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=rng,
+            data=DataPosition.start(),
+            tx=tx,
+        )
+
+    def apply_gradients(self, grads: Any, data: DataPosition | None = None) -> "TrainState":
+        """One optimizer update; `data` is the iterator position after the batch these gradients came from."""
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+
+
+        params = optax.apply_updates(self.params, updates)
+        return self.replace(
+            step=self.step + 1,
+            params=params,
+            opt_state=opt_state,
+            data=self.data if data is None else data,
+        )
