@@ -7,7 +7,7 @@ WORKDIR ?= runs/arith_dpo
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	$(VENV)/bin/pip check
 	touch $@
 

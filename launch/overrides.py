@@ -64,8 +64,8 @@ def _parse(raw: str, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: fields of type {annotation!r} cannot be set from the command line")
 
 
-def _set(cfg: Any, path: list[str], raw: str, full_key: str) -> Any:
-    hints = typing.get_type_hints(type(cfg))
+def _parse_into(cfg: Any, path: list[str], raw: str, full_key: str, changes: dict) -> None:
+    """Parse one override against the field it names and record it in the nested `changes` dict."""
     names = {f.name for f in dataclasses.fields(cfg)}
     head = path[0]
     if head not in names:
@@ -73,28 +73,34 @@ def _set(cfg: Any, path: list[str], raw: str, full_key: str) -> Any:
     current = getattr(cfg, head)
     if len(path) == 1:
         if dataclasses.is_dataclass(current):
-            raise KeyError(head)
-        value = _parse(raw, hints[head], full_key)
+            raise KeyError("is a config section, not a value: set its fields")
+        changes[head] = _parse(raw, typing.get_type_hints(type(cfg))[head], full_key)
     else:
         if not dataclasses.is_dataclass(current):
             raise KeyError(head)
-        value = _set(current, path[1:], raw, full_key)
-    return dataclasses.replace(cfg, **{head: value})
+        _parse_into(current, path[1:], raw, full_key, changes.setdefault(head, {}))
+
+
+def _build(cfg: Any, changes: dict) -> Any:
+    """Rebuild each changed dataclass ONCE with all its new values, so related fields may change together."""
+    values = {k: _build(getattr(cfg, k), v) if isinstance(v, dict) else v for k, v in changes.items()}
+    return dataclasses.replace(cfg, **values) if values else cfg
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """Apply key=value strings in order; errors name the key/value and list the valid keys."""
+    """Apply key=value strings (later ones win); errors name the key/value and list the valid keys."""
+    changes: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, raw = item.split("=", 1)
+        key, raw = (part.strip() for part in item.split("=", 1))
         try:
-            cfg = _set(cfg, key.strip().split("."), raw.strip(), key.strip())
-        except KeyError:
+            _parse_into(cfg, key.split("."), raw, key, changes)
+        except KeyError as e:
             keys = "\n  ".join(valid_keys(cfg))
-            raise ConfigError(f"unknown config key {key!r} for {type(cfg).__name__}; valid keys:\n  {keys}") from None
-        except ConfigError:
-            raise
-        except (ValueError, TypeError) as e:  # a dataclass __post_init__ rejected the value
-            raise ConfigError(f"{key}={raw!r}: {e}") from None
-    return cfg
+            why = e.args[0] if " " in str(e.args[0]) else f"is not a config key of {type(cfg).__name__}"
+            raise ConfigError(f"unknown config key {key!r}: {key} {why}; valid keys:\n  {keys}") from None
+    try:
+        return _build(cfg, changes)
+    except (ValueError, TypeError) as e:  # a dataclass __post_init__ rejected a value
+        raise ConfigError(f"{' '.join(overrides)}: {e}") from None

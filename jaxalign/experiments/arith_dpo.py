@@ -40,7 +40,13 @@ from jaxalign.sharding import (
 )
 from jaxalign.tasks import arith
 from jaxalign.tasks.tokenizer import CharTokenizer
-from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer
+from jaxalign.train.checkpoint import (
+    CheckpointConfig,
+    Checkpointer,
+    first_json_difference,
+    json_normalise,
+    show_json_value,
+)
 from jaxalign.train.loop import MetricsLog, train_loop
 from jaxalign.train.optim import OptimConfig, make_optimizer
 from jaxalign.train.state import TrainState
@@ -52,7 +58,7 @@ COMPLETION_LEN = 24  # longest chain "9+9=18;18+9=27;27+9=36" (22 chars) + EOS, 
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    steps: int = 1200
+    steps: int = 600
     batch_size: int = 64
     grad_accum_steps: int = 1
     optim: OptimConfig = OptimConfig(learning_rate=2e-3, warmup_steps=100)
@@ -67,6 +73,7 @@ class PairConfig:
     temperature: float = 1.0
     top_k: int = 0
     min_score_gap: float = 0.5
+    require_correct_chosen: bool = True
 
     def __post_init__(self):
         if self.samples_per_prompt < 2:
@@ -75,14 +82,17 @@ class PairConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
-    steps: int = 300
+    """DPO with the SFT policy as frozen reference. beta is large for a tiny model (the usual 0.1 over-optimises
+    within a few dozen steps here), and sft_weight adds the chosen-NLL regulariser; see the README's measurements."""
+
+    steps: int = 150
     batch_size: int = 64
     grad_accum_steps: int = 1
-    beta: float = 0.1
+    beta: float = 2.0
     label_smoothing: float = 0.0
     objective: str = "sigmoid"
-    sft_weight: float = 0.0
-    optim: OptimConfig = OptimConfig(learning_rate=5e-4, warmup_steps=20)
+    sft_weight: float = 1.0
+    optim: OptimConfig = OptimConfig(learning_rate=5e-5, warmup_steps=20)
     eval_every: int = 25
     select_best: bool = True
 
@@ -133,6 +143,32 @@ def write_json_atomic(path: str, payload: Any) -> None:
 
 def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Fields that change how a run reports, not what it computes: they may differ when a run is resumed.
+_PRESENTATION_FIELDS = ("show_progress", "eval_batch_size")
+
+
+def claim_workdir(cfg, workdir: str) -> None:
+    """Write workdir/config.json, or check that a resumed run uses the same config as the run that started it.
+
+    Every phase's cached output (checkpoints, pairs) was produced under that config; resuming with another one
+    would silently mix two runs, so a difference is one clear error naming the first differing field.
+    """
+    path = os.path.join(workdir, "config.json")
+    current = json_normalise(config_to_dict(cfg))
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        strip = lambda c: {k: v for k, v in c.items() if k not in _PRESENTATION_FIELDS}  # noqa: E731
+        difference = first_json_difference(strip(saved), strip(current))
+        if difference:
+            field, before, now = difference
+            raise ValueError(
+                f"{path} records a run with {field.replace('/', '.')}={show_json_value(before)}, but this run has "
+                f"{show_json_value(now)}; resume with the same overrides or use a new --workdir"
+            )
+    write_json_atomic(path, current)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,17 +234,22 @@ def sft_dataset(cfg: ArithDPOConfig, problems: np.ndarray) -> ArrayDataset:
     return ArrayDataset(batch)
 
 
-def build_pairs(problems, prompt_tokens, completions, masks, samples_per_prompt: int, min_score_gap: float):
+def build_pairs(problems, prompt_tokens, completions, masks, samples_per_prompt: int, min_score_gap: float,
+                require_correct_chosen: bool):
     """Pair, for every prompt, its best-scored sample (chosen) with its worst-scored one (rejected).
 
     `completions`/`masks` are [N * K, C] with the K samples of prompt i at rows i*K .. i*K+K-1. Prompts whose best
-    and worst scores differ by less than `min_score_gap` give no pair; their number is returned as `dropped`.
+    and worst scores differ by less than `min_score_gap` (or, with `require_correct_chosen`, whose best sample is not
+    exactly correct) give no pair; both counts are reported.
     """
     k = samples_per_prompt
     grades = grade_completions(np.repeat(problems, k, axis=0), completions)
     scores = np.array([arith.score(g) for g in grades]).reshape(-1, k)
     best, worst = scores.argmax(axis=1), scores.argmin(axis=1)
-    keep = scores.max(axis=1) - scores.min(axis=1) >= min_score_gap
+    tied = scores.max(axis=1) - scores.min(axis=1) < min_score_gap
+    correct = np.array([g.correct for g in grades]).reshape(-1, k)
+    no_correct = ~correct.any(axis=1) if require_correct_chosen else np.zeros(len(scores), bool)
+    keep = ~tied & ~no_correct
     rows = np.nonzero(keep)[0]
     pick = lambda which: rows * k + which[rows]  # noqa: E731
     prompt_part = prompt_tokens[rows]
@@ -220,7 +261,8 @@ def build_pairs(problems, prompt_tokens, completions, masks, samples_per_prompt:
         arrays[f"{side}_completion_mask"] = np.concatenate([zeros, masks[idx]], axis=1).astype(np.int32)
     stats = {
         "pairs": int(len(rows)),
-        "pairs_dropped_tied": int((~keep).sum()),
+        "pairs_dropped_tied": int(tied.sum()),
+        "pairs_dropped_no_correct_sample": int((no_correct & ~tied).sum()),
         "pairs_chosen_correct_rate": float(np.mean([grades[i].correct for i in pick(best)])) if len(rows) else 0.0,
         "samples_correct_rate": float(np.mean([g.correct for g in grades])),
     }
@@ -241,11 +283,13 @@ def on_policy_pairs(cfg: ArithDPOConfig, params, problems: np.ndarray, workdir: 
         params, cfg.model, repeated, sampling, jax.random.key(cfg.seed + 17), cfg.eval_batch_size
     )
     k = cfg.pairs.samples_per_prompt
-    dataset, stats = build_pairs(chosen_problems, prompt_tokens[::k], completions, masks, k, cfg.pairs.min_score_gap)
+    dataset, stats = build_pairs(chosen_problems, prompt_tokens[::k], completions, masks, k, cfg.pairs.min_score_gap,
+                                  cfg.pairs.require_correct_chosen)
     if stats["pairs"] < cfg.dpo.batch_size:
         raise ValueError(
             f"only {stats['pairs']} preference pairs survived pairs.min_score_gap={cfg.pairs.min_score_gap} "
-            f"({stats['pairs_dropped_tied']} prompts tied), fewer than dpo.batch_size={cfg.dpo.batch_size}"
+            f"({stats['pairs_dropped_tied']} prompts tied, {stats['pairs_dropped_no_correct_sample']} without a "
+            f"correct sample), fewer than dpo.batch_size={cfg.dpo.batch_size}"
         )
     tmp = path + ".tmp.npz"
     np.savez(tmp, stats=json.dumps(stats), **dataset.arrays)
@@ -301,14 +345,12 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
     ckpt_cfg = dataclasses.replace(cfg.checkpoint, every_steps=cfg.dpo.eval_every, keep_last=max(keep, 1))
     with Checkpointer(directory, ckpt_cfg, metadata={"phase": "dpo", "model": dataclasses.asdict(cfg.model)}) as ckpt:
         state = ckpt.restore_latest(state) or state
-        start = int(state.step)
-        history = [r for r in _read_jsonl(log.path) if r.get("phase") == "dpo" and "val/accuracy" in r]
-        history = [r for r in history if r["step"] <= start]
-        if start == 0:
+        log.truncate("dpo", int(state.step))
+        history = [_val_record(r) for r in log.records("dpo") if "val/accuracy" in r]
+        if not history:  # step 0 is the SFT policy itself: selection may keep it if DPO never helps
             sft_val, _ = greedy_eval(sft_params, cfg.model, problems.validation, cfg.eval_batch_size)
-            record = {"phase": "dpo", "step": 0, "val/accuracy": sft_val["accuracy"],
-                      "val/mean_length": sft_val["mean_length"]}
-            log.write(record)
+            record = {"step": 0, "val/accuracy": sft_val["accuracy"], "val/mean_length": sft_val["mean_length"]}
+            log.write(dict(record, phase="dpo"))
             history.append(record)
 
         def validate(state, metrics):
@@ -339,11 +381,8 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
         return ckpt.restore(best["step"], state).params, state.params, guard
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _val_record(record: dict) -> dict:
+    return {k: record[k] for k in ("step", "val/accuracy", "val/mean_length")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -365,7 +404,7 @@ def run(cfg: ArithDPOConfig, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
     validate_config(cfg, mesh)
-    write_json_atomic(os.path.join(workdir, "config.json"), config_to_dict(cfg))
+    claim_workdir(cfg, workdir)
     problems = split(cfg)
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
 
@@ -398,7 +437,7 @@ def run(cfg: ArithDPOConfig, workdir: str) -> dict:
         "config": config_to_dict(cfg),
     }
     write_json_atomic(os.path.join(workdir, "results.json"), results)
-    _plot(guard["validation_history"], _read_jsonl(log.path), os.path.join(workdir, "dpo_validation.png"))
+    _plot(guard["validation_history"], log.records("dpo"), os.path.join(workdir, "dpo_validation.png"))
     return results
 
 
@@ -417,7 +456,7 @@ def _plot(history: list[dict], records: list[dict], path: str) -> None:
     ax_acc.set(xlabel="DPO step", ylabel="validation accuracy (greedy)", title="DPO on ARITH")
     ax_acc.legend()
     ax_len.plot(steps, [r["val/mean_length"] for r in history], marker="o", label="mean response length")
-    dpo = [r for r in records if r.get("phase") == "dpo" and "rewards/margin" in r]
+    dpo = [r for r in records if "rewards/margin" in r]
     if dpo:
         twin = ax_len.twinx()
         twin.plot([r["step"] for r in dpo], [r["rewards/margin"] for r in dpo], color="tab:orange", alpha=0.6)

@@ -126,7 +126,7 @@ def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     return {_path_str(p): (tuple(int(d) for d in leaf.shape), str(np.dtype(leaf.dtype))) for p, leaf in leaves}
 
 
-def _json_normalise(metadata: Any) -> Any:
+def json_normalise(metadata: Any) -> Any:
     """What the metadata reads back as after a JSON round trip (tuples become lists, keys become strings)."""
     try:
         return json.loads(json.dumps(metadata))
@@ -137,18 +137,18 @@ def _json_normalise(metadata: Any) -> Any:
 _ABSENT = object()
 
 
-def _first_json_difference(saved: Any, expected: Any, path: str = "") -> tuple[str, Any, Any] | None:
+def first_json_difference(saved: Any, expected: Any, path: str = "") -> tuple[str, Any, Any] | None:
     """First (path, saved, expected) where two JSON values differ, depth first in key order; None if equal."""
     if isinstance(saved, dict) and isinstance(expected, dict):
         for key in sorted(set(saved) | set(expected)):
             sub = f"{path}/{key}" if path else str(key)
-            found = _first_json_difference(saved.get(key, _ABSENT), expected.get(key, _ABSENT), sub)
+            found = first_json_difference(saved.get(key, _ABSENT), expected.get(key, _ABSENT), sub)
             if found:
                 return found
         return None
     if isinstance(saved, list) and isinstance(expected, list) and len(saved) == len(expected):
         for i, (s, e) in enumerate(zip(saved, expected)):
-            found = _first_json_difference(s, e, f"{path}/{i}" if path else str(i))
+            found = first_json_difference(s, e, f"{path}/{i}" if path else str(i))
             if found:
                 return found
         return None
@@ -160,7 +160,7 @@ def _first_json_difference(saved: Any, expected: Any, path: str = "") -> tuple[s
     return path or "<root>", saved, expected
 
 
-def _show(value: Any) -> str:
+def show_json_value(value: Any) -> str:
     return "absent" if value is _ABSENT else repr(value)
 
 
@@ -179,7 +179,7 @@ class Checkpointer:
     def __init__(self, directory: str | epath.PathLike, config: CheckpointConfig, metadata: dict) -> None:
         self.directory = epath.Path(directory).absolute()
         self.config = config
-        self.metadata = _json_normalise(metadata)
+        self.metadata = json_normalise(metadata)
         if self.directory.exists() and not self.directory.is_dir():
             raise UnreadableCheckpointError(f"checkpoint directory {self.directory} exists but is not a directory")
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -266,12 +266,12 @@ class Checkpointer:
         target = _abstract_target(template)
         saved_meta, saved_specs = self._read_step_metadata(step, where)
 
-        diff = _first_json_difference(saved_meta.get("run", _ABSENT), self.metadata)
+        diff = first_json_difference(saved_meta.get("run", _ABSENT), self.metadata)
         if diff is not None:
             path, saved, expected = diff
             raise CheckpointMismatchError(
                 f"{where} was written for a different run: "
-                f"metadata {path} is {_show(saved)}, expected {_show(expected)}"
+                f"metadata {path} is {show_json_value(saved)}, expected {show_json_value(expected)}"
             )
         expected_impl = _rng_impl_or_none(template.rng)
         if saved_meta.get("rng_impl") != expected_impl:

@@ -21,17 +21,27 @@ from jaxalign.sharding import put_batch
 class MetricsLog:
     """Appends one JSON object per logged step to a JSONL file (flushed every write, so a killed run keeps it).
 
-    On resume, records at or after the restored step are dropped first, so the file never holds a step twice.
+    Records carry a "phase" and a "step". A resumed phase first calls `truncate(phase, step)`, which drops that
+    phase's records after the restored step, so the file never holds a step twice and the other phases are kept.
     """
 
-    def __init__(self, path: str, resume_from_step: int = 0):
+    def __init__(self, path: str):
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        if os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_from_step]
-            with open(path, "w") as f:
-                f.writelines(kept)
+
+    def records(self, phase: str | None = None) -> list[dict[str, Any]]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        return [r for r in records if phase is None or r.get("phase") == phase]
+
+    def truncate(self, phase: str, after_step: int) -> None:
+        kept = [r for r in self.records() if r.get("phase") != phase or r.get("step", 0) <= after_step]
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -69,6 +79,8 @@ def train_loop(
     position = jax.device_get(state.data)
     start = int(jax.device_get(state.step))
     process_index, process_count = jax.process_index(), jax.process_count()
+    if metrics_log is not None:
+        metrics_log.truncate(desc, start)
     bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step", disable=not show_progress, dynamic_ncols=True)
     tokens, clock = 0, time.perf_counter()
     for step in range(start, num_steps):

@@ -118,7 +118,7 @@ def make_train_step(loss_fn: LossFn, accum_steps: int = 1):
     def step(state: TrainState, frozen, batch: dict, next_position: DataPosition):
         loss, grads, metrics = accumulated_gradients(loss_fn, state.params, frozen, batch, accum_steps)
         new_state = state.apply_gradients(grads, data=next_position)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         return new_state, metrics
 
     return step

@@ -1,0 +1,214 @@
+"""Tests for launch.overrides: typed key=value overrides of nested frozen config dataclasses."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from jaxalign.experiments.arith_dpo import ArithDPOConfig
+from launch.overrides import ConfigError, apply_overrides, valid_keys
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    rate: float = 0.5
+    count: int = 2
+    flag: bool = False
+    name: str = "a"
+
+    def __post_init__(self):
+        if self.count < 0:
+            raise ValueError(f"inner.count must be >= 0, got {self.count!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Middle:
+    inner: Inner = Inner()
+    depth: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    seed: int = 0
+    maybe: int | None = None
+    sizes: tuple = (1, 2)
+    middle: Middle = Middle()
+    inner: Inner = Inner()
+
+
+def test_nested_keys_replace_only_the_named_field():
+    """'a.b.c=v' returns a new config with that one leaf changed; the original is untouched."""
+    cfg = Outer()
+    new = apply_overrides(cfg, ["middle.inner.count=7", "inner.name=zz"])
+    assert new.middle.inner.count == 7 and new.inner.name == "zz"
+    assert new == dataclasses.replace(cfg, middle=Middle(inner=Inner(count=7)), inner=Inner(name="zz"))
+    assert cfg == Outer()
+
+
+def test_no_overrides_returns_an_equal_config():
+    """An empty override list is the identity."""
+    assert apply_overrides(Outer(), []) == Outer()
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("true", True), ("True", True), ("TRUE", True), ("1", True), ("yes", True),
+    ("false", False), ("False", False), ("0", False), ("no", False),
+])
+def test_bool_parsing(raw, expected):
+    """Booleans accept true/false, 1/0, yes/no in any case, and come back as real bools."""
+    value = apply_overrides(Outer(), [f"inner.flag={raw}"]).inner.flag
+    assert value is expected
+
+
+def test_bool_rejects_other_words():
+    """A word that is not a boolean is an error naming the key and the value."""
+    with pytest.raises(ConfigError, match=r"inner\.flag='maybe': expected a boolean"):
+        apply_overrides(Outer(), ["inner.flag=maybe"])
+
+
+def test_int_parsing():
+    """Integers parse to int; floats, words and empty values are errors naming key and value."""
+    assert apply_overrides(Outer(), ["seed=-3"]).seed == -3
+    assert type(apply_overrides(Outer(), ["seed=12"]).seed) is int
+    for raw in ("1.5", "1e3", "abc", ""):
+        with pytest.raises(ConfigError, match=rf"seed='{raw}': expected an integer"):
+            apply_overrides(Outer(), [f"seed={raw}"])
+
+
+def test_float_parsing():
+    """Floats accept integers and scientific notation and come back as float."""
+    for raw, expected in (("1e-3", 1e-3), ("3", 3.0), ("-0.25", -0.25)):
+        value = apply_overrides(Outer(), [f"inner.rate={raw}"]).inner.rate
+        assert value == expected and type(value) is float
+    with pytest.raises(ConfigError, match=r"inner\.rate='fast': expected a number"):
+        apply_overrides(Outer(), ["inner.rate=fast"])
+
+
+def test_str_values_are_taken_verbatim_and_may_contain_equals():
+    """Strings are not parsed; only the first '=' separates key from value."""
+    assert apply_overrides(Outer(), ["inner.name=x=y"]).inner.name == "x=y"
+    assert apply_overrides(Outer(), ["inner.name=123"]).inner.name == "123"
+
+
+def test_optional_fields_accept_none_or_the_inner_type():
+    """`int | None` takes none/null or an integer; anything else reports the integer error."""
+    assert apply_overrides(Outer(maybe=3), ["maybe=none"]).maybe is None
+    assert apply_overrides(Outer(), ["maybe=null"]).maybe is None
+    assert apply_overrides(Outer(), ["maybe=4"]).maybe == 4
+    with pytest.raises(ConfigError, match=r"maybe='x': expected an integer"):
+        apply_overrides(Outer(), ["maybe=x"])
+
+
+def test_unsupported_field_types_are_rejected():
+    """A field whose type has no command-line syntax (here a tuple) says so instead of guessing."""
+    with pytest.raises(ConfigError, match="sizes.*cannot be set from the command line"):
+        apply_overrides(Outer(), ["sizes=1,2"])
+
+
+def test_whitespace_around_key_and_value_is_ignored():
+    """' key = value ' is the same as 'key=value'."""
+    assert apply_overrides(Outer(), [" inner.count = 5 "]).inner.count == 5
+
+
+def test_later_overrides_win():
+    """Overrides apply in order, so the last one for a key wins."""
+    assert apply_overrides(Outer(), ["seed=1", "seed=2"]).seed == 2
+
+
+def test_missing_equals_sign_is_an_error():
+    """An argument without '=' is reported as not being key=value."""
+    with pytest.raises(ConfigError, match=r"override 'seed' is not of the form key=value"):
+        apply_overrides(Outer(), ["seed"])
+
+
+@pytest.mark.parametrize("key", ["nosuch", "inner.nosuch", "middle.inner.nosuch", "seed.sub", "middle.nosuch.count"])
+def test_unknown_keys_name_the_key_and_list_the_valid_ones(key):
+    """An unknown key (at any depth, or below a leaf) names the whole dotted key and lists every valid key."""
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(Outer(), [f"{key}=1"])
+    message = str(info.value)
+    assert f"unknown config key {key!r}" in message
+    for valid in valid_keys(Outer()):
+        assert valid in message
+
+
+def test_setting_a_nested_config_itself_is_rejected():
+    """'inner=3' cannot replace a nested dataclass; the error names the key and lists its fields' dotted keys."""
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(Outer(), ["inner=3"])
+    message = str(info.value)
+    assert "'inner'" in message and "inner.count" in message and "middle.inner.rate" in message
+    with pytest.raises(ConfigError, match=r"(?s)'model'.*model\.d_model"):
+        apply_overrides(ArithDPOConfig(), ["model=3"])
+
+
+def test_post_init_rejections_become_config_errors_naming_key_and_value():
+    """A value of the right type but the wrong range is rejected by the dataclass, reported with key and value."""
+    with pytest.raises(ConfigError, match=r"inner\.count.*-1.*must be >= 0, got -1"):
+        apply_overrides(Outer(), ["inner.count=-1"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.n_heads=3", "model.n_kv_heads=3"],
+    ["model.n_kv_heads=3", "model.n_heads=3"],
+])
+def test_coupled_fields_can_be_changed_together_in_any_order(overrides):
+    """Validation applies to the final config, not to each intermediate one: from the default 4 query / 2 key-value
+    heads, 3/3 is valid, although both one-field intermediates (3/2 and 4/3) are not."""
+    cfg = apply_overrides(ArithDPOConfig(), overrides)
+    assert (cfg.model.n_heads, cfg.model.n_kv_heads) == (3, 3)
+
+
+def test_valid_keys_are_the_dotted_leaves():
+    """valid_keys lists leaves in field order with dotted paths, and never a nested config itself."""
+    assert valid_keys(Outer()) == [
+        "seed", "maybe", "sizes",
+        "middle.inner.rate", "middle.inner.count", "middle.inner.flag", "middle.inner.name", "middle.depth",
+        "inner.rate", "inner.count", "inner.flag", "inner.name",
+    ]
+
+
+# --- The real experiment config. -------------------------------------------------------------------------------
+
+
+def test_arith_dpo_config_overrides():
+    """Typical command-line overrides of the main job's config land in the right nested fields."""
+    cfg = apply_overrides(ArithDPOConfig(), [
+        "dpo.beta=0.2", "model.dtype=bfloat16", "sft.optim.learning_rate=3e-4", "mesh.tensor=2", "show_progress=no",
+        "checkpoint.every_steps=5", "pairs.top_k=4",
+    ])
+    assert cfg.dpo.beta == 0.2 and cfg.model.dtype == "bfloat16" and cfg.sft.optim.learning_rate == 3e-4
+    assert cfg.mesh.tensor == 2 and cfg.show_progress is False and cfg.checkpoint.every_steps == 5
+    assert cfg.pairs.top_k == 4 and cfg.dpo.optim == ArithDPOConfig().dpo.optim
+
+
+def test_every_valid_key_of_the_main_job_can_be_set_to_its_current_value():
+    """Each listed key round-trips through its own string form (all field types are command-line settable)."""
+    cfg = ArithDPOConfig()
+    for key in valid_keys(cfg):
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert apply_overrides(cfg, [f"{key}={value}"]) == cfg, key
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("dpo.beta=-0.1", ["dpo.beta", "-0.1"]),
+    ("dpo.beta=0", ["dpo.beta", "0"]),
+    ("dpo.beta=nan", ["dpo.beta", "nan"]),
+    ("dpo.steps=abc", ["dpo.steps", "abc", "integer"]),
+    ("model.dtype=float64", ["model.dtype", "float64"]),
+    ("model.n_heads=0", ["model.n_heads", "0"]),
+    ("model.n_heads=3", ["model.n_heads=3", "model.n_kv_heads=2"]),
+    ("pairs.samples_per_prompt=1", ["pairs.samples_per_prompt", "1"]),
+    ("dpo.eval_every=0", ["dpo.eval_every", "0"]),
+    ("mesh.fsdp=0", ["mesh.fsdp", "0"]),
+    ("checkpoint.keep_last=0", ["checkpoint.keep_last", "0"]),
+    ("sft.optim.learning_rate=-1", ["sft.optim.learning_rate", "-1"]),
+])
+def test_bad_values_for_the_main_job_name_the_key_and_the_value(override, fragments):
+    """Every rejected override is one ConfigError whose message names the key and the offending value."""
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(ArithDPOConfig(), [override])
+    for fragment in fragments:
+        assert fragment in str(info.value)
