@@ -1,0 +1,1 @@
+"""The `jaxalign` command line, the experiment registry and config overrides."""

@@ -3,10 +3,12 @@
     jaxalign list
     jaxalign run NAME --workdir DIR [key=value ...]
     jaxalign bench dpo-throughput [--sizes tiny,small] [--steps N] [--no-trl]
+    jaxalign bench arith-seeds --workdir DIR [--seeds 0,1,2] [key=value ...]
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -23,13 +25,17 @@ def _run(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    if args.benchmark == "dpo-throughput":
-        from jaxalign.bench import dpo_throughput
+BENCHMARKS = {
+    "dpo-throughput": "jaxalign.bench.dpo_throughput",
+    "arith-seeds": "jaxalign.bench.arith_seeds",
+}
 
-        dpo_throughput.main(args.rest)
-        return 0
-    raise ValueError(f"unknown benchmark {args.benchmark!r}; available: dpo-throughput")
+
+def _bench(args) -> int:
+    if args.benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {args.benchmark!r}; available: {', '.join(BENCHMARKS)}")
+    importlib.import_module(BENCHMARKS[args.benchmark]).main(args.rest)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

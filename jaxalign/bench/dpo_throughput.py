@@ -46,12 +46,12 @@ from jaxalign.sharding import (
     check_batch_fits_mesh,
     check_model_fits_mesh,
     init_sharded,
-    logical_shardings,
     make_mesh,
     put_batch,
 )
 from jaxalign.train.optim import make_optimizer
-from jaxalign.train.state import DataPosition, TrainState
+from jaxalign.train.setup import sharded_train_state
+from jaxalign.train.state import DataPosition
 from jaxalign.train.step import dpo_loss_fn, jit_train_step, make_train_step
 
 # Increasing sizes for a 2-core CPU; max_len is raised to prompt_len + completion_len when that is longer.
@@ -108,11 +108,7 @@ def build_dpo_step(cfg: ModelConfig, mesh, total_steps: int, seed: int = 0):
     model = DecoderLM(cfg)
     tx = make_optimizer(dpo.optim, total_steps)
     reference, param_shardings = init_sharded(lambda r: init_params(cfg, r), jax.random.key(seed), mesh)
-    abstract = jax.eval_shape(lambda r: TrainState.create(init_params(cfg, r), tx, r), jax.random.key(0))
-    shardings = logical_shardings(abstract, mesh)
-    with mesh:  # fresh buffers: the policy starts as a copy of the reference, whose buffers are never donated
-        state = jax.jit(lambda p, r: TrainState.create(p, tx, r), out_shardings=shardings)(
-            reference, jax.random.key(seed + 1))
+    state, shardings = sharded_train_state(cfg, tx, mesh, jax.random.key(seed + 1), params=reference)
     loss = dpo_loss_fn(model, dpo.objective, sft_weight=dpo.sft_weight, beta=dpo.beta,
                        label_smoothing=dpo.label_smoothing)
     step_fn = jit_train_step(make_train_step(loss, 1), mesh, shardings, param_shardings)

@@ -23,19 +23,16 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.data.iterator import ArrayDataset, dropped_per_epoch
 from jaxalign.losses.dpo import check_beta
-from jaxalign.models.llama import DecoderLM, ModelConfig, count_params, init_params
+from jaxalign.models.llama import DecoderLM, ModelConfig, count_params
 from jaxalign.sampling import SamplingConfig, generate
 from jaxalign.sharding import (
     MeshConfig,
     check_batch_fits_mesh,
     check_model_fits_mesh,
-    init_sharded,
-    logical_shardings,
     make_mesh,
 )
 from jaxalign.tasks import arith
@@ -49,7 +46,7 @@ from jaxalign.train.checkpoint import (
 )
 from jaxalign.train.loop import MetricsLog, train_loop
 from jaxalign.train.optim import OptimConfig, make_optimizer
-from jaxalign.train.state import TrainState
+from jaxalign.train.setup import sharded_train_state
 from jaxalign.train.step import dpo_loss_fn, jit_train_step, make_train_step, sft_loss_fn
 
 PROMPT_LEN = 8  # "a+b+c+d=" with single digits
@@ -253,11 +250,11 @@ def build_pairs(problems, prompt_tokens, completions, masks, samples_per_prompt:
     rows = np.nonzero(keep)[0]
     pick = lambda which: rows * k + which[rows]  # noqa: E731
     prompt_part = prompt_tokens[rows]
-    zeros = np.zeros_like(prompt_part)
+    prompt_mask, zeros = prompt_part != CharTokenizer.PAD_ID, np.zeros_like(prompt_part)
     arrays = {}
     for side, idx in (("chosen", pick(best)), ("rejected", pick(worst))):
         arrays[f"{side}_tokens"] = np.concatenate([prompt_part, completions[idx]], axis=1).astype(np.int32)
-        arrays[f"{side}_attention_mask"] = np.concatenate([prompt_part != 0, masks[idx]], axis=1).astype(np.int32)
+        arrays[f"{side}_attention_mask"] = np.concatenate([prompt_mask, masks[idx]], axis=1).astype(np.int32)
         arrays[f"{side}_completion_mask"] = np.concatenate([zeros, masks[idx]], axis=1).astype(np.int32)
     stats = {
         "pairs": int(len(rows)),
@@ -301,21 +298,11 @@ def on_policy_pairs(cfg: ArithDPOConfig, params, problems: np.ndarray, workdir: 
 # Training phases.
 
 
-def _state_setup(cfg: ArithDPOConfig, mesh, optim: OptimConfig, steps: int):
-    tx = make_optimizer(optim, steps)
-
-    def boxed_state(rng):
-        init_rng, state_rng = jax.random.split(rng)
-        return TrainState.create(init_params(cfg.model, init_rng), tx, state_rng)
-
-    return tx, boxed_state
-
-
 def train_sft(cfg: ArithDPOConfig, mesh, problems: Problems, workdir: str, log: MetricsLog):
     """Phase 1: returns the SFT parameters (restored from the final checkpoint when the phase already finished)."""
     model = DecoderLM(cfg.model)
-    tx, boxed_state = _state_setup(cfg, mesh, cfg.sft.optim, cfg.sft.steps)
-    state, shardings = init_sharded(boxed_state, jax.random.key(cfg.seed), mesh)
+    tx = make_optimizer(cfg.sft.optim, cfg.sft.steps)
+    state, shardings = sharded_train_state(cfg.model, tx, mesh, jax.random.key(cfg.seed))
     with Checkpointer(os.path.join(workdir, "checkpoints", "sft"), cfg.checkpoint,
                       metadata={"phase": "sft", "model": dataclasses.asdict(cfg.model)}) as ckpt:
         state = ckpt.restore_latest(state) or state
@@ -334,11 +321,7 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
     """Phase 3 + 4: DPO from the SFT policy with it as frozen reference; returns (selected params, guard record)."""
     model = DecoderLM(cfg.model)
     tx = make_optimizer(cfg.dpo.optim, cfg.dpo.steps)
-    abstract = jax.eval_shape(lambda r: TrainState.create(init_params(cfg.model, r), tx, r), jax.random.key(0))
-    shardings = logical_shardings(abstract, mesh)
-    with mesh:
-        state = jax.jit(lambda p, r: TrainState.create(p, tx, r), out_shardings=shardings)(
-            sft_params, jax.random.key(cfg.seed + 1))
+    state, shardings = sharded_train_state(cfg.model, tx, mesh, jax.random.key(cfg.seed + 1), params=sft_params)
     reference = sft_params
     directory = os.path.join(workdir, "checkpoints", "dpo")
     keep = cfg.dpo.steps // cfg.dpo.eval_every + 1
@@ -369,8 +352,7 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
             hooks=(validate,), token_keys=("chosen_attention_mask", "rejected_attention_mask"),
             show_progress=cfg.show_progress,
         )
-        # Earliest step with the best validation accuracy: ties favour staying closer to the reference.
-        best = max(history, key=lambda r: (r["val/accuracy"], -r["step"]))
+        best = select_checkpoint(history)
         guard = {"selected_step": best["step"], "selected_val_accuracy": best["val/accuracy"],
                  "last_step": cfg.dpo.steps, "last_val_accuracy": history[-1]["val/accuracy"],
                  "validation_history": history}
@@ -379,6 +361,12 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
         if best["step"] == 0:
             return sft_params, state.params, guard
         return ckpt.restore(best["step"], state).params, state.params, guard
+
+
+def select_checkpoint(history: list[dict]) -> dict:
+    """The over-optimisation guard's choice: the evaluated step with the best validation accuracy, the earliest
+    one on ties (it stays closest to the reference)."""
+    return max(history, key=lambda r: (r["val/accuracy"], -r["step"]))
 
 
 def _val_record(record: dict) -> dict:
@@ -451,7 +439,7 @@ def _plot(history: list[dict], records: list[dict], path: str) -> None:
     steps = [r["step"] for r in history]
     fig, (ax_acc, ax_len) = plt.subplots(1, 2, figsize=(10, 3.5))
     ax_acc.plot(steps, [r["val/accuracy"] for r in history], marker="o")
-    best = max(history, key=lambda r: (r["val/accuracy"], -r["step"]))
+    best = select_checkpoint(history)
     ax_acc.axvline(best["step"], color="gray", linestyle="--", label=f"selected step {best['step']}")
     ax_acc.set(xlabel="DPO step", ylabel="validation accuracy (greedy)", title="DPO on ARITH")
     ax_acc.legend()

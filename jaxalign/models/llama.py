@@ -207,8 +207,12 @@ class DecoderLM(nn.Module):
             attention_mask = jnp.ones(tokens.shape, bool)
         attention_mask = attention_mask.astype(bool)
         if positions is None:
-            # Positions count real tokens only, so left padding does not shift the rotary phase.
+            # Positions count real tokens only, so left padding does not shift the rotary phase; with a cache they
+            # continue after the tokens already in it.
             positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+            if cache is not None:
+                valid = cache["valid"][0] if cfg.scan_layers else cache[0]["valid"]
+                positions = positions + jnp.sum(valid, axis=-1, keepdims=True)
 
         embed = nn.Embed(
             cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32,

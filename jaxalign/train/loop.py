@@ -49,6 +49,19 @@ class MetricsLog:
             f.flush()
 
 
+# What the progress bar shows (the JSONL has every metric): metric -> short label.
+PROGRESS_FIELDS = {
+    "loss": "loss",
+    "rewards/chosen": "r_w",
+    "rewards/rejected": "r_l",
+    "rewards/margin": "margin",
+    "rewards/accuracy": "acc",
+    "grad_norm": "|g|",
+    "tokens_per_second": "tok/s",
+    "val/accuracy": "val_acc",
+}
+
+
 def to_python(metrics: dict) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
@@ -98,7 +111,7 @@ def train_loop(
             tokens, clock = 0, time.perf_counter()
             if metrics_log is not None:
                 metrics_log.write(record)
-            bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "rewards/accuracy", "grad_norm") if k in record})
+            bar.set_postfix({short: f"{record[k]:.3g}" for k, short in PROGRESS_FIELDS.items() if k in record})
         if checkpointer is not None:
             checkpointer.save(state, force=done == num_steps)
         bar.update(1)

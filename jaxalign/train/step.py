@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxalign.logprobs import masked_token_logprobs, pair_token_logprobs
+from jaxalign.logprobs import masked_token_logprobs, pair_token_logprobs, sequence_logprobs
 from jaxalign.losses import PairwiseInputs, get_objective
 from jaxalign.losses.dpo import nll_per_token
 from jaxalign.models.llama import DecoderLM
@@ -47,7 +47,7 @@ def sft_loss_fn(model: DecoderLM) -> LossFn:
 def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float = 0.0, **objective_kwargs) -> LossFn:
     """A pairwise objective on chosen/rejected log-probs from one concatenated forward pass.
 
-    `sft_weight` > 0 adds sft_weight * (token-mean NLL of the chosen completions), the "DPO + lambda*SFT"
+    `sft_weight` > 0 adds sft_weight * mean over pairs of the chosen completion's token-mean NLL, the "DPO + lambda*SFT"
     regulariser (RPO, Pang et al. 2024; SFT-DPO in the 3D-properties paper) that keeps the chosen likelihood from
     collapsing together with the rejected one.
 
@@ -70,9 +70,11 @@ def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float 
         )
         loss, metrics = objective_fn(inputs, **objective_kwargs)
         if sft_weight:
-            nll_sum, tokens = nll_per_token(policy_chosen, batch["chosen_completion_mask"])
-            metrics = dict(metrics, chosen_nll=nll_sum / tokens)
-            loss = loss + sft_weight * nll_sum / tokens
+            # Per-pair (each chosen response's token-mean NLL, averaged over pairs), not a batch token mean: a
+            # per-pair term sums exactly over microbatches, so accumulation stays equal to the large batch.
+            chosen_nll = -sequence_logprobs(policy_chosen, batch["chosen_completion_mask"], average=True)
+            metrics = dict(metrics, chosen_nll=jnp.mean(chosen_nll))
+            loss = loss + sft_weight * jnp.mean(chosen_nll)
         pairs = jnp.asarray(policy_chosen.shape[0], jnp.float32)
         return loss * pairs, (pairs, metrics)
 

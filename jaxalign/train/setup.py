@@ -1,0 +1,36 @@
+"""Creating a `TrainState` directly in its shardings (never materialised whole on one device)."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import optax
+from jax.sharding import Mesh
+
+from jaxalign.models.llama import ModelConfig, init_params
+from jaxalign.sharding import LOGICAL_AXIS_RULES, logical_shardings
+from jaxalign.train.state import TrainState
+
+
+def sharded_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rng: jax.Array,
+                        params: Any = None) -> tuple[TrainState, Any]:
+    """(state, state shardings) for `cfg` on `mesh`, shardings derived from the parameters' logical axis names.
+
+    Without `params` the parameters are freshly initialised from `rng`; with `params` (e.g. an SFT policy that
+    becomes the DPO reference) the state starts from a copy of them in fresh buffers, so donating the state to
+    the train step never invalidates the caller's arrays.
+    """
+    init_rng, state_rng = jax.random.split(rng)
+
+    def boxed_state(init_key, state_key):
+        return TrainState.create(init_params(cfg, init_key), tx, state_key)
+
+    shardings = logical_shardings(jax.eval_shape(boxed_state, init_rng, state_rng), mesh)
+    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        if params is None:
+            state = jax.jit(lambda a, b: nn.meta.unbox(boxed_state(a, b)), out_shardings=shardings)(init_rng,
+                                                                                                      state_rng)
+        else:
+            state = jax.jit(lambda p, b: TrainState.create(p, tx, b), out_shardings=shardings)(params, state_rng)
+    return state, shardings

@@ -1,0 +1,84 @@
+"""The main job's pure pieces: on-policy pair construction, the over-optimisation guard's choice, workdir claims."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jaxalign.experiments import arith_dpo
+from jaxalign.tasks import arith
+from jaxalign.tasks.tokenizer import CharTokenizer
+
+TOK = CharTokenizer()
+C = arith_dpo.COMPLETION_LEN
+
+
+def _encode_completion(text: str) -> tuple[np.ndarray, np.ndarray]:
+    ids = TOK.encode(text) + [TOK.EOS_ID]
+    tokens = np.full(C, TOK.PAD_ID, np.int32)
+    tokens[: len(ids)] = ids
+    mask = np.zeros(C, np.int32)
+    mask[: len(ids)] = 1
+    return tokens, mask
+
+
+def _samples(problems, texts_per_problem):
+    prompts, _ = arith.encode_prompts(TOK, [arith.prompt_text(p) for p in problems], arith_dpo.PROMPT_LEN)
+    encoded = [_encode_completion(t) for texts in texts_per_problem for t in texts]
+    return prompts, np.stack([e[0] for e in encoded]), np.stack([e[1] for e in encoded])
+
+
+PROBLEMS = np.array([[7, 5, 3, 9], [1, 2, 3, 0], [8, 8, 8, 8]])
+TEXTS = [
+    # best (correct) vs worst (malformed): a pair
+    [arith.solution_text(PROBLEMS[0]), arith.dropped_carry_solution_text(PROBLEMS[0]), "7+5"],
+    # every sample identical: tied, no pair
+    [arith.solution_text(PROBLEMS[1])] * 3,
+    # no correct sample: a pair only when a correct chosen is not required
+    [arith.dropped_carry_solution_text(PROBLEMS[2]), "9", arith.dropped_carry_solution_text(PROBLEMS[2])],
+]
+
+
+def test_pairs_take_best_against_worst_and_count_what_they_drop():
+    """Chosen is the best-scored sample, rejected the worst; tied prompts and prompts without a correct sample
+    give no pair and are counted."""
+    prompts, completions, masks = _samples(PROBLEMS, TEXTS)
+    pairs, stats = arith_dpo.build_pairs(PROBLEMS, prompts, completions, masks, 3, 0.5, require_correct_chosen=True)
+    assert stats["pairs"] == 1 and stats["pairs_dropped_tied"] == 1 and stats["pairs_dropped_no_correct_sample"] == 1
+    assert stats["pairs_chosen_correct_rate"] == 1.0
+    chosen = pairs.arrays["chosen_tokens"][0, arith_dpo.PROMPT_LEN:]
+    rejected = pairs.arrays["rejected_tokens"][0, arith_dpo.PROMPT_LEN:]
+    assert TOK.decode(chosen) == arith.solution_text(PROBLEMS[0])
+    assert TOK.decode(rejected) == "7+5"
+    # The prompt is never part of the completion mask; the completion mask ends with the EOS.
+    for side in ("chosen", "rejected"):
+        completion_mask = pairs.arrays[f"{side}_completion_mask"][0]
+        tokens = pairs.arrays[f"{side}_tokens"][0]
+        assert not completion_mask[: arith_dpo.PROMPT_LEN].any()
+        assert tokens[np.nonzero(completion_mask)[0][-1]] == TOK.EOS_ID
+        assert (pairs.arrays[f"{side}_attention_mask"][0] >= completion_mask).all()
+
+    pairs, stats = arith_dpo.build_pairs(PROBLEMS, prompts, completions, masks, 3, 0.5, require_correct_chosen=False)
+    assert stats["pairs"] == 2 and stats["pairs_dropped_no_correct_sample"] == 0
+    assert TOK.decode(pairs.arrays["chosen_tokens"][1, arith_dpo.PROMPT_LEN:]) == \
+        arith.dropped_carry_solution_text(PROBLEMS[2])
+
+
+def test_guard_selects_best_validation_step_and_the_earliest_on_ties():
+    """Over-optimisation guard: the best validation accuracy wins, ties go to the step closest to the reference,
+    and step 0 (the SFT policy) can win when DPO never helps."""
+    history = [{"step": 0, "val/accuracy": 0.1}, {"step": 25, "val/accuracy": 0.6},
+               {"step": 50, "val/accuracy": 0.9}, {"step": 75, "val/accuracy": 0.9}, {"step": 100, "val/accuracy": 0.2}]
+    assert arith_dpo.select_checkpoint(history)["step"] == 50
+    collapsed = [{"step": 0, "val/accuracy": 0.3}, {"step": 25, "val/accuracy": 0.0}]
+    assert arith_dpo.select_checkpoint(collapsed)["step"] == 0
+
+
+def test_a_workdir_refuses_a_run_with_another_config(tmp_path):
+    """Resuming in a workdir with a different config is one clear error naming the field; presentation-only
+    fields (progress bar, eval batch size) may change."""
+    cfg = arith_dpo.ArithDPOConfig()
+    arith_dpo.claim_workdir(cfg, str(tmp_path))
+    arith_dpo.claim_workdir(dataclasses.replace(cfg, show_progress=False, eval_batch_size=7), str(tmp_path))
+    changed = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, beta=0.3))
+    with pytest.raises(ValueError, match=r"dpo\.beta=2\.0, but this run has 0\.3"):
+        arith_dpo.claim_workdir(changed, str(tmp_path))
