@@ -318,7 +318,11 @@ def train_sft(cfg: ArithDPOConfig, mesh, problems: Problems, workdir: str, log: 
 
 def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: ArrayDataset, problems: Problems,
               workdir: str, log: MetricsLog):
-    """Phase 3 + 4: DPO from the SFT policy with it as frozen reference; returns (selected params, guard record)."""
+    """Phases 3 and 4: DPO from the SFT policy with it as frozen reference.
+
+    Checkpoints are written at every validation step (`dpo.eval_every`), so the guard can restore any of them.
+    Returns (selected params, last-step params, guard record).
+    """
     model = DecoderLM(cfg.model)
     tx = make_optimizer(cfg.dpo.optim, cfg.dpo.steps)
     state, shardings = sharded_train_state(cfg.model, tx, mesh, jax.random.key(cfg.seed + 1), params=sft_params)
@@ -344,7 +348,8 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
             history.append({"step": step, "val/accuracy": val["accuracy"], "val/mean_length": val["mean_length"]})
             return {"val/accuracy": val["accuracy"], "val/mean_length": val["mean_length"]}
 
-        loss = dpo_loss_fn(model, cfg.dpo.objective, sft_weight=cfg.dpo.sft_weight, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing)
+        loss = dpo_loss_fn(model, cfg.dpo.objective, sft_weight=cfg.dpo.sft_weight, beta=cfg.dpo.beta,
+                           label_smoothing=cfg.dpo.label_smoothing)
         step_fn = jit_train_step(make_train_step(loss, cfg.dpo.grad_accum_steps), mesh, shardings, param_shardings)
         state = train_loop(
             state=state, step_fn=step_fn, frozen=reference, dataset=pairs, batch_size=cfg.dpo.batch_size,
