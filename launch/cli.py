@@ -1,6 +1,7 @@
 """The `jaxalign` command line: list and run experiments, run benchmarks.
 
     jaxalign list
+    jaxalign objectives
     jaxalign run NAME --workdir DIR [key=value ...]
     jaxalign bench dpo-throughput [--sizes tiny,small] [--steps N] [--no-trl]
     jaxalign bench arith-seeds --workdir DIR [--seeds 0,1,2] [key=value ...]
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxalign", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the registered experiments")
+    sub.add_parser("objectives", help="print every registered objective, one per line")
     run = sub.add_parser("run", help="run (or resume) an experiment in a work directory")
     run.add_argument("name")
     run.add_argument("--workdir", required=True)
@@ -63,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             for name, (description, _) in sorted(EXPERIMENTS.items()):
                 print(f"{name:16s} {description}")
+            return 0
+        if args.command == "objectives":
+            from jaxalign.losses import OBJECTIVES
+
+            print("\n".join(sorted(OBJECTIVES)))
             return 0
         if args.command == "run":
             return _run(args)

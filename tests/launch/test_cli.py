@@ -73,6 +73,16 @@ def test_list_prints_each_experiment_with_its_description():
     assert description == "SFT on noisy ARITH demonstrations, then DPO on on-policy oracle-labelled pairs (the main job)"
 
 
+def test_objectives_prints_every_registered_objective_one_per_line():
+    """`jaxalign objectives` prints exactly the registry's names, sorted, one per line."""
+    from jaxalign.losses import OBJECTIVES
+
+    proc = jaxalign("objectives")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == sorted(OBJECTIVES)
+    assert "sigmoid" in proc.stdout.splitlines()
+
+
 def test_list_does_not_import_jax():
     """Listing stays cheap: it imports no JAX, Flax or orbax module."""
     code = ("import sys; from launch.cli import main; rc = main(['list']); "
