@@ -5,6 +5,9 @@ log-probs of policy and reference for chosen and rejected completions, plus comp
 A new objective is one function, one `@register` line and one test.
 """
 from jaxalign.losses.registry import OBJECTIVES, PairwiseInputs, compute_objective, get_objective, register
-from jaxalign.losses import dpo as _dpo  # noqa: F401  (registers its objectives)
+# Importing a family module registers its objectives.
+from jaxalign.losses import dpo as _dpo  # noqa: F401
+from jaxalign.losses import pairwise as _pairwise  # noqa: F401
+from jaxalign.losses import reference_free as _reference_free  # noqa: F401
 
 __all__ = ["OBJECTIVES", "PairwiseInputs", "compute_objective", "get_objective", "register"]

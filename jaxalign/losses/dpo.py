@@ -29,10 +29,13 @@ def check_beta(beta: float) -> None:
 def sigmoid(inputs: PairwiseInputs, beta: float = 0.1, label_smoothing: float = 0.0):
     """DPO loss, Rafailov et al. (2023), eq. 7: -log sigmoid(beta * (z_w - z_l)), z = L_theta(y) - L_ref(y).
 
-    With label_smoothing eps > 0 this is the conservative form -(1-eps) logsig(bD) - eps logsig(-bD)
-    (TRL's loss_type="sigmoid" with label_smoothing).
+    With the default label_smoothing eps = 0 this is TRL 1.16.0's loss_type="sigmoid" exactly. With eps > 0 it is
+    the conservative form -(1-eps) logsig(bD) - eps logsig(-bD), the same as the registered `cdpo`; note that TRL
+    1.16.0's `sigmoid` ignores label_smoothing (older TRL versions applied it like this). eps must lie in [0, 0.5].
     """
     check_beta(beta)
+    if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"sigmoid.label_smoothing must satisfy 0 <= label_smoothing <= 0.5, got {label_smoothing!r}")
     z_chosen = inputs.sequence("policy_chosen") - inputs.sequence("reference_chosen")
     z_rejected = inputs.sequence("policy_rejected") - inputs.sequence("reference_rejected")
     logits = beta * (z_chosen - z_rejected)
