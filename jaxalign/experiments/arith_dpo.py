@@ -407,7 +407,10 @@ def run(cfg: ArithDPOConfig, workdir: str) -> dict:
 
     sft_eval, sft_correct = greedy_eval(sft_params, cfg.model, problems.test, cfg.eval_batch_size)
     dpo_eval, dpo_correct = greedy_eval(dpo_params, cfg.model, problems.test, cfg.eval_batch_size)
-    last_eval, last_correct = greedy_eval(last_params, cfg.model, problems.test, cfg.eval_batch_size)
+    if last_params is dpo_params:  # the guard kept the last step: its evaluation is the one just done
+        last_eval, last_correct = dpo_eval, dpo_correct
+    else:
+        last_eval, last_correct = greedy_eval(last_params, cfg.model, problems.test, cfg.eval_batch_size)
     on_sft_correct = lambda correct: float(correct[sft_correct].mean()) if sft_correct.any() else float("nan")  # noqa: E731
     results = {
         "sft_accuracy": sft_eval["accuracy"],

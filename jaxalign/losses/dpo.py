@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxalign.losses.common import check_hyperparameter, log_ratios, smoothed_logistic
 from jaxalign.losses.registry import PairwiseInputs, register
 
 
@@ -34,12 +35,10 @@ def sigmoid(inputs: PairwiseInputs, beta: float = 0.1, label_smoothing: float = 
     1.16.0's `sigmoid` ignores label_smoothing (older TRL versions applied it like this). eps must lie in [0, 0.5].
     """
     check_beta(beta)
-    if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"sigmoid.label_smoothing must satisfy 0 <= label_smoothing <= 0.5, got {label_smoothing!r}")
-    z_chosen = inputs.sequence("policy_chosen") - inputs.sequence("reference_chosen")
-    z_rejected = inputs.sequence("policy_rejected") - inputs.sequence("reference_rejected")
-    logits = beta * (z_chosen - z_rejected)
-    per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits) - label_smoothing * jax.nn.log_sigmoid(-logits)
+    check_hyperparameter("sigmoid", "label_smoothing", label_smoothing, lambda e: 0.0 <= e <= 0.5,
+                         "0 <= label_smoothing <= 0.5")
+    z_chosen, z_rejected = log_ratios(inputs)
+    per_pair = smoothed_logistic(beta * (z_chosen - z_rejected), label_smoothing)
     return jnp.mean(per_pair), implicit_reward_metrics(z_chosen, z_rejected, beta)
 
 
