@@ -145,7 +145,7 @@ def sppo_hard(inputs: PairwiseInputs, beta: float = 0.1):
     return _finish(per_pair, z_w, z_l, beta)
 
 
-@register("aot")
+@register("aot", batch_coupled=True)
 def aot(inputs: PairwiseInputs, beta: float = 0.1, label_smoothing: float = 0.0):
     """AOT, paired (Melnyk et al., 2024, "Distributional Preference Alignment of LLMs via Optimal Transport";
     TRL loss_type="aot"): d = sort_batch(L_th(y_w) - L_th(y_l)) - sort_batch(L_ref(y_w) - L_ref(y_l)),
@@ -161,7 +161,7 @@ def aot(inputs: PairwiseInputs, beta: float = 0.1, label_smoothing: float = 0.0)
     return _finish(smoothed_logistic(beta * d, label_smoothing), z_w, z_l, beta)
 
 
-@register("aot_unpaired")
+@register("aot_unpaired", batch_coupled=True)
 def aot_unpaired(inputs: PairwiseInputs, beta: float = 0.1, label_smoothing: float = 0.0):
     """AOT, unpaired (Melnyk et al., 2024; TRL loss_type="aot_unpaired"): d = sort_batch(z_w) - sort_batch(z_l),
     loss -(1-eps) logsig(b d) - eps logsig(-b d); eps in [0, 0.5]."""
@@ -210,7 +210,7 @@ def discopop(inputs: PairwiseInputs, beta: float = 0.1, tau: float = 0.05):
     return _finish(per_pair, z_w, z_l, beta)
 
 
-@register("sft")
+@register("sft", batch_coupled=True)
 def sft(inputs: PairwiseInputs, beta: float = 0.1):
     """SFT term of TRL's loss_type="sft" (used beside a preference loss, e.g. RPO, Pang et al., 2024):
     -(mean of policy logp over all chosen completion tokens of the batch), the same scalar for every pair.

@@ -107,7 +107,7 @@ def _logp_metrics(chosen: jax.Array, rejected: jax.Array) -> dict[str, jax.Array
     return {"logps/chosen": jnp.mean(chosen), "logps/rejected": jnp.mean(rejected)}
 
 
-@register("simpo")
+@register("simpo", family="reference_free")
 def simpo(inputs: PairwiseInputs, beta: float = 2.0, gamma_beta_ratio: float = 0.5, label_smoothing: float = 0.0):
     """SimPO, Meng et al. (2024), eq. 6: -log sigmoid(beta * (Lbar(y_w) - Lbar(y_l)) - gamma), gamma = ratio * beta.
 
@@ -125,7 +125,7 @@ def simpo(inputs: PairwiseInputs, beta: float = 2.0, gamma_beta_ratio: float = 0
     return jnp.mean(per_pair), metrics
 
 
-@register("cpo")
+@register("cpo", family="reference_free", batch_coupled=True)
 def cpo(inputs: PairwiseInputs, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0):
     """CPO, Xu et al. (2024), eq. 3 + behaviour-cloning term: -log sigmoid(beta * (L(y_w) - L(y_l))) + alpha * NLL(y_w).
 
@@ -145,7 +145,7 @@ def cpo(inputs: PairwiseInputs, beta: float = 0.1, alpha: float = 1.0, label_smo
     return preference + alpha * nll, metrics
 
 
-@register("alphapo")
+@register("alphapo", family="reference_free")
 def alphapo(
     inputs: PairwiseInputs,
     beta: float = 2.0,
@@ -172,7 +172,7 @@ def alphapo(
     return jnp.mean(per_pair), metrics
 
 
-@register("orpo")
+@register("orpo", family="reference_free", batch_coupled=True)
 def orpo(inputs: PairwiseInputs, beta: float = 0.1):
     """ORPO, Hong et al. (2024), eqs. 6-7: NLL(y_w) - beta * log sigmoid(log_odds), with
     log_odds = log odds(y_w) - log odds(y_l) = (Lbar_w - Lbar_l) - (log1mexp(Lbar_w) - log1mexp(Lbar_l)).
@@ -194,7 +194,7 @@ def orpo(inputs: PairwiseInputs, beta: float = 0.1):
     return nll - beta * jnp.mean(ratio), metrics
 
 
-@register("asft")
+@register("asft", family="reference_free", batch_coupled=True)
 def asft(inputs: PairwiseInputs, beta: float = 0.1, lam: float = 1.0):
     """ASFT (Aligned Supervised Fine-Tuning through Absolute Likelihood), in METHODS.md's [unverified] form:
     mean over pairs of -Lbar(y_w) + lam * [-log sigmoid(beta * logit p_w) - log sigmoid(-beta * logit p_l)],
