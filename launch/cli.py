@@ -5,6 +5,7 @@
     jaxalign run NAME --workdir DIR [key=value ...]
     jaxalign bench dpo-throughput [--sizes tiny,small] [--steps N] [--no-trl]
     jaxalign bench arith-seeds --workdir DIR [--seeds 0,1,2] [key=value ...]
+    jaxalign bench reference-cost [--sizes tiny,small,medium] [--steps N] [--out DIR]
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def _run(args) -> int:
 BENCHMARKS = {
     "dpo-throughput": "jaxalign.bench.dpo_throughput",
     "arith-seeds": "jaxalign.bench.arith_seeds",
+    "reference-cost": "jaxalign.bench.reference_cost",
 }
 
 

@@ -1,6 +1,7 @@
 """key=value overrides of frozen config dataclasses, typed and validated against the dataclass fields.
 
-`apply_overrides(cfg, ["dpo.beta=0.2", "model.dtype=bfloat16"])` returns a new config. An unknown key or a value
+`apply_overrides(cfg, ["dpo.beta=0.2", "model.dtype=bfloat16"])` returns a new config. A config class may declare
+short names in a class attribute `OVERRIDE_ALIASES` (e.g. {"loss": "dpo.objective"}). An unknown key or a value
 that does not parse as the field's type is one clear error listing the valid keys; the dataclasses' own
 __post_init__ checks then reject values of the right type but the wrong range.
 """
@@ -94,6 +95,7 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = (part.strip() for part in item.split("=", 1))
+        key = getattr(cfg, "OVERRIDE_ALIASES", {}).get(key, key)
         try:
             _parse_into(cfg, key.split("."), raw, key, changes)
         except KeyError as e:
@@ -103,4 +105,4 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     try:
         return _build(cfg, changes)
     except (ValueError, TypeError) as e:  # a dataclass __post_init__ rejected a value
-        raise ConfigError(f"{' '.join(overrides)}: {e}") from None
+        raise ConfigError(str(e)) from None

@@ -102,15 +102,14 @@ def random_batch(cfg: ModelConfig, batch_pairs: int, prompt_len: int, completion
 
 def build_dpo_step(cfg: ModelConfig, mesh, total_steps: int, seed: int = 0):
     """(step_fn, state, reference params) built as `arith_dpo.train_dpo` builds them, with its DPOConfig defaults."""
-    from jaxalign.experiments.arith_dpo import DPOConfig
+    from jaxalign.experiments.arith_dpo import DPOConfig, objective_kwargs
 
     dpo = DPOConfig()
     model = DecoderLM(cfg)
     tx = make_optimizer(dpo.optim, total_steps)
     reference, param_shardings = init_sharded(lambda r: init_params(cfg, r), jax.random.key(seed), mesh)
     state, shardings = sharded_train_state(cfg, tx, mesh, jax.random.key(seed + 1), params=reference)
-    loss = dpo_loss_fn(model, dpo.objective, sft_weight=dpo.sft_weight, beta=dpo.beta,
-                       label_smoothing=dpo.label_smoothing)
+    loss = dpo_loss_fn(model, dpo.objective, sft_weight=dpo.sft_weight, **objective_kwargs(dpo))
     step_fn = jit_train_step(make_train_step(loss, 1), mesh, shardings, param_shardings)
     return step_fn, state, reference
 

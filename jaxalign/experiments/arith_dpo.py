@@ -6,7 +6,9 @@ Pipeline (each phase resumable; re-running the same command continues where a ki
 2. Pairs: sample K completions per training prompt from the SFT policy (KV-cached sampler, temperature, top-k),
    grade them with the oracle, and pair the best- against the worst-scored sample; tied prompts are dropped and
    counted.
-3. DPO (sigmoid loss, Rafailov et al. 2023, eq. 7) with the SFT policy as the frozen reference.
+3. Preference training with `dpo.objective` (default: the sigmoid loss, Rafailov et al. 2023, eq. 7; any registered
+   pairwise, reference-free or unpaired objective, `loss=NAME`) and the SFT policy as reference, `dpo.reference`:
+   cached log-probs (default), an online frozen copy, or TR-DPO's periodic sync.
 4. Guard against over-optimisation: with a fixed reference DPO keeps pushing rejected likelihoods down, responses
    drift and answers the SFT policy had right start to break. Every `dpo.eval_every` steps the policy is decoded
    greedily on validation prompts (training problems never used for pairs) and checkpointed; the run returns the
@@ -17,15 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
 
 from jaxalign.data.iterator import ArrayDataset, dropped_per_epoch
+from jaxalign.losses import get_spec
 from jaxalign.losses.dpo import check_beta
 from jaxalign.models.llama import DecoderLM, ModelConfig, count_params
 from jaxalign.sampling import SamplingConfig, generate
@@ -46,8 +50,9 @@ from jaxalign.train.checkpoint import (
 )
 from jaxalign.train.loop import MetricsLog, train_loop
 from jaxalign.train.optim import OptimConfig, make_optimizer
+from jaxalign.train.reference import ReferenceSync, cached_reference_logprobs
 from jaxalign.train.setup import sharded_train_state
-from jaxalign.train.step import dpo_loss_fn, jit_train_step, make_train_step, sft_loss_fn
+from jaxalign.train.step import dpo_loss_fn, jit_train_step, logits_fn, make_train_step, sft_loss_fn
 
 PROMPT_LEN = 8  # "a+b+c+d=" with single digits
 COMPLETION_LEN = 24  # longest chain "9+9=18;18+9=27;27+9=36" (22 chars) + EOS, plus one slot of slack
@@ -77,26 +82,83 @@ class PairConfig:
             raise ValueError(f"pairs.samples_per_prompt must be >= 2 to form a pair, got {self.samples_per_prompt!r}")
 
 
+REFERENCE_MODES = ("online", "cached", "sync")
+
+
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
-    """DPO with the SFT policy as frozen reference. beta is large for a tiny model (the usual 0.1 over-optimises
-    within a few dozen steps here), and sft_weight adds the chosen-NLL regulariser; see the README's measurements."""
+    """Preference training from the SFT policy. beta is large for a tiny model (the usual 0.1 over-optimises within a
+    few dozen steps here), and sft_weight adds the chosen-NLL regulariser; see the README's measurements.
+
+    objective: any registered pairwise, reference-free or unpaired objective (`jaxalign objectives`); `loss=NAME`
+        on the command line is short for `dpo.objective=NAME`. beta is passed to every objective that takes one,
+        label_smoothing only when set; `objective_args` sets any other hyper-parameter, e.g. "gamma=0.5,tau=0.1".
+    reference: "online" (a frozen copy of the SFT policy runs a forward pass every step), "cached" (its log-probs are
+        computed once and cached on disk under a content hash, `reference_cache_dir`, default WORKDIR/reference_cache)
+        or "sync" (TR-DPO: every `sync_every` steps ref <- sync_alpha * policy + (1 - sync_alpha) * ref).
+    """
 
     steps: int = 150
     batch_size: int = 64
     grad_accum_steps: int = 1
     beta: float = 2.0
-    label_smoothing: float = 0.0
+    label_smoothing: float | None = None
     objective: str = "sigmoid"
+    objective_args: str = ""
     sft_weight: float = 1.0
     optim: OptimConfig = OptimConfig(learning_rate=5e-5, warmup_steps=20)
     eval_every: int = 25
     select_best: bool = True
+    reference: str = "cached"
+    reference_cache_dir: str = ""
+    sync_every: int = 50
+    sync_alpha: float = 0.6
 
     def __post_init__(self):
         check_beta(self.beta)
         if self.eval_every <= 0:
             raise ValueError(f"dpo.eval_every must be positive, got {self.eval_every!r}")
+        if self.reference not in REFERENCE_MODES:
+            raise ValueError(f"dpo.reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+        if self.reference == "sync":
+            ReferenceSync(self.sync_every, self.sync_alpha)  # validates both
+        objective_kwargs(self)  # validates the objective name and its arguments now, not after SFT
+
+    @property
+    def reference_sync(self) -> ReferenceSync | None:
+        return ReferenceSync(self.sync_every, self.sync_alpha) if self.reference == "sync" else None
+
+
+def _parse_scalar(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def objective_kwargs(dpo: DPOConfig) -> dict[str, Any]:
+    """The hyper-parameters passed to `dpo.objective`: beta when it takes one, label_smoothing when set, and
+    `objective_args` ("name=value,name=value"). Unknown names are one clear error listing the accepted ones."""
+    spec = get_spec(dpo.objective)
+    accepted = {name for name, p in inspect.signature(spec.fn).parameters.items()
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"inputs"}
+    kwargs: dict[str, Any] = {}
+    if "beta" in accepted:
+        kwargs["beta"] = dpo.beta
+    if dpo.label_smoothing is not None:
+        kwargs["label_smoothing"] = dpo.label_smoothing
+    for item in filter(None, (part.strip() for part in dpo.objective_args.split(","))):
+        if "=" not in item:
+            raise ValueError(f"dpo.objective_args: {item!r} is not of the form name=value")
+        name, value = (part.strip() for part in item.split("=", 1))
+        kwargs[name] = _parse_scalar(value)
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"dpo.objective={dpo.objective!r} takes no {', '.join(unknown)}; it accepts: "
+                         f"{', '.join(sorted(accepted)) or 'nothing'}")
+    return kwargs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +178,9 @@ class ArithDPOConfig:
     num_val_prompts: int = 256
     eval_batch_size: int = 1024
     show_progress: bool = True
+
+    # `jaxalign run arith_dpo loss=NAME` is short for dpo.objective=NAME.
+    OVERRIDE_ALIASES: ClassVar[dict[str, str]] = {"loss": "dpo.objective"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,8 +390,9 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
     """
     model = DecoderLM(cfg.model)
     tx = make_optimizer(cfg.dpo.optim, cfg.dpo.steps)
-    state, shardings = sharded_train_state(cfg.model, tx, mesh, jax.random.key(cfg.seed + 1), params=sft_params)
-    reference = sft_params
+    state, shardings = sharded_train_state(cfg.model, tx, mesh, jax.random.key(cfg.seed + 1), params=sft_params,
+                                           track_reference=cfg.dpo.reference == "sync")
+    frozen, pairs = reference_for(cfg, model, sft_params, pairs, workdir)
     directory = os.path.join(workdir, "checkpoints", "dpo")
     keep = cfg.dpo.steps // cfg.dpo.eval_every + 1
     ckpt_cfg = dataclasses.replace(cfg.checkpoint, every_steps=cfg.dpo.eval_every, keep_last=max(keep, 1))
@@ -348,11 +414,11 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
             history.append({"step": step, "val/accuracy": val["accuracy"], "val/mean_length": val["mean_length"]})
             return {"val/accuracy": val["accuracy"], "val/mean_length": val["mean_length"]}
 
-        loss = dpo_loss_fn(model, cfg.dpo.objective, sft_weight=cfg.dpo.sft_weight, beta=cfg.dpo.beta,
-                           label_smoothing=cfg.dpo.label_smoothing)
-        step_fn = jit_train_step(make_train_step(loss, cfg.dpo.grad_accum_steps), mesh, shardings, param_shardings)
+        loss = dpo_loss_fn(model, cfg.dpo.objective, sft_weight=cfg.dpo.sft_weight, **objective_kwargs(cfg.dpo))
+        step = make_train_step(loss, cfg.dpo.grad_accum_steps, reference_sync=cfg.dpo.reference_sync)
+        step_fn = jit_train_step(step, mesh, shardings, None if frozen is None else param_shardings)
         state = train_loop(
-            state=state, step_fn=step_fn, frozen=reference, dataset=pairs, batch_size=cfg.dpo.batch_size,
+            state=state, step_fn=step_fn, frozen=frozen, dataset=pairs, batch_size=cfg.dpo.batch_size,
             num_steps=cfg.dpo.steps, seed=cfg.seed + 1, mesh=mesh, checkpointer=ckpt, metrics_log=log, desc="dpo",
             hooks=(validate,), token_keys=("chosen_attention_mask", "rejected_attention_mask"),
             show_progress=cfg.show_progress,
@@ -366,6 +432,22 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
         if best["step"] == 0:
             return sft_params, state.params, guard
         return ckpt.restore(best["step"], state).params, state.params, guard
+
+
+def reference_for(cfg: ArithDPOConfig, model: DecoderLM, sft_params, pairs: ArrayDataset, workdir: str):
+    """(frozen reference params or None, pairs) for `dpo.reference`: "online" passes the SFT params as the frozen
+    reference; "cached" adds the SFT policy's per-token log-probs to every pair (computed once, cached on disk under
+    a content hash); "sync" keeps the reference in the train state; reference-free objectives get neither."""
+    if not get_spec(cfg.dpo.objective).needs_reference or cfg.dpo.reference == "sync":
+        return None, pairs
+    if cfg.dpo.reference == "online":
+        return sft_params, pairs
+    tok = CharTokenizer()
+    tokenization = {"tokenizer": "CharTokenizer", "chars": tok.CHARS, "pad": tok.PAD_ID, "eos": tok.EOS_ID}
+    cache_dir = cfg.dpo.reference_cache_dir or os.path.join(workdir, "reference_cache")
+    arrays, _ = cached_reference_logprobs(cache_dir, logits_fn(model), sft_params, pairs.arrays, tokenization,
+                                          cfg.eval_batch_size)
+    return None, ArrayDataset({**pairs.arrays, **arrays})
 
 
 def select_checkpoint(history: list[dict]) -> dict:

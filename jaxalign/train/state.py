@@ -29,6 +29,8 @@ class DataPosition:
 class TrainState:
     """Params, optimizer state, step counter, PRNG key and data position of one training run.
 
+    `reference` is None for a fixed (or no) reference model; it holds the reference parameters when the reference
+    changes during training (TR-DPO's periodic sync), so that it is checkpointed with everything else.
     `tx` (the optax transformation) is static: it is rebuilt from the config on resume and is never checkpointed.
     """
 
@@ -38,9 +40,10 @@ class TrainState:
     rng: jax.Array
     data: DataPosition
     tx: Any = flax.struct.field(pytree_node=False)
+    reference: Any = None
 
     @classmethod
-    def create(cls, params: Any, tx: Any, rng: jax.Array) -> "TrainState":
+    def create(cls, params: Any, tx: Any, rng: jax.Array, reference: Any = None) -> "TrainState":
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -48,13 +51,12 @@ class TrainState:
             rng=rng,
             data=DataPosition.start(),
             tx=tx,
+            reference=reference,
         )
 
     def apply_gradients(self, grads: Any, data: DataPosition | None = None) -> "TrainState":
         """One optimizer update; `data` is the iterator position after the batch these gradients came from."""
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-
-
         params = optax.apply_updates(self.params, updates)
         return self.replace(
             step=self.step + 1,

@@ -16,10 +16,11 @@ import optax
 from jax.sharding import Mesh
 
 from jaxalign.logprobs import masked_token_logprobs, pair_token_logprobs, sequence_logprobs
-from jaxalign.losses import PairwiseInputs, get_objective
+from jaxalign.losses import ObjectiveSpec, PairwiseInputs, get_spec, unpair
 from jaxalign.losses.dpo import nll_per_token
 from jaxalign.models.llama import DecoderLM
 from jaxalign.sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
+from jaxalign.train.reference import ReferenceSync, sync_reference
 from jaxalign.train.state import DataPosition, TrainState
 
 LossFn = Callable[[Any, Any, dict], tuple[jax.Array, tuple[jax.Array, dict]]]
@@ -44,31 +45,55 @@ def sft_loss_fn(model: DecoderLM) -> LossFn:
     return loss_fn
 
 
+def _reference_logprobs(apply, frozen, batch: dict, spec: ObjectiveSpec, like: jax.Array):
+    """The reference's per-token log-probs for chosen and rejected, from the batch (precomputed), from a forward
+    pass of the frozen parameters (online), or zeros for objectives that never read them (reference-free)."""
+    if "reference_chosen" in batch:
+        return batch["reference_chosen"], batch["reference_rejected"]
+    if not spec.needs_reference:
+        return jnp.zeros_like(like), jnp.zeros_like(like)
+    if frozen is None:
+        raise ValueError(f"objective {spec.name!r} needs a reference model: pass frozen reference parameters or "
+                         f"batches carrying precomputed reference_chosen/reference_rejected log-probs")
+    return pair_token_logprobs(apply, jax.lax.stop_gradient(frozen), batch)
+
+
+def _batch_extras(spec: ObjectiveSpec, batch: dict) -> dict:
+    """The extras an objective declares, taken from the batch, with one clear error when one is missing."""
+    missing = [name for name in spec.extras if name not in batch]
+    if missing:
+        raise ValueError(f"objective {spec.name!r} needs {', '.join(map(repr, missing))} in every batch (declared "
+                         f"extras {spec.extras}); the batch has {sorted(batch)}")
+    return {name: batch[name] for name in spec.extras}
+
+
 def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float = 0.0, **objective_kwargs) -> LossFn:
-    """A pairwise objective on chosen/rejected log-probs from one concatenated forward pass.
+    """A registered pairwise, reference-free or unpaired objective on chosen/rejected log-probs from one
+    concatenated forward pass (unpaired objectives see the pairs as labelled single completions, `unpair`).
 
     `sft_weight` > 0 adds sft_weight * mean over pairs of the chosen completion's token-mean NLL, the "DPO + lambda*SFT"
     regulariser (RPO, Pang et al. 2024; SFT-DPO in the 3D-properties paper) that keeps the chosen likelihood from
     collapsing together with the rejected one.
 
     `frozen` is the reference: either frozen reference parameters (online reference: one extra forward pass, no
-    gradient) or None when the batch carries precomputed `reference_chosen`/`reference_rejected` log-probs.
+    gradient) or None when the batch carries precomputed `reference_chosen`/`reference_rejected` log-probs or the
+    objective is reference-free. Extras the objective declares are read from the batch under their names.
     """
     apply = logits_fn(model)
-    objective_fn = get_objective(objective)
+    spec = get_spec(objective)
+    if spec.family == "listwise":
+        raise ValueError(f"objective {objective!r} is listwise: it trains on ranked lists, not pairs")
 
     def loss_fn(params, frozen, batch):
         policy_chosen, policy_rejected = pair_token_logprobs(apply, params, batch)
-        if "reference_chosen" in batch:
-            reference_chosen, reference_rejected = batch["reference_chosen"], batch["reference_rejected"]
-        else:
-            reference_chosen, reference_rejected = pair_token_logprobs(apply, jax.lax.stop_gradient(frozen), batch)
+        reference_chosen, reference_rejected = _reference_logprobs(apply, frozen, batch, spec, policy_chosen)
         inputs = PairwiseInputs(
             policy_chosen=policy_chosen, policy_rejected=policy_rejected,
             reference_chosen=reference_chosen, reference_rejected=reference_rejected,
             chosen_mask=batch["chosen_completion_mask"], rejected_mask=batch["rejected_completion_mask"],
+            extras=_batch_extras(spec, batch),
         )
-        loss, metrics = objective_fn(inputs, **objective_kwargs)
+        loss, metrics = spec.fn(unpair(inputs) if spec.family == "unpaired" else inputs, **objective_kwargs)
         if sft_weight:
             # Per-pair (each chosen response's token-mean NLL, averaged over pairs), not a batch token mean: a
             # per-pair term sums exactly over microbatches, so accumulation stays equal to the large batch.
@@ -114,12 +139,20 @@ def accumulated_gradients(loss_fn: LossFn, params, frozen, batch: dict, accum_st
     return total / count, jax.tree_util.tree_map(lambda g: g / count, grads), metrics
 
 
-def make_train_step(loss_fn: LossFn, accum_steps: int = 1):
-    """The pure step: (state, frozen, batch, next_data_position) -> (state, metrics)."""
+def make_train_step(loss_fn: LossFn, accum_steps: int = 1, reference_sync: ReferenceSync | None = None):
+    """The pure step: (state, frozen, batch, next_data_position) -> (state, metrics).
+
+    When the state tracks its own reference (`state.reference` is not None) that reference is used instead of
+    `frozen`, and after the update `reference_sync` (TR-DPO) may move it towards the new parameters.
+    """
 
     def step(state: TrainState, frozen, batch: dict, next_position: DataPosition):
-        loss, grads, metrics = accumulated_gradients(loss_fn, state.params, frozen, batch, accum_steps)
+        reference = frozen if state.reference is None else state.reference
+        loss, grads, metrics = accumulated_gradients(loss_fn, state.params, reference, batch, accum_steps)
         new_state = state.apply_gradients(grads, data=next_position)
+        if state.reference is not None and reference_sync is not None:
+            new_state = new_state.replace(
+                reference=sync_reference(state.reference, new_state.params, new_state.step, reference_sync))
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         return new_state, metrics
 
