@@ -105,4 +105,4 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     try:
         return _build(cfg, changes)
     except (ValueError, TypeError) as e:  # a dataclass __post_init__ rejected a value
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"{' '.join(overrides)}: {e}") from None

@@ -18,6 +18,7 @@ Pipeline (each phase resumable; re-running the same command continues where a ki
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 
 from jaxalign.data.iterator import ArrayDataset, dropped_per_epoch
+from jaxalign.logprobs import masked_token_logprobs, sequence_logprobs
 from jaxalign.losses import get_spec
 from jaxalign.losses.dpo import check_beta
 from jaxalign.models.llama import DecoderLM, ModelConfig, count_params
@@ -68,7 +70,14 @@ class SFTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PairConfig:
-    """On-policy pair construction: `samples_per_prompt` samples for each of `num_prompts` training prompts."""
+    """On-policy pair construction: `samples_per_prompt` samples for each of `num_prompts` training prompts.
+
+    Two knobs make the judge imperfect on purpose (the built-in length-bias and noisy-label tasks):
+    length_bonus: the judge ranks samples by oracle score + length_bonus * (completion tokens), so longer responses
+        win more often than their quality warrants;
+    label_flip_rate: each kept pair's chosen and rejected are swapped with this probability (seeded; the number of
+        flipped pairs is reported), the label-noise model of cDPO / robust DPO.
+    """
 
     num_prompts: int = 2048
     samples_per_prompt: int = 8
@@ -76,10 +85,16 @@ class PairConfig:
     top_k: int = 0
     min_score_gap: float = 0.5
     require_correct_chosen: bool = True
+    length_bonus: float = 0.0
+    label_flip_rate: float = 0.0
 
     def __post_init__(self):
         if self.samples_per_prompt < 2:
             raise ValueError(f"pairs.samples_per_prompt must be >= 2 to form a pair, got {self.samples_per_prompt!r}")
+        if not 0.0 <= self.label_flip_rate < 0.5:
+            raise ValueError(f"pairs.label_flip_rate must lie in [0, 0.5), got {self.label_flip_rate!r}")
+        if not self.length_bonus >= 0.0:
+            raise ValueError(f"pairs.length_bonus must be >= 0, got {self.length_bonus!r}")
 
 
 REFERENCE_MODES = ("online", "cached", "sync")
@@ -183,6 +198,23 @@ class ArithDPOConfig:
     OVERRIDE_ALIASES: ClassVar[dict[str, str]] = {"loss": "dpo.objective"}
 
 
+# The built-in task variants (issue 3's benchmark tasks): each is the main job with these `PairConfig` changes.
+TASK_VARIANTS: dict[str, dict[str, Any]] = {
+    "arith": {},
+    # the judge adds 0.5 score per completion token: one extra token outweighs half a correct step
+    "length_bias": {"length_bonus": 0.5},
+    # 30% of the pairs flipped, the label-noise model cDPO and robust DPO are built for
+    "noisy_labels": {"label_flip_rate": 0.3},
+}
+
+
+def task_config(cfg: "ArithDPOConfig", task: str) -> "ArithDPOConfig":
+    """`cfg` turned into one of the TASK_VARIANTS."""
+    if task not in TASK_VARIANTS:
+        raise ValueError(f"unknown task {task!r}; available: {', '.join(TASK_VARIANTS)}")
+    return dataclasses.replace(cfg, pairs=dataclasses.replace(cfg.pairs, **TASK_VARIANTS[task]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Small pure helpers.
 
@@ -284,6 +316,51 @@ def greedy_eval(params, model_cfg: ModelConfig, problems: np.ndarray, batch_size
     return {"accuracy": float(correct.mean()), "mean_length": float(mask.sum(-1).mean())}, correct
 
 
+@functools.lru_cache(maxsize=4)
+def _sequence_logprobs_fn(model_cfg: ModelConfig):
+    apply = logits_fn(DecoderLM(model_cfg))
+
+    def fn(params, tokens, attention, completion):
+        logits = apply(params, tokens, attention)
+        return sequence_logprobs(masked_token_logprobs(logits, tokens, completion), completion)
+
+    return jax.jit(fn)
+
+
+def completion_logprobs(params, model_cfg: ModelConfig, tokens, attention, completion, batch_size: int) -> np.ndarray:
+    """L(y) = summed completion log-probs of every row, computed in batches; [N]."""
+    fn = _sequence_logprobs_fn(model_cfg)
+    return np.concatenate([np.asarray(fn(params, tokens[i : i + batch_size], attention[i : i + batch_size],
+                                         completion[i : i + batch_size]))
+                           for i in range(0, len(tokens), batch_size)])
+
+
+def drift_from_reference(params, reference, model_cfg: ModelConfig, problems: np.ndarray, pairs: ArrayDataset,
+                         batch_size: int, num_samples: int = 512, seed: int = 0) -> dict[str, float]:
+    """How far a policy moved from its reference (the objectives benchmark's columns).
+
+    kl_to_ref: Monte-Carlo KL(pi || ref) per response = mean over completions y ~ pi(.|x) (temperature 1, first
+        `num_samples` of `problems`) of L_pi(y) - L_ref(y);
+    chosen_logp_change / rejected_logp_change: mean L_pi(y) - L_ref(y) over the first `num_samples` training pairs'
+        chosen and rejected completions (DPO's implicit rewards divided by beta).
+    """
+    sampling = SamplingConfig(max_new_tokens=COMPLETION_LEN, temperature=1.0)
+    prompts, completions, masks = sample_completions(params, model_cfg, problems[:num_samples], sampling,
+                                                     jax.random.key(seed), batch_size)
+    tokens = np.concatenate([prompts, completions], axis=1)
+    attention = np.concatenate([prompts != CharTokenizer.PAD_ID, masks], axis=1).astype(np.int32)
+    completion = np.concatenate([np.zeros_like(prompts), masks], axis=1).astype(np.int32)
+    kl = completion_logprobs(params, model_cfg, tokens, attention, completion, batch_size) - completion_logprobs(
+        reference, model_cfg, tokens, attention, completion, batch_size)
+    report = {"kl_to_ref": float(kl.mean())}
+    for side in ("chosen", "rejected"):
+        arrays = [pairs.arrays[f"{side}_{k}"][:num_samples] for k in ("tokens", "attention_mask", "completion_mask")]
+        change = completion_logprobs(params, model_cfg, *arrays, batch_size) - completion_logprobs(
+            reference, model_cfg, *arrays, batch_size)
+        report[f"{side}_logp_change"] = float(change.mean())
+    return report
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Datasets.
 
@@ -297,22 +374,27 @@ def sft_dataset(cfg: ArithDPOConfig, problems: np.ndarray) -> ArrayDataset:
 
 
 def build_pairs(problems, prompt_tokens, completions, masks, samples_per_prompt: int, min_score_gap: float,
-                require_correct_chosen: bool):
-    """Pair, for every prompt, its best-scored sample (chosen) with its worst-scored one (rejected).
+                require_correct_chosen: bool, length_bonus: float = 0.0, label_flip_rate: float = 0.0, seed: int = 0):
+    """Pair, for every prompt, its best-judged sample (chosen) with its worst-judged one (rejected).
 
-    `completions`/`masks` are [N * K, C] with the K samples of prompt i at rows i*K .. i*K+K-1. Prompts whose best
-    and worst scores differ by less than `min_score_gap` (or, with `require_correct_chosen`, whose best sample is not
-    exactly correct) give no pair; both counts are reported.
+    `completions`/`masks` are [N * K, C] with the K samples of prompt i at rows i*K .. i*K+K-1. The judge's score is
+    the oracle's `arith.score` plus `length_bonus` per completion token. Prompts whose best and worst judged scores
+    differ by less than `min_score_gap` (or, with `require_correct_chosen`, without any exactly correct sample) give
+    no pair; both counts are reported. Then each pair is flipped with probability `label_flip_rate` (counted).
     """
     k = samples_per_prompt
     grades = grade_completions(np.repeat(problems, k, axis=0), completions)
-    scores = np.array([arith.score(g) for g in grades]).reshape(-1, k)
+    lengths = masks.sum(axis=1).reshape(-1, k)
+    scores = np.array([arith.score(g) for g in grades]).reshape(-1, k) + length_bonus * lengths
     best, worst = scores.argmax(axis=1), scores.argmin(axis=1)
     tied = scores.max(axis=1) - scores.min(axis=1) < min_score_gap
     correct = np.array([g.correct for g in grades]).reshape(-1, k)
     no_correct = ~correct.any(axis=1) if require_correct_chosen else np.zeros(len(scores), bool)
     keep = ~tied & ~no_correct
     rows = np.nonzero(keep)[0]
+    flipped = np.random.default_rng([seed, 4]).random(len(rows)) < label_flip_rate
+    best, worst = best.copy(), worst.copy()
+    best[rows[flipped]], worst[rows[flipped]] = worst[rows[flipped]], best[rows[flipped]]
     pick = lambda which: rows * k + which[rows]  # noqa: E731
     prompt_part = prompt_tokens[rows]
     prompt_mask, zeros = prompt_part != CharTokenizer.PAD_ID, np.zeros_like(prompt_part)
@@ -325,7 +407,10 @@ def build_pairs(problems, prompt_tokens, completions, masks, samples_per_prompt:
         "pairs": int(len(rows)),
         "pairs_dropped_tied": int(tied.sum()),
         "pairs_dropped_no_correct_sample": int((no_correct & ~tied).sum()),
+        "pairs_label_flipped": int(flipped.sum()),
         "pairs_chosen_correct_rate": float(np.mean([grades[i].correct for i in pick(best)])) if len(rows) else 0.0,
+        "pairs_chosen_longer_rate": float(np.mean(lengths.ravel()[pick(best)] > lengths.ravel()[pick(worst)]))
+        if len(rows) else 0.0,
         "samples_correct_rate": float(np.mean([g.correct for g in grades])),
     }
     return ArrayDataset(arrays), stats
@@ -346,7 +431,8 @@ def on_policy_pairs(cfg: ArithDPOConfig, params, problems: np.ndarray, workdir: 
     )
     k = cfg.pairs.samples_per_prompt
     dataset, stats = build_pairs(chosen_problems, prompt_tokens[::k], completions, masks, k, cfg.pairs.min_score_gap,
-                                  cfg.pairs.require_correct_chosen)
+                                  cfg.pairs.require_correct_chosen, cfg.pairs.length_bonus, cfg.pairs.label_flip_rate,
+                                  cfg.seed)
     if stats["pairs"] < cfg.dpo.batch_size:
         raise ValueError(
             f"only {stats['pairs']} preference pairs survived pairs.min_score_gap={cfg.pairs.min_score_gap} "

@@ -20,8 +20,11 @@ from jaxalign.losses.registry import (
 )
 # Importing a family module registers its objectives.
 from jaxalign.losses import dpo as _dpo  # noqa: F401
+from jaxalign.losses import listwise as _listwise  # noqa: F401
 from jaxalign.losses import pairwise as _pairwise  # noqa: F401
 from jaxalign.losses import reference_free as _reference_free  # noqa: F401
+from jaxalign.losses import unpaired as _unpaired  # noqa: F401
+from jaxalign.losses import weighted as _weighted  # noqa: F401
 
 __all__ = ["FAMILIES", "OBJECTIVES", "SPECS", "ListwiseInputs", "ObjectiveSpec", "PairwiseInputs", "UnpairedInputs",
            "compute_objective", "get_objective", "get_spec", "register", "unpair"]

@@ -20,6 +20,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxalign.losses import modifiers as _modifiers
+
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 FAMILIES = ("pairwise", "reference_free", "unpaired", "listwise")
 
@@ -32,6 +34,9 @@ class ObjectiveSpec:
     extras: names of the arrays it reads from `inputs.extras` (beyond log-probs and masks).
     batch_coupled: the per-example losses depend on other examples of the batch (a sort over the batch, a batch
         token mean, a batch KL estimate); gradient accumulation then equals the large batch only approximately.
+    modifiers: the TRL-style loss modifiers the objective accepts through `compute_objective` (a subset of
+        `modifiers.MODIFIERS`): "f_divergence" (fn takes keyword arguments f_divergence, f_alpha), "ld_alpha" (fn
+        takes ld_alpha), "wpo" (fn takes pair_weights, multiplying each pair's loss before the batch mean).
     """
 
     name: str
@@ -40,6 +45,7 @@ class ObjectiveSpec:
     needs_reference: bool = True
     extras: tuple[str, ...] = ()
     batch_coupled: bool = False
+    modifiers: tuple[str, ...] = ()
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -119,12 +125,18 @@ def unpair(inputs: PairwiseInputs) -> UnpairedInputs:
 
 
 def register(name: str, family: str = "pairwise", needs_reference: bool | None = None, extras: tuple[str, ...] = (),
-             batch_coupled: bool = False) -> Callable[[Objective], Objective]:
+             batch_coupled: bool = False, modifiers: tuple[str, ...] = ()) -> Callable[[Objective], Objective]:
     """Add an objective to the registry under `name` (a clear error on a duplicate name or unknown family).
 
-    needs_reference defaults to False for the "reference_free" family and True otherwise."""
+    needs_reference defaults to False for the "reference_free" family and True otherwise. `modifiers` lists the
+    loss modifiers (`modifiers.MODIFIERS`) the objective implements; see `ObjectiveSpec`."""
     if family not in FAMILIES:
         raise ValueError(f"objective {name!r}: family must be one of {FAMILIES}, got {family!r}")
+    unknown = [m for m in modifiers if m not in _modifiers.MODIFIERS]
+    if unknown:
+        raise ValueError(
+            f"objective {name!r}: unknown modifiers {unknown}; expected a subset of {_modifiers.MODIFIERS}"
+        )
     if needs_reference is None:
         needs_reference = family != "reference_free"
 
@@ -132,7 +144,7 @@ def register(name: str, family: str = "pairwise", needs_reference: bool | None =
         if name in OBJECTIVES:
             raise ValueError(f"objective {name!r} is already registered by {OBJECTIVES[name].__module__}")
         OBJECTIVES[name] = fn
-        SPECS[name] = ObjectiveSpec(name, fn, family, needs_reference, tuple(extras), batch_coupled)
+        SPECS[name] = ObjectiveSpec(name, fn, family, needs_reference, tuple(extras), batch_coupled, tuple(modifiers))
         return fn
 
     return add
@@ -148,6 +160,68 @@ def get_spec(name: str) -> ObjectiveSpec:
     return SPECS[name]
 
 
-def compute_objective(name: str, inputs: Any, **kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Evaluate the registered objective `name` on `inputs`; keyword arguments are its hyper-parameters."""
-    return get_objective(name)(inputs, **kwargs)
+_MODIFIER_REASONS = {
+    "f_divergence": "the f-DPO reparameterisation leaves a beta*log Z(x) term that cancels only in a chosen-minus-"
+    "rejected reward difference (TRL 1.16.0 allows it only for such losses)",
+    "ld_alpha": "it reweights the summed sequence log-probs of the reference-based pairwise losses (TRL's "
+    "DPOTrainer loss types), which declare it",
+    "wpo": "it multiplies per-pair losses by per-pair weights, so the objective must declare it and take "
+    "pair_weights; losses that sort the batch (aot, aot_unpaired) cannot, as in TRL 1.16.0",
+}
+
+
+def _require_modifier(spec: ObjectiveSpec, modifier: str, setting: str) -> None:
+    if modifier in spec.modifiers:
+        return
+    supported = sorted(n for n, s in SPECS.items() if modifier in s.modifiers)
+    raise ValueError(
+        f"objective {spec.name!r} does not support the {modifier} modifier ({setting}): {_MODIFIER_REASONS[modifier]}. "
+        f"Objectives that support it: {', '.join(supported) or 'none'}"
+    )
+
+
+def compute_objective(
+    name: str,
+    inputs: Any,
+    *,
+    f_divergence: str | None = None,
+    f_alpha: Any = 0.5,
+    ld_alpha: Any = None,
+    wpo: bool = False,
+    **hyper: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Evaluate the registered objective `name` on `inputs` with hyper-parameters `**hyper` and, optionally, the
+    loss modifiers of TRL 1.16.0's DPOTrainer (METHODS.md section 1; math in `jaxalign.losses.modifiers`):
+
+    f_divergence: None or "reverse_kl" (standard DPO), "forward_kl", "js_divergence" or "alpha_divergence" (TRL's
+        f_divergence_type): each side's summed log-ratio z is replaced by the f-DPO score s(z).
+    f_alpha: the alpha_divergence coefficient (TRL's f_alpha_divergence_coef), in [0, 1]; default 0.5.
+    ld_alpha: None or a weight in [0, 1] (LD-DPO): completion tokens past the shorter completion of each pair weigh
+        ld_alpha in the policy and reference sequence log-probs.
+    wpo: multiply each pair's loss by the WPO weight w(y_w) w(y_l) (no gradient), read from inputs.extras
+        "wpo_log_norm_chosen" / "wpo_log_norm_rejected" (`modifiers.wpo_token_log_norm`).
+
+    A modifier other than its default must be declared by the objective's registry entry (`ObjectiveSpec.modifiers`),
+    otherwise one ValueError names the objective and the modifier; bad values raise one ValueError too.
+    f_divergence="reverse_kl" is the identity and is accepted by every objective, as in TRL.
+    """
+    spec = get_spec(name)
+    kwargs = dict(hyper)
+    _modifiers.check_f_divergence(name, "reverse_kl" if f_divergence is None else f_divergence, f_alpha)
+    if f_divergence not in (None, "reverse_kl"):
+        _require_modifier(spec, "f_divergence", f"f_divergence={f_divergence!r}")
+        kwargs.update(f_divergence=f_divergence, f_alpha=f_alpha)
+    _modifiers.check_ld_alpha(name, ld_alpha)
+    if ld_alpha is not None:
+        _require_modifier(spec, "ld_alpha", f"ld_alpha={ld_alpha!r}")
+        kwargs["ld_alpha"] = ld_alpha
+    if not isinstance(wpo, bool):
+        raise ValueError(f"{name}: wpo must be True or False, got {wpo!r}")
+    if wpo:
+        _require_modifier(spec, "wpo", "wpo=True")
+        if kwargs.get("pair_weights") is not None:
+            raise ValueError(f"{name}: pass either wpo=True or pair_weights, not both")
+        kwargs["pair_weights"] = _modifiers.wpo_pair_weights(
+            inputs.policy_chosen, inputs.policy_rejected, inputs.chosen_mask, inputs.rejected_mask, inputs.extras, name
+        )
+    return spec.fn(inputs, **kwargs)

@@ -63,6 +63,32 @@ def test_pairs_take_best_against_worst_and_count_what_they_drop():
         arith.dropped_carry_solution_text(PROBLEMS[2])
 
 
+def test_a_length_biased_judge_prefers_the_longer_response_over_a_better_one():
+    """With a large enough length_bonus the judge's chosen is the longest sample, not the correct one (the
+    length-bias task); without it the correct answer wins."""
+    long_wrong = arith.solution_text(PROBLEMS[0]) + "0"  # one token longer, wrong total
+    texts = [[arith.solution_text(PROBLEMS[0]), long_wrong, "7+5"]]
+    prompts, completions, masks = _samples(PROBLEMS[:1], texts)
+    fair, fair_stats = arith_dpo.build_pairs(PROBLEMS[:1], prompts, completions, masks, 3, 0.5, True)
+    biased, stats = arith_dpo.build_pairs(PROBLEMS[:1], prompts, completions, masks, 3, 0.5, True, length_bonus=5.0)
+    assert TOK.decode(fair.arrays["chosen_tokens"][0, arith_dpo.PROMPT_LEN:]) == arith.solution_text(PROBLEMS[0])
+    assert TOK.decode(biased.arrays["chosen_tokens"][0, arith_dpo.PROMPT_LEN:]) == long_wrong
+    assert stats["pairs_chosen_longer_rate"] == 1.0 and stats["pairs_chosen_correct_rate"] == 0.0
+
+
+def test_label_flips_swap_chosen_and_rejected_at_the_stated_rate_and_are_counted():
+    problems = np.array([[7, 5, 3, 9]] * 400)
+    texts = [[arith.solution_text(problems[0]), "7+5"]] * 400
+    prompts, completions, masks = _samples(problems, texts)
+    pairs, stats = arith_dpo.build_pairs(problems, prompts, completions, masks, 2, 0.5, True, label_flip_rate=0.25,
+                                         seed=3)
+    flipped = [TOK.decode(t[arith_dpo.PROMPT_LEN:]) == "7+5" for t in pairs.arrays["chosen_tokens"]]
+    assert stats["pairs_label_flipped"] == sum(flipped)
+    assert 0.18 < sum(flipped) / 400 < 0.32
+    with pytest.raises(ValueError, match="label_flip_rate"):
+        arith_dpo.PairConfig(label_flip_rate=0.5)
+
+
 def test_guard_selects_best_validation_step_and_the_earliest_on_ties():
     """Over-optimisation guard: the best validation accuracy wins, ties go to the step closest to the reference,
     and step 0 (the SFT policy) can win when DPO never helps."""

@@ -22,8 +22,9 @@ class _LogProbModel:
     is_gradient_checkpointing = False
     training = True
 
-    def __init__(self, per_token_logps: torch.Tensor):
+    def __init__(self, per_token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor | None = None):
         self.per_token_logps = per_token_logps
+        self.log_sum_sq_probs = log_sum_sq_probs
 
     def __call__(self, **kwargs):
         logps = self.per_token_logps
@@ -32,6 +33,7 @@ class _LogProbModel:
             entropy=torch.zeros_like(logps),
             mean_logits=torch.zeros_like(logps),
             is_top1=torch.zeros(logps.shape, dtype=torch.bool),
+            log_sum_sq_probs=self.log_sum_sq_probs,
         )
 
 
@@ -51,11 +53,22 @@ def trl_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
+    wpo_log_norm_chosen=None,
+    wpo_log_norm_rejected=None,
 ) -> tuple[float, dict[str, float]]:
     """TRL 1.16.0's DPO loss (float32, as TRL computes it) and its logged reward metrics for these log-probs.
 
     Arrays are [pairs, time] per-token log-probs, zero outside the masks. A one-token prompt (completion_mask 0)
     is prepended to every row, so TRL's unshifted `completion_mask` counts exactly the completion tokens.
+
+    The modifiers are TRL's own DPOConfig fields (f_divergence_type, f_alpha_divergence_coef, ld_alpha,
+    use_weighting); with use_weighting, `wpo_log_norm_*` ([pairs, time], log sum_v p_v^2 of the distribution that
+    predicted each token) are what the policy's fused LM head returns as `log_sum_sq_probs`. TRL's __init__-time
+    checks of these fields are not run here (the instance is made with __new__).
     """
     arrays = [np.asarray(a, np.float32) for a in (policy_chosen, policy_rejected, reference_chosen, reference_rejected)]
     masks = [np.asarray(m, np.float32) for m in (chosen_mask, rejected_mask)]
@@ -63,6 +76,10 @@ def trl_loss(
     pc, pr, rc, rr = (_pad(a, width) for a in arrays)
     mc, mr = (_pad(m, width) for m in masks)
     policy = torch.from_numpy(np.concatenate([pc, pr], axis=0))
+    log_sum_sq = None
+    if use_weighting:
+        norms = [_pad(np.asarray(a, np.float32), width) for a in (wpo_log_norm_chosen, wpo_log_norm_rejected)]
+        log_sum_sq = torch.from_numpy(np.concatenate(norms, axis=0))
     reference = torch.from_numpy(np.concatenate([rc, rr], axis=0))
     shift_mask = np.concatenate([mc, mr], axis=0)
     completion_mask = torch.from_numpy(np.concatenate([np.zeros((shift_mask.shape[0], 1)), shift_mask], 1)).long()
@@ -75,22 +92,22 @@ def trl_loss(
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     trainer = DPOTrainer.__new__(DPOTrainer)
     trainer.__dict__.update(
-        model=_LogProbModel(policy),
+        model=_LogProbModel(policy, log_sum_sq),
         ref_model=_LogProbModel(reference),
         accelerator=types.SimpleNamespace(
             device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x
         ),
         args=types.SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None, max_length=None),
         aux_loss_enabled=False,
-        ld_alpha=None,
+        ld_alpha=ld_alpha,
         precompute_ref_logps=False,
-        f_divergence_type="reverse_kl",
-        f_alpha_divergence_coef=0.5,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
         loss_types=loss_types,
         loss_weights=loss_weights or [1.0] * len(loss_types),
         beta=beta,
         label_smoothing=label_smoothing,
-        use_weighting=False,
+        use_weighting=use_weighting,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _total_train_tokens=0,
         _tp_size=1,

@@ -1,0 +1,206 @@
+"""`jaxalign bench objectives --workdir DIR`: every objective, the same budget, several seeds and three tasks.
+
+For each seed the SFT policy is trained once (the main job's phase 1) and shared by every task and objective. For
+each task the on-policy pairs are sampled and judged once (phase 2) and shared by every objective. Then each
+objective trains from the SFT policy for the same number of steps with the same batch size, learning rate, beta
+(where it takes one) and chosen-NLL weight, and is evaluated on held-out problems at its LAST step (no
+checkpoint selection: the benchmark compares what each objective does with a fixed budget, over-optimisation
+included). Rows are appended to DIR/objectives.csv as they finish, so a killed benchmark resumes where it stopped.
+
+Tasks (`arith_dpo.TASK_VARIANTS`): ARITH as in the main job; `length_bias`, whose judge adds a bonus per completion token so longer
+responses win more often than their quality warrants (length-normalised objectives such as LD-DPO's ld_alpha and
+SimPO should lengthen responses less); `noisy_labels`, where a stated fraction of pairs is flipped (robust, cdpo and
+adpo should lose less accuracy than sigmoid).
+
+Columns: objective, task, seed, accuracy (greedy exact match on held-out problems), kl_to_ref (Monte-Carlo
+KL(pi || ref) per response), chosen_logp_change and rejected_logp_change (mean L_pi - L_ref on training pairs),
+mean_length (greedy response tokens), and the run's wall time. DIR/objectives.md holds the per-objective mean and
+standard deviation over seeds for every task, DIR/objectives.png the accuracy and length per task.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+
+import numpy as np
+
+from jaxalign.experiments.arith_dpo import TASK_VARIANTS as TASKS
+from jaxalign.losses import SPECS
+from launch.overrides import apply_overrides
+
+# The fixed budget every objective gets (on top of the main job's defaults and the user's overrides).
+BUDGET: tuple[str, ...] = ("dpo.select_best=false",)
+COLUMNS = ("objective", "task", "seed", "accuracy", "kl_to_ref", "chosen_logp_change", "rejected_logp_change",
+           "mean_length", "sft_accuracy", "pairs", "wall_seconds")
+FILE_STEM = "objectives"
+
+
+def trainable_objectives() -> list[str]:
+    """Objectives `arith_dpo` can train from its pairs alone: pairwise, reference-free and unpaired objectives
+    that need no extras beyond log-probs."""
+    return sorted(name for name, spec in SPECS.items() if spec.family != "listwise" and not spec.extras)
+
+
+def read_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: str, row: dict) -> None:
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row[k] for k in COLUMNS})
+        f.flush()
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds for every (objective, task)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["objective"], row["task"]), []).append(row)
+    out = []
+    for (objective, task), group in sorted(groups.items()):
+        entry = {"objective": objective, "task": task, "seeds": len(group)}
+        for key in ("accuracy", "kl_to_ref", "chosen_logp_change", "rejected_logp_change", "mean_length"):
+            values = np.array([float(r[key]) for r in group])
+            entry[key], entry[f"{key}_std"] = float(values.mean()), float(values.std())
+        out.append(entry)
+    return out
+
+
+def markdown_table(summary: list[dict], header: list[str]) -> str:
+    lines = ["# Objectives benchmark", "", *(f"- {line}" for line in header), ""]
+    tasks = sorted({s["task"] for s in summary}, key=lambda t: list(TASKS).index(t) if t in TASKS else 99)
+    for task in tasks:
+        lines += [f"## {task}", "", "| objective | seeds | accuracy | KL to ref | chosen logp change | rejected logp "
+                  "change | mean length |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for s in sorted((s for s in summary if s["task"] == task), key=lambda s: -s["accuracy"]):
+            cell = lambda k, f: f"{s[k]:{f}} ± {s[k + '_std']:{f}}"  # noqa: E731
+            lines.append(f"| {s['objective']} | {s['seeds']} | {cell('accuracy', '.3f')} | {cell('kl_to_ref', '.2f')}"
+                         f" | {cell('chosen_logp_change', '.2f')} | {cell('rejected_logp_change', '.2f')} | "
+                         f"{cell('mean_length', '.1f')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in TASKS if any(s["task"] == t for s in summary)]
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(14, 3.2 * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks):
+        entries = sorted((s for s in summary if s["task"] == task), key=lambda s: s["objective"])
+        x = np.arange(len(entries))
+        for ax, key, label in ((row[0], "accuracy", "held-out accuracy"), (row[1], "mean_length", "mean length")):
+            ax.bar(x, [s[key] for s in entries], yerr=[s[f"{key}_std"] for s in entries], capsize=2)
+            ax.set_xticks(x, [s["objective"] for s in entries], rotation=70, fontsize=7)
+            ax.set(title=f"{task}: {label}", ylabel=label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_objective(cfg, mesh, problems, sft, pairs, workdir: str) -> dict:
+    """Train one objective from the shared SFT policy and pairs; evaluate its last step."""
+    from jaxalign.experiments import arith_dpo
+    from jaxalign.train.loop import MetricsLog
+
+    clock = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    arith_dpo.claim_workdir(cfg, workdir)
+    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    sft_params, param_shardings = sft
+    params, _, _ = arith_dpo.train_dpo(cfg, mesh, sft_params, param_shardings, pairs, problems, workdir, log)
+    evaluation, _ = arith_dpo.greedy_eval(params, cfg.model, problems.test, cfg.eval_batch_size)
+    drift = arith_dpo.drift_from_reference(params, sft_params, cfg.model, problems.test, pairs, cfg.eval_batch_size,
+                                           seed=cfg.seed)
+    return {"accuracy": evaluation["accuracy"], "mean_length": evaluation["mean_length"], **drift,
+            "wall_seconds": time.perf_counter() - clock}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="jaxalign bench objectives", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
+    parser.add_argument("--objectives", default="all", help="comma list, or 'all' (every trainable objective)")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run (key=value)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+
+    from jaxalign.experiments import arith_dpo
+    from jaxalign.sharding import make_mesh
+    from jaxalign.train.loop import MetricsLog
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for task in tasks:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+    available = trainable_objectives()
+    objectives = available if args.objectives == "all" else [o.strip() for o in args.objectives.split(",")]
+    for objective in objectives:
+        if objective not in available:
+            raise ValueError(f"objective {objective!r} cannot be benchmarked here; trainable: {', '.join(available)}")
+    skipped = sorted(set(SPECS) - set(available))
+    if skipped:
+        print(f"[objectives] not trainable from pairs alone (need extras or ranked lists), not run: "
+              f"{', '.join(skipped)}", file=sys.stderr)
+
+    os.makedirs(args.workdir, exist_ok=True)
+    csv_path = os.path.join(args.workdir, f"{FILE_STEM}.csv")
+    done = {(r["objective"], r["task"], int(r["seed"])) for r in read_rows(csv_path)}
+    clock = time.perf_counter()
+    for seed in seeds:
+        base = apply_overrides(arith_dpo.ArithDPOConfig(), [*args.overrides, *BUDGET, f"seed={seed}"])
+        mesh = make_mesh(base.mesh)
+        arith_dpo.validate_config(base, mesh)
+        problems = arith_dpo.split(base)
+        seed_dir = os.path.join(args.workdir, f"seed{seed}")
+        sft = None
+        for task in tasks:
+            todo = [o for o in objectives if (o, task, seed) not in done]
+            if not todo:
+                continue
+            task_cfg = arith_dpo.task_config(base, task)
+            if sft is None:
+                os.makedirs(seed_dir, exist_ok=True)
+                sft = arith_dpo.train_sft(task_cfg, mesh, problems, seed_dir, MetricsLog(os.path.join(seed_dir,
+                                                                                                      "metrics.jsonl")))
+                sft_eval, _ = arith_dpo.greedy_eval(sft[0], base.model, problems.test, base.eval_batch_size)
+            task_dir = os.path.join(seed_dir, task)
+            os.makedirs(task_dir, exist_ok=True)
+            pairs, pair_stats = arith_dpo.on_policy_pairs(task_cfg, sft[0], problems.train, task_dir)
+            cache = os.path.join(task_dir, "reference_cache")
+            for objective in todo:
+                print(f"[objectives] seed {seed} task {task} objective {objective} ...", file=sys.stderr, flush=True)
+                cfg = apply_overrides(task_cfg, [f"dpo.objective={objective}", f"dpo.reference_cache_dir={cache}"])
+                result = run_objective(cfg, mesh, problems, sft, pairs, os.path.join(task_dir, objective))
+                append_row(csv_path, {"objective": objective, "task": task, "seed": seed, **result,
+                                      "sft_accuracy": sft_eval["accuracy"], "pairs": pair_stats["pairs"]})
+    rows = read_rows(csv_path)
+    summary = summarise(rows)
+    header = [f"command: jaxalign bench objectives --workdir {args.workdir} --seeds {args.seeds} --tasks {args.tasks} "
+              f"--objectives {args.objectives} {' '.join(args.overrides)}".rstrip(),
+              f"budget: the main job's defaults with {' '.join(BUDGET)}; tasks: "
+              + "; ".join(f"{t} ({', '.join(f'pairs.{k}={v}' for k, v in c.items()) or 'as the main job'})"
+                          for t, c in TASKS.items()),
+              f"not trainable from pairs alone (not run): {', '.join(skipped) or 'none'}"]
+    with open(os.path.join(args.workdir, f"{FILE_STEM}.md"), "w") as f:
+        f.write(markdown_table(summary, header))
+    plot(summary, os.path.join(args.workdir, f"{FILE_STEM}.png"))
+    print(markdown_table(summary, header))
+    print(f"wrote {csv_path}, {FILE_STEM}.md and {FILE_STEM}.png in {args.workdir} "
+          f"({time.perf_counter() - clock:.0f} s)")
+    return summary
+
