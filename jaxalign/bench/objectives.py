@@ -39,9 +39,22 @@ FILE_STEM = "objectives"
 
 
 def trainable_objectives() -> list[str]:
-    """Objectives `arith_dpo` can train from its pairs alone: pairwise, reference-free and unpaired objectives
-    that need no extras beyond log-probs."""
-    return sorted(name for name, spec in SPECS.items() if spec.family != "listwise" and not spec.extras)
+    """Objectives `arith_dpo` trains from its pairs (with the extras `objective_extras` builds for them): every
+    pairwise, reference-free and unpaired objective except those needing a jointly trained value head."""
+    return sorted(name for name, spec in SPECS.items() if spec.family != "listwise" and "value" not in spec.extras)
+
+
+# Modifier variants benchmarked beside the registry names, written NAME[objective_args]: LD-DPO is sigmoid DPO with
+# ld_alpha (Liu et al. 2024 use alpha in [0.3, 0.7] for 7-8B models); WPO and f-DPO likewise.
+VARIANTS = ("sigmoid[ld_alpha=0.5]", "sigmoid[wpo=true]", "sigmoid[f_divergence=js_divergence]")
+
+
+def parse_entry(entry: str) -> tuple[str, str]:
+    """'name' or 'name[k=v,k=v]' -> (objective name, objective_args)."""
+    if entry.endswith("]") and "[" in entry:
+        name, args = entry[:-1].split("[", 1)
+        return name, args
+    return entry, ""
 
 
 def read_rows(path: str) -> list[dict]:
@@ -134,7 +147,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
-    parser.add_argument("--objectives", default="all", help="comma list, or 'all' (every trainable objective)")
+    parser.add_argument("--objectives", default="all",
+                        help="comma list (';' when an entry has [args]), or 'all': every trainable objective and VARIANTS")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (key=value)")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
 
@@ -148,13 +162,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
     available = trainable_objectives()
-    objectives = available if args.objectives == "all" else [o.strip() for o in args.objectives.split(",")]
+    objectives = ([*available, *VARIANTS] if args.objectives == "all"
+                  else [o.strip() for o in args.objectives.split(";" if "[" in args.objectives else ",")])
     for objective in objectives:
-        if objective not in available:
-            raise ValueError(f"objective {objective!r} cannot be benchmarked here; trainable: {', '.join(available)}")
+        if parse_entry(objective)[0] not in available:
+            raise ValueError(f"objective {objective!r} cannot be benchmarked here; trainable: {', '.join(available)} "
+                             f"(modifier variants as NAME[k=v,...], several separated by ';')")
     skipped = sorted(set(SPECS) - set(available))
     if skipped:
-        print(f"[objectives] not trainable from pairs alone (need extras or ranked lists), not run: "
+        print(f"[objectives] not trained on pairs (listwise, or a value head), not run: "
               f"{', '.join(skipped)}", file=sys.stderr)
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -184,8 +200,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cache = os.path.join(task_dir, "reference_cache")
             for objective in todo:
                 print(f"[objectives] seed {seed} task {task} objective {objective} ...", file=sys.stderr, flush=True)
-                cfg = apply_overrides(task_cfg, [f"dpo.objective={objective}", f"dpo.reference_cache_dir={cache}"])
-                result = run_objective(cfg, mesh, problems, sft, pairs, os.path.join(task_dir, objective))
+                name, objective_args = parse_entry(objective)
+                cfg = apply_overrides(task_cfg, [f"dpo.objective={name}", f"dpo.objective_args={objective_args}",
+                                                 f"dpo.reference_cache_dir={cache}"])
+                run_dir = os.path.join(task_dir, objective.replace("[", "_").replace("]", "").replace(",", "_")
+                                       .replace("=", "-"))
+                result = run_objective(cfg, mesh, problems, sft, pairs, run_dir)
                 append_row(csv_path, {"objective": objective, "task": task, "seed": seed, **result,
                                       "sft_accuracy": sft_eval["accuracy"], "pairs": pair_stats["pairs"]})
     rows = read_rows(csv_path)
@@ -195,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"budget: the main job's defaults with {' '.join(BUDGET)}; tasks: "
               + "; ".join(f"{t} ({', '.join(f'pairs.{k}={v}' for k, v in c.items()) or 'as the main job'})"
                           for t, c in TASKS.items()),
-              f"not trainable from pairs alone (not run): {', '.join(skipped) or 'none'}"]
+              f"not trained on pairs (listwise, or a value head), not run: {', '.join(skipped) or 'none'}"]
     with open(os.path.join(args.workdir, f"{FILE_STEM}.md"), "w") as f:
         f.write(markdown_table(summary, header))
     plot(summary, os.path.join(args.workdir, f"{FILE_STEM}.png"))

@@ -30,6 +30,8 @@ import jax
 import numpy as np
 
 from jaxalign.data.iterator import ArrayDataset, dropped_per_epoch
+from jaxalign.experiments import objective_extras
+from jaxalign.experiments.objective_extras import ExtrasConfig
 from jaxalign.logprobs import masked_token_logprobs, sequence_logprobs
 from jaxalign.losses import get_spec
 from jaxalign.losses.dpo import check_beta
@@ -54,7 +56,14 @@ from jaxalign.train.loop import MetricsLog, train_loop
 from jaxalign.train.optim import OptimConfig, make_optimizer
 from jaxalign.train.reference import ReferenceSync, cached_reference_logprobs
 from jaxalign.train.setup import sharded_train_state
-from jaxalign.train.step import dpo_loss_fn, jit_train_step, logits_fn, make_train_step, sft_loss_fn
+from jaxalign.train.step import (
+    dpo_loss_fn,
+    initial_objective_state,
+    jit_train_step,
+    logits_fn,
+    make_train_step,
+    sft_loss_fn,
+)
 
 PROMPT_LEN = 8  # "a+b+c+d=" with single digits
 COMPLETION_LEN = 24  # longest chain "9+9=18;18+9=27;27+9=36" (22 chars) + EOS, plus one slot of slack
@@ -107,7 +116,8 @@ class DPOConfig:
 
     objective: any registered pairwise, reference-free or unpaired objective (`jaxalign objectives`); `loss=NAME`
         on the command line is short for `dpo.objective=NAME`. beta is passed to every objective that takes one,
-        label_smoothing only when set; `objective_args` sets any other hyper-parameter, e.g. "gamma=0.5,tau=0.1".
+        label_smoothing only when set; `objective_args` sets any other hyper-parameter or TRL's loss modifiers,
+        e.g. "tau=0.1" or "ld_alpha=0.5,wpo=true,f_divergence=js_divergence".
     reference: "online" (a frozen copy of the SFT policy runs a forward pass every step), "cached" (its log-probs are
         computed once and cached on disk under a content hash, `reference_cache_dir`, default WORKDIR/reference_cache)
         or "sync" (TR-DPO: every `sync_every` steps ref <- sync_alpha * policy + (1 - sync_alpha) * ref).
@@ -158,7 +168,10 @@ def objective_kwargs(dpo: DPOConfig) -> dict[str, Any]:
     `objective_args` ("name=value,name=value"). Unknown names are one clear error listing the accepted ones."""
     spec = get_spec(dpo.objective)
     accepted = {name for name, p in inspect.signature(spec.fn).parameters.items()
-                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"inputs"}
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"inputs", "pair_weights"}
+    # TRL's loss modifiers (f_divergence, f_alpha, ld_alpha, wpo); compute_objective rejects the ones an objective
+    # does not support with its own clear error.
+    accepted |= {"f_divergence", "f_alpha", "ld_alpha", "wpo"} if spec.modifiers else set()
     kwargs: dict[str, Any] = {}
     if "beta" in accepted:
         kwargs["beta"] = dpo.beta
@@ -188,6 +201,7 @@ class ArithDPOConfig:
     sft: SFTConfig = SFTConfig()
     pairs: PairConfig = PairConfig()
     dpo: DPOConfig = DPOConfig()
+    extras: ExtrasConfig = ExtrasConfig()
     checkpoint: CheckpointConfig = CheckpointConfig(every_steps=100, keep_last=2)
     eval_fraction: float = 0.2
     num_val_prompts: int = 256
@@ -477,7 +491,9 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
     model = DecoderLM(cfg.model)
     tx = make_optimizer(cfg.dpo.optim, cfg.dpo.steps)
     state, shardings = sharded_train_state(cfg.model, tx, mesh, jax.random.key(cfg.seed + 1), params=sft_params,
-                                           track_reference=cfg.dpo.reference == "sync")
+                                           track_reference=cfg.dpo.reference == "sync",
+                                           objective_state=initial_objective_state(cfg.dpo.objective))
+    pairs = with_objective_extras(cfg, mesh, sft_params, param_shardings, pairs, problems, workdir)
     frozen, pairs = reference_for(cfg, model, sft_params, pairs, workdir)
     directory = os.path.join(workdir, "checkpoints", "dpo")
     keep = cfg.dpo.steps // cfg.dpo.eval_every + 1
@@ -520,6 +536,56 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
         return ckpt.restore(best["step"], state).params, state.params, guard
 
 
+def cache_dir(cfg: ArithDPOConfig, workdir: str) -> str:
+    return cfg.dpo.reference_cache_dir or os.path.join(workdir, "reference_cache")
+
+
+def with_objective_extras(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: ArrayDataset,
+                          problems: Problems, workdir: str) -> ArrayDataset:
+    """The pairs plus whatever `dpo.objective` reads beyond log-probs (`objective_extras`), each product cached on
+    disk under a content hash so that runs sharing the SFT policy and pairs build it once."""
+    spec = get_spec(cfg.dpo.objective)
+    wanted = objective_extras.needed(spec)
+    if "value" in spec.extras:
+        raise ValueError(f"dpo.objective={spec.name!r} needs a value head V(x) trained with the policy; arith_dpo "
+                         f"does not train one")
+    arrays, cache = dict(pairs.arrays), cache_dir(cfg, workdir)
+    batch = cfg.eval_batch_size
+    if "mismatched" in wanted:
+        arrays.update(objective_extras.mismatched_sequences(arrays, PROMPT_LEN))
+        if cfg.dpo.reference == "cached":
+            arrays["kl_reference"] = objective_extras.summed_logprobs(
+                sft_params, cfg.model, arrays["kl_tokens"], arrays["kl_attention_mask"], arrays["kl_completion_mask"],
+                batch)
+    if "reward_model" in wanted:
+        extras, _ = objective_extras.cached_extras(
+            "reward_model", cache, sft_params, arrays, {"config": dataclasses.asdict(cfg.extras), "seed": cfg.seed},
+            lambda: objective_extras.reward_model_extras(cfg.extras, cfg.model, sft_params, pairs.arrays, cfg.seed,
+                                                         batch, cfg.show_progress))
+        arrays.update(extras)
+    if "semantic_distance" in wanted:
+        extras, _ = objective_extras.cached_extras(
+            "semantic_distance", cache, sft_params, arrays, {},
+            lambda: objective_extras.semantic_distance_extras(cfg.model, sft_params, pairs.arrays, batch))
+        arrays.update(extras)
+    if "guidance" in wanted:
+        guide_cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(
+            cfg.dpo, objective="sigmoid", objective_args="", steps=cfg.extras.guidance_steps, select_best=False,
+            eval_every=cfg.extras.guidance_steps, reference="cached"))
+
+        def train_guidance():
+            guide_dir = os.path.join(workdir, "guidance")
+            os.makedirs(guide_dir, exist_ok=True)
+            log = MetricsLog(os.path.join(guide_dir, "metrics.jsonl"))
+            params, _, _ = train_dpo(guide_cfg, mesh, sft_params, param_shardings, pairs, problems, guide_dir, log)
+            return objective_extras.guidance_extras(params, cfg.model, pairs.arrays, batch)
+
+        extras, _ = objective_extras.cached_extras(
+            "guidance", cache, sft_params, arrays, {"config": config_to_dict(guide_cfg)}, train_guidance)
+        arrays.update(extras)
+    return ArrayDataset(arrays)
+
+
 def reference_for(cfg: ArithDPOConfig, model: DecoderLM, sft_params, pairs: ArrayDataset, workdir: str):
     """(frozen reference params or None, pairs) for `dpo.reference`: "online" passes the SFT params as the frozen
     reference; "cached" adds the SFT policy's per-token log-probs to every pair (computed once, cached on disk under
@@ -530,8 +596,7 @@ def reference_for(cfg: ArithDPOConfig, model: DecoderLM, sft_params, pairs: Arra
         return sft_params, pairs
     tok = CharTokenizer()
     tokenization = {"tokenizer": "CharTokenizer", "chars": tok.CHARS, "pad": tok.PAD_ID, "eos": tok.EOS_ID}
-    cache_dir = cfg.dpo.reference_cache_dir or os.path.join(workdir, "reference_cache")
-    arrays, _ = cached_reference_logprobs(cache_dir, logits_fn(model), sft_params, pairs.arrays, tokenization,
+    arrays, _ = cached_reference_logprobs(cache_dir(cfg, workdir), logits_fn(model), sft_params, pairs.arrays, tokenization,
                                           cfg.eval_batch_size)
     return None, ArrayDataset({**pairs.arrays, **arrays})
 

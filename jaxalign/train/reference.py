@@ -79,19 +79,55 @@ def _hash_arrays(digest, arrays: dict[str, np.ndarray]) -> None:
         digest.update(array.tobytes())
 
 
-def reference_cache_key(params: Any, data: dict[str, np.ndarray], tokenization: dict[str, Any]) -> str:
-    """sha256 over the reference parameters (every leaf's path, dtype, shape and bytes), the pair arrays the
-    log-probs are computed on, and a description of the tokenisation (e.g. the tokenizer's vocabulary and special
-    ids). Any change to one of the three gives a different key, so a stale cache is never read."""
-    digest = hashlib.sha256(f"jaxalign-reference-logps-v{_CACHE_FORMAT}".encode())
+def content_key(params: Any, data: dict[str, np.ndarray], description: dict[str, Any],
+                keys: tuple[str, ...] = PAIR_INPUT_KEYS) -> str:
+    """sha256 over parameters (every leaf's path, dtype, shape and bytes), the arrays `keys` of `data`, and a JSON
+    description of everything else the result depends on (tokenisation, the producing config, ...)."""
+    digest = hashlib.sha256(f"jaxalign-cache-v{_CACHE_FORMAT}".encode())
     leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
     for path, leaf in leaves:
         leaf = np.asarray(leaf)
         digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype.str}:{leaf.shape}".encode())
         digest.update(np.ascontiguousarray(leaf).tobytes())
-    _hash_arrays(digest, {k: data[k] for k in PAIR_INPUT_KEYS})
-    digest.update(json.dumps(tokenization, sort_keys=True, default=str).encode())
+    _hash_arrays(digest, {k: data[k] for k in keys})
+    digest.update(json.dumps(description, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def reference_cache_key(params: Any, data: dict[str, np.ndarray], tokenization: dict[str, Any]) -> str:
+    """The key of a reference log-prob cache: the reference parameters, the pair arrays the log-probs are computed
+    on, and a description of the tokenisation (e.g. the tokenizer's vocabulary and special ids). Any change to one
+    of the three gives a different key, so a stale cache is never read."""
+    return content_key(params, data, {"reference_logps": tokenization})
+
+
+def cached_arrays(cache_dir: str, stem: str, key: str, compute: Callable[[], dict[str, np.ndarray]],
+                  expected_rows: int) -> tuple[dict[str, np.ndarray], dict]:
+    """Arrays from `cache_dir/<stem>-<key[:32]>.npz` when present, else `compute()`d and stored there atomically.
+
+    Returns (arrays, info) with info = {"key", "path", "hit"}. A file that exists but cannot be read, carries another
+    key or another number of rows is one clear error naming it (never silently recomputed over)."""
+    path = os.path.join(cache_dir, f"{stem}-{key[:32]}.npz")
+    if os.path.exists(path):
+        try:
+            with np.load(path) as f:
+                arrays = {k: f[k] for k in f.files if k != "key"}
+                stored_key = str(f["key"])
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise ValueError(f"{path}: cached {stem} arrays are unreadable ({type(e).__name__}: {e}); delete the "
+                             f"file to recompute it") from None
+        rows = {k: len(v) for k, v in arrays.items()}
+        if stored_key != key or any(n != expected_rows for n in rows.values()):
+            raise ValueError(f"{path}: cached {stem} arrays do not belong to this data (key {stored_key[:16]}, rows "
+                             f"{rows}, expected key {key[:16]} and {expected_rows} rows); delete the file to "
+                             f"recompute it")
+        return arrays, {"key": key, "path": path, "hit": True}
+    arrays = compute()
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, key=key, **arrays)
+    os.replace(tmp, path)
+    return arrays, {"key": key, "path": path, "hit": False}
 
 
 @functools.lru_cache(maxsize=8)
@@ -117,29 +153,9 @@ def compute_reference_logprobs(apply_fn: Callable, params: Any, data: dict[str, 
 
 def cached_reference_logprobs(cache_dir: str, apply_fn: Callable, params: Any, data: dict[str, np.ndarray],
                               tokenization: dict[str, Any], batch_size: int) -> tuple[dict[str, np.ndarray], dict]:
-    """Reference log-probs from `cache_dir/<key>.npz` when present, else computed and stored there atomically.
-
-    Returns (arrays, info) with info = {"key", "path", "hit"}. A file that exists but cannot be read or does not
-    match the data's shape is one clear error naming it (it is never silently recomputed over)."""
+    """Reference log-probs from the on-disk cache under `reference_cache_key(params, data, tokenization)`, computed
+    and stored when absent (`cached_arrays`). Returns (arrays, info) with info = {"key", "path", "hit"}."""
     key = reference_cache_key(params, data, tokenization)
-    path = os.path.join(cache_dir, f"reference_logps-{key[:32]}.npz")
-    expected = (len(data["chosen_tokens"]), data["chosen_tokens"].shape[1])
-    if os.path.exists(path):
-        try:
-            with np.load(path) as f:
-                arrays = {k: f[k] for k in REFERENCE_KEYS}
-                stored_key = str(f["key"])
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-            raise ValueError(f"{path}: cached reference log-probs are unreadable ({type(e).__name__}: {e}); "
-                             f"delete the file to recompute it") from None
-        if stored_key != key or any(arrays[k].shape != expected for k in REFERENCE_KEYS):
-            raise ValueError(f"{path}: cached reference log-probs do not belong to this data (key {stored_key[:16]}, "
-                             f"shapes {[arrays[k].shape for k in REFERENCE_KEYS]}, expected key {key[:16]} and "
-                             f"{expected}); delete the file to recompute it")
-        return arrays, {"key": key, "path": path, "hit": True}
-    arrays = compute_reference_logprobs(apply_fn, params, data, batch_size)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, key=key, **arrays)
-    os.replace(tmp, path)
-    return arrays, {"key": key, "path": path, "hit": False}
+    return cached_arrays(cache_dir, "reference_logps", key,
+                         lambda: compute_reference_logprobs(apply_fn, params, data, batch_size),
+                         len(data["chosen_tokens"]))

@@ -14,18 +14,21 @@ from jaxalign.train.state import TrainState
 
 
 def sharded_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rng: jax.Array,
-                        params: Any = None, track_reference: bool = False) -> tuple[TrainState, Any]:
+                        params: Any = None, track_reference: bool = False,
+                        objective_state: Any = None) -> tuple[TrainState, Any]:
     """(state, state shardings) for `cfg` on `mesh`, shardings derived from the parameters' logical axis names.
 
     Without `params` the parameters are freshly initialised from `rng`; with `params` (e.g. an SFT policy that
     becomes the DPO reference) the state starts from a copy of them in fresh buffers, so donating the state to
     the train step never invalidates the caller's arrays. `track_reference` also keeps a copy of the initial
-    parameters in `state.reference` (sharded like the parameters), for a reference that is updated in training.
+    parameters in `state.reference` (sharded like the parameters), for a reference that is updated in training;
+    `objective_state` (replicated) is a stateful objective's initial state (`step.initial_objective_state`).
     """
     init_rng, state_rng = jax.random.split(rng)
 
     def create(p, state_key):
-        return TrainState.create(p, tx, state_key, reference=p if track_reference else None)
+        return TrainState.create(p, tx, state_key, reference=p if track_reference else None,
+                                 objective_state=objective_state)
 
     def boxed_state(init_key, state_key):
         return create(init_params(cfg, init_key), state_key)

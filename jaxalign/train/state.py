@@ -31,6 +31,7 @@ class TrainState:
 
     `reference` is None for a fixed (or no) reference model; it holds the reference parameters when the reference
     changes during training (TR-DPO's periodic sync), so that it is checkpointed with everything else.
+    `objective_state` is None or the state a stateful objective carries across steps (BCO's running baseline).
     `tx` (the optax transformation) is static: it is rebuilt from the config on resume and is never checkpointed.
     """
 
@@ -41,9 +42,11 @@ class TrainState:
     data: DataPosition
     tx: Any = flax.struct.field(pytree_node=False)
     reference: Any = None
+    objective_state: Any = None
 
     @classmethod
-    def create(cls, params: Any, tx: Any, rng: jax.Array, reference: Any = None) -> "TrainState":
+    def create(cls, params: Any, tx: Any, rng: jax.Array, reference: Any = None,
+               objective_state: Any = None) -> "TrainState":
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -52,6 +55,7 @@ class TrainState:
             data=DataPosition.start(),
             tx=tx,
             reference=reference,
+            objective_state=objective_state,
         )
 
     def apply_gradients(self, grads: Any, data: DataPosition | None = None) -> "TrainState":

@@ -16,7 +16,9 @@ import optax
 from jax.sharding import Mesh
 
 from jaxalign.logprobs import masked_token_logprobs, pair_token_logprobs, sequence_logprobs
-from jaxalign.losses import ObjectiveSpec, PairwiseInputs, get_spec, unpair
+from jaxalign.losses import ObjectiveSpec, PairwiseInputs, compute_objective, get_spec, unpair
+from jaxalign.losses.modifiers import WPO_EXTRAS, wpo_token_log_norm
+from jaxalign.losses.unpaired import RunningMoments, bco_baseline
 from jaxalign.losses.dpo import nll_per_token
 from jaxalign.models.llama import DecoderLM
 from jaxalign.sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
@@ -45,6 +47,22 @@ def sft_loss_fn(model: DecoderLM) -> LossFn:
     return loss_fn
 
 
+def _pair_forward(apply, params, batch: dict, with_log_norm: bool):
+    """(chosen, rejected) masked per-token log-probs from ONE concatenated forward pass, plus the WPO normaliser
+    log sum_v p_v^2 per token (no gradient) when `with_log_norm`."""
+    pairs = batch["chosen_tokens"].shape[0]
+    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
+    attention = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
+    completion = jnp.concatenate([batch["chosen_completion_mask"], batch["rejected_completion_mask"]], axis=0)
+    logits = apply(params, tokens, attention)
+    logps = masked_token_logprobs(logits, tokens, completion)
+    extras = {}
+    if with_log_norm:
+        log_norm = wpo_token_log_norm(logits)
+        extras = {WPO_EXTRAS[0]: log_norm[:pairs], WPO_EXTRAS[1]: log_norm[pairs:]}
+    return logps[:pairs], logps[pairs:], extras
+
+
 def _reference_logprobs(apply, frozen, batch: dict, spec: ObjectiveSpec, like: jax.Array):
     """The reference's per-token log-probs for chosen and rejected, from the batch (precomputed), from a forward
     pass of the frozen parameters (online), or zeros for objectives that never read them (reference-free)."""
@@ -58,42 +76,95 @@ def _reference_logprobs(apply, frozen, batch: dict, spec: ObjectiveSpec, like: j
     return pair_token_logprobs(apply, jax.lax.stop_gradient(frozen), batch)
 
 
+def mismatched_kl_logprobs(apply, params, frozen, batch: dict) -> dict:
+    """KTO's reference point inputs (Ethayarajh et al. 2024, sec. 4.1): summed completion log-probs of MISMATCHED
+    (prompt, completion) sequences `kl_tokens` / `kl_attention_mask` / `kl_completion_mask` under the policy (no
+    gradient, as in TRL) and the reference (`kl_reference` precomputed in the batch, or a forward pass of `frozen`)."""
+    if "kl_tokens" not in batch:
+        raise ValueError("objective 'kto' needs mismatched prompt/completion sequences in every batch (kl_tokens, "
+                         f"kl_attention_mask, kl_completion_mask); the batch has {sorted(batch)}")
+
+    def summed(p):
+        logits = apply(p, batch["kl_tokens"], batch["kl_attention_mask"])
+        logps = masked_token_logprobs(logits, batch["kl_tokens"], batch["kl_completion_mask"])
+        return sequence_logprobs(logps, batch["kl_completion_mask"])
+
+    kl_policy = jax.lax.stop_gradient(summed(params))
+    if "kl_reference" in batch:
+        return {"kl_policy": kl_policy, "kl_reference": batch["kl_reference"]}
+    if frozen is None:
+        raise ValueError("objective 'kto' needs the reference's log-probs of the mismatched sequences: pass frozen "
+                         "reference parameters or batches carrying kl_reference")
+    return {"kl_policy": kl_policy, "kl_reference": summed(jax.lax.stop_gradient(frozen))}
+
+
+# Extras the loss function computes itself (from the model) rather than reading from the batch.
+_MODEL_EXTRAS = {"kl_policy", "kl_reference", "reward_baseline", *WPO_EXTRAS}
+
+
 def _batch_extras(spec: ObjectiveSpec, batch: dict) -> dict:
     """The extras an objective declares, taken from the batch, with one clear error when one is missing."""
-    missing = [name for name in spec.extras if name not in batch]
+    wanted = [name for name in spec.extras if name not in _MODEL_EXTRAS]
+    missing = [name for name in wanted if name not in batch]
     if missing:
         raise ValueError(f"objective {spec.name!r} needs {', '.join(map(repr, missing))} in every batch (declared "
                          f"extras {spec.extras}); the batch has {sorted(batch)}")
-    return {name: batch[name] for name in spec.extras}
+    return {name: batch[name] for name in wanted}
 
 
-def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float = 0.0, **objective_kwargs) -> LossFn:
+def initial_objective_state(objective: str):
+    """The state a stateful objective carries across steps in `TrainState.objective_state` (None if stateless):
+    BCO's running mean of batch rewards (Jung et al. 2024, the reward-shift baseline delta)."""
+    return RunningMoments.init() if objective == "bco" else None
+
+
+def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float = 0.0, *,
+                f_divergence: str | None = None, f_alpha: float = 0.5, ld_alpha: float | None = None,
+                wpo: bool = False, **objective_kwargs) -> LossFn:
     """A registered pairwise, reference-free or unpaired objective on chosen/rejected log-probs from one
     concatenated forward pass (unpaired objectives see the pairs as labelled single completions, `unpair`).
 
     `sft_weight` > 0 adds sft_weight * mean over pairs of the chosen completion's token-mean NLL, the "DPO + lambda*SFT"
     regulariser (RPO, Pang et al. 2024; SFT-DPO in the 3D-properties paper) that keeps the chosen likelihood from
-    collapsing together with the rejected one.
+    collapsing together with the rejected one. f_divergence / f_alpha / ld_alpha / wpo are TRL 1.16.0's loss
+    modifiers (`jaxalign.losses.compute_objective`); WPO's per-token normaliser comes from the policy's logits.
 
     `frozen` is the reference: either frozen reference parameters (online reference: one extra forward pass, no
     gradient) or None when the batch carries precomputed `reference_chosen`/`reference_rejected` log-probs or the
-    objective is reference-free. Extras the objective declares are read from the batch under their names.
+    objective is reference-free. Extras the objective declares are read from the batch under their names, except
+    those computed here: KTO's mismatched-pair log-probs and BCO's running baseline (whose state arrives as
+    batch["objective_state"] and leaves, updated, as metrics["objective_state"]; see `make_train_step`).
     """
     apply = logits_fn(model)
     spec = get_spec(objective)
     if spec.family == "listwise":
         raise ValueError(f"objective {objective!r} is listwise: it trains on ranked lists, not pairs")
+    modifiers = dict(f_divergence=f_divergence, f_alpha=f_alpha, ld_alpha=ld_alpha, wpo=wpo)
+    beta = objective_kwargs.get("beta", 0.1)
 
     def loss_fn(params, frozen, batch):
-        policy_chosen, policy_rejected = pair_token_logprobs(apply, params, batch)
+        policy_chosen, policy_rejected, extras = _pair_forward(apply, params, batch, with_log_norm=wpo)
         reference_chosen, reference_rejected = _reference_logprobs(apply, frozen, batch, spec, policy_chosen)
+        if "kl_policy" in spec.extras:
+            extras.update(mismatched_kl_logprobs(apply, params, frozen, batch))
         inputs = PairwiseInputs(
             policy_chosen=policy_chosen, policy_rejected=policy_rejected,
             reference_chosen=reference_chosen, reference_rejected=reference_rejected,
             chosen_mask=batch["chosen_completion_mask"], rejected_mask=batch["rejected_completion_mask"],
-            extras=_batch_extras(spec, batch),
+            extras={**_batch_extras(spec, batch), **extras},
         )
-        loss, metrics = spec.fn(unpair(inputs) if spec.family == "unpaired" else inputs, **objective_kwargs)
+        if spec.family == "unpaired":
+            inputs = unpair(inputs)
+        new_objective_state = None
+        if "reward_baseline" in spec.extras:
+            if "objective_state" not in batch:
+                raise ValueError(f"objective {objective!r} keeps a running baseline: start the train state with "
+                                 f"objective_state=initial_objective_state({objective!r})")
+            new_objective_state, baseline = bco_baseline(batch["objective_state"], inputs, beta)
+            inputs = inputs.replace(extras={**inputs.extras, "reward_baseline": baseline})
+        loss, metrics = compute_objective(objective, inputs, **modifiers, **objective_kwargs)
+        if new_objective_state is not None:
+            metrics = dict(metrics, objective_state=new_objective_state)
         if sft_weight:
             # Per-pair (each chosen response's token-mean NLL, averaged over pairs), not a batch token mean: a
             # per-pair term sums exactly over microbatches, so accumulation stays equal to the large batch.
@@ -143,13 +214,23 @@ def make_train_step(loss_fn: LossFn, accum_steps: int = 1, reference_sync: Refer
     """The pure step: (state, frozen, batch, next_data_position) -> (state, metrics).
 
     When the state tracks its own reference (`state.reference` is not None) that reference is used instead of
-    `frozen`, and after the update `reference_sync` (TR-DPO) may move it towards the new parameters.
+    `frozen`, and after the update `reference_sync` (TR-DPO) may move it towards the new parameters. A state with an
+    `objective_state` (BCO's running baseline) passes it to the loss as batch["objective_state"] and stores the
+    updated one the loss returns as metrics["objective_state"].
     """
 
     def step(state: TrainState, frozen, batch: dict, next_position: DataPosition):
         reference = frozen if state.reference is None else state.reference
+        if state.objective_state is not None:
+            if accum_steps != 1:
+                raise ValueError("an objective with a running state (e.g. bco's baseline) folds in one batch per "
+                                 f"step; use grad_accum_steps=1, got {accum_steps}")
+            batch = dict(batch, objective_state=state.objective_state)
         loss, grads, metrics = accumulated_gradients(loss_fn, state.params, reference, batch, accum_steps)
         new_state = state.apply_gradients(grads, data=next_position)
+        if state.objective_state is not None:
+            metrics = dict(metrics)
+            new_state = new_state.replace(objective_state=metrics.pop("objective_state"))
         if state.reference is not None and reference_sync is not None:
             new_state = new_state.replace(
                 reference=sync_reference(state.reference, new_state.params, new_state.step, reference_sync))
