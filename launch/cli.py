@@ -5,6 +5,8 @@
     jaxalign run NAME --workdir DIR [key=value ...]
     jaxalign bench dpo-throughput [--sizes tiny,small] [--steps N] [--no-trl]
     jaxalign bench arith-seeds --workdir DIR [--seeds 0,1,2] [key=value ...]
+    jaxalign bench ppo-throughput [--timesteps N] [--sb3-timesteps N] [--no-sb3]
+    jaxalign bench objectives --workdir DIR [--seeds 0,1,2] [--tasks ...] [--objectives ...] [key=value ...]
     jaxalign bench reference-cost [--sizes tiny,small,medium] [--steps N] [--out DIR]
 """
 from __future__ import annotations
@@ -30,7 +32,9 @@ def _run(args) -> int:
 BENCHMARKS = {
     "dpo-throughput": "jaxalign.bench.dpo_throughput",
     "arith-seeds": "jaxalign.bench.arith_seeds",
+    "ppo-throughput": "rl.bench.ppo_throughput",
     "reference-cost": "jaxalign.bench.reference_cost",
+    "objectives": "jaxalign.bench.objectives",
 }
 
 
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             for name, (description, _) in sorted(EXPERIMENTS.items()):
-                print(f"{name:16s} {description}")
+                print(f"{name:24s} {description}")
             return 0
         if args.command == "objectives":
             from jaxalign.losses import OBJECTIVES

@@ -24,11 +24,47 @@ def _arith_dpo() -> Experiment:
     )
 
 
+def _arith_task(name: str, task: str) -> Callable[[], Experiment]:
+    """A built-in ARITH task variant: the main job with an imperfect judge (`arith_dpo.TASK_VARIANTS`)."""
+
+    def load() -> Experiment:
+        from jaxalign.experiments import arith_dpo
+
+        return Experiment(name=name, description=EXPERIMENTS[name][0],
+                          default_config=lambda: arith_dpo.task_config(arith_dpo.ArithDPOConfig(), task),
+                          run=arith_dpo.run)
+
+    return load
+
+
+def _ppo_cartpole() -> Experiment:
+    from rl.experiments import ppo_cartpole
+
+    return Experiment(
+        name="ppo_cartpole",
+        description=EXPERIMENTS["ppo_cartpole"][0],
+        default_config=ppo_cartpole.PPOCartPoleConfig,
+        run=ppo_cartpole.run,
+    )
+
+
 # (description, loader): importing the CLI stays cheap and `jaxalign list` does not import JAX models.
 EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
     "arith_dpo": (
         "SFT on noisy ARITH demonstrations, then DPO on on-policy oracle-labelled pairs (the main job)",
         _arith_dpo,
+    ),
+    "arith_dpo_length_bias": (
+        "the main job with a length-biased judge (+0.5 score per completion token): longer responses win too often",
+        _arith_task("arith_dpo_length_bias", "length_bias"),
+    ),
+    "arith_dpo_noisy_labels": (
+        "the main job with 30% of the preference pairs flipped (label noise for cDPO / robust DPO)",
+        _arith_task("arith_dpo_noisy_labels", "noisy_labels"),
+    ),
+    "ppo_cartpole": (
+        "PPO on the JAX CartPole-v1 (vmapped envs, one jitted scan), evaluated over 100 greedy episodes",
+        _ppo_cartpole,
     ),
 }
 

@@ -1,4 +1,17 @@
-"""Reinforcement-learning core shared by jaxalign's agents (functional environments, PPO, DQN, distributional ops).
+"""Reinforcement-learning core shared by jaxalign's agents: functional environments and the learners built on them.
 
-Empty so far: the RL core is the subject of its own issue and lands in later increments.
+    env.py            the functional environment protocol (reset/step as pure functions, params apart from state)
+                      and its spaces (Discrete, Box)
+    envs/             JAX environments: CartPole (step-for-step gymnasium's CartPole-v1)
+    wrappers.py       AutoReset, EpisodeStats; GymnasiumEnv / register_gymnasium (JAX -> gymnasium) and
+                      GymnasiumDriver (gymnasium envs stepped on the host by a JAX policy)
+    rollout.py        Transition, lax.scan rollouts over vmapped environments, evaluation episodes
+    returns.py        GAE and Monte-Carlo returns with termination / truncation handling
+    networks.py       MLP torsos, actor-critic, Q and distributional Q heads
+    ppo.py            PPO: ppo_loss, make_ppo / make_train (one jitted scan, vmappable over seeds)
+    replay.py         a uniform replay buffer as a pytree
+    dqn.py            DQN / double DQN: targets, loss, make_dqn / make_train
+    distributional.py C51 categorical projection, quantile-regression Huber loss
+    experiments/      reference runs registered with the CLI (ppo_cartpole)
+    bench/            benchmarks registered with the CLI (ppo-throughput)
 """

@@ -40,8 +40,8 @@ FILE_STEM = "objectives"
 
 def trainable_objectives() -> list[str]:
     """Objectives `arith_dpo` trains from its pairs (with the extras `objective_extras` builds for them): every
-    pairwise, reference-free and unpaired objective except those needing a jointly trained value head."""
-    return sorted(name for name, spec in SPECS.items() if spec.family != "listwise" and "value" not in spec.extras)
+    pairwise, reference-free and unpaired objective."""
+    return sorted(name for name, spec in SPECS.items() if spec.family != "listwise")
 
 
 # Modifier variants benchmarked beside the registry names, written NAME[objective_args]: LD-DPO is sigmoid DPO with
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              f"(modifier variants as NAME[k=v,...], several separated by ';')")
     skipped = sorted(set(SPECS) - set(available))
     if skipped:
-        print(f"[objectives] not trained on pairs (listwise, or a value head), not run: "
+        print(f"[objectives] listwise (trained on ranked lists), not run here: "
               f"{', '.join(skipped)}", file=sys.stderr)
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"budget: the main job's defaults with {' '.join(BUDGET)}; tasks: "
               + "; ".join(f"{t} ({', '.join(f'pairs.{k}={v}' for k, v in c.items()) or 'as the main job'})"
                           for t, c in TASKS.items()),
-              f"not trained on pairs (listwise, or a value head), not run: {', '.join(skipped) or 'none'}"]
+              f"listwise (trained on ranked lists), not run here: {', '.join(skipped) or 'none'}"]
     with open(os.path.join(args.workdir, f"{FILE_STEM}.md"), "w") as f:
         f.write(markdown_table(summary, header))
     plot(summary, os.path.join(args.workdir, f"{FILE_STEM}.png"))

@@ -35,6 +35,7 @@ from jaxalign.experiments.objective_extras import ExtrasConfig
 from jaxalign.logprobs import masked_token_logprobs, sequence_logprobs
 from jaxalign.losses import get_spec
 from jaxalign.losses.dpo import check_beta
+from jaxalign.models.heads import VALUE_HEAD, init_value_head
 from jaxalign.models.llama import DecoderLM, ModelConfig, count_params
 from jaxalign.sampling import SamplingConfig, generate
 from jaxalign.sharding import (
@@ -414,6 +415,7 @@ def build_pairs(problems, prompt_tokens, completions, masks, samples_per_prompt:
     prompt_mask, zeros = prompt_part != CharTokenizer.PAD_ID, np.zeros_like(prompt_part)
     arrays = {}
     for side, idx in (("chosen", pick(best)), ("rejected", pick(worst))):
+        arrays[f"{side}_score"] = scores.ravel()[idx].astype(np.float32)  # the judge's score: DRO's reward
         arrays[f"{side}_tokens"] = np.concatenate([prompt_part, completions[idx]], axis=1).astype(np.int32)
         arrays[f"{side}_attention_mask"] = np.concatenate([prompt_mask, masks[idx]], axis=1).astype(np.int32)
         arrays[f"{side}_completion_mask"] = np.concatenate([zeros, masks[idx]], axis=1).astype(np.int32)
@@ -492,7 +494,8 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
     tx = make_optimizer(cfg.dpo.optim, cfg.dpo.steps)
     state, shardings = sharded_train_state(cfg.model, tx, mesh, jax.random.key(cfg.seed + 1), params=sft_params,
                                            track_reference=cfg.dpo.reference == "sync",
-                                           objective_state=initial_objective_state(cfg.dpo.objective))
+                                           objective_state=initial_objective_state(cfg.dpo.objective),
+                                           extra_params=objective_params(cfg))
     pairs = with_objective_extras(cfg, mesh, sft_params, param_shardings, pairs, problems, workdir)
     frozen, pairs = reference_for(cfg, model, sft_params, pairs, workdir)
     directory = os.path.join(workdir, "checkpoints", "dpo")
@@ -536,6 +539,11 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
         return ckpt.restore(best["step"], state).params, state.params, guard
 
 
+def objective_params(cfg: ArithDPOConfig) -> dict | None:
+    """Parameters an objective trains beside the policy: DRO's value head V(x) (`jaxalign.models.heads`)."""
+    return {VALUE_HEAD: init_value_head(cfg.model)} if "value" in get_spec(cfg.dpo.objective).extras else None
+
+
 def cache_dir(cfg: ArithDPOConfig, workdir: str) -> str:
     return cfg.dpo.reference_cache_dir or os.path.join(workdir, "reference_cache")
 
@@ -546,9 +554,9 @@ def with_objective_extras(cfg: ArithDPOConfig, mesh, sft_params, param_shardings
     disk under a content hash so that runs sharing the SFT policy and pairs build it once."""
     spec = get_spec(cfg.dpo.objective)
     wanted = objective_extras.needed(spec)
-    if "value" in spec.extras:
-        raise ValueError(f"dpo.objective={spec.name!r} needs a value head V(x) trained with the policy; arith_dpo "
-                         f"does not train one")
+    if "reward" in spec.extras and "chosen_score" not in pairs.arrays:
+        raise ValueError(f"dpo.objective={spec.name!r} needs the judged score of every completion, which this "
+                         f"workdir's pairs.npz (written by an older version) lacks; use a new --workdir")
     arrays, cache = dict(pairs.arrays), cache_dir(cfg, workdir)
     batch = cfg.eval_batch_size
     if "mismatched" in wanted:

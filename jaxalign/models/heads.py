@@ -57,6 +57,24 @@ def init_scalar_head_params(cfg: ModelConfig, rng: jax.Array):
     return ScalarHeadLM(cfg).init(rng, tokens)["params"]
 
 
+VALUE_HEAD = "value_head"
+
+
+def init_value_head(cfg: ModelConfig) -> dict:
+    """Boxed zero parameters of a linear value head V(x) = h(x) . kernel + bias on a DecoderLM's final hidden state,
+    stored beside the LM's own parameters under VALUE_HEAD (DecoderLM.apply ignores the extra entry, so sampling and
+    evaluation are unchanged). Used by DRO in `jaxalign.train.step` on stop-gradient features."""
+    return {
+        "kernel": nn.LogicallyPartitioned(jnp.zeros((cfg.d_model, 1), jnp.float32), ("embed", None)),
+        "bias": nn.LogicallyPartitioned(jnp.zeros((1,), jnp.float32), (None,)),
+    }
+
+
+def apply_value_head(head: dict, hidden: jax.Array) -> jax.Array:
+    """[..., d_model] hidden states -> [...] values."""
+    return (hidden.astype(jnp.float32) @ head["kernel"])[..., 0] + head["bias"][0]
+
+
 def with_backbone(params: Any, lm_params: Any) -> Any:
     """`params` of a ScalarHeadLM with the backbone replaced by a DecoderLM's parameters (e.g. the SFT model)."""
     return {**params, "backbone": lm_params}

@@ -15,7 +15,7 @@ from jaxalign.train.state import TrainState
 
 def sharded_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rng: jax.Array,
                         params: Any = None, track_reference: bool = False,
-                        objective_state: Any = None) -> tuple[TrainState, Any]:
+                        objective_state: Any = None, extra_params: dict | None = None) -> tuple[TrainState, Any]:
     """(state, state shardings) for `cfg` on `mesh`, shardings derived from the parameters' logical axis names.
 
     Without `params` the parameters are freshly initialised from `rng`; with `params` (e.g. an SFT policy that
@@ -23,7 +23,9 @@ def sharded_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh
     the train step never invalidates the caller's arrays. `track_reference` also keeps a copy of the initial
     parameters in `state.reference` (sharded like the parameters), for a reference that is updated in training;
     `objective_state` (replicated) is a stateful objective's initial state (`step.initial_objective_state`).
+    `extra_params` (boxed, e.g. a value head) are added to the parameters beside the model's own.
     """
+    extra_params = extra_params or {}
     init_rng, state_rng = jax.random.split(rng)
 
     def create(p, state_key):
@@ -31,7 +33,7 @@ def sharded_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh
                                  objective_state=objective_state)
 
     def boxed_state(init_key, state_key):
-        return create(init_params(cfg, init_key), state_key)
+        return create({**init_params(cfg, init_key), **extra_params}, state_key)
 
     shardings = logical_shardings(jax.eval_shape(boxed_state, init_rng, state_rng), mesh)
     with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
@@ -39,5 +41,6 @@ def sharded_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh
             state = jax.jit(lambda a, b: nn.meta.unbox(boxed_state(a, b)), out_shardings=shardings)(init_rng,
                                                                                                       state_rng)
         else:
-            state = jax.jit(create, out_shardings=shardings)(params, state_rng)
+            extras = nn.meta.unbox(extra_params)
+            state = jax.jit(lambda p, b: create({**p, **extras}, b), out_shardings=shardings)(params, state_rng)
     return state, shardings

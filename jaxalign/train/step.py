@@ -20,6 +20,7 @@ from jaxalign.losses import ObjectiveSpec, PairwiseInputs, compute_objective, ge
 from jaxalign.losses.modifiers import WPO_EXTRAS, wpo_token_log_norm
 from jaxalign.losses.unpaired import RunningMoments, bco_baseline
 from jaxalign.losses.dpo import nll_per_token
+from jaxalign.models.heads import VALUE_HEAD, apply_value_head, prompt_values
 from jaxalign.models.llama import DecoderLM
 from jaxalign.sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
 from jaxalign.train.reference import ReferenceSync, sync_reference
@@ -47,19 +48,28 @@ def sft_loss_fn(model: DecoderLM) -> LossFn:
     return loss_fn
 
 
-def _pair_forward(apply, params, batch: dict, with_log_norm: bool):
-    """(chosen, rejected) masked per-token log-probs from ONE concatenated forward pass, plus the WPO normaliser
-    log sum_v p_v^2 per token (no gradient) when `with_log_norm`."""
+def _pair_forward(model: DecoderLM, params, batch: dict, with_log_norm: bool, with_value: bool):
+    """(chosen, rejected) masked per-token log-probs from ONE concatenated forward pass, plus extras: the WPO
+    normaliser log sum_v p_v^2 per token (no gradient) when `with_log_norm`; DRO's V(x) from the value head on the
+    policy's stop-gradient hidden state before the first completion token, for both halves, when `with_value`."""
     pairs = batch["chosen_tokens"].shape[0]
     tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
     attention = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
     completion = jnp.concatenate([batch["chosen_completion_mask"], batch["rejected_completion_mask"]], axis=0)
-    logits = apply(params, tokens, attention)
+    logits, _, hidden = model.apply({"params": params}, tokens, attention, return_hidden=True)
     logps = masked_token_logprobs(logits, tokens, completion)
     extras = {}
     if with_log_norm:
         log_norm = wpo_token_log_norm(logits)
         extras = {WPO_EXTRAS[0]: log_norm[:pairs], WPO_EXTRAS[1]: log_norm[pairs:]}
+    if with_value:
+        if VALUE_HEAD not in params:
+            raise ValueError(f"objective 'dro' needs a value head: create the train state with "
+                             f"extra_params={{{VALUE_HEAD!r}: init_value_head(cfg)}}")
+        # Stop-gradient features: the value loss trains the head only, and V(x) is a baseline that does not depend
+        # on the policy parameters (DRO's separate value function, here a linear probe of the policy's state).
+        values = apply_value_head(params[VALUE_HEAD], jax.lax.stop_gradient(hidden))
+        extras["value"] = prompt_values(values, completion, attention)
     return logps[:pairs], logps[pairs:], extras
 
 
@@ -99,7 +109,7 @@ def mismatched_kl_logprobs(apply, params, frozen, batch: dict) -> dict:
 
 
 # Extras the loss function computes itself (from the model) rather than reading from the batch.
-_MODEL_EXTRAS = {"kl_policy", "kl_reference", "reward_baseline", *WPO_EXTRAS}
+_MODEL_EXTRAS = {"kl_policy", "kl_reference", "reward_baseline", "value", "reward", *WPO_EXTRAS}
 
 
 def _batch_extras(spec: ObjectiveSpec, batch: dict) -> dict:
@@ -143,7 +153,8 @@ def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float 
     beta = objective_kwargs.get("beta", 0.1)
 
     def loss_fn(params, frozen, batch):
-        policy_chosen, policy_rejected, extras = _pair_forward(apply, params, batch, with_log_norm=wpo)
+        policy_chosen, policy_rejected, extras = _pair_forward(model, params, batch, with_log_norm=wpo,
+                                                               with_value="value" in spec.extras)
         reference_chosen, reference_rejected = _reference_logprobs(apply, frozen, batch, spec, policy_chosen)
         if "kl_policy" in spec.extras:
             extras.update(mismatched_kl_logprobs(apply, params, frozen, batch))
@@ -153,6 +164,13 @@ def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float 
             chosen_mask=batch["chosen_completion_mask"], rejected_mask=batch["rejected_completion_mask"],
             extras={**_batch_extras(spec, batch), **extras},
         )
+        if "reward" in spec.extras:  # DRO's per-completion reward: the judged score of each side
+            for key in ("chosen_score", "rejected_score"):
+                if key not in batch:
+                    raise ValueError(f"objective {objective!r} needs per-completion rewards chosen_score and "
+                                     f"rejected_score in every batch; the batch has {sorted(batch)}")
+            inputs = inputs.replace(extras={**inputs.extras, "reward": jnp.concatenate(
+                [batch["chosen_score"], batch["rejected_score"]]).astype(jnp.float32)})
         if spec.family == "unpaired":
             inputs = unpair(inputs)
         new_objective_state = None

@@ -15,6 +15,7 @@ from jaxalign.logprobs import masked_token_logprobs, pair_token_logprobs, sequen
 from jaxalign.losses import SPECS, PairwiseInputs, compute_objective, unpair
 from jaxalign.losses.modifiers import wpo_token_log_norm
 from jaxalign.losses.unpaired import RunningMoments, update_running_mean
+from jaxalign.models.heads import VALUE_HEAD, apply_value_head, init_value_head, prompt_values
 from jaxalign.models.llama import DecoderLM, ModelConfig, init_params
 from jaxalign.train.optim import OptimConfig, make_optimizer
 from jaxalign.train.state import DataPosition, TrainState
@@ -54,6 +55,8 @@ def batch() -> dict:
                                                out["chosen_attention_mask"][nxt, 2:]], 1)
     out["kl_completion_mask"] = out["chosen_completion_mask"][nxt]
     out["reward_margin"] = rng.normal(size=PAIRS).astype(np.float32)
+    out["chosen_score"] = rng.uniform(1, 4, PAIRS).astype(np.float32)
+    out["rejected_score"] = rng.uniform(-0.5, 2, PAIRS).astype(np.float32)
     out["semantic_distance"] = rng.uniform(0, 1, PAIRS).astype(np.float32)
     out["preference_probability"] = rng.uniform(0.5, 1, PAIRS).astype(np.float32)
     out["guidance_chosen"] = -rng.uniform(0, 2, (PAIRS, 8)).astype(np.float32) * out["chosen_completion_mask"]
@@ -61,14 +64,17 @@ def batch() -> dict:
     return {k: jnp.asarray(v) for k, v in out.items()}
 
 
-TRAINABLE = sorted(name for name, spec in SPECS.items() if spec.family != "listwise" and "value" not in spec.extras)
+TRAINABLE = sorted(name for name, spec in SPECS.items() if spec.family != "listwise")
 KWARGS = {"exo_pair": {"label_smoothing": 0.1}}
 
 
 @pytest.mark.parametrize("objective", TRAINABLE)
 def test_every_objective_takes_a_finite_training_step(objective):
     loss = dpo_loss_fn(MODEL, objective, **KWARGS.get(objective, {}))
-    state = TrainState.create(params(0), TX, jax.random.key(0), objective_state=initial_objective_state(objective))
+    policy = params(0)
+    if "value" in SPECS[objective].extras:
+        policy = {**policy, VALUE_HEAD: nn.meta.unbox(init_value_head(CFG))}
+    state = TrainState.create(policy, TX, jax.random.key(0), objective_state=initial_objective_state(objective))
     step = fast_jit(make_train_step(loss))
     new_state, metrics = step(state, params(1), batch(), DataPosition.start())
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
@@ -138,6 +144,26 @@ def test_bco_baseline_is_a_running_mean_carried_in_the_train_state():
         np.testing.assert_allclose(metrics["delta"], expected.mean, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="grad_accum_steps=1"):
         make_train_step(loss, accum_steps=2)(state, params(1), batch(), DataPosition.start())
+
+
+def test_dro_value_is_a_linear_head_on_stop_gradient_policy_features_and_trains():
+    """V(x) = head(h(x)) with h the policy's hidden state before the first completion token; the value loss moves
+    the head and, through stop-gradient features, never the backbone on its own account."""
+    b = batch()
+    head = {"kernel": jnp.linspace(-1, 1, CFG.d_model)[:, None], "bias": jnp.array([0.3])}
+    policy = {**params(0), VALUE_HEAD: head}
+    tokens = jnp.concatenate([b["chosen_tokens"], b["rejected_tokens"]])
+    attention = jnp.concatenate([b["chosen_attention_mask"], b["rejected_attention_mask"]])
+    completion = jnp.concatenate([b["chosen_completion_mask"], b["rejected_completion_mask"]])
+    hidden = MODEL.apply({"params": params(0)}, tokens, attention, return_hidden=True)[2]
+    value = prompt_values(apply_value_head(head, hidden), completion, attention)
+    reward = jnp.concatenate([b["chosen_score"], b["rejected_score"]])
+    expected, _ = compute_objective("dro", unpair(_direct_inputs(params(0), params(1), {"value": value,
+                                                                                        "reward": reward})), tau=0.5)
+    total, (count, _) = dpo_loss_fn(MODEL, "dro", tau=0.5)(policy, params(1), b)
+    np.testing.assert_allclose(total / count, expected, rtol=1e-5)
+    grads = jax.grad(lambda p: dpo_loss_fn(MODEL, "dro", tau=0.5)(p, params(1), b)[0])(policy)
+    assert float(jnp.abs(grads[VALUE_HEAD]["bias"]).sum()) > 0
 
 
 def test_missing_data_extras_and_stateless_bco_are_clear_errors():

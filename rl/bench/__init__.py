@@ -1,0 +1,1 @@
+"""Benchmarks of the RL core (registered in launch/cli.py BENCHMARKS)."""

@@ -1,0 +1,1 @@
+"""Reference runs of the RL core (registered in launch/experiments.py)."""
