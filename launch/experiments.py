@@ -37,6 +37,13 @@ def _arith_task(name: str, task: str) -> Callable[[], Experiment]:
     return load
 
 
+def _curry_dpo() -> Experiment:
+    from jaxalign.experiments import curry_dpo
+
+    return Experiment(name="curry_dpo", description=EXPERIMENTS["curry_dpo"][0],
+                      default_config=curry_dpo.CurryDPOConfig, run=curry_dpo.run)
+
+
 def _ppo_cartpole() -> Experiment:
     from rl.experiments import ppo_cartpole
 
@@ -61,6 +68,11 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
     "arith_dpo_noisy_labels": (
         "the main job with 30% of the preference pairs flipped (label noise for cDPO / robust DPO)",
         _arith_task("arith_dpo_noisy_labels", "noisy_labels"),
+    ),
+    "curry_dpo": (
+        "Curry-DPO on ARITH: best-vs-rest pairs from K graded samples in easy-to-hard stages, each stage's policy "
+        "the next stage's reference (vs. DPO on all pairs)",
+        _curry_dpo,
     ),
     "ppo_cartpole": (
         "PPO on the JAX CartPole-v1 (vmapped envs, one jitted scan), evaluated over 100 greedy episodes",

@@ -14,7 +14,9 @@ adpo should lose less accuracy than sigmoid).
 
 Columns: objective, task, seed, accuracy (greedy exact match on held-out problems), kl_to_ref (Monte-Carlo
 KL(pi || ref) per response), chosen_logp_change and rejected_logp_change (mean L_pi - L_ref on training pairs),
-mean_length (greedy response tokens), and the run's wall time. DIR/objectives.md holds the per-objective mean and
+mean_length (greedy response tokens), and the run's wall time. Listwise objectives train on ranked lists of the same
+samples (all K graded completions of a prompt), `dpo.list_batch_size` lists per step (the tokens of
+`dpo.batch_size` pairs). DIR/objectives.md holds the per-objective mean and
 standard deviation over seeds for every task, DIR/objectives.png the accuracy and length per task.
 """
 from __future__ import annotations
@@ -39,9 +41,9 @@ FILE_STEM = "objectives"
 
 
 def trainable_objectives() -> list[str]:
-    """Objectives `arith_dpo` trains from its pairs (with the extras `objective_extras` builds for them): every
-    pairwise, reference-free and unpaired objective."""
-    return sorted(name for name, spec in SPECS.items() if spec.family != "listwise")
+    """Every registered objective: `arith_dpo` trains the pairwise, reference-free and unpaired ones on the pairs
+    (with the extras `objective_extras` builds), the listwise ones on ranked lists of the same samples."""
+    return sorted(SPECS)
 
 
 # Modifier variants benchmarked beside the registry names, written NAME[objective_args]: LD-DPO is sigmoid DPO with
@@ -124,8 +126,8 @@ def plot(summary: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def run_objective(cfg, mesh, problems, sft, pairs, workdir: str) -> dict:
-    """Train one objective from the shared SFT policy and pairs; evaluate its last step."""
+def run_objective(cfg, mesh, problems, sft, pairs, workdir: str, data=None) -> dict:
+    """Train one objective from the shared SFT policy on `data` (default: the pairs); evaluate its last step."""
     from jaxalign.experiments import arith_dpo
     from jaxalign.train.loop import MetricsLog
 
@@ -134,7 +136,8 @@ def run_objective(cfg, mesh, problems, sft, pairs, workdir: str) -> dict:
     arith_dpo.claim_workdir(cfg, workdir)
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     sft_params, param_shardings = sft
-    params, _, _ = arith_dpo.train_dpo(cfg, mesh, sft_params, param_shardings, pairs, problems, workdir, log)
+    params, _, _ = arith_dpo.train_dpo(cfg, mesh, sft_params, param_shardings, pairs if data is None else data,
+                                       problems, workdir, log)
     evaluation, _ = arith_dpo.greedy_eval(params, cfg.model, problems.test, cfg.eval_batch_size)
     drift = arith_dpo.drift_from_reference(params, sft_params, cfg.model, problems.test, pairs, cfg.eval_batch_size,
                                            seed=cfg.seed)
@@ -168,10 +171,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if parse_entry(objective)[0] not in available:
             raise ValueError(f"objective {objective!r} cannot be benchmarked here; trainable: {', '.join(available)} "
                              f"(modifier variants as NAME[k=v,...], several separated by ';')")
-    skipped = sorted(set(SPECS) - set(available))
-    if skipped:
-        print(f"[objectives] listwise (trained on ranked lists), not run here: "
-              f"{', '.join(skipped)}", file=sys.stderr)
 
     os.makedirs(args.workdir, exist_ok=True)
     csv_path = os.path.join(args.workdir, f"{FILE_STEM}.csv")
@@ -205,7 +204,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                  f"dpo.reference_cache_dir={cache}"])
                 run_dir = os.path.join(task_dir, objective.replace("[", "_").replace("]", "").replace(",", "_")
                                        .replace("=", "-"))
-                result = run_objective(cfg, mesh, problems, sft, pairs, run_dir)
+                lists = None
+                if SPECS[name].family == "listwise":
+                    from jaxalign.experiments.ranked_lists import on_policy_lists
+
+                    lists, _ = on_policy_lists(task_cfg, sft[0], problems.train, task_dir)
+                result = run_objective(cfg, mesh, problems, sft, pairs, run_dir, data=lists)
                 append_row(csv_path, {"objective": objective, "task": task, "seed": seed, **result,
                                       "sft_accuracy": sft_eval["accuracy"], "pairs": pair_stats["pairs"]})
     rows = read_rows(csv_path)
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"budget: the main job's defaults with {' '.join(BUDGET)}; tasks: "
               + "; ".join(f"{t} ({', '.join(f'pairs.{k}={v}' for k, v in c.items()) or 'as the main job'})"
                           for t, c in TASKS.items()),
-              f"listwise (trained on ranked lists), not run here: {', '.join(skipped) or 'none'}"]
+              "listwise objectives train on ranked lists of the same samples, dpo.list_batch_size lists per step"]
     with open(os.path.join(args.workdir, f"{FILE_STEM}.md"), "w") as f:
         f.write(markdown_table(summary, header))
     plot(summary, os.path.join(args.workdir, f"{FILE_STEM}.png"))

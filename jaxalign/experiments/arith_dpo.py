@@ -55,6 +55,7 @@ from jaxalign.train.checkpoint import (
 )
 from jaxalign.train.loop import MetricsLog, train_loop
 from jaxalign.train.optim import OptimConfig, make_optimizer
+from jaxalign.train.listwise import cached_list_reference_logprobs, listwise_loss_fn
 from jaxalign.train.reference import ReferenceSync, cached_reference_logprobs
 from jaxalign.train.setup import sharded_train_state
 from jaxalign.train.step import (
@@ -115,8 +116,9 @@ class DPOConfig:
     """Preference training from the SFT policy. beta is large for a tiny model (the usual 0.1 over-optimises within a
     few dozen steps here), and sft_weight adds the chosen-NLL regulariser; see the README's measurements.
 
-    objective: any registered pairwise, reference-free or unpaired objective (`jaxalign objectives`); `loss=NAME`
-        on the command line is short for `dpo.objective=NAME`. beta is passed to every objective that takes one,
+    objective: any registered objective (`jaxalign objectives`); `loss=NAME` on the command line is short for
+        `dpo.objective=NAME`. Listwise objectives train on ranked lists of all K graded samples of a prompt,
+        `list_batch_size` lists per step (16 lists of 8 = the sequences of 64 pairs: the same tokens per step). beta is passed to every objective that takes one,
         label_smoothing only when set; `objective_args` sets any other hyper-parameter or TRL's loss modifiers,
         e.g. "tau=0.1" or "ld_alpha=0.5,wpo=true,f_divergence=js_divergence".
     reference: "online" (a frozen copy of the SFT policy runs a forward pass every step), "cached" (its log-probs are
@@ -126,6 +128,7 @@ class DPOConfig:
 
     steps: int = 150
     batch_size: int = 64
+    list_batch_size: int = 16
     grad_accum_steps: int = 1
     beta: float = 2.0
     label_smoothing: float | None = None
@@ -164,9 +167,19 @@ def _parse_scalar(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+# Objectives whose KL-strength parameter is not called beta: dpo.beta is passed under these names (ADPO's
+# temperature is 1/beta: its K=2 case is cDPO with beta = 1/tau; DRO's tau multiplies the log-ratio as beta does).
+BETA_EQUIVALENTS: dict[str, dict[str, Any]] = {
+    "adpo": {"tau": lambda beta: 1.0 / beta},
+    "dro": {"tau": lambda beta: beta},
+    "flex_dpo": {"beta_chosen": lambda beta: beta, "beta_rejected": lambda beta: beta},
+}
+
+
 def objective_kwargs(dpo: DPOConfig) -> dict[str, Any]:
-    """The hyper-parameters passed to `dpo.objective`: beta when it takes one, label_smoothing when set, and
-    `objective_args` ("name=value,name=value"). Unknown names are one clear error listing the accepted ones."""
+    """The hyper-parameters passed to `dpo.objective`: beta when it takes one (or its equivalent,
+    `BETA_EQUIVALENTS`), label_smoothing when set, and `objective_args` ("name=value,name=value"), which win.
+    Unknown names are one clear error listing the accepted ones."""
     spec = get_spec(dpo.objective)
     accepted = {name for name, p in inspect.signature(spec.fn).parameters.items()
                 if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"inputs", "pair_weights"}
@@ -176,6 +189,8 @@ def objective_kwargs(dpo: DPOConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if "beta" in accepted:
         kwargs["beta"] = dpo.beta
+    for name, from_beta in BETA_EQUIVALENTS.get(spec.name, {}).items():
+        kwargs[name] = from_beta(dpo.beta)
     if dpo.label_smoothing is not None:
         kwargs["label_smoothing"] = dpo.label_smoothing
     for item in filter(None, (part.strip() for part in dpo.objective_args.split(","))):
@@ -432,32 +447,61 @@ def build_pairs(problems, prompt_tokens, completions, masks, samples_per_prompt:
     return ArrayDataset(arrays), stats
 
 
-def on_policy_pairs(cfg: ArithDPOConfig, params, problems: np.ndarray, workdir: str):
-    """Sample, grade and pair; cached in workdir/pairs.npz so a resumed run reuses exactly the same pairs."""
-    path = os.path.join(workdir, "pairs.npz")
-    if os.path.exists(path):
-        with np.load(path) as f:
-            stats = json.loads(str(f["stats"]))
-            return ArrayDataset({k: f[k] for k in f.files if k != "stats"}), stats
-    chosen_problems = problems[np.random.default_rng([cfg.seed, 3]).permutation(len(problems))[: cfg.pairs.num_prompts]]
-    repeated = np.repeat(chosen_problems, cfg.pairs.samples_per_prompt, axis=0)
-    sampling = SamplingConfig(max_new_tokens=COMPLETION_LEN, temperature=cfg.pairs.temperature, top_k=cfg.pairs.top_k)
-    prompt_tokens, completions, masks = sample_completions(
-        params, cfg.model, repeated, sampling, jax.random.key(cfg.seed + 17), cfg.eval_batch_size
-    )
-    k = cfg.pairs.samples_per_prompt
-    dataset, stats = build_pairs(chosen_problems, prompt_tokens[::k], completions, masks, k, cfg.pairs.min_score_gap,
-                                  cfg.pairs.require_correct_chosen, cfg.pairs.length_bonus, cfg.pairs.label_flip_rate,
-                                  cfg.seed)
-    if stats["pairs"] < cfg.dpo.batch_size:
-        raise ValueError(
-            f"only {stats['pairs']} preference pairs survived pairs.min_score_gap={cfg.pairs.min_score_gap} "
-            f"({stats['pairs_dropped_tied']} prompts tied, {stats['pairs_dropped_no_correct_sample']} without a "
-            f"correct sample), fewer than dpo.batch_size={cfg.dpo.batch_size}"
-        )
+def load_dataset(path: str) -> tuple[ArrayDataset, dict] | None:
+    """(dataset, stats) from an .npz written by `save_dataset`, or None when the file does not exist."""
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as f:
+        return ArrayDataset({k: f[k] for k in f.files if k != "stats"}), json.loads(str(f["stats"]))
+
+
+def save_dataset(path: str, dataset: ArrayDataset, stats: dict) -> None:
+    """Atomically (temporary file + rename) store a dataset and its statistics."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp.npz"
     np.savez(tmp, stats=json.dumps(stats), **dataset.arrays)
     os.replace(tmp, path)
+
+
+def on_policy_samples(cfg: ArithDPOConfig, params, problems: np.ndarray, workdir: str | None = None):
+    """`cfg.pairs.samples_per_prompt` samples from the SFT policy for each of `cfg.pairs.num_prompts` prompts drawn
+    from `problems`: (prompt problems [N, ops], prompt tokens [N, P], completions [N*K, C], masks [N*K, C]). Pairs
+    and ranked lists are both built from these; with a `workdir` they are cached in workdir/samples.npz."""
+    path = workdir and os.path.join(workdir, "samples.npz")
+    cached = load_dataset(path) if path else None
+    if cached is not None:
+        a = cached[0].arrays
+        return a["problems"], a["prompt_tokens"], a["completions"].reshape(-1, COMPLETION_LEN), a["masks"].reshape(
+            -1, COMPLETION_LEN)
+    chosen = problems[np.random.default_rng([cfg.seed, 3]).permutation(len(problems))[: cfg.pairs.num_prompts]]
+    k = cfg.pairs.samples_per_prompt
+    sampling = SamplingConfig(max_new_tokens=COMPLETION_LEN, temperature=cfg.pairs.temperature, top_k=cfg.pairs.top_k)
+    prompt_tokens, completions, masks = sample_completions(params, cfg.model, np.repeat(chosen, k, axis=0), sampling,
+                                                           jax.random.key(cfg.seed + 17), cfg.eval_batch_size)
+    if path:
+        save_dataset(path, ArrayDataset({"problems": chosen, "prompt_tokens": prompt_tokens[::k],
+                                         "completions": completions.reshape(len(chosen), k, -1),
+                                         "masks": masks.reshape(len(chosen), k, -1)}), {})
+    return chosen, prompt_tokens[::k], completions, masks
+
+
+def on_policy_pairs(cfg: ArithDPOConfig, params, problems: np.ndarray, workdir: str):
+    """Sample, grade and pair; cached in workdir/pairs.npz so a resumed run reuses exactly the same pairs."""
+    path = os.path.join(workdir, "pairs.npz")
+    cached = load_dataset(path)
+    if cached is not None:
+        return cached
+    chosen, prompt_tokens, completions, masks = on_policy_samples(cfg, params, problems, workdir)
+    p = cfg.pairs
+    dataset, stats = build_pairs(chosen, prompt_tokens, completions, masks, p.samples_per_prompt, p.min_score_gap,
+                                  p.require_correct_chosen, p.length_bonus, p.label_flip_rate, cfg.seed)
+    if stats["pairs"] < cfg.dpo.batch_size:
+        raise ValueError(
+            f"only {stats['pairs']} preference pairs survived pairs.min_score_gap={p.min_score_gap} "
+            f"({stats['pairs_dropped_tied']} prompts tied, {stats['pairs_dropped_no_correct_sample']} without a "
+            f"correct sample), fewer than dpo.batch_size={cfg.dpo.batch_size}"
+        )
+    save_dataset(path, dataset, stats)
     return dataset, stats
 
 
@@ -483,9 +527,10 @@ def train_sft(cfg: ArithDPOConfig, mesh, problems: Problems, workdir: str, log: 
     return state.params, shardings.params
 
 
-def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: ArrayDataset, problems: Problems,
+def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, data: ArrayDataset, problems: Problems,
               workdir: str, log: MetricsLog):
-    """Phases 3 and 4: DPO from the SFT policy with it as frozen reference.
+    """Phases 3 and 4: preference training (`dpo.objective`) from the SFT policy with it as reference, on pairs
+    (`on_policy_pairs`) or, for a listwise objective, ranked lists (`ranked_lists.on_policy_lists`).
 
     Checkpoints are written at every validation step (`dpo.eval_every`), so the guard can restore any of them.
     Returns (selected params, last-step params, guard record).
@@ -496,8 +541,10 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
                                            track_reference=cfg.dpo.reference == "sync",
                                            objective_state=initial_objective_state(cfg.dpo.objective),
                                            extra_params=objective_params(cfg))
-    pairs = with_objective_extras(cfg, mesh, sft_params, param_shardings, pairs, problems, workdir)
-    frozen, pairs = reference_for(cfg, model, sft_params, pairs, workdir)
+    listwise = get_spec(cfg.dpo.objective).family == "listwise"
+    if not listwise:
+        data = with_objective_extras(cfg, mesh, sft_params, param_shardings, data, problems, workdir)
+    frozen, data = reference_for(cfg, model, sft_params, data, workdir)
     directory = os.path.join(workdir, "checkpoints", "dpo")
     keep = cfg.dpo.steps // cfg.dpo.eval_every + 1
     ckpt_cfg = dataclasses.replace(cfg.checkpoint, every_steps=cfg.dpo.eval_every, keep_last=max(keep, 1))
@@ -519,13 +566,19 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, pairs: Arr
             history.append({"step": step, "val/accuracy": val["accuracy"], "val/mean_length": val["mean_length"]})
             return {"val/accuracy": val["accuracy"], "val/mean_length": val["mean_length"]}
 
-        loss = dpo_loss_fn(model, cfg.dpo.objective, sft_weight=cfg.dpo.sft_weight, **objective_kwargs(cfg.dpo))
+        if listwise:
+            loss = listwise_loss_fn(model, cfg.dpo.objective, sft_weight=cfg.dpo.sft_weight,
+                                    separator_id=CharTokenizer().encode(";")[0], **objective_kwargs(cfg.dpo))
+            batch_size, token_keys = cfg.dpo.list_batch_size, ("list_attention_mask",)
+        else:
+            loss = dpo_loss_fn(model, cfg.dpo.objective, sft_weight=cfg.dpo.sft_weight, **objective_kwargs(cfg.dpo))
+            batch_size, token_keys = cfg.dpo.batch_size, ("chosen_attention_mask", "rejected_attention_mask")
         step = make_train_step(loss, cfg.dpo.grad_accum_steps, reference_sync=cfg.dpo.reference_sync)
         step_fn = jit_train_step(step, mesh, shardings, None if frozen is None else param_shardings)
         state = train_loop(
-            state=state, step_fn=step_fn, frozen=frozen, dataset=pairs, batch_size=cfg.dpo.batch_size,
+            state=state, step_fn=step_fn, frozen=frozen, dataset=data, batch_size=batch_size,
             num_steps=cfg.dpo.steps, seed=cfg.seed + 1, mesh=mesh, checkpointer=ckpt, metrics_log=log, desc="dpo",
-            hooks=(validate,), token_keys=("chosen_attention_mask", "rejected_attention_mask"),
+            hooks=(validate,), token_keys=token_keys,
             show_progress=cfg.show_progress,
         )
         best = select_checkpoint(history)
@@ -594,19 +647,34 @@ def with_objective_extras(cfg: ArithDPOConfig, mesh, sft_params, param_shardings
     return ArrayDataset(arrays)
 
 
-def reference_for(cfg: ArithDPOConfig, model: DecoderLM, sft_params, pairs: ArrayDataset, workdir: str):
-    """(frozen reference params or None, pairs) for `dpo.reference`: "online" passes the SFT params as the frozen
-    reference; "cached" adds the SFT policy's per-token log-probs to every pair (computed once, cached on disk under
-    a content hash); "sync" keeps the reference in the train state; reference-free objectives get neither."""
-    if not get_spec(cfg.dpo.objective).needs_reference or cfg.dpo.reference == "sync":
-        return None, pairs
+def reference_for(cfg: ArithDPOConfig, model: DecoderLM, sft_params, data: ArrayDataset, workdir: str):
+    """(frozen reference params or None, data) for `dpo.reference`: "online" passes the SFT params as the frozen
+    reference; "cached" adds the SFT policy's per-token log-probs to every pair or list (computed once, cached on
+    disk under a content hash); "sync" keeps the reference in the train state; reference-free objectives get
+    neither."""
+    spec = get_spec(cfg.dpo.objective)
+    if not spec.needs_reference or cfg.dpo.reference == "sync":
+        return None, data
     if cfg.dpo.reference == "online":
-        return sft_params, pairs
+        return sft_params, data
     tok = CharTokenizer()
     tokenization = {"tokenizer": "CharTokenizer", "chars": tok.CHARS, "pad": tok.PAD_ID, "eos": tok.EOS_ID}
-    arrays, _ = cached_reference_logprobs(cache_dir(cfg, workdir), logits_fn(model), sft_params, pairs.arrays, tokenization,
-                                          cfg.eval_batch_size)
-    return None, ArrayDataset({**pairs.arrays, **arrays})
+    cached = cached_list_reference_logprobs if spec.family == "listwise" else cached_reference_logprobs
+    arrays, _ = cached(cache_dir(cfg, workdir), logits_fn(model), sft_params, data.arrays, tokenization,
+                       cfg.eval_batch_size)
+    return None, ArrayDataset({**data.arrays, **arrays})
+
+
+def training_data(cfg: ArithDPOConfig, sft_params, problems: Problems, workdir: str) -> tuple[ArrayDataset, dict]:
+    """The pairs, or for a listwise objective the ranked lists, with their statistics (both from the same cached
+    on-policy samples)."""
+    pairs, stats = on_policy_pairs(cfg, sft_params, problems.train, workdir)
+    if get_spec(cfg.dpo.objective).family != "listwise":
+        return pairs, stats
+    from jaxalign.experiments.ranked_lists import on_policy_lists  # imports this module
+
+    lists, list_stats = on_policy_lists(cfg, sft_params, problems.train, workdir)
+    return lists, {**stats, **list_stats}
 
 
 def select_checkpoint(history: list[dict]) -> dict:
@@ -627,6 +695,8 @@ def validate_config(cfg: ArithDPOConfig, mesh) -> None:
     check_model_fits_mesh(cfg.model, mesh)
     check_batch_fits_mesh(cfg.sft.batch_size // cfg.sft.grad_accum_steps, mesh, "sft.batch_size / grad_accum_steps")
     check_batch_fits_mesh(cfg.dpo.batch_size // cfg.dpo.grad_accum_steps, mesh, "dpo.batch_size / grad_accum_steps")
+    check_batch_fits_mesh(cfg.dpo.list_batch_size // cfg.dpo.grad_accum_steps, mesh,
+                          "dpo.list_batch_size / grad_accum_steps")
     if cfg.model.max_len < PROMPT_LEN + COMPLETION_LEN:
         raise ValueError(f"model.max_len={cfg.model.max_len} is too short for ARITH; expected at least "
                          f"{PROMPT_LEN + COMPLETION_LEN} (prompt {PROMPT_LEN} + completion {COMPLETION_LEN})")
@@ -643,8 +713,8 @@ def run(cfg: ArithDPOConfig, workdir: str) -> dict:
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
 
     sft_params, param_shardings = train_sft(cfg, mesh, problems, workdir, log)
-    pairs, pair_stats = on_policy_pairs(cfg, sft_params, problems.train, workdir)
-    dpo_params, last_params, guard = train_dpo(cfg, mesh, sft_params, param_shardings, pairs, problems, workdir, log)
+    data, data_stats = training_data(cfg, sft_params, problems, workdir)
+    dpo_params, last_params, guard = train_dpo(cfg, mesh, sft_params, param_shardings, data, problems, workdir, log)
 
     sft_eval, sft_correct = greedy_eval(sft_params, cfg.model, problems.test, cfg.eval_batch_size)
     dpo_eval, dpo_correct = greedy_eval(dpo_params, cfg.model, problems.test, cfg.eval_batch_size)
@@ -666,7 +736,7 @@ def run(cfg: ArithDPOConfig, workdir: str) -> dict:
         "carry_share": arith.carry_share(cfg.task.num_operands),
         "num_test_prompts": int(len(problems.test)),
         "sft_examples_dropped_per_epoch": dropped_per_epoch(len(problems.train), cfg.sft.batch_size),
-        **pair_stats,
+        **data_stats,
         "steps": {"sft": cfg.sft.steps, "dpo": cfg.dpo.steps},
         "num_params": count_params(sft_params),
         "wall_seconds": time.perf_counter() - clock,

@@ -205,6 +205,7 @@ def _plot(results: dict[str, Any], path: str) -> None:
     ax_acc.legend()
     stages = results["stages"]
     ax_pairs.bar(range(len(stages)), [s["pairs"] for s in stages], color="tab:blue", alpha=0.6)
+    ax_pairs.set_xticks(range(len(stages)))
     ax_pairs.set(xlabel="stage", ylabel="pairs")
     twin = ax_pairs.twinx()
     twin.plot(range(len(stages)), [s["gap_mean"] for s in stages], color="tab:orange", marker="o")

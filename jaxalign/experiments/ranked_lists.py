@@ -6,20 +6,18 @@ whole: every prompt gives one list of its K samples with their judged scores, in
 """
 from __future__ import annotations
 
-import json
 import os
 
-import jax
 import numpy as np
 
 from jaxalign.data.iterator import ArrayDataset
 from jaxalign.experiments.arith_dpo import (
-    COMPLETION_LEN,
     ArithDPOConfig,
     grade_completions,
-    sample_completions,
+    load_dataset,
+    on_policy_samples,
+    save_dataset,
 )
-from jaxalign.sampling import SamplingConfig
 from jaxalign.tasks import arith
 from jaxalign.tasks.tokenizer import CharTokenizer
 
@@ -100,28 +98,14 @@ def build_ranked_lists(problems, prompt_tokens, completions, masks, samples_per_
     return ArrayDataset(arrays), stats
 
 
-def on_policy_samples(cfg: ArithDPOConfig, params, problems: np.ndarray):
-    """The main job's on-policy samples: `cfg.pairs.num_prompts` prompts drawn from `problems` and
-    `cfg.pairs.samples_per_prompt` samples each, with the seeds `arith_dpo.on_policy_pairs` uses, so these are
-    exactly the samples its pairs are built from. Returns (prompt problems [N, ops], prompt tokens [N, P],
-    completions [N*K, C], masks [N*K, C])."""
-    chosen = problems[np.random.default_rng([cfg.seed, 3]).permutation(len(problems))[: cfg.pairs.num_prompts]]
-    repeated = np.repeat(chosen, cfg.pairs.samples_per_prompt, axis=0)
-    sampling = SamplingConfig(max_new_tokens=COMPLETION_LEN, temperature=cfg.pairs.temperature, top_k=cfg.pairs.top_k)
-    prompt_tokens, completions, masks = sample_completions(params, cfg.model, repeated, sampling,
-                                                           jax.random.key(cfg.seed + 17), cfg.eval_batch_size)
-    return chosen, prompt_tokens[:: cfg.pairs.samples_per_prompt], completions, masks
-
-
 def on_policy_lists(cfg: ArithDPOConfig, params, problems: np.ndarray, workdir: str) -> tuple[ArrayDataset, dict]:
     """Sample (`on_policy_samples`), grade and rank with `cfg.pairs`' judge settings; cached in
     workdir/lists.npz so a resumed run reuses exactly the same lists. No list surviving is one clear error."""
     path = os.path.join(workdir, "lists.npz")
-    if os.path.exists(path):
-        with np.load(path) as f:
-            stats = json.loads(str(f["stats"]))
-            return ArrayDataset({k: f[k] for k in f.files if k != "stats"}), stats
-    chosen, prompt_tokens, completions, masks = on_policy_samples(cfg, params, problems)
+    cached = load_dataset(path)
+    if cached is not None:
+        return cached
+    chosen, prompt_tokens, completions, masks = on_policy_samples(cfg, params, problems, workdir)
     p = cfg.pairs
     dataset, stats = build_ranked_lists(chosen, prompt_tokens, completions, masks, p.samples_per_prompt,
                                         p.min_score_gap, p.require_correct_chosen, p.length_bonus, p.label_flip_rate,
@@ -132,8 +116,5 @@ def on_policy_lists(cfg: ArithDPOConfig, params, problems: np.ndarray, workdir: 
             f"{len(chosen)} prompts tied, {stats['lists_dropped_no_correct_sample']} without a correct sample, "
             f"pairs.require_correct_chosen={p.require_correct_chosen})"
         )
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, stats=json.dumps(stats), **dataset.arrays)
-    os.replace(tmp, path)
+    save_dataset(path, dataset, stats)
     return dataset, stats
