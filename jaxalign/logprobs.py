@@ -35,6 +35,12 @@ def sequence_logprobs(token_logps: jax.Array, mask: jax.Array, average: bool = F
     return total
 
 
+def concatenated_pairs(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(tokens, attention masks, completion masks) of the chosen rows followed by the rejected rows, [2*pairs, T]."""
+    return tuple(jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
+                 for key in ("tokens", "attention_mask", "completion_mask"))
+
+
 def pair_token_logprobs(apply_fn: Callable[..., Any], params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Masked per-token log-probs of the chosen and rejected sequences from ONE concatenated forward pass.
 
@@ -42,9 +48,7 @@ def pair_token_logprobs(apply_fn: Callable[..., Any], params: Any, batch: dict) 
     [pairs, time]. Concatenating along the batch halves the number of kernel launches and keeps both halves of a
     pair on the same device shard.
     """
-    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
-    attention = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
-    completion = jnp.concatenate([batch["chosen_completion_mask"], batch["rejected_completion_mask"]], axis=0)
+    tokens, attention, completion = concatenated_pairs(batch)
     logits = apply_fn(params, tokens, attention)
     logps = masked_token_logprobs(logits, tokens, completion)
     pairs = batch["chosen_tokens"].shape[0]

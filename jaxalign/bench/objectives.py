@@ -7,17 +7,17 @@ objective trains from the SFT policy for the same number of steps with the same 
 checkpoint selection: the benchmark compares what each objective does with a fixed budget, over-optimisation
 included). Rows are appended to DIR/objectives.csv as they finish, so a killed benchmark resumes where it stopped.
 
-Tasks (`arith_dpo.TASK_VARIANTS`): ARITH as in the main job; `length_bias`, whose judge adds a bonus per completion token so longer
-responses win more often than their quality warrants (length-normalised objectives such as LD-DPO's ld_alpha and
-SimPO should lengthen responses less); `noisy_labels`, where a stated fraction of pairs is flipped (robust, cdpo and
-adpo should lose less accuracy than sigmoid).
+Tasks (`arith_dpo.TASK_VARIANTS`): ARITH as in the main job; `length_bias`, whose judge adds a bonus per
+completion token so longer responses win more often than their quality warrants (length-normalised objectives
+such as LD-DPO's ld_alpha and SimPO should lengthen responses less); `noisy_labels`, where a stated fraction of
+pairs is flipped (robust, cdpo and adpo should lose less accuracy than sigmoid).
 
 Columns: objective, task, seed, accuracy (greedy exact match on held-out problems), kl_to_ref (Monte-Carlo
 KL(pi || ref) per response), chosen_logp_change and rejected_logp_change (mean L_pi - L_ref on training pairs),
-mean_length (greedy response tokens), and the run's wall time. Listwise objectives train on ranked lists of the same
-samples (all K graded completions of a prompt), `dpo.list_batch_size` lists per step (the tokens of
-`dpo.batch_size` pairs). DIR/objectives.md holds the per-objective mean and
-standard deviation over seeds for every task, DIR/objectives.png the accuracy and length per task.
+mean_length (greedy response tokens), and the run's wall time. Listwise objectives train on ranked lists of the
+same samples (all K graded completions of a prompt), `dpo.list_batch_size` lists per step (the tokens of
+`dpo.batch_size` pairs). DIR/objectives.md holds the per-objective mean and standard deviation over seeds for
+every task, DIR/objectives.png the accuracy and length per task.
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
     parser.add_argument("--objectives", default="all",
-                        help="comma list (';' when an entry has [args]), or 'all': every trainable objective and VARIANTS")
+                        help="comma list (';' when an entry has [args]), or 'all': every objective and VARIANTS")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (key=value)")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
 

@@ -18,7 +18,6 @@ Pipeline (each phase resumable; re-running the same command continues where a ki
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import inspect
 import json
@@ -32,7 +31,6 @@ import numpy as np
 from jaxalign.data.iterator import ArrayDataset, dropped_per_epoch
 from jaxalign.experiments import objective_extras
 from jaxalign.experiments.objective_extras import ExtrasConfig
-from jaxalign.logprobs import masked_token_logprobs, sequence_logprobs
 from jaxalign.losses import get_spec
 from jaxalign.losses.dpo import check_beta
 from jaxalign.models.heads import VALUE_HEAD, init_value_head
@@ -118,11 +116,13 @@ class DPOConfig:
 
     objective: any registered objective (`jaxalign objectives`); `loss=NAME` on the command line is short for
         `dpo.objective=NAME`. Listwise objectives train on ranked lists of all K graded samples of a prompt,
-        `list_batch_size` lists per step (16 lists of 8 = the sequences of 64 pairs: the same tokens per step). beta is passed to every objective that takes one,
-        label_smoothing only when set; `objective_args` sets any other hyper-parameter or TRL's loss modifiers,
-        e.g. "tau=0.1" or "ld_alpha=0.5,wpo=true,f_divergence=js_divergence".
+        `list_batch_size` lists per step (16 lists of 8 = the sequences of 64 pairs: the same tokens per step).
+        beta is passed to every objective that takes one (or its equivalent, `BETA_EQUIVALENTS`), label_smoothing
+        only when set; `objective_args` sets any other hyper-parameter or TRL's loss modifiers, e.g. "tau=0.1" or
+        "ld_alpha=0.5,wpo=true,f_divergence=js_divergence".
     reference: "online" (a frozen copy of the SFT policy runs a forward pass every step), "cached" (its log-probs are
-        computed once and cached on disk under a content hash, `reference_cache_dir`, default WORKDIR/reference_cache)
+        computed once and cached on disk under a content hash in `reference_cache_dir`, default
+        WORKDIR/reference_cache, with the other precomputed objective extras)
         or "sync" (TR-DPO: every `sync_every` steps ref <- sync_alpha * policy + (1 - sync_alpha) * ref).
     """
 
@@ -346,25 +346,6 @@ def greedy_eval(params, model_cfg: ModelConfig, problems: np.ndarray, batch_size
     return {"accuracy": float(correct.mean()), "mean_length": float(mask.sum(-1).mean())}, correct
 
 
-@functools.lru_cache(maxsize=4)
-def _sequence_logprobs_fn(model_cfg: ModelConfig):
-    apply = logits_fn(DecoderLM(model_cfg))
-
-    def fn(params, tokens, attention, completion):
-        logits = apply(params, tokens, attention)
-        return sequence_logprobs(masked_token_logprobs(logits, tokens, completion), completion)
-
-    return jax.jit(fn)
-
-
-def completion_logprobs(params, model_cfg: ModelConfig, tokens, attention, completion, batch_size: int) -> np.ndarray:
-    """L(y) = summed completion log-probs of every row, computed in batches; [N]."""
-    fn = _sequence_logprobs_fn(model_cfg)
-    return np.concatenate([np.asarray(fn(params, tokens[i : i + batch_size], attention[i : i + batch_size],
-                                         completion[i : i + batch_size]))
-                           for i in range(0, len(tokens), batch_size)])
-
-
 def drift_from_reference(params, reference, model_cfg: ModelConfig, problems: np.ndarray, pairs: ArrayDataset,
                          batch_size: int, num_samples: int = 512, seed: int = 0) -> dict[str, float]:
     """How far a policy moved from its reference (the objectives benchmark's columns).
@@ -380,14 +361,15 @@ def drift_from_reference(params, reference, model_cfg: ModelConfig, problems: np
     tokens = np.concatenate([prompts, completions], axis=1)
     attention = np.concatenate([prompts != CharTokenizer.PAD_ID, masks], axis=1).astype(np.int32)
     completion = np.concatenate([np.zeros_like(prompts), masks], axis=1).astype(np.int32)
-    kl = completion_logprobs(params, model_cfg, tokens, attention, completion, batch_size) - completion_logprobs(
-        reference, model_cfg, tokens, attention, completion, batch_size)
-    report = {"kl_to_ref": float(kl.mean())}
+
+    def log_ratio(*arrays):  # L_pi(y) - L_ref(y) per row
+        return (objective_extras.summed_logprobs(params, model_cfg, *arrays, batch_size)
+                - objective_extras.summed_logprobs(reference, model_cfg, *arrays, batch_size))
+
+    report = {"kl_to_ref": float(log_ratio(tokens, attention, completion).mean())}
     for side in ("chosen", "rejected"):
         arrays = [pairs.arrays[f"{side}_{k}"][:num_samples] for k in ("tokens", "attention_mask", "completion_mask")]
-        change = completion_logprobs(params, model_cfg, *arrays, batch_size) - completion_logprobs(
-            reference, model_cfg, *arrays, batch_size)
-        report[f"{side}_logp_change"] = float(change.mean())
+        report[f"{side}_logp_change"] = float(log_ratio(*arrays).mean())
     return report
 
 

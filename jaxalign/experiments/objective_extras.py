@@ -19,6 +19,7 @@ benchmark's many runs on one task train each auxiliary model once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from jaxalign.algorithms.reward_model import bradley_terry_loss_fn, reward_margins
 from jaxalign.data.iterator import ArrayDataset, batch_at
+from jaxalign.logprobs import masked_token_logprobs, sequence_logprobs
 from jaxalign.models.heads import ScalarHeadLM, init_scalar_head_params, with_backbone
 from jaxalign.models.llama import DecoderLM, ModelConfig
 from jaxalign.train.optim import OptimConfig, make_optimizer
@@ -72,14 +74,24 @@ def mismatched_sequences(arrays: dict[str, np.ndarray], prompt_len: int) -> dict
             "kl_completion_mask": completion}
 
 
-def summed_logprobs(params, model_cfg: ModelConfig, tokens, attention, completion, batch_size: int) -> np.ndarray:
-    """L(y) of every row (completion tokens only), in batches."""
+@functools.lru_cache(maxsize=4)
+def _summed_logprobs_fn(model_cfg: ModelConfig):
     apply = logits_fn(DecoderLM(model_cfg))
-    # Reuse the pair forward with the same sequence on both sides: one compiled function for all callers.
-    data = {f"{side}_{k}": v for side in PAIR_SIDES for k, v in
-            (("tokens", tokens), ("attention_mask", attention), ("completion_mask", completion))}
-    logps = compute_reference_logprobs(apply, params, data, batch_size)["reference_chosen"]
-    return (logps * completion).sum(axis=1).astype(np.float32)
+
+    def fn(params, tokens, attention, completion):
+        logits = apply(params, tokens, attention)
+        return sequence_logprobs(masked_token_logprobs(logits, tokens, completion), completion)
+
+    return jax.jit(fn)
+
+
+def summed_logprobs(params, model_cfg: ModelConfig, tokens, attention, completion, batch_size: int) -> np.ndarray:
+    """L(y) = summed completion log-probs of every row, computed in batches with one compiled function per model
+    config; [N] float32."""
+    fn = _summed_logprobs_fn(model_cfg)
+    return np.concatenate([np.asarray(fn(params, tokens[i : i + batch_size], attention[i : i + batch_size],
+                                         completion[i : i + batch_size]), np.float32)
+                           for i in range(0, len(tokens), batch_size)])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxalign.logprobs import masked_token_logprobs, pair_token_logprobs, sequence_logprobs
+from jaxalign.logprobs import concatenated_pairs, masked_token_logprobs, pair_token_logprobs, sequence_logprobs
 from jaxalign.losses import ObjectiveSpec, PairwiseInputs, compute_objective, get_spec, unpair
 from jaxalign.losses.modifiers import WPO_EXTRAS, wpo_token_log_norm
 from jaxalign.losses.unpaired import RunningMoments, bco_baseline
@@ -53,9 +53,7 @@ def _pair_forward(model: DecoderLM, params, batch: dict, with_log_norm: bool, wi
     normaliser log sum_v p_v^2 per token (no gradient) when `with_log_norm`; DRO's V(x) from the value head on the
     policy's stop-gradient hidden state before the first completion token, for both halves, when `with_value`."""
     pairs = batch["chosen_tokens"].shape[0]
-    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
-    attention = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
-    completion = jnp.concatenate([batch["chosen_completion_mask"], batch["rejected_completion_mask"]], axis=0)
+    tokens, attention, completion = concatenated_pairs(batch)
     logits, _, hidden = model.apply({"params": params}, tokens, attention, return_hidden=True)
     logps = masked_token_logprobs(logits, tokens, completion)
     extras = {}
