@@ -44,6 +44,13 @@ def _curry_dpo() -> Experiment:
                       default_config=curry_dpo.CurryDPOConfig, run=curry_dpo.run)
 
 
+def _ddp_gridworld() -> Experiment:
+    from agents.distributional_dp import experiment as ddp_gridworld
+
+    return Experiment(name="ddp_gridworld", description=EXPERIMENTS["ddp_gridworld"][0],
+                      default_config=ddp_gridworld.DDPGridworldConfig, run=ddp_gridworld.run)
+
+
 def _ppo_cartpole() -> Experiment:
     from rl.experiments import ppo_cartpole
 
@@ -73,6 +80,11 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "Curry-DPO on ARITH: best-vs-rest pairs from K graded samples in easy-to-hard stages, each stage's policy "
         "the next stage's reference (vs. DPO on all pairs)",
         _curry_dpo,
+    ),
+    "ddp_gridworld": (
+        "agent (a), deep: stock-augmented quantile DQN greedy w.r.t. CVaR_0.1 / homeostatic objectives on a "
+        "stochastic gridworld vs the tabular optimum and QR-DQN (10,000 evaluation episodes)",
+        _ddp_gridworld,
     ),
     "ppo_cartpole": (
         "PPO on the JAX CartPole-v1 (vmapped envs, one jitted scan), evaluated over 100 greedy episodes",

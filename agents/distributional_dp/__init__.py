@@ -14,6 +14,10 @@ categorical vectors over the integers.
                     optimise_var (threshold sweep)
   brute_force.py    enumeration of all deterministic history-dependent (and Markov) policies on tiny MDPs
   plots.py          saving the optimal final-stock distributions of several objectives as a PNG
+  deep.py           the deep agent: StockAugmented env wrapper, a quantile network with the stock as input acting
+                    greedily w.r.t. an expected utility of the final stock (CVaR via Bauerle-Ott, homeostatic),
+                    QR-DQN as its mean-greedy, stock-masked special case (imports JAX; not re-exported here)
+  experiment.py     `jaxalign run ddp_gridworld`: deep agent vs tabular optimum vs QR-DQN on rl.envs.gridworld
 """
 from agents.distributional_dp.distributions import StockGrid, mix, point_mass, shift
 from agents.distributional_dp.dp import (CVaRSolution, DPSolution, SweepSolution, backup, evaluate_policy,

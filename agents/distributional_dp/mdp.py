@@ -199,3 +199,43 @@ def cvar_recovery_mdp() -> FiniteMDP:
     kernel[0, 1, 0, 0] = 0.5
     kernel[0, 1, 0, 3] = 0.5
     return FiniteMDP(kernel=kernel, reward_min=0, horizon=2, initial=np.array([1.0]))
+
+
+def gridworld_mdp(layout, slip_prob: float, pit_cost: int, horizon: int) -> FiniteMDP:
+    """The stochastic gridworld of `rl.envs.gridworld` as an exact FiniteMDP (states: its non-wall cells in
+    row-major order; actions up, right, down, left; horizon H), built from the layout strings with plain loops,
+    independently of the JAX step (their equality is tested).
+
+    Rules: '#' walls and the grid's border block moves (the agent stays); on a slippery cell '~' the intended move
+    is replaced by "down" with probability slip_prob; the goal 'G' and pit 'X' are absorbing. The reward depends on
+    the cell a step starts from: 0 at the goal, -pit_cost in the pit, -1 elsewhere. s_0 is the start 'S'. The JAX
+    environment ends an episode on reaching the goal; here the goal loops with reward 0, which gives the same
+    return.
+    """
+    if not 0.0 <= slip_prob <= 1.0:
+        raise ValueError(f"gridworld slip_prob must lie in [0, 1]; got {slip_prob!r}")
+    if isinstance(pit_cost, bool) or int(pit_cost) != pit_cost or pit_cost < 0:
+        raise ValueError(f"gridworld pit_cost must be a non-negative integer; got {pit_cost!r}")
+    cells = [(i, j) for i, row in enumerate(layout) for j, ch in enumerate(row) if ch != "#"]
+    index = {c: k for k, c in enumerate(cells)}
+    moves = [(-1, 0), (0, 1), (1, 0), (0, -1)]
+    n = len(cells)
+    transition = np.zeros((n, 4, n))
+    reward = np.zeros((n, 4, n), np.int64)
+    for k, (i, j) in enumerate(cells):
+        ch = layout[i][j]
+        for a in range(4):
+            if ch in "GX":
+                transition[k, a, k] = 1.0
+                reward[k, a, :] = 0 if ch == "G" else -int(pit_cost)
+                continue
+            reward[k, a, :] = -1
+            outcomes = [(moves[a], 1.0)] if ch != "~" else [(moves[a], 1.0 - slip_prob), (moves[2], slip_prob)]
+            for (di, dj), prob in outcomes:
+                transition[k, a, index.get((i + di, j + dj), k)] += prob
+    starts = [index[(i, j)] for i, row in enumerate(layout) for j, ch in enumerate(row) if ch == "S"]
+    if len(starts) != 1:
+        raise ValueError(f"a gridworld layout needs exactly one start 'S'; found {len(starts)}")
+    initial = np.zeros(n)
+    initial[starts[0]] = 1.0
+    return FiniteMDP.from_transitions(transition, reward, horizon=int(horizon), initial=initial)

@@ -269,8 +269,16 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# Fields that change how a run reports, not what it computes: they may differ when a run is resumed.
+# Fields that change how a run reports, not what it computes: they may differ when a run is resumed (at any depth,
+# so configs that embed this one, e.g. Curry-DPO's `base`, resume alike).
 _PRESENTATION_FIELDS = ("show_progress", "eval_batch_size")
+
+
+def without_presentation_fields(config: Any) -> Any:
+    """A JSON config without its presentation fields, at every level."""
+    if isinstance(config, dict):
+        return {k: without_presentation_fields(v) for k, v in config.items() if k not in _PRESENTATION_FIELDS}
+    return config
 
 
 def claim_workdir(cfg, workdir: str) -> None:
@@ -284,8 +292,7 @@ def claim_workdir(cfg, workdir: str) -> None:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        strip = lambda c: {k: v for k, v in c.items() if k not in _PRESENTATION_FIELDS}  # noqa: E731
-        difference = first_json_difference(strip(saved), strip(current))
+        difference = first_json_difference(without_presentation_fields(saved), without_presentation_fields(current))
         if difference:
             field, before, now = difference
             raise ValueError(
