@@ -69,8 +69,13 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         _arith_dpo,
     ),
     "arith_dpo_length_bias": (
-        "the main job with a length-biased judge (+0.5 score per completion token): longer responses win too often",
+        "the main job with verbose demonstrations (0-3 neutral recaps of the answer) and a length-biased judge "
+        "(+0.5 score per completion token): longer responses win more often than their quality warrants",
         _arith_task("arith_dpo_length_bias", "length_bias"),
+    ),
+    "arith_dpo_verbose": (
+        "the length-bias task's control: the same verbose demonstrations, pairs judged by the oracle alone",
+        _arith_task("arith_dpo_verbose", "verbose"),
     ),
     "arith_dpo_noisy_labels": (
         "the main job with 30% of the preference pairs flipped (label noise for cDPO / robust DPO)",

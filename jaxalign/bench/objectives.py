@@ -7,9 +7,11 @@ objective trains from the SFT policy for the same number of steps with the same 
 checkpoint selection: the benchmark compares what each objective does with a fixed budget, over-optimisation
 included). Rows are appended to DIR/objectives.csv as they finish, so a killed benchmark resumes where it stopped.
 
-Tasks (`arith_dpo.TASK_VARIANTS`): ARITH as in the main job; `length_bias`, whose judge adds a bonus per
-completion token so longer responses win more often than their quality warrants (length-normalised objectives
-such as LD-DPO's ld_alpha and SimPO should lengthen responses less); `noisy_labels`, where a stated fraction of
+Tasks (`arith_dpo.TASK_VARIANTS`): ARITH as in the main job; `length_bias`, whose demonstrations end with a random
+number of recaps of the answer (neutral for the oracle, so length and correctness are independent) and whose judge
+adds a bonus per completion token, so longer responses win more often than their quality warrants (length-normalised
+objectives such as LD-DPO's ld_alpha and SimPO should lengthen responses less); `verbose`, its control: the same
+verbose demonstrations judged by the oracle alone (these two share an SFT policy of their own); `noisy_labels`, where a stated fraction of
 pairs is flipped (robust, cdpo and adpo should lose less accuracy than sigmoid).
 
 Columns: objective, task, seed, accuracy (greedy exact match on held-out problems), kl_to_ref (Monte-Carlo
@@ -49,6 +51,12 @@ def trainable_objectives() -> list[str]:
 # Modifier variants benchmarked beside the registry names, written NAME[objective_args]: LD-DPO is sigmoid DPO with
 # ld_alpha (Liu et al. 2024 use alpha in [0.3, 0.7] for 7-8B models); WPO and f-DPO likewise.
 VARIANTS = ("sigmoid[ld_alpha=0.5]", "sigmoid[wpo=true]", "sigmoid[f_divergence=js_divergence]")
+
+
+def describe_task(task: str) -> str:
+    """A task variant's config changes as overrides, e.g. 'pairs.label_flip_rate=0.3'."""
+    changes = [f"{section}.{name}={value}" for section, fields in TASKS[task].items() for name, value in fields.items()]
+    return ", ".join(changes) or "as the main job"
 
 
 def parse_entry(entry: str) -> tuple[str, str]:
@@ -182,19 +190,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         arith_dpo.validate_config(base, mesh)
         problems = arith_dpo.split(base)
         seed_dir = os.path.join(args.workdir, f"seed{seed}")
-        sft = None
+        sft_policies: dict[str, tuple] = {}  # SFT directory -> (train_sft's result, its greedy evaluation)
         for task in tasks:
             todo = [o for o in objectives if (o, task, seed) not in done]
             if not todo:
                 continue
             task_cfg = arith_dpo.task_config(base, task)
-            if sft is None:
-                os.makedirs(seed_dir, exist_ok=True)
-                sft = arith_dpo.train_sft(task_cfg, mesh, problems, seed_dir, MetricsLog(os.path.join(seed_dir,
-                                                                                                      "metrics.jsonl")))
-                sft_eval, _ = arith_dpo.greedy_eval(sft[0], base.model, problems.test, base.eval_batch_size)
             task_dir = os.path.join(seed_dir, task)
             os.makedirs(task_dir, exist_ok=True)
+            # Tasks with the same demonstrations and model share one SFT policy (the main job's in seed_dir).
+            sft_dir = os.path.join(seed_dir, arith_dpo.sft_variant(task)).rstrip(os.sep)
+            if sft_dir not in sft_policies:
+                trained = arith_dpo.train_sft(task_cfg, mesh, problems, sft_dir,
+                                              MetricsLog(os.path.join(sft_dir, "metrics.jsonl")))
+                sft_policies[sft_dir] = trained, arith_dpo.greedy_eval(trained[0], task_cfg.model, problems.test,
+                                                                       base.eval_batch_size)[0]
+            sft, sft_eval = sft_policies[sft_dir]
             pairs, pair_stats = arith_dpo.on_policy_pairs(task_cfg, sft[0], problems.train, task_dir)
             cache = os.path.join(task_dir, "reference_cache")
             for objective in todo:
@@ -217,8 +228,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     header = [f"command: jaxalign bench objectives --workdir {args.workdir} --seeds {args.seeds} --tasks {args.tasks} "
               f"--objectives {args.objectives} {' '.join(args.overrides)}".rstrip(),
               f"budget: the main job's defaults with {' '.join(BUDGET)}; tasks: "
-              + "; ".join(f"{t} ({', '.join(f'pairs.{k}={v}' for k, v in c.items()) or 'as the main job'})"
-                          for t, c in TASKS.items()),
+              + "; ".join(f"{t} ({describe_task(t)})" for t in TASKS),
               "listwise objectives train on ranked lists of the same samples, dpo.list_batch_size lists per step"]
     with open(os.path.join(args.workdir, f"{FILE_STEM}.md"), "w") as f:
         f.write(markdown_table(summary, header))

@@ -29,12 +29,14 @@ import jax
 import numpy as np
 
 from jaxalign.data.iterator import ArrayDataset, dropped_per_epoch
+from jaxalign.distributed import host_local, is_primary
 from jaxalign.experiments import objective_extras
 from jaxalign.experiments.objective_extras import ExtrasConfig
 from jaxalign.losses import get_spec
 from jaxalign.losses.dpo import check_beta
 from jaxalign.models.heads import VALUE_HEAD, init_value_head
 from jaxalign.models.llama import DecoderLM, ModelConfig, count_params
+from jaxalign.models.lora import LoraConfig, merge_lora
 from jaxalign.sampling import SamplingConfig, generate
 from jaxalign.sharding import (
     MeshConfig,
@@ -55,18 +57,32 @@ from jaxalign.train.loop import MetricsLog, train_loop
 from jaxalign.train.optim import OptimConfig, make_optimizer
 from jaxalign.train.listwise import cached_list_reference_logprobs, listwise_loss_fn
 from jaxalign.train.reference import ReferenceSync, cached_reference_logprobs
-from jaxalign.train.setup import sharded_train_state
+from jaxalign.train.setup import sharded_lora_train_state, sharded_train_state
 from jaxalign.train.step import (
     dpo_loss_fn,
     initial_objective_state,
     jit_train_step,
     logits_fn,
+    lora_loss_fn,
     make_train_step,
     sft_loss_fn,
 )
 
 PROMPT_LEN = 8  # "a+b+c+d=" with single digits
-COMPLETION_LEN = 24  # longest chain "9+9=18;18+9=27;27+9=36" (22 chars) + EOS, plus one slot of slack
+
+
+def completion_len(task: arith.ArithConfig) -> int:
+    """Completion slots a task needs: its longest demonstration (`arith.max_completion_chars`) + EOS + one slot of
+    slack (so a policy that runs on past the longest answer is seen doing so rather than cut off exactly there)."""
+    return arith.max_completion_chars(task) + 2
+
+
+def completion_budget(model_cfg: ModelConfig) -> int:
+    """How many tokens sampling may generate: the model's context after the prompt."""
+    return model_cfg.max_len - PROMPT_LEN
+
+
+COMPLETION_LEN = completion_len(arith.ArithConfig())  # 24: "9+9=18;18+9=27;27+9=36" (22 chars) + EOS + slack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +222,29 @@ def objective_kwargs(dpo: DPOConfig) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """LoRA for the preference phase (Hu et al. 2021, `jaxalign.models.lora`). rank 0 (the default) trains every
+    parameter; rank > 0 trains adapters on the kernels `targets` selects (comma-separated path patterns) and nothing
+    else, the SFT policy being both their frozen base and the reference (one copy of its weights). The phase
+    returns, evaluates and checkpoints-for-selection the merged policy W0 + (alpha / rank) A B."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: str = "attn/q,attn/v"
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"lora.rank must be a non-negative integer (0 = no LoRA), got {self.rank!r}")
+        self.config()  # LoraConfig's own checks of alpha and the patterns
+
+    def config(self) -> LoraConfig | None:
+        if not self.rank:
+            return None
+        targets = tuple(part.strip() for part in self.targets.split(",") if part.strip())
+        return LoraConfig(rank=self.rank, alpha=self.alpha, targets=targets)
+
+
+@dataclasses.dataclass(frozen=True)
 class ArithDPOConfig:
     """Everything the main job needs; every field can be overridden from the command line (key=value)."""
 
@@ -218,23 +257,33 @@ class ArithDPOConfig:
     pairs: PairConfig = PairConfig()
     dpo: DPOConfig = DPOConfig()
     extras: ExtrasConfig = ExtrasConfig()
+    lora: LoraSection = LoraSection()
     checkpoint: CheckpointConfig = CheckpointConfig(every_steps=100, keep_last=2)
     eval_fraction: float = 0.2
     num_val_prompts: int = 256
     eval_batch_size: int = 1024
     show_progress: bool = True
+    log_every: int = 10  # metrics.jsonl gets a record every this many steps (and at every validation step)
 
     # `jaxalign run arith_dpo loss=NAME` is short for dpo.objective=NAME.
     OVERRIDE_ALIASES: ClassVar[dict[str, str]] = {"loss": "dpo.objective"}
 
 
-# The built-in task variants (issue 3's benchmark tasks): each is the main job with these `PairConfig` changes.
-TASK_VARIANTS: dict[str, dict[str, Any]] = {
+# The built-in task variants (issue 3's benchmark tasks): each is the main job with these changes, per config section.
+# Verbose demonstrations end with 0-3 recaps of the answer (";24"), which the oracle ignores, so length and
+# correctness are independent; the model gets room for them.
+_VERBOSE_TASK = arith.ArithConfig(max_recaps=3, recap_prob=0.4)
+_VERBOSE = {"task": {"max_recaps": _VERBOSE_TASK.max_recaps, "recap_prob": _VERBOSE_TASK.recap_prob},
+            "model": {"max_len": PROMPT_LEN + completion_len(_VERBOSE_TASK)}}
+TASK_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "arith": {},
-    # the judge adds 0.5 score per completion token: one extra token outweighs half a correct step
-    "length_bias": {"length_bonus": 0.5},
+    # the length-bias task's control: the same verbose demonstrations, judged by the oracle alone
+    "verbose": _VERBOSE,
+    # ... judged with 0.5 score per completion token: one recap (3 tokens) outweighs a correct step, and two outweigh
+    # most of the gap between a right and a wrong answer
+    "length_bias": {**_VERBOSE, "pairs": {"length_bonus": 0.5}},
     # 30% of the pairs flipped, the label-noise model cDPO and robust DPO are built for
-    "noisy_labels": {"label_flip_rate": 0.3},
+    "noisy_labels": {"pairs": {"label_flip_rate": 0.3}},
 }
 
 
@@ -242,7 +291,18 @@ def task_config(cfg: "ArithDPOConfig", task: str) -> "ArithDPOConfig":
     """`cfg` turned into one of the TASK_VARIANTS."""
     if task not in TASK_VARIANTS:
         raise ValueError(f"unknown task {task!r}; available: {', '.join(TASK_VARIANTS)}")
-    return dataclasses.replace(cfg, pairs=dataclasses.replace(cfg.pairs, **TASK_VARIANTS[task]))
+    changes = {section: dataclasses.replace(getattr(cfg, section), **fields)
+               for section, fields in TASK_VARIANTS[task].items()}
+    return dataclasses.replace(cfg, **changes)
+
+
+def sft_variant(task: str) -> str:
+    """The part of a task variant that changes the SFT phase (its demonstrations or model), as a short stable name;
+    '' for variants that share the main job's SFT policy. Variants with the same name can share one SFT policy."""
+    changes = {section: TASK_VARIANTS[task][section] for section in ("task", "model") if section in TASK_VARIANTS[task]}
+    if not changes:
+        return ""
+    return "sft_" + hashlib.sha256(json.dumps(changes, sort_keys=True).encode()).hexdigest()[:10]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,7 +312,7 @@ def task_config(cfg: "ArithDPOConfig", task: str) -> "ArithDPOConfig":
 def params_sha256(params) -> str:
     """A hash of the parameters' bytes (leaves in tree order), to compare runs bit for bit."""
     digest = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves(jax.device_get(params)):
+    for leaf in jax.tree_util.tree_leaves(jax.device_get(host_local(params))):
         digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
     return digest.hexdigest()
 
@@ -271,7 +331,7 @@ def config_to_dict(cfg) -> dict:
 
 # Fields that change how a run reports, not what it computes: they may differ when a run is resumed (at any depth,
 # so configs that embed this one, e.g. Curry-DPO's `base`, resume alike).
-_PRESENTATION_FIELDS = ("show_progress", "eval_batch_size")
+_PRESENTATION_FIELDS = ("show_progress", "eval_batch_size", "log_every")
 
 
 def without_presentation_fields(config: Any) -> Any:
@@ -324,7 +384,11 @@ def split(cfg: ArithDPOConfig) -> Problems:
 
 def sample_completions(params, model_cfg: ModelConfig, problems: np.ndarray, sampling: SamplingConfig, rng,
                        batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(prompt tokens [N, P], completion tokens [N, C], completion masks [N, C]) for every problem, in order."""
+    """(prompt tokens [N, P], completion tokens [N, C], completion masks [N, C]) for every problem, in order.
+
+    In a multi-process run every process samples all problems itself, identically, from a local copy of the
+    parameters (`host_local`): the decode loop then needs no collectives and every process gets the same result."""
+    params = host_local(params)
     tok = CharTokenizer()
     prompts = [arith.prompt_text(p) for p in problems]
     prompt_tokens, prompt_mask = arith.encode_prompts(tok, prompts, pad_to=PROMPT_LEN)
@@ -347,7 +411,7 @@ def grade_completions(problems: np.ndarray, completion_tokens: np.ndarray) -> li
 
 def greedy_eval(params, model_cfg: ModelConfig, problems: np.ndarray, batch_size: int):
     """Greedy exact-match accuracy, per-problem correctness and mean completion length (tokens incl. EOS)."""
-    greedy = SamplingConfig(max_new_tokens=COMPLETION_LEN, temperature=0.0)
+    greedy = SamplingConfig(max_new_tokens=completion_budget(model_cfg), temperature=0.0)
     _, tokens, mask = sample_completions(params, model_cfg, problems, greedy, jax.random.key(0), batch_size)
     correct = np.array([g.correct for g in grade_completions(problems, tokens)])
     return {"accuracy": float(correct.mean()), "mean_length": float(mask.sum(-1).mean())}, correct
@@ -362,7 +426,7 @@ def drift_from_reference(params, reference, model_cfg: ModelConfig, problems: np
     chosen_logp_change / rejected_logp_change: mean L_pi(y) - L_ref(y) over the first `num_samples` training pairs'
         chosen and rejected completions (DPO's implicit rewards divided by beta).
     """
-    sampling = SamplingConfig(max_new_tokens=COMPLETION_LEN, temperature=1.0)
+    sampling = SamplingConfig(max_new_tokens=completion_budget(model_cfg), temperature=1.0)
     prompts, completions, masks = sample_completions(params, model_cfg, problems[:num_samples], sampling,
                                                      jax.random.key(seed), batch_size)
     tokens = np.concatenate([prompts, completions], axis=1)
@@ -386,7 +450,8 @@ def drift_from_reference(params, reference, model_cfg: ModelConfig, problems: np
 
 def sft_dataset(cfg: ArithDPOConfig, problems: np.ndarray) -> ArrayDataset:
     rng = np.random.default_rng([cfg.seed, 2])
-    examples = arith.make_sft_examples(problems, rng, cfg.task.carry_drop_prob)
+    examples = arith.make_sft_examples(problems, rng, cfg.task.carry_drop_prob, cfg.task.max_recaps,
+                                       cfg.task.recap_prob)
     batch = arith.encode_batch(CharTokenizer(), [p for p, _ in examples], [c for _, c in examples],
                                max_len=cfg.model.max_len)
     return ArrayDataset(batch)
@@ -447,7 +512,7 @@ def load_dataset(path: str) -> tuple[ArrayDataset, dict] | None:
 def save_dataset(path: str, dataset: ArrayDataset, stats: dict) -> None:
     """Atomically (temporary file + rename) store a dataset and its statistics."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.npz"
+    tmp = f"{path}.tmp-{os.getpid()}.npz"  # per process: processes sharing a workdir may save the same file
     np.savez(tmp, stats=json.dumps(stats), **dataset.arrays)
     os.replace(tmp, path)
 
@@ -460,11 +525,12 @@ def on_policy_samples(cfg: ArithDPOConfig, params, problems: np.ndarray, workdir
     cached = load_dataset(path) if path else None
     if cached is not None:
         a = cached[0].arrays
-        return a["problems"], a["prompt_tokens"], a["completions"].reshape(-1, COMPLETION_LEN), a["masks"].reshape(
-            -1, COMPLETION_LEN)
+        width = a["completions"].shape[-1]
+        return a["problems"], a["prompt_tokens"], a["completions"].reshape(-1, width), a["masks"].reshape(-1, width)
     chosen = problems[np.random.default_rng([cfg.seed, 3]).permutation(len(problems))[: cfg.pairs.num_prompts]]
     k = cfg.pairs.samples_per_prompt
-    sampling = SamplingConfig(max_new_tokens=COMPLETION_LEN, temperature=cfg.pairs.temperature, top_k=cfg.pairs.top_k)
+    sampling = SamplingConfig(max_new_tokens=completion_budget(cfg.model), temperature=cfg.pairs.temperature,
+                              top_k=cfg.pairs.top_k)
     prompt_tokens, completions, masks = sample_completions(params, cfg.model, np.repeat(chosen, k, axis=0), sampling,
                                                            jax.random.key(cfg.seed + 17), cfg.eval_batch_size)
     if path:
@@ -512,6 +578,7 @@ def train_sft(cfg: ArithDPOConfig, mesh, problems: Problems, workdir: str, log: 
             state=state, step_fn=step_fn, frozen=None, dataset=sft_dataset(cfg, problems.train),
             batch_size=cfg.sft.batch_size, num_steps=cfg.sft.steps, seed=cfg.seed, mesh=mesh, checkpointer=ckpt,
             metrics_log=log, desc="sft", token_keys=("attention_mask",), show_progress=cfg.show_progress,
+            log_every=cfg.log_every,
         )
     return state.params, shardings.params
 
@@ -526,18 +593,35 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, data: Arra
     """
     model = DecoderLM(cfg.model)
     tx = make_optimizer(cfg.dpo.optim, cfg.dpo.steps)
-    state, shardings = sharded_train_state(cfg.model, tx, mesh, jax.random.key(cfg.seed + 1), params=sft_params,
-                                           track_reference=cfg.dpo.reference == "sync",
-                                           objective_state=initial_objective_state(cfg.dpo.objective),
-                                           extra_params=objective_params(cfg))
+    lora = cfg.lora.config()
+    if lora is None:
+        state, shardings = sharded_train_state(cfg.model, tx, mesh, jax.random.key(cfg.seed + 1), params=sft_params,
+                                               track_reference=cfg.dpo.reference == "sync",
+                                               objective_state=initial_objective_state(cfg.dpo.objective),
+                                               extra_params=objective_params(cfg))
+    else:
+        if cfg.dpo.reference == "sync" or objective_params(cfg):
+            raise ValueError(f"lora.rank={cfg.lora.rank}: LoRA keeps the SFT policy as the frozen base and reference; "
+                             f"it cannot train with dpo.reference=sync or an objective with a value head (dro)")
+        state, shardings, _ = sharded_lora_train_state(cfg.model, lora, tx, mesh, jax.random.key(cfg.seed + 1),
+                                                       objective_state=initial_objective_state(cfg.dpo.objective))
+
+    def policy(params):
+        """The policy's plain parameters: the adapters merged into the SFT policy under LoRA."""
+        return params if lora is None else merge_lora(sft_params, params, lora)
+
     listwise = get_spec(cfg.dpo.objective).family == "listwise"
     if not listwise:
         data = with_objective_extras(cfg, mesh, sft_params, param_shardings, data, problems, workdir)
     frozen, data = reference_for(cfg, model, sft_params, data, workdir)
+    if lora is not None:
+        frozen = sft_params  # the adapters' frozen base, and the reference unless its log-probs are cached
     directory = os.path.join(workdir, "checkpoints", "dpo")
     keep = cfg.dpo.steps // cfg.dpo.eval_every + 1
     ckpt_cfg = dataclasses.replace(cfg.checkpoint, every_steps=cfg.dpo.eval_every, keep_last=max(keep, 1))
-    with Checkpointer(directory, ckpt_cfg, metadata={"phase": "dpo", "model": dataclasses.asdict(cfg.model)}) as ckpt:
+    metadata = {"phase": "dpo", "model": dataclasses.asdict(cfg.model),
+                **({"lora": dataclasses.asdict(lora)} if lora is not None else {})}
+    with Checkpointer(directory, ckpt_cfg, metadata=metadata) as ckpt:
         state = ckpt.restore_latest(state) or state
         log.truncate("dpo", int(state.step))
         history = [_val_record(r) for r in log.records("dpo") if "val/accuracy" in r]
@@ -551,7 +635,7 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, data: Arra
             step = int(state.step)
             if step % cfg.dpo.eval_every and step != cfg.dpo.steps:
                 return None
-            val, _ = greedy_eval(state.params, cfg.model, problems.validation, cfg.eval_batch_size)
+            val, _ = greedy_eval(policy(state.params), cfg.model, problems.validation, cfg.eval_batch_size)
             history.append({"step": step, "val/accuracy": val["accuracy"], "val/mean_length": val["mean_length"]})
             return {"val/accuracy": val["accuracy"], "val/mean_length": val["mean_length"]}
 
@@ -562,11 +646,14 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, data: Arra
         else:
             loss = dpo_loss_fn(model, cfg.dpo.objective, sft_weight=cfg.dpo.sft_weight, **objective_kwargs(cfg.dpo))
             batch_size, token_keys = cfg.dpo.batch_size, ("chosen_attention_mask", "rejected_attention_mask")
+        if lora is not None:
+            loss = lora_loss_fn(loss, lora)
         step = make_train_step(loss, cfg.dpo.grad_accum_steps, reference_sync=cfg.dpo.reference_sync)
         step_fn = jit_train_step(step, mesh, shardings, None if frozen is None else param_shardings)
         state = train_loop(
             state=state, step_fn=step_fn, frozen=frozen, dataset=data, batch_size=batch_size,
             num_steps=cfg.dpo.steps, seed=cfg.seed + 1, mesh=mesh, checkpointer=ckpt, metrics_log=log, desc="dpo",
+            log_every=cfg.log_every,
             hooks=(validate,), token_keys=token_keys,
             show_progress=cfg.show_progress,
         )
@@ -574,11 +661,12 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, data: Arra
         guard = {"selected_step": best["step"], "selected_val_accuracy": best["val/accuracy"],
                  "last_step": cfg.dpo.steps, "last_val_accuracy": history[-1]["val/accuracy"],
                  "validation_history": history}
+        last = policy(state.params)
         if not cfg.dpo.select_best or best["step"] == cfg.dpo.steps:
-            return state.params, state.params, guard
+            return last, last, guard
         if best["step"] == 0:
-            return sft_params, state.params, guard
-        return ckpt.restore(best["step"], state).params, state.params, guard
+            return sft_params, last, guard
+        return policy(ckpt.restore(best["step"], state).params), last, guard
 
 
 def objective_params(cfg: ArithDPOConfig) -> dict | None:
@@ -686,9 +774,11 @@ def validate_config(cfg: ArithDPOConfig, mesh) -> None:
     check_batch_fits_mesh(cfg.dpo.batch_size // cfg.dpo.grad_accum_steps, mesh, "dpo.batch_size / grad_accum_steps")
     check_batch_fits_mesh(cfg.dpo.list_batch_size // cfg.dpo.grad_accum_steps, mesh,
                           "dpo.list_batch_size / grad_accum_steps")
-    if cfg.model.max_len < PROMPT_LEN + COMPLETION_LEN:
-        raise ValueError(f"model.max_len={cfg.model.max_len} is too short for ARITH; expected at least "
-                         f"{PROMPT_LEN + COMPLETION_LEN} (prompt {PROMPT_LEN} + completion {COMPLETION_LEN})")
+    needed = completion_len(cfg.task)
+    if cfg.model.max_len < PROMPT_LEN + needed:
+        raise ValueError(f"model.max_len={cfg.model.max_len} is too short for ARITH with task.max_recaps="
+                         f"{cfg.task.max_recaps}; expected at least {PROMPT_LEN + needed} (prompt {PROMPT_LEN} + "
+                         f"completion {needed})")
 
 
 def run(cfg: ArithDPOConfig, workdir: str) -> dict:
@@ -702,6 +792,7 @@ def run(cfg: ArithDPOConfig, workdir: str) -> dict:
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
 
     sft_params, param_shardings = train_sft(cfg, mesh, problems, workdir, log)
+    sft_params = host_local(sft_params)  # multi-process: one local copy for sampling, caches and the reference
     data, data_stats = training_data(cfg, sft_params, problems, workdir)
     dpo_params, last_params, guard = train_dpo(cfg, mesh, sft_params, param_shardings, data, problems, workdir, log)
 
@@ -732,8 +823,9 @@ def run(cfg: ArithDPOConfig, workdir: str) -> dict:
         "params_sha256": params_sha256(dpo_params),
         "config": config_to_dict(cfg),
     }
-    write_json_atomic(os.path.join(workdir, "results.json"), results)
-    _plot(guard["validation_history"], log.records("dpo"), os.path.join(workdir, "dpo_validation.png"))
+    if is_primary():  # every process computed the same results; one writes them
+        write_json_atomic(os.path.join(workdir, "results.json"), results)
+        _plot(guard["validation_history"], log.records("dpo"), os.path.join(workdir, "dpo_validation.png"))
     return results
 
 

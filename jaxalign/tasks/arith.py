@@ -15,6 +15,11 @@ sampling from that policy still produces the correct carry about (1 - carry_drop
 `grade` can rank samples into preference pairs whose preferred side carries correctly, and preference learning can
 remove the error that imitation baked in.
 
+Verbosity (the length-bias task): a demonstration may end with `recaps`, restatements of its final answer
+(";24" after "...;15+9=24"), as many as `max_recaps`, each further one with probability `recap_prob`. A recap
+never changes correctness (the oracle accepts any number of recaps that repeat the written answer), so response length
+and quality are decoupled: a judge that rewards length prefers verbose answers whether or not they are right.
+
 Everything here is pure Python + NumPy; randomness comes only from explicitly passed `np.random.Generator`s.
 """
 from __future__ import annotations
@@ -38,26 +43,37 @@ MALFORMED_PENALTY = 0.5
 @dataclasses.dataclass(frozen=True)
 class ArithConfig:
     """The ARITH task: `num_operands` single digits per prompt (>= 2); demonstrations drop each needed carry with
-    probability `carry_drop_prob` (in [0, 1])."""
+    probability `carry_drop_prob` (in [0, 1]) and end with up to `max_recaps` recaps of the answer, each further one
+    with probability `recap_prob` (max_recaps=0: never, the main job)."""
 
     num_operands: int = 4
     carry_drop_prob: float = 0.8
+    max_recaps: int = 0
+    recap_prob: float = 0.4
 
     def __post_init__(self):
         _check_num_operands(self.num_operands, "ArithConfig.num_operands")
         _check_prob(self.carry_drop_prob, "ArithConfig.carry_drop_prob")
+        _check_prob(self.recap_prob, "ArithConfig.recap_prob")
+        if isinstance(self.max_recaps, bool) or not isinstance(self.max_recaps, (int, np.integer)) \
+                or self.max_recaps < 0:
+            raise ValueError(f"ArithConfig.max_recaps must be an integer >= 0, got {self.max_recaps!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Grade:
     """The oracle's verdict on one completion.
 
-    correct: the completion is exactly the correct chain (`completion == solution_text(operands)`).
-    final_correct: the text after the last '=' is exactly the decimal true total.
+    A completion is a chain of `num_steps` ';'-separated steps, then any number of recaps: ';' + the chain's written
+    answer (the text after its last '='). Recaps are neutral: they change none of the fields but `recaps`.
+
+    correct: the chain is exactly the correct chain (`solution_text(operands)`) and every part after it is a recap.
+    final_correct: the chain's written answer is exactly the decimal true total, and every part after it is a recap.
     correct_steps: number of leading ';'-separated steps equal to the true step strings (stops at the first mismatch).
     num_steps: num_operands - 1.
-    well_formed: exactly `num_steps` ';'-separated steps, each of the form "x+y=z" with decimal x, y, z
-        (syntax only: a well-formed chain may be wrong arithmetic).
+    well_formed: exactly `num_steps` ';'-separated steps, each of the form "x+y=z" with decimal x, y, z, followed
+        only by recaps (syntax only: a well-formed chain may be wrong arithmetic).
+    recaps: the number of recaps after the chain (0 when anything after the chain is not a recap).
     """
 
     correct: bool
@@ -65,6 +81,7 @@ class Grade:
     correct_steps: int
     num_steps: int
     well_formed: bool
+    recaps: int = 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -189,15 +206,32 @@ def needs_carry(operands) -> bool:
     return any(carry_steps(operands))
 
 
-def noisy_solution_text(operands, rng: np.random.Generator, carry_drop_prob: float) -> str:
-    """A demonstration: the chain with each needed carry dropped independently with prob. `carry_drop_prob`.
+def noisy_solution_text(operands, rng: np.random.Generator, carry_drop_prob: float, max_recaps: int = 0,
+                        recap_prob: float = 0.4) -> str:
+    """A demonstration: the chain with each needed carry dropped independently with prob. `carry_drop_prob`, then
+    `num_recaps(rng, max_recaps, recap_prob)` recaps of its written answer.
 
-    Draws one uniform number from `rng` per carry step (none on the other steps).
+    Draws one uniform number from `rng` per carry step (none on the other steps), then the recap draws (none when
+    max_recaps is 0, so the main job's demonstrations do not depend on the recap settings).
     """
     _check_prob(carry_drop_prob, "carry_drop_prob")
     digits = _as_digits(operands)
     drops = [needed and bool(rng.random() < carry_drop_prob) for needed in carry_steps(digits)]
-    return ";".join(_chain(digits, drops))
+    steps = _chain(digits, drops)
+    answer = steps[-1].rsplit("=", 1)[1]
+    return ";".join(steps + [answer] * num_recaps(rng, max_recaps, recap_prob))
+
+
+def num_recaps(rng: np.random.Generator, max_recaps: int, recap_prob: float) -> int:
+    """How many recaps a demonstration ends with: each of up to `max_recaps` is added with probability `recap_prob`
+    given the previous one was (a truncated geometric law). With recap_prob < 0.5 greedy decoding of a policy that
+    imitates the demonstrations stops after the chain, while its samples still vary in length; a policy taught to be
+    verbose starts writing recaps under greedy decoding too."""
+    _check_prob(recap_prob, "recap_prob")
+    count = 0
+    while count < max_recaps and rng.random() < recap_prob:
+        count += 1
+    return count
 
 
 def dropped_carry_solution_text(operands) -> str:
@@ -224,25 +258,30 @@ def carry_share(num_operands: int) -> float:
 def grade(operands, completion_text: str) -> Grade:
     """Grade a completion (decoded text, EOS excluded) against the true chain; never raises on garbage text.
 
-    Matching is exact on strings: no whitespace, no leading zeros, nothing after the last step.
+    Matching is exact on strings: no whitespace, no leading zeros, nothing after the last step but recaps.
     """
     true_steps = solution_steps(operands)
     total = sum(_as_digits(operands))
     text = completion_text if isinstance(completion_text, str) else ""
     parts = text.split(";")
+    chain, tail = parts[: len(true_steps)], parts[len(true_steps) :]
     correct_steps = 0
-    for part, true_step in zip(parts, true_steps):
+    for part, true_step in zip(chain, true_steps):
         if part != true_step:
             break
         correct_steps += 1
-    well_formed = len(parts) == len(true_steps) and all(_STEP_RE.fullmatch(p) is not None for p in parts)
-    final_correct = "=" in text and text.rsplit("=", 1)[1] == str(total)
+    chain_text = ";".join(chain)
+    answer = chain_text.rsplit("=", 1)[1] if "=" in chain_text else None
+    only_recaps = answer is not None and all(part == answer for part in tail)
+    well_formed = (len(chain) == len(true_steps) and all(_STEP_RE.fullmatch(p) is not None for p in chain)
+                   and only_recaps)
     return Grade(
-        correct=text == ";".join(true_steps),
-        final_correct=final_correct,
+        correct=chain == true_steps and only_recaps,
+        final_correct=answer == str(total) and only_recaps,
         correct_steps=correct_steps,
         num_steps=len(true_steps),
         well_formed=well_formed,
+        recaps=len(tail) if only_recaps else 0,
     )
 
 
@@ -261,9 +300,18 @@ def score(g: Grade) -> float:
 # Datasets and encoding.
 
 
-def make_sft_examples(problems, rng: np.random.Generator, carry_drop_prob: float) -> list[tuple[str, str]]:
+def make_sft_examples(problems, rng: np.random.Generator, carry_drop_prob: float, max_recaps: int = 0,
+                      recap_prob: float = 0.4) -> list[tuple[str, str]]:
     """(prompt, noisy demonstration) pairs, one per row of `problems`, in row order."""
-    return [(prompt_text(row), noisy_solution_text(row, rng, carry_drop_prob)) for row in np.asarray(problems)]
+    return [(prompt_text(row), noisy_solution_text(row, rng, carry_drop_prob, max_recaps, recap_prob))
+            for row in np.asarray(problems)]
+
+
+def max_completion_chars(config: ArithConfig) -> int:
+    """The longest completion text a demonstration of `config` can have: the longest chain (every operand 9, carries
+    kept) plus its recaps."""
+    longest = solution_text([9] * config.num_operands)
+    return len(longest) + config.max_recaps * (1 + len(longest.rsplit("=", 1)[1]))
 
 
 def _check_fits(length: int, limit: int, limit_name: str, what: str, index: int | None = None) -> None:

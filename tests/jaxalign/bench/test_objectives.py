@@ -3,7 +3,6 @@ the markdown table and the plot, objectives that need extras reported rather tha
 that resumes instead of training again."""
 from __future__ import annotations
 
-import os
 
 import pytest
 

@@ -9,7 +9,7 @@ from jaxalign.tasks import arith
 from jaxalign.tasks.tokenizer import CharTokenizer
 
 TOK = CharTokenizer()
-C = arith_dpo.COMPLETION_LEN
+C = arith_dpo.completion_len(arith.ArithConfig(max_recaps=3))  # room for the length-bias task's recaps
 
 
 def _encode_completion(text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -74,6 +74,35 @@ def test_a_length_biased_judge_prefers_the_longer_response_over_a_better_one():
     assert TOK.decode(fair.arrays["chosen_tokens"][0, arith_dpo.PROMPT_LEN:]) == arith.solution_text(PROBLEMS[0])
     assert TOK.decode(biased.arrays["chosen_tokens"][0, arith_dpo.PROMPT_LEN:]) == long_wrong
     assert stats["pairs_chosen_longer_rate"] == 1.0 and stats["pairs_chosen_correct_rate"] == 0.0
+
+
+def test_the_length_bias_task_decouples_length_from_quality():
+    """length_bias = verbose demonstrations (neutral recaps), room for them in the model, a length-rewarding judge;
+    the judge then prefers a wrong answer with recaps to a right one without, and the task needs its own SFT."""
+    base = arith_dpo.ArithDPOConfig()
+    cfg = arith_dpo.task_config(base, "length_bias")
+    assert (cfg.task.max_recaps, cfg.pairs.length_bonus) == (3, 0.5)
+    assert cfg.model.max_len == arith_dpo.PROMPT_LEN + len("9+9=18;18+9=27;27+9=36;36;36;36") + 2
+    assert dataclasses.replace(cfg, task=base.task, model=base.model, pairs=base.pairs) == base
+    # length_bias and its control (verbose) share one SFT policy of their own; noisy_labels shares the main job's
+    assert arith_dpo.sft_variant("length_bias") == arith_dpo.sft_variant("verbose") != ""
+    assert arith_dpo.sft_variant("noisy_labels") == arith_dpo.sft_variant("arith") == ""
+    assert arith_dpo.task_config(base, "verbose") == dataclasses.replace(cfg, pairs=base.pairs)
+    arith_dpo.validate_config(cfg, arith_dpo.make_mesh(cfg.mesh))
+    with pytest.raises(ValueError, match=r"model.max_len=32 is too short.*max_recaps=3.*at least 41"):
+        arith_dpo.validate_config(dataclasses.replace(cfg, model=base.model), arith_dpo.make_mesh(cfg.mesh))
+
+    demonstrations = [TOK.decode(row[arith_dpo.PROMPT_LEN:])
+                      for row in arith_dpo.sft_dataset(cfg, arith.all_problems(4)[:400]).arrays["tokens"]]
+    recaps = np.array([arith.grade(p, d).recaps for p, d in zip(arith.all_problems(4)[:400], demonstrations)])
+    assert 0.5 < np.mean(recaps == 0) < 0.7 and recaps.max() == 3  # P(0) = 1 - recap_prob = 0.6
+
+    # the last carry dropped (2 of 3 steps right) plus two recaps: 2 + 0.5 * 29 tokens beats 4 + 0.5 * 23
+    right, wrong_verbose = arith.solution_text(PROBLEMS[0]), "7+5=12;12+3=15;15+9=14;14;14"
+    prompts, completions, masks = _samples(PROBLEMS[:1], [[right, wrong_verbose, "7+5"]])
+    _, stats = arith_dpo.build_pairs(PROBLEMS[:1], prompts, completions, masks, 3, 0.5, True,
+                                     length_bonus=cfg.pairs.length_bonus)
+    assert stats["pairs_chosen_correct_rate"] == 0.0 and stats["pairs_chosen_longer_rate"] == 1.0
 
 
 def test_label_flips_swap_chosen_and_rejected_at_the_stated_rate_and_are_counted():

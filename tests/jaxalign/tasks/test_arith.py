@@ -1,4 +1,5 @@
 """ARITH: chains, carry semantics, noisy demonstrations, carry share, oracle grading, splits and encoding."""
+import dataclasses
 import itertools
 
 import numpy as np
@@ -26,6 +27,13 @@ def test_config_defaults_and_validation():
         arith.ArithConfig(carry_drop_prob=-0.1)
     arith.ArithConfig(num_operands=2, carry_drop_prob=0.0)
     arith.ArithConfig(num_operands=6, carry_drop_prob=1.0)
+    assert (config.max_recaps, config.recap_prob) == (0, 0.4)  # the main job's demonstrations are never verbose
+    with pytest.raises(ValueError, match=r"max_recaps.*-1"):
+        arith.ArithConfig(max_recaps=-1)
+    with pytest.raises(ValueError, match=r"max_recaps.*True"):
+        arith.ArithConfig(max_recaps=True)
+    with pytest.raises(ValueError, match=r"recap_prob.*1\.2"):
+        arith.ArithConfig(recap_prob=1.2)
 
 
 # ---------------------------------------------------------------------------------------------------- chains
@@ -216,6 +224,72 @@ def test_grade_overlong():
     assert (g.correct, g.correct_steps, g.well_formed) == (False, 3, False)
     g = arith.grade(OPS, "7+5=12;12+3=15;15+9=2424")
     assert (g.correct, g.final_correct, g.correct_steps) == (False, False, 2)
+
+
+# Recaps (the length-bias task's verbosity): neutral for every field but `recaps`.
+
+
+@pytest.mark.parametrize("recaps", [1, 2, 5])
+def test_grade_recaps_of_the_answer_are_neutral(recaps):
+    plain = arith.grade(OPS, "7+5=12;12+3=15;15+9=24")
+    verbose = arith.grade(OPS, "7+5=12;12+3=15;15+9=24" + ";24" * recaps)
+    assert verbose == dataclasses.replace(plain, recaps=recaps)
+    assert arith.score(verbose) == arith.score(plain)
+    # a wrong chain stays exactly as wrong when it recaps its own (wrong) answer
+    wrong = arith.grade(OPS, "7+5=2;2+3=5;5+9=4")
+    assert arith.grade(OPS, "7+5=2;2+3=5;5+9=4;4;4") == dataclasses.replace(wrong, recaps=2)
+
+
+@pytest.mark.parametrize("tail", [";25", ";24;25", ";024", ";24;", ";", ";24+0=24", ";=24"])
+def test_grade_tail_that_is_not_a_recap_is_malformed(tail):
+    g = arith.grade(OPS, "7+5=12;12+3=15;15+9=24" + tail)
+    assert (g.correct, g.final_correct, g.correct_steps, g.well_formed, g.recaps) == (False, False, 3, False, 0)
+
+
+def test_grade_recap_of_a_truncated_chain_is_not_a_recap():
+    # Two steps and a "recap" of 15 is three parts: the third part is read as a (malformed) step, not a recap.
+    g = arith.grade(OPS, "7+5=12;12+3=15;15")
+    assert (g.correct, g.correct_steps, g.well_formed, g.recaps) == (False, 2, False, 0)
+
+
+def test_noisy_solution_with_recaps_repeats_the_written_answer():
+    rng = np.random.default_rng(0)
+    counts = []
+    for row in arith.all_problems(4)[::97]:
+        text = arith.noisy_solution_text(row, rng, 0.5, max_recaps=3, recap_prob=0.4)
+        parts = text.split(";")
+        tail, answer = parts[3:], parts[2].rsplit("=", 1)[1]
+        assert tail == [answer] * len(tail) and len(tail) <= 3
+        assert arith.grade(row, text).recaps == len(tail)
+        counts.append(len(tail))
+    assert set(counts) == {0, 1, 2, 3}
+
+
+def test_num_recaps_follows_the_truncated_geometric_law():
+    rng = np.random.default_rng(1)
+    draws = np.array([arith.num_recaps(rng, 3, 0.4) for _ in range(20000)])
+    expected = [0.6, 0.4 * 0.6, 0.4**2 * 0.6, 0.4**3]  # P(n) = p^n (1 - p) for n < max, P(max) = p^max
+    assert np.allclose(np.bincount(draws, minlength=4) / len(draws), expected, atol=0.01)
+    assert arith.num_recaps(rng, 0, 0.9) == 0
+    assert arith.num_recaps(rng, 4, 1.0) == 4
+
+
+def test_no_recaps_draw_no_random_numbers():
+    # max_recaps=0 (the main job) consumes exactly the carry draws, so its data does not depend on recap settings.
+    row = [7, 5, 3, 9]
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    arith.noisy_solution_text(row, a, 0.5)
+    arith.noisy_solution_text(row, b, 0.5, max_recaps=0, recap_prob=0.9)
+    assert a.random() == b.random()
+
+
+def test_max_completion_chars_bounds_every_demonstration():
+    config = arith.ArithConfig(max_recaps=3, recap_prob=1.0)
+    assert arith.max_completion_chars(arith.ArithConfig()) == len("9+9=18;18+9=27;27+9=36")
+    assert arith.max_completion_chars(config) == len("9+9=18;18+9=27;27+9=36;36;36;36")
+    longest = max(len(arith.noisy_solution_text(row, np.random.default_rng(0), 0.0, 3, 1.0))
+                  for row in arith.all_problems(4)[::7])
+    assert longest <= arith.max_completion_chars(config)
 
 
 def test_score_orders_samples():
