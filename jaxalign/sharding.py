@@ -139,11 +139,32 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def put_batch(batch: dict, mesh: Mesh) -> dict:
     """Place a host batch (this process's rows) on the mesh as global arrays.
 
-    Each process passes only its own shard of the global batch (`jax.make_array_from_process_local_data`), so the
-    same call serves one process and many.
+    Each process passes only its own block of the global batch (`jax.make_array_from_process_local_data`;
+    `process_batch_block` says which), so the same call serves one process and many.
     """
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def process_batch_block(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+    """(i, n): this process's devices hold block i of the n equal contiguous blocks of a global batch.
+
+    What each process must load (`data.iterator.batch_at(..., process_index=i, process_count=n)`) follows from the
+    mesh, not from the process count: with the batch split over data x fsdp spanning the processes, n is the
+    process count; when a tensor axis spans processes instead, the processes sharing a batch block each load it
+    (n < process count). One process: (0, 1).
+    """
+    if jax.process_count() == 1:
+        return 0, 1
+    indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    spans = sorted({idx[0].indices(batch_size)[:2] for idx in indices.values()})
+    start, stop = spans[0][0], max(end for _, end in spans)
+    covered = sum(end - begin for begin, end in spans)
+    block = stop - start
+    if covered != block or batch_size % block or start % block:
+        raise ValueError(f"this process holds rows {spans} of the batch of {batch_size}, not one contiguous block; "
+                         f"order the mesh's devices process by process along the batch axes")
+    return start // block, batch_size // block
 
 
 def num_batch_shards(mesh: Mesh) -> int:

@@ -3,11 +3,18 @@
     jaxalign list
     jaxalign objectives
     jaxalign run NAME --workdir DIR [key=value ...]
+    jaxalign local --processes N [--devices-per-process M] [--port P] run NAME --workdir DIR [key=value ...]
+    jaxalign sweep NAME --workdir DIR [--print] key=v1,v2 [other=a,b ...]
     jaxalign bench dpo-throughput [--sizes tiny,small] [--steps N] [--no-trl]
     jaxalign bench arith-seeds --workdir DIR [--seeds 0,1,2] [key=value ...]
     jaxalign bench ppo-throughput [--timesteps N] [--sb3-timesteps N] [--no-sb3]
     jaxalign bench objectives --workdir DIR [--seeds 0,1,2] [--tasks ...] [--objectives ...] [key=value ...]
     jaxalign bench reference-cost [--sizes tiny,small,medium] [--steps N] [--out DIR]
+    jaxalign convert hf-to-jaxalign|jaxalign-to-hf SRC DST [--family F] [--dtype D]      (launch/convert.py)
+    jaxalign data prepare FORMAT --input FILE --output DIR [--on-error skip] [--tokenizer T --max-length N]
+                                                                                          (launch/data.py)
+    jaxalign tpu create|setup|run|logs|ssh|status|delete NAME --zone Z ... [--dry-run]   (launch/tpu.py)
+    jaxalign ssh --hosts FILE [--dry-run] setup|run|logs ...                             (launch/ssh.py)
 """
 from __future__ import annotations
 
@@ -18,9 +25,14 @@ import sys
 
 from launch.experiments import EXPERIMENTS, get_experiment
 from launch.overrides import ConfigError, apply_overrides
+from launch.sweep import add_arguments as add_sweep_arguments
+from launch.sweep import command as sweep_command
 
 
 def _run(args) -> int:
+    from jaxalign.distributed import initialize_from_env
+
+    initialize_from_env()  # before anything touches JAX devices: a multi-process run joins its peers here
     experiment = get_experiment(args.name)
     cfg = apply_overrides(experiment.default_config(), args.overrides)
     results = experiment.run(cfg, args.workdir)
@@ -29,12 +41,26 @@ def _run(args) -> int:
     return 0
 
 
+def _local(args) -> int:
+    """`jaxalign local ... run NAME --workdir DIR ...`: the run command is parsed here first, so a mistake in it is
+    one error from the launcher rather than N from its processes."""
+    from launch.local import launch
+
+    if not args.rest or args.rest[0] != "run":
+        raise ValueError(f"jaxalign local expects `run NAME --workdir DIR [key=value ...]` after its options, got "
+                         f"{' '.join(args.rest) or 'nothing'}")
+    run_args, extra = build_parser().parse_known_args(args.rest)
+    apply_overrides(get_experiment(run_args.name).default_config(), list(run_args.overrides) + extra)
+    return launch(args.rest, run_args.workdir, args.processes, args.devices_per_process, args.port)
+
+
 BENCHMARKS = {
     "dpo-throughput": "jaxalign.bench.dpo_throughput",
     "arith-seeds": "jaxalign.bench.arith_seeds",
     "ppo-throughput": "rl.bench.ppo_throughput",
     "reference-cost": "jaxalign.bench.reference_cost",
     "objectives": "jaxalign.bench.objectives",
+    "sampling": "jaxalign.bench.sampling",
 }
 
 
@@ -43,6 +69,18 @@ def _bench(args) -> int:
         raise ValueError(f"unknown benchmark {args.benchmark!r}; available: {', '.join(BENCHMARKS)}")
     importlib.import_module(BENCHMARKS[args.benchmark]).main(args.rest)
     return 0
+
+
+# Remote launchers: each module parses its own arguments (`jaxalign tpu --help`, `jaxalign ssh --help`).
+LAUNCHERS = {"tpu": "launch.tpu", "ssh": "launch.ssh"}
+
+
+def _launch(command: str, rest: list[str]) -> int:
+    try:
+        return importlib.import_module(LAUNCHERS[command]).main(rest)
+    except ValueError as e:  # launch.remote.LaunchError: a bad value or a failed remote step, one line
+        print(f"jaxalign: error: {e}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,16 +92,40 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("name")
     run.add_argument("--workdir", required=True)
     run.add_argument("overrides", nargs="*", help="config overrides, key=value (dotted keys for nested fields)")
+    sweep = sub.add_parser("sweep", help="run a grid of runs (key=v1,v2 ...) one after another, aggregate their "
+                           "results into WORKDIR/sweep.csv and sweep.md")
+    add_sweep_arguments(sweep)
+    local = sub.add_parser("local", help="run N processes on this machine joined by jax.distributed (CPU, gloo): "
+                           "the multi-process code path of a pod")
+    local.add_argument("--processes", type=int, required=True)
+    local.add_argument("--devices-per-process", type=int, default=1)
+    local.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
+    local.add_argument("rest", nargs=argparse.REMAINDER, help="run NAME --workdir DIR [key=value ...]")
     bench = sub.add_parser("bench", help="run a benchmark")
     bench.add_argument("benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+    from launch.convert import add_arguments as add_convert_arguments
+
+    add_convert_arguments(sub.add_parser("convert", help="convert a model between Hugging Face checkpoints "
+                                         "(Llama, Mistral, Qwen2, Gemma) and jaxalign model directories"))
+    from launch.data import add_arguments as add_data_arguments
+
+    add_data_arguments(sub.add_parser("data", help="build a TFDS dataset from your own preference file "
+                                      "(JSONL/Parquet) and report malformed rows"))
+    for name, what in (("tpu", "Cloud TPU slices via gcloud: create|setup|run|logs|ssh|status|delete"),
+                       ("ssh", "any hosts via ssh (GPU clusters): --hosts FILE setup|run|logs")):
+        sub.add_parser(name, add_help=False, help=f"{what} (see `jaxalign {name} --help`)").add_argument(
+            "rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in LAUNCHERS:  # before parsing: their options must not be split off as "extra"
+        return _launch(argv[0], argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "run":
+    if args.command in ("run", "sweep"):
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -79,6 +141,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return _run(args)
+        if args.command == "sweep":
+            return sweep_command(args)
+        if args.command == "local":
+            return _local(args)
+        if args.command == "convert":
+            from launch.convert import command as convert_command
+
+            return convert_command(args)
+        if args.command == "data":
+            from launch.data import command as data_command
+
+            return data_command(args)
         return _bench(args)
     except (ConfigError, ValueError) as e:
         print(f"jaxalign: error: {e}", file=sys.stderr)

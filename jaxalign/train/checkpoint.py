@@ -94,7 +94,8 @@ def _to_saveable(state: TrainState) -> dict:
 
 
 def _default_sharding() -> jax.sharding.Sharding:
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # This process's first device: in a multi-process run jax.devices()[0] belongs to process 0.
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _abstract_leaf(x: Any) -> jax.ShapeDtypeStruct:

@@ -15,7 +15,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxalign.data.iterator import ArrayDataset, batch_at
-from jaxalign.sharding import put_batch
+from jaxalign.sharding import process_batch_block, put_batch
+
+
+def process_log_path(path: str, process_index: int) -> str:
+    """Where process `process_index` keeps the metrics log `path`: `path` itself for process 0, else
+    DIR/logs/NAME.process_I.jsonl beside the launcher's per-process output logs."""
+    if process_index == 0:
+        return path
+    stem, ext = os.path.splitext(os.path.basename(path))
+    return os.path.join(os.path.dirname(path), "logs", f"{stem}.process_{process_index}{ext}")
 
 
 class MetricsLog:
@@ -23,11 +32,16 @@ class MetricsLog:
 
     Records carry a "phase" and a "step". A resumed phase first calls `truncate(phase, step)`, which drops that
     phase's records after the restored step, so the file never holds a step twice and the other phases are kept.
+
+    In a multi-process run only process 0 writes `path`; process i > 0 keeps its own identical copy in
+    `process_log_path(path, i)`, so processes sharing a work directory never append to (or read half of) one file
+    and every process reads back exactly the records it wrote.
     """
 
-    def __init__(self, path: str):
-        self.path = path
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    def __init__(self, path: str, process_index: int | None = None):
+        process_index = jax.process_index() if process_index is None else process_index
+        self.path = process_log_path(path, process_index)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
 
     def records(self, phase: str | None = None) -> list[dict[str, Any]]:
         if not os.path.exists(self.path):
@@ -89,9 +103,11 @@ def train_loop(
     `hooks` are called after every step as hook(state, metrics_so_far) and may return extra metrics to log (for
     example a validation evaluation every k steps). tokens/s counts the real (unpadded) tokens of `token_keys`.
     """
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every <= 0:
+        raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
     position = jax.device_get(state.data)
     start = int(jax.device_get(state.step))
-    process_index, process_count = jax.process_index(), jax.process_count()
+    process_index, process_count = process_batch_block(mesh, batch_size)  # the rows this process loads
     if metrics_log is not None:
         metrics_log.truncate(desc, start)
     bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step", disable=not show_progress, dynamic_ncols=True)
