@@ -50,7 +50,11 @@ def batch_at(
 
     Multi-process runs read only their shard: process i gets rows [i*B/P, (i+1)*B/P) of the global batch, which is
     the layout `jax.make_array_from_process_local_data` expects.
+    A dataset that plans its own batches (`jaxalign.data.pipeline.BucketedDataset`: length buckets) is asked for
+    them, so every loop written against this function trains on it unchanged.
     """
+    if hasattr(dataset, "batch_at"):
+        return dataset.batch_at(position, batch_size, seed, process_index, process_count)
     n = len(dataset)
     if batch_size > n:
         raise ValueError(f"batch size {batch_size} is larger than the dataset ({n} examples)")

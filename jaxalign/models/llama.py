@@ -5,6 +5,13 @@ Architecture as in LLaMA (Touvron et al., 2023): pre-norm blocks with RMSNorm (Z
 position embeddings (Su et al., 2021, eq. 34), grouped-query attention (Ainslie et al., 2023) and a SwiGLU MLP
 (Shazeer, 2020, eq. 6), optionally tied input/output embeddings.
 
+Switches in `ModelConfig` (each off by default, so the default model is exactly the Llama decoder above) cover the
+other families `jaxalign.models.hf` converts: query/key/value biases (Qwen2), an output-projection bias (Llama's
+`attention_bias`), RMSNorm scaled by (1 + weight) and embeddings scaled by sqrt(d_model) (Gemma), a GeGLU MLP with
+the tanh-approximated GELU (Gemma; Shazeer 2020, eq. 5) and a sliding attention window (Mistral; Jiang et al. 2023,
+section 2). `DecoderLM.__call__` also takes `segment_ids` for packed rows: attention stays inside a segment and
+positions restart at each one.
+
 Every parameter carries logical axis names (`nn.with_logical_partitioning`); `jaxalign.sharding` maps them to mesh
 axes with one rules table. Parameters are stored in `param_dtype` (fp32) and matmuls run in `dtype` (bf16 or fp32);
 logits are always returned in fp32 so that log-softmax is computed at full precision.
@@ -22,6 +29,9 @@ import jax
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Gate activations of the gated MLP. "gelu_tanh" is the tanh approximation of GELU (Hendrycks & Gimpel, 2016,
+# section 2), which is what Hugging Face's "gelu_pytorch_tanh" computes.
+ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +52,13 @@ class ModelConfig:
     dtype: str = "float32"
     remat: bool = False
     scan_layers: bool = False
+    # Family switches (jaxalign.models.hf); the defaults are the plain Llama decoder.
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2; Llama's attention_bias)
+    out_bias: bool = False  # bias on the attention output projection (Llama's attention_bias)
+    norm_unit_offset: bool = False  # RMSNorm multiplies by (1 + scale), scale initialised to 0 (Gemma)
+    embed_scale: bool = False  # token embeddings multiplied by sqrt(d_model) (Gemma; not the tied output layer)
+    activation: str = "silu"  # gate activation of the gated MLP: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+    sliding_window: int | None = None  # a query attends to keys at most sliding_window - 1 positions back (Mistral)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "max_len"):
@@ -57,6 +74,11 @@ class ModelConfig:
             raise ValueError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or isinstance(
+                self.sliding_window, bool) or self.sliding_window <= 0):
+            raise ValueError(f"model.sliding_window must be a positive integer or None, got {self.sliding_window!r}")
 
     @property
     def compute_dtype(self):
@@ -68,17 +90,24 @@ def _dense_init(fan_in: int):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm (Zhang & Sennrich, 2019, eq. 4): x / rms(x) * g, computed in fp32."""
+    """Root-mean-square layer norm (Zhang & Sennrich, 2019, eq. 4): x / rms(x) * g, computed in fp32.
+
+    With `unit_offset` the gain is (1 + g) with g initialised to 0, as Gemma's RMSNorm stores it (transformers'
+    modeling_gemma.GemmaRMSNorm: the product is taken in fp32 and only then cast).
+    """
 
     eps: float
     dtype: Any
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],))
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * scale).astype(self.dtype)
+        gain = 1.0 + scale.astype(jnp.float32) if self.unit_offset else scale
+        return (normed * gain).astype(self.dtype)
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -95,22 +124,42 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Ar
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def sliding_window_mask(query_positions: jax.Array, key_positions: jax.Array, window: int) -> jax.Array:
+    """[b, q, k] True where the key is fewer than `window` positions behind the query (Mistral's sliding window,
+    Jiang et al. 2023, section 2; transformers' masking_utils.sliding_window_overlay: kv_idx > q_idx - window).
+    Combined with the causal mask, each query sees itself and the window - 1 tokens before it."""
+    return (query_positions[:, :, None] - key_positions[:, None, :]) < window
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 at the first token of every segment of a packed row: t - start(segment of t).
+
+    A segment starts where the id differs from the previous token's (so two adjacent sequences need different ids).
+    """
+    time = jnp.arange(segment_ids.shape[-1])
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                             axis=-1)
+    start_index = jax.lax.cummax(jnp.where(starts, time, 0), axis=1)
+    return (time - start_index).astype(jnp.int32)
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention with rotary embeddings and an optional key/value cache."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, key_mask, cache):
+    def __call__(self, x, positions, key_mask, cache, segment_ids=None):
         cfg = self.cfg
         dtype = cfg.compute_dtype
 
         def proj(name, heads, axes):
             return nn.DenseGeneral(
                 features=(heads, cfg.head_dim),
-                use_bias=False,
+                use_bias=cfg.qkv_bias,
                 dtype=dtype,
                 kernel_init=nn.with_logical_partitioning(_dense_init(cfg.d_model), axes),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
                 name=name,
             )(x)
 
@@ -127,6 +176,10 @@ class Attention(nn.Module):
             allowed = key_mask[:, None, :]  # [b, 1(q), t(k)]
             causal = jnp.tril(jnp.ones((time, time), bool))[None]
             allowed = allowed & causal
+            if segment_ids is not None:
+                allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+            if cfg.sliding_window is not None:
+                allowed = allowed & sliding_window_mask(positions, positions, cfg.sliding_window)
             new_cache = None
         else:
             # Write this chunk at `cache["index"]` for every row; rows are aligned (prompts left-padded).
@@ -138,6 +191,10 @@ class Attention(nn.Module):
             query_slots = index + jnp.arange(time)
             causal = slots[None, :] <= query_slots[:, None]  # [q, k]
             allowed = valid[:, None, :] & causal[None]
+            if cfg.sliding_window is not None:
+                # Cache slots of a row's real tokens are contiguous (prompts are left-padded), so slot distance is
+                # position distance.
+                allowed = allowed & sliding_window_mask(query_slots[None], slots[None], cfg.sliding_window)
             new_cache = {"k": keys, "v": values, "valid": valid, "index": index + time}
             key_positions = None
         del key_positions
@@ -153,16 +210,18 @@ class Attention(nn.Module):
         out = nn.DenseGeneral(
             features=cfg.d_model,
             axis=(-2, -1),
-            use_bias=False,
+            use_bias=cfg.out_bias,
             dtype=dtype,
             kernel_init=nn.with_logical_partitioning(_dense_init(cfg.n_heads * cfg.head_dim), ("heads", "head_dim", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="o",
         )(out)
         return out, new_cache
 
 
 class SwiGLU(nn.Module):
-    """Gated MLP: W_down (silu(x W_gate) * x W_up) (Shazeer, 2020, eq. 6)."""
+    """Gated MLP: W_down (act(x W_gate) * x W_up), act = silu (SwiGLU, Shazeer 2020, eq. 6) or the tanh-GELU
+    (GeGLU, eq. 5) as `cfg.activation` says. The module keeps its name whatever the activation (parameter paths)."""
 
     cfg: ModelConfig
 
@@ -175,7 +234,7 @@ class SwiGLU(nn.Module):
         )
         gate = dense("gate", cfg.mlp_dim, ("embed", "mlp"), cfg.d_model)(x)
         up = dense("up", cfg.mlp_dim, ("embed", "mlp"), cfg.d_model)(x)
-        return dense("down", cfg.d_model, ("mlp", "embed"), cfg.mlp_dim)(nn.silu(gate) * up)
+        return dense("down", cfg.d_model, ("mlp", "embed"), cfg.mlp_dim)(ACTIVATIONS[cfg.activation](gate) * up)
 
 
 class Block(nn.Module):
@@ -184,25 +243,44 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, key_mask, cache):
+    def __call__(self, x, positions, key_mask, cache, segment_ids=None):
         cfg = self.cfg
         h, new_cache = Attention(cfg, name="attn")(
-            RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x), positions, key_mask, cache
+            RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.norm_unit_offset, name="attn_norm")(x), positions, key_mask,
+            cache, segment_ids,
         )
         x = x + h
-        x = x + SwiGLU(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x))
+        x = x + SwiGLU(cfg, name="mlp")(
+            RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.norm_unit_offset, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed_act"))
         return x, new_cache
 
 
 class DecoderLM(nn.Module):
-    """The decoder. __call__(tokens, attention_mask, positions=None, cache=None) -> (logits fp32, new_cache)."""
+    """The decoder. __call__(tokens, attention_mask, positions=None, cache=None) -> (logits fp32, new_cache).
+
+    `segment_ids` [B, T] (int, 0 = padding) marks packed rows (`jaxalign.data.packing`): a token attends only to
+    earlier tokens of its own segment, and positions (unless given) restart at 0 at each segment's first token, so
+    every segment sees exactly what it would see alone in its own row. The attention mask defaults to
+    segment_ids > 0. Not combinable with a cache (decoding is never packed).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, attention_mask=None, positions=None, cache=None, return_hidden=False):
+    def __call__(self, tokens, attention_mask=None, positions=None, cache=None, return_hidden=False,
+                 segment_ids=None):
         cfg = self.cfg
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("DecoderLM: segment_ids (packed rows) cannot be combined with a key/value cache")
+            if segment_ids.shape != tokens.shape:
+                raise ValueError(f"DecoderLM: segment_ids has shape {segment_ids.shape}, expected the tokens' shape "
+                                 f"{tokens.shape}")
+            if attention_mask is None:
+                attention_mask = segment_ids > 0
+            if positions is None:
+                positions = segment_positions(segment_ids)
         if attention_mask is None:
             attention_mask = jnp.ones(tokens.shape, bool)
         attention_mask = attention_mask.astype(bool)
@@ -220,6 +298,10 @@ class DecoderLM(nn.Module):
             name="embed",
         )
         x = embed(tokens).astype(cfg.compute_dtype)
+        if cfg.embed_scale:
+            # Gemma multiplies by sqrt(d_model) rounded to the compute dtype (transformers' modeling_gemma,
+            # GemmaTextScaledWordEmbedding: `* embed_scale.to(weight.dtype)`).
+            x = x * jnp.asarray(cfg.d_model**0.5, cfg.compute_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed_act"))
 
         block = Block
@@ -230,20 +312,20 @@ class DecoderLM(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
-            x, new_cache = stack(x, positions, attention_mask, cache)
+            x, new_cache = stack(x, positions, attention_mask, cache, segment_ids)
         else:
             new_layers = []
             for i in range(cfg.n_layers):
                 layer_cache = None if cache is None else cache[i]
-                x, c = block(cfg, name=f"layer_{i}")(x, positions, attention_mask, layer_cache)
+                x, c = block(cfg, name=f"layer_{i}")(x, positions, attention_mask, layer_cache, segment_ids)
                 new_layers.append(c)
             new_cache = None if cache is None else new_layers
 
-        hidden = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
+        hidden = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.norm_unit_offset, name="final_norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(hidden.astype(jnp.float32))
         else:

@@ -1,0 +1,600 @@
+"""Hugging Face checkpoints <-> `DecoderLM`: Llama, Mistral, Qwen2 and Gemma (v1).
+
+    params, cfg = from_pretrained("path/to/hf_dir", mesh=mesh)      # config.json + *.safetensors
+    save_pretrained(params, cfg, "out_dir", family="llama")         # transformers' from_pretrained loads it
+
+What each family needs from `ModelConfig` (read from transformers' modeling_{llama,mistral,qwen2,gemma}.py):
+
+- llama: the default decoder; `attention_bias` -> `qkv_bias` and `out_bias`; `mlp_bias` is not supported.
+- mistral: the default decoder plus `sliding_window` (masking_utils.sliding_window_overlay: kv_idx > q_idx - w).
+- qwen2: biases on q/k/v only (`qkv_bias`); its sliding window when every layer uses it (`use_sliding_window` with
+  `max_window_layers` = 0, or `layer_types` all "sliding_attention"); mixed full/sliding layers are refused.
+- gemma: RMSNorm gain (1 + w) (`norm_unit_offset`), embeddings times sqrt(hidden_size) (`embed_scale`), GeGLU with
+  the tanh GELU (`activation="gelu_tanh"`), tied embeddings, `head_dim` independent of hidden_size.
+
+Rotary layout: Hugging Face applies rotary embeddings with `rotate_half` (channel i pairs with i + head_dim/2) and
+stores q_proj/k_proj in that layout; `jaxalign.models.llama.rotary_embedding` uses the same half-split pairing, so
+the q/k weights convert by transposition and reshape alone, with no permutation. Only the default rotary type is
+supported (no `rope_scaling` such as "llama3" or "yarn"): anything else is refused by name.
+
+Weight layout: a Hugging Face `nn.Linear` stores [out, in]; our kernels are [in, out...] (flax), with the head
+dimension split out: q/k/v kernels [d_model, heads, head_dim], the output kernel [heads, head_dim, d_model]. Each
+of our leaves is `transpose(reshape(hf_tensor, view), perm)` (`TensorSpec`), which is also how a shard of a leaf is
+read: `make_array_from_callback` asks for an index of our array, `_hf_slices` turns it into a contiguous slice of
+the Hugging Face tensor, and `safe_open(...).get_slice` reads just that from the file, so no process ever holds
+more of the model than its own shards.
+
+Parameters are stored in `param_dtype` (float32 by default, the project's convention); `dtype` is the compute
+dtype of the returned `ModelConfig`. Tokenizer files and generation settings are not converted.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxalign.models.llama import ModelConfig, init_params
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "gemma": "GemmaForCausalLM"}
+# The defaults of the transformers config classes (configuration_<family>.py, transformers 5.24) for the fields we
+# read, so that a config.json that omits a field means what it means to transformers.
+HF_DEFAULTS = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
+              "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
+                "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                "sliding_window": 4096},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28},
+    "gemma": {"vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
+              "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+              "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+              "attention_bias": False},
+}
+HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+# safetensors dtypes NumPy cannot name (read through the flax reader instead).
+NUMPY_UNNAMED = ("BF16", "F8_E4M3", "F8_E5M2")
+# Tensors some checkpoints carry that the model recomputes (rotary inverse frequencies); skipped by name.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint directory that cannot be converted; the message names the file, the tensor and the value."""
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+
+
+def _rope_theta(hf: dict, source: str) -> float:
+    """rope_theta from `rope_parameters` (transformers >= 5) or the older top-level `rope_theta`/`rope_scaling`;
+    only the default (unscaled) rotary embedding is supported."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise CheckpointFormatError(f"{source}: rope_parameters must be a JSON object, got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise CheckpointFormatError(f"{source}: rope type {rope_type!r} is not supported; only the default rotary "
+                                    "embedding (rope_type 'default', no rope_scaling) converts")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+
+
+def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> tuple[ModelConfig, str]:
+    """(ModelConfig, family) for a Hugging Face config.json dict; `overrides` set ModelConfig fields such as dtype,
+    remat or scan_layers. Unknown model types and unsupported switches raise CheckpointFormatError naming `source`."""
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise CheckpointFormatError(f"{source}: model_type {family!r} is not supported; expected one of "
+                                    f"{', '.join(FAMILIES)}")
+    get = lambda key: hf.get(key, HF_DEFAULTS[family].get(key))  # noqa: E731
+    heads = get("num_attention_heads")
+    act = get("hidden_act")
+    if family == "gemma" and act == "gelu":  # transformers' GemmaConfig maps the legacy value to the tanh GELU
+        act = "gelu_pytorch_tanh"
+    if act not in HF_ACTIVATIONS:
+        raise CheckpointFormatError(f"{source}: hidden_act {act!r} is not supported; expected one of "
+                                    f"{', '.join(HF_ACTIVATIONS)}")
+    fields = dict(
+        vocab_size=get("vocab_size"), d_model=get("hidden_size"), n_layers=get("num_hidden_layers"),
+        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or HF_DEFAULTS[family].get("num_key_value_heads",
+                                                                                              heads),
+        head_dim=hf.get("head_dim") or HF_DEFAULTS[family].get("head_dim", get("hidden_size") // heads),
+        mlp_dim=get("intermediate_size"), max_len=get("max_position_embeddings"),
+        rope_theta=_rope_theta(hf, source), norm_eps=float(get("rms_norm_eps")),
+        tie_embeddings=bool(get("tie_word_embeddings")), activation=HF_ACTIVATIONS[act],
+    )
+    if family in ("llama", "gemma"):
+        bias = bool(get("attention_bias"))
+        fields.update(qkv_bias=bias, out_bias=bias)
+    if family == "llama" and get("mlp_bias"):
+        raise CheckpointFormatError(f"{source}: mlp_bias=true is not supported (the MLP has no biases)")
+    if family == "gemma":
+        fields.update(norm_unit_offset=True, embed_scale=True)
+    if family == "mistral":
+        fields.update(sliding_window=get("sliding_window"))
+    if family == "qwen2":
+        fields.update(qkv_bias=True, sliding_window=_qwen2_window(hf, get, fields["n_layers"], source))
+    fields.update(overrides)
+    try:
+        return ModelConfig(**fields), family
+    except (TypeError, ValueError) as e:
+        raise CheckpointFormatError(f"{source}: {e}") from e
+
+
+def _qwen2_window(hf: dict, get, n_layers: int, source: str) -> int | None:
+    """Qwen2 uses the sliding window on layers i >= max_window_layers when use_sliding_window (configuration_qwen2);
+    one window for every layer or none converts, a mix does not."""
+    types = hf.get("layer_types")
+    if types is None:
+        if not get("use_sliding_window"):
+            return None
+        types = ["sliding_attention" if i >= get("max_window_layers") else "full_attention" for i in range(n_layers)]
+    if all(t == "full_attention" for t in types):
+        return None
+    if all(t == "sliding_attention" for t in types):
+        return get("sliding_window")
+    raise CheckpointFormatError(f"{source}: layers mix full and sliding-window attention ({types}); only one "
+                                "attention type for every layer is supported")
+
+
+def config_to_hf(cfg: ModelConfig, family: str) -> dict:
+    """The config.json transformers needs to build `family`'s model from `cfg`; refuses a cfg the family cannot
+    express, naming the field."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r} is not supported; expected one of {', '.join(FAMILIES)}")
+    want = {  # fields every family fixes: (field, value the family requires)
+        "llama": {"norm_unit_offset": False, "embed_scale": False, "activation": "silu", "sliding_window": None,
+                  "out_bias": cfg.qkv_bias},
+        "mistral": {"norm_unit_offset": False, "embed_scale": False, "activation": "silu", "qkv_bias": False,
+                    "out_bias": False},
+        "qwen2": {"norm_unit_offset": False, "embed_scale": False, "activation": "silu", "qkv_bias": True,
+                  "out_bias": False},
+        "gemma": {"norm_unit_offset": True, "embed_scale": True, "activation": "gelu_tanh", "sliding_window": None,
+                  "out_bias": cfg.qkv_bias, "tie_embeddings": True},
+    }[family]
+    for name, value in want.items():
+        if getattr(cfg, name) != value:
+            raise ValueError(f"model.{name}={getattr(cfg, name)!r} cannot be written as a {family} checkpoint; "
+                             f"the {family} family requires {name}={value!r}")
+    hf = {
+        "architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "hidden_act": {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation],
+        "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings, "dtype": "float32",
+    }
+    if family in ("llama", "gemma"):
+        hf["attention_bias"] = cfg.qkv_bias
+    if family == "llama":
+        hf["mlp_bias"] = False
+    if family == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    if family == "qwen2":
+        windowed = cfg.sliding_window is not None
+        hf.update(use_sliding_window=windowed, sliding_window=cfg.sliding_window, max_window_layers=0,
+                  layer_types=["sliding_attention" if windowed else "full_attention"] * cfg.n_layers)
+    return hf
+
+
+# ------------------------------------------------------------------------------------------------------ layout
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One of our parameters as Hugging Face tensors: ours = transpose(reshape(hf, view), perm).
+
+    `names` has one Hugging Face tensor per layer for a scanned (stacked) leaf, else one name.
+    """
+
+    names: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    view: tuple[int, ...]
+    perm: tuple[int, ...]
+    stacked: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Our array's shape."""
+        own = tuple(self.view[p] for p in self.perm)
+        return ((len(self.names),) + own) if self.stacked else own
+
+
+def _layer_specs(cfg: ModelConfig, prefix: str) -> dict[tuple[str, ...], TensorSpec]:
+    """{our path inside a block: spec} for Hugging Face layer `prefix` (e.g. "model.layers.3")."""
+    d, h, kv, hd, m = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
+    attn = f"{prefix}.self_attn"
+    specs = {
+        ("attn_norm", "scale"): TensorSpec((f"{prefix}.input_layernorm.weight",), (d,), (d,), (0,)),
+        ("mlp_norm", "scale"): TensorSpec((f"{prefix}.post_attention_layernorm.weight",), (d,), (d,), (0,)),
+        ("attn", "o", "kernel"): TensorSpec((f"{attn}.o_proj.weight",), (d, h * hd), (d, h, hd), (1, 2, 0)),
+        ("mlp", "gate", "kernel"): TensorSpec((f"{prefix}.mlp.gate_proj.weight",), (m, d), (m, d), (1, 0)),
+        ("mlp", "up", "kernel"): TensorSpec((f"{prefix}.mlp.up_proj.weight",), (m, d), (m, d), (1, 0)),
+        ("mlp", "down", "kernel"): TensorSpec((f"{prefix}.mlp.down_proj.weight",), (d, m), (d, m), (1, 0)),
+    }
+    for name, heads in (("q", h), ("k", kv), ("v", kv)):
+        specs[("attn", name, "kernel")] = TensorSpec((f"{attn}.{name}_proj.weight",), (heads * hd, d),
+                                                     (heads, hd, d), (2, 0, 1))
+        if cfg.qkv_bias:
+            specs[("attn", name, "bias")] = TensorSpec((f"{attn}.{name}_proj.bias",), (heads * hd,), (heads, hd),
+                                                       (0, 1))
+    if cfg.out_bias:
+        specs[("attn", "o", "bias")] = TensorSpec((f"{attn}.o_proj.bias",), (d,), (d,), (0,))
+    return specs
+
+
+def hf_layout(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
+    """{path of our parameter (as in init_params): TensorSpec} for every parameter of `cfg`'s DecoderLM."""
+    specs = {
+        ("embed", "embedding"): TensorSpec(("model.embed_tokens.weight",), (cfg.vocab_size, cfg.d_model),
+                                           (cfg.vocab_size, cfg.d_model), (0, 1)),
+        ("final_norm", "scale"): TensorSpec(("model.norm.weight",), (cfg.d_model,), (cfg.d_model,), (0,)),
+    }
+    if not cfg.tie_embeddings:
+        specs[("lm_head", "kernel")] = TensorSpec(("lm_head.weight",), (cfg.vocab_size, cfg.d_model),
+                                                  (cfg.vocab_size, cfg.d_model), (1, 0))
+    per_layer = [_layer_specs(cfg, f"model.layers.{i}") for i in range(cfg.n_layers)]
+    for path, first in per_layer[0].items():
+        if cfg.scan_layers:
+            names = tuple(layer[path].names[0] for layer in per_layer)
+            specs[("layers",) + path] = dataclasses.replace(first, names=names, stacked=True)
+        else:
+            for i, layer in enumerate(per_layer):
+                specs[(f"layer_{i}",) + path] = layer[path]
+    return specs
+
+
+def _groups(hf_shape: tuple[int, ...], view: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Which view dimensions each Hugging Face dimension splits into, e.g. (12, 8) -> (3, 4, 8): [(3, 4), (8,)]."""
+    groups, v = [], 0
+    for size in hf_shape:
+        group = []
+        while math.prod(group) < size or not group:
+            group.append(view[v])
+            v += 1
+        if math.prod(group) != size:
+            raise AssertionError(f"view {view} does not split {hf_shape}")
+        groups.append(tuple(group))
+    return groups
+
+
+def _hf_slices(spec: TensorSpec, index: tuple[slice, ...]):
+    """For `index` into our (unstacked) array: the contiguous slice of the Hugging Face tensor that holds it, the
+    shape to reshape the read block to, and the slices that then cut it down to exactly `index` (view order)."""
+    view_index = [None] * len(spec.view)
+    for i, s in enumerate(index):
+        view_index[spec.perm[i]] = s
+    hf_index, block, rest, v = [], [], [], 0
+    for group in _groups(spec.hf_shape, spec.view):
+        outer = view_index[v]
+        inner = math.prod(group[1:])
+        hf_index.append(slice(outer.start * inner, outer.stop * inner))
+        block.append(outer.stop - outer.start)
+        rest.append(slice(None))
+        for k, size in enumerate(group[1:], start=1):
+            block.append(size)
+            rest.append(view_index[v + k])
+        v += len(group)
+    return tuple(hf_index), tuple(block), tuple(rest)
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+
+
+class SafetensorsReader:
+    """The tensors of a Hugging Face checkpoint directory: model.safetensors, or the shards a
+    model.safetensors.index.json lists (or, with neither, every *.safetensors file). Use as a context manager."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointFormatError(f"{index}: not a safetensors index (expected a JSON object with a "
+                                            f"'weight_map'): {e}") from e
+            self.where = {name: self.directory / file for name, file in weight_map.items()}
+            self.described = str(index)
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+            if not files:
+                raise CheckpointFormatError(f"{self.directory}: no model.safetensors, model.safetensors.index.json "
+                                            "or other *.safetensors file")
+            self.where = {}
+            for file in files:
+                with safe_open(file, framework="numpy") as f:
+                    self.where.update({name: file for name in f.keys()})
+            self.described = ", ".join(str(f) for f in files)
+        self._stack = contextlib.ExitStack()
+        self._open: dict[Path, Any] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+
+    def _file(self, name: str, framework: str = "numpy"):
+        path = self.where[name]
+        if (path, framework) not in self._open:
+            if not path.exists():
+                raise CheckpointFormatError(f"{path}: listed for tensor {name!r} in {self.described} but missing")
+            self._open[path, framework] = self._stack.enter_context(safe_open(path, framework=framework))
+        return self._open[path, framework]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The block `index` (contiguous slices) of tensor `name`, as a host NumPy array."""
+        tensor = self._file(name).get_slice(name)
+        if tensor.get_dtype() not in NUMPY_UNNAMED:
+            return tensor[index]
+        # NumPy has no name for bfloat16/float8, so safetensors' numpy reader refuses them; its flax reader returns
+        # a JAX array, made on the host CPU device when there is one and pulled back to NumPy at once.
+        cpus = [d for d in jax.local_devices() if d.platform == "cpu"] or _cpu_devices()
+        with jax.default_device(cpus[0] if cpus else None):
+            return np.asarray(self._file(name, "flax").get_slice(name)[index])
+
+    def check(self, layout: dict[tuple[str, ...], TensorSpec], family: str) -> None:
+        """Every tensor the layout needs exists with its shape, and nothing else is in the checkpoint (except
+        rotary frequency buffers, and lm_head.weight of a tied model, which transformers ignores too)."""
+        needed = set()
+        for spec in layout.values():
+            for name in spec.names:
+                needed.add(name)
+                if name not in self.where:
+                    raise CheckpointFormatError(f"{self.described}: tensor {name!r} is missing (a {family} model "
+                                                f"with this config.json needs it)")
+                found = self.shape(name)
+                if found != spec.hf_shape:
+                    raise CheckpointFormatError(f"{self.where[name]}: tensor {name!r} has shape {list(found)}, "
+                                                f"expected {list(spec.hf_shape)} from config.json")
+        extra = sorted(n for n in self.where if n not in needed and not n.endswith(IGNORED_SUFFIXES)
+                       and not (n == "lm_head.weight" and ("embed", "embedding") in layout
+                                and ("lm_head", "kernel") not in layout))
+        if extra:
+            raise CheckpointFormatError(f"{self.where[extra[0]]}: tensor {extra[0]!r} is not part of a {family} "
+                                        f"model with this config.json ({len(extra)} unexpected tensors: "
+                                        f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''})")
+
+
+def _cpu_devices() -> list:
+    try:
+        return jax.local_devices(backend="cpu")
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+        return []
+
+
+def _normalise(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    out = []
+    for s, n in zip(tuple(index) + (slice(None),) * (len(shape) - len(index)), shape):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise AssertionError(f"strided shard index {s}")
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
+def read_shard(reader: SafetensorsReader, spec: TensorSpec, index: tuple, dtype) -> np.ndarray:
+    """The part `index` of our array for `spec`, read from the checkpoint slice by slice."""
+    index = _normalise(index, spec.shape)
+    layers = range(len(spec.names))[index[0]] if spec.stacked else [0]
+    own_index = index[1:] if spec.stacked else index
+    hf_index, block, rest = _hf_slices(spec, own_index)
+    parts = [reader.read(spec.names[i], hf_index).reshape(block)[rest].transpose(spec.perm).astype(dtype)
+             for i in layers]
+    return np.stack(parts) if spec.stacked else parts[0]
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+
+
+def _target_shardings(cfg: ModelConfig, mesh) -> dict:
+    """{path: Sharding} of every parameter: from the logical axis rules on a mesh, else the first local device."""
+    from jaxalign import sharding as shd  # late: jaxalign.sharding imports jaxalign.models
+
+    abstract = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        tree = jax.tree_util.tree_map(lambda _: device, _unbox(abstract))
+    else:
+        shd.check_model_fits_mesh(cfg, mesh)
+        tree = shd.logical_shardings(abstract, mesh)
+    return _flatten(tree)
+
+
+def _unbox(tree):
+    return nn.meta.unbox(tree)
+
+
+def _flatten(tree: Any) -> dict[tuple[str, ...], Any]:
+    """{path of keys: leaf} of a nested mapping (a parameter tree)."""
+    flat = {}
+
+    def visit(node, path):
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                visit(value, path + (str(key),))
+        else:
+            flat[path] = node
+
+    visit(tree, ())
+    return flat
+
+
+def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def read_hf_config(path: str | os.PathLike, **overrides) -> tuple[ModelConfig, str]:
+    """(ModelConfig, family) from `path`/config.json."""
+    file = Path(path) / "config.json"
+    if not file.exists():
+        raise CheckpointFormatError(f"{file}: missing (a Hugging Face checkpoint directory needs its config.json)")
+    try:
+        hf = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointFormatError(f"{file}: not valid JSON: {e}") from e
+    return config_from_hf(hf, str(file), **overrides)
+
+
+def load_params(reader: SafetensorsReader, layout: dict, cfg: ModelConfig, mesh=None, param_dtype=jnp.float32):
+    """Build every parameter with `jax.make_array_from_callback`, reading only each device's shard."""
+    shardings = _target_shardings(cfg, mesh)
+    if set(shardings) != set(layout):
+        raise AssertionError(f"layout {sorted(set(layout) ^ set(shardings))} out of step with DecoderLM")
+    dtype = np.dtype(param_dtype)
+    flat = {path: jax.make_array_from_callback(spec.shape, shardings[path],
+                                               lambda index, spec=spec: read_shard(reader, spec, index, dtype))
+            for path, spec in layout.items()}
+    return _unflatten(flat)
+
+
+def from_pretrained(path: str | os.PathLike, mesh=None, dtype: str = "float32", param_dtype=jnp.float32,
+                    **overrides) -> tuple[dict, ModelConfig]:
+    """Load a Hugging Face checkpoint directory (config.json + model.safetensors, or shards listed in
+    model.safetensors.index.json) of a Llama, Mistral, Qwen2 or Gemma model.
+
+    Returns (params, cfg): `params` is the unboxed parameter tree of `DecoderLM(cfg)` (use as
+    `DecoderLM(cfg).apply({"params": params}, tokens, mask)`), each array placed in the sharding the logical axis
+    rules give it on `mesh` (or on the first local device without one) and read shard by shard from the files.
+    `dtype` is the compute dtype; `overrides` set other ModelConfig fields (remat, scan_layers, max_len, ...).
+    """
+    cfg, family = read_hf_config(path, dtype=dtype, **overrides)
+    layout = hf_layout(cfg)
+    with SafetensorsReader(path) as reader:
+        reader.check(layout, family)
+        return load_params(reader, layout, cfg, mesh, param_dtype), cfg
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+
+
+def _host(x) -> np.ndarray:
+    """A whole array on the host, gathered from every process if it is spread over several."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def to_hf_tensors(params: dict, cfg: ModelConfig, dtype=np.float32) -> dict[str, np.ndarray]:
+    """{Hugging Face tensor name: array} for our parameter tree (the inverse of `read_shard`)."""
+    flat = _flatten(_unbox(params))
+    layout = hf_layout(cfg)
+    missing = sorted(set(layout) - set(flat))
+    if missing:
+        raise ValueError(f"params lack {'/'.join(missing[0])} ({len(missing)} parameters missing), which the "
+                         "ModelConfig given needs; are they the parameters of this config?")
+    tensors = {}
+    for path, spec in layout.items():
+        value = _host(flat[path])
+        if value.shape != spec.shape:
+            raise ValueError(f"parameter {'/'.join(path)} has shape {list(value.shape)}, expected "
+                             f"{list(spec.shape)} from the ModelConfig")
+        layers = list(value) if spec.stacked else [value]
+        inverse = tuple(np.argsort(spec.perm))
+        for name, layer in zip(spec.names, layers):
+            tensors[name] = np.ascontiguousarray(layer.transpose(inverse).reshape(spec.hf_shape).astype(dtype))
+    return tensors
+
+
+def save_pretrained(params: dict, cfg: ModelConfig, path: str | os.PathLike, family: str,
+                    dtype=np.float32) -> Path:
+    """Write `params` of `DecoderLM(cfg)` as a Hugging Face `family` checkpoint: config.json + model.safetensors
+    (one file, tensors in `dtype`), loadable with transformers' AutoModelForCausalLM.from_pretrained. Only process 0
+    writes. Returns the directory."""
+    hf = config_to_hf(cfg, family)
+    hf["dtype"] = np.dtype(dtype).name
+    tensors = to_hf_tensors(params, cfg, dtype)
+    path = Path(path)
+    if jax.process_index() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ our format
+
+
+NATIVE_CONFIG = "jaxalign_config.json"
+NATIVE_PARAMS = "params.safetensors"
+
+
+def save_native(params: dict, cfg: ModelConfig, path: str | os.PathLike, family: str | None = None) -> Path:
+    """jaxalign's own checkpoint of a model: `jaxalign_config.json` ({"model": ModelConfig fields, "family": the
+    Hugging Face family it came from or None}) + `params.safetensors` (our parameter paths joined by "/", float32).
+    Safetensors rather than orbax: one self-describing file, read shard by shard like a Hugging Face one."""
+    flat = {"/".join(p): np.ascontiguousarray(_host(v).astype(np.float32)) for p, v in _flatten(_unbox(params)).items()}
+    path = Path(path)
+    if jax.process_index() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"format": "jaxalign", "family": family, "model": dataclasses.asdict(cfg)}
+        (path / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        save_file(flat, str(path / NATIVE_PARAMS))
+    return path
+
+
+def load_native(path: str | os.PathLike, mesh=None, param_dtype=jnp.float32,
+                **overrides) -> tuple[dict, ModelConfig, str | None]:
+    """(params, cfg, family) from a `save_native` directory, sharded over `mesh` like `from_pretrained`."""
+    path = Path(path)
+    file = path / NATIVE_CONFIG
+    if not file.exists():
+        raise CheckpointFormatError(f"{file}: missing (a jaxalign model directory holds {NATIVE_CONFIG} and "
+                                    f"{NATIVE_PARAMS})")
+    meta = json.loads(file.read_text())
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(meta.get("model", {})) - known)
+    if meta.get("format") != "jaxalign" or unknown:
+        raise CheckpointFormatError(f"{file}: not a jaxalign model config (format {meta.get('format')!r}, "
+                                    f"unknown model fields {unknown})")
+    try:
+        cfg = ModelConfig(**{**meta["model"], **overrides})
+    except (TypeError, ValueError) as e:
+        raise CheckpointFormatError(f"{file}: {e}") from e
+    with safe_open(path / NATIVE_PARAMS, framework="numpy") as f:
+        abstract = _flatten(_unbox(jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))))
+        for p, leaf in abstract.items():
+            name = "/".join(p)
+            if name not in f.keys():
+                raise CheckpointFormatError(f"{path / NATIVE_PARAMS}: tensor {name!r} is missing")
+            found = tuple(f.get_slice(name).get_shape())
+            if found != leaf.shape:
+                raise CheckpointFormatError(f"{path / NATIVE_PARAMS}: tensor {name!r} has shape {list(found)}, "
+                                            f"expected {list(leaf.shape)} from {file}")
+        shardings = _target_shardings(cfg, mesh)
+        dtype = np.dtype(param_dtype)
+        flat = {p: jax.make_array_from_callback(
+            leaf.shape, shardings[p],
+            lambda index, name="/".join(p), shape=leaf.shape: np.asarray(
+                f.get_slice(name)[_normalise(index, shape)]).astype(dtype))
+            for p, leaf in abstract.items()}
+    return _unflatten(flat), cfg, meta.get("family")
