@@ -22,6 +22,7 @@ from jaxalign.losses.unpaired import RunningMoments, bco_baseline
 from jaxalign.losses.dpo import nll_per_token
 from jaxalign.models.heads import VALUE_HEAD, apply_value_head, prompt_values
 from jaxalign.models.llama import DecoderLM
+from jaxalign.models.lora import LoraConfig, apply_lora
 from jaxalign.sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
 from jaxalign.train.reference import ReferenceSync, sync_reference
 from jaxalign.train.state import DataPosition, TrainState
@@ -191,6 +192,28 @@ def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float 
         return loss * pairs, (pairs, metrics)
 
     return loss_fn
+
+
+def lora_loss_fn(loss_fn: LossFn, lora: LoraConfig) -> LossFn:
+    """`loss_fn` trained through low-rank adapters (LoRA, Hu et al. 2021): the trainable parameters are the adapters
+    (`jaxalign.models.lora.init_lora`) and `frozen` is the frozen base model.
+
+    The policy is apply_lora(base, adapters) and `loss_fn` receives the base itself as its frozen parameters, so for
+    DPO the reference IS the base: policy and reference share one copy of the weights, and the gradient reaches the
+    adapters only (the base enters under stop_gradient). A batch carrying precomputed reference log-probs uses
+    those, as without LoRA. Use with `make_train_step` unchanged, passing the base as `frozen`, on a state whose
+    params are the adapters and which tracks no reference of its own (`jaxalign.train.setup.sharded_lora_train_state`;
+    a tracked TR-DPO reference would take the base's place).
+    """
+
+    def wrapped(adapters, frozen, batch):
+        if frozen is None:
+            raise ValueError("a LoRA loss needs the frozen base parameters as `frozen` (they are the policy's base "
+                             "and the reference); got None")
+        base = jax.lax.stop_gradient(frozen)
+        return loss_fn(apply_lora(base, adapters, lora), base, batch)
+
+    return wrapped
 
 
 def _split_microbatches(batch: dict, accum_steps: int) -> dict:
