@@ -223,3 +223,9 @@ def test_resuming_a_checkpoint_of_a_different_model(tmp_path):
     proc = jaxalign("run", "arith_dpo", "--workdir", str(workdir), *TINY, "model.d_model=48")
     first = assert_clean_error(proc, str(sft_dir), "d_model", "32", "48")
     assert "different" in first
+
+    # The run directory keeps its own log: one header per attempt, and the refused attempts' tracebacks (which the
+    # terminal does not show).
+    log = (workdir / "logs" / "run.log").read_text()
+    assert log.count("=== ") == 3 and log.count("model.d_model=48") == 2
+    assert log.count("Traceback") == 2 and "d_model" in log.split("Traceback")[-1]
