@@ -1,26 +1,62 @@
-"""Jitted autoregressive sampling with a key/value cache: temperature, top-k, greedy, EOS stopping.
+"""Jitted autoregressive sampling with a key/value cache: temperature, top-k, top-p, greedy, EOS and stop sequences.
 
 Prompts of different lengths are left-padded to a common width so every row's next token is written at the same
 cache slot; rotary positions count real tokens only, so padding does not change what a row sees.
+
+Logits are processed in the order Hugging Face's `generate` applies its warpers (transformers'
+`GenerationMixin._get_logits_processor`): temperature, then top-k, then top-p (nucleus, Holtzman et al. 2020,
+section 3.1), each on what the previous one left. `generate` runs on one device (or wherever its inputs live);
+`generate_sharded` runs the same decode loop under a mesh with the batch split over its data axes.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, Callable, Iterable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxalign.models.llama import DecoderLM, ModelConfig, init_cache
+from jaxalign.models.llama import DecoderLM, ModelConfig, init_cache, init_params
+from jaxalign.sharding import (
+    BATCH_AXES,
+    LOGICAL_AXIS_RULES,
+    batch_sharding,
+    check_batch_fits_mesh,
+    check_model_fits_mesh,
+    logical_shardings,
+    put_batch,
+    replicated,
+)
+
+# Fills the stop-matching window before a row has generated anything: token ids are >= 0, so a stop sequence can
+# never match prompt tokens or padding.
+_NO_TOKEN = -1
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 means greedy decoding; top_k 0 means no top-k truncation."""
+    """How `generate` decodes.
+
+    temperature 0 means greedy decoding (top_k and top_p are then irrelevant: the argmax survives both).
+    top_k 0 means no top-k truncation; top_k above the vocabulary keeps everything.
+    top_p 1.0 means no nucleus truncation; otherwise the smallest set of most likely tokens whose probability
+        reaches top_p is kept (the token that crosses top_p is kept, and so is the most likely token).
+    stop: token-id sequences; a row finishes as soon as its *generated* tokens end with one of them (prompt tokens
+        never count). Lists are accepted and stored as tuples (the config is a static jit argument and must hash).
+        `encode_stop_strings` turns strings into this form.
+    keep_stop: True keeps the stop sequence in the completion (mask 1, like EOS); False cuts it (pad, mask 0).
+    """
 
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_k: int = 0
+    top_p: float = 1.0
+    stop: tuple[tuple[int, ...], ...] = ()
+    keep_stop: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -29,17 +65,176 @@ class SamplingConfig:
             raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
         if self.top_k < 0:
             raise ValueError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be a number in (0, 1] (1 = off), got {self.top_p!r}")
+        if not isinstance(self.keep_stop, bool):
+            raise ValueError(f"sampling.keep_stop must be True or False, got {self.keep_stop!r}")
+        object.__setattr__(self, "stop", _normalise_stop(self.stop))
 
 
-def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int) -> jax.Array:
-    """Draw one token per row from softmax(logits / temperature), restricted to the top_k logits when top_k > 0."""
+def _normalise_stop(stop) -> tuple[tuple[int, ...], ...]:
+    """`stop` as a tuple of non-empty tuples of non-negative ints, or one error naming the offending entry."""
+    if isinstance(stop, (str, bytes)) or not isinstance(stop, Iterable):
+        raise ValueError(f"sampling.stop must be a sequence of token-id sequences (use encode_stop_strings for "
+                         f"strings), got {stop!r}")
+    out = []
+    for i, seq in enumerate(stop):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Iterable):
+            raise ValueError(f"sampling.stop[{i}] must be a sequence of token ids (use encode_stop_strings for "
+                             f"strings), got {seq!r}")
+        seq = tuple(seq)
+        if not seq:
+            raise ValueError(f"sampling.stop[{i}] is empty; every stop sequence needs at least one token id")
+        bad = [t for t in seq if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0]
+        if bad:
+            raise ValueError(f"sampling.stop[{i}] must hold non-negative integer token ids, got {bad[0]!r} in {seq!r}")
+        out.append(tuple(int(t) for t in seq))
+    return tuple(out)
+
+
+def encode_stop_strings(strings: Iterable[str], tokenizer) -> tuple[tuple[int, ...], ...]:
+    """Token-id stop sequences for `SamplingConfig.stop` from strings, with `tokenizer.encode` (which must not add
+    special tokens: `CharTokenizer` and `data.tokenize.TextTokenizer` do not).
+
+    Matching is on token ids, so this is exact for a character tokenizer; with a subword tokenizer a string that
+    the model writes with a different segmentation (e.g. merged with the token before it) is not caught.
+    """
+    if isinstance(strings, str):
+        raise ValueError(f"encode_stop_strings expects a list of strings, got the single string {strings!r}")
+    out = []
+    for text in strings:
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"stop strings must be non-empty strings, got {text!r}")
+        ids = tuple(tokenizer.encode(text))
+        if not ids:
+            raise ValueError(f"stop string {text!r} encodes to no tokens")
+        out.append(ids)
+    return _normalise_stop(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logit processing: each a pure function of [..., V] logits, in the order `sample_token` applies them.
+
+
+def top_k_filter(logits: jax.Array, top_k: int) -> jax.Array:
+    """-inf outside the top_k largest logits (transformers' TopKLogitsWarper: logits tied with the k-th largest are
+    kept too, so ties never make the result depend on sort order). top_k 0 or >= V is a no-op."""
+    if not top_k or top_k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
+    """Nucleus filtering (Holtzman et al. 2020, section 3.1): keep the most likely tokens until their softmax mass
+    reaches top_p, the token that crosses top_p included; -inf elsewhere.
+
+    As transformers' TopPLogitsWarper (min_tokens_to_keep=1): a token is kept iff the probability mass of the
+    tokens ranked above it is < top_p, so the most likely token always survives. Tokens tied with the crossing
+    token are all kept (HF keeps whichever its unstable sort puts first), so the result does not depend on sort
+    order. top_p = 1 returns the logits unchanged (the mass test would round tiny tails away in float32).
+    """
+    if top_p >= 1.0:
+        return logits
+    ordered = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)  # descending
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_above = jnp.cumsum(probs, axis=-1) - probs
+    # mass_above is non-decreasing, so the kept tokens are a prefix: its length is the count below top_p (>= 1).
+    count = jnp.sum(mass_above < top_p, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(ordered, count - 1, axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def process_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Temperature, top-k, then top-p, as Hugging Face orders its warpers. temperature must be > 0."""
+    return top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+
+
+def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int, top_p: float = 1.0) -> jax.Array:
+    """One token per row: argmax at temperature 0, else a draw from softmax of `process_logits`."""
     if temperature == 0:
         return jnp.argmax(logits, axis=-1)
-    logits = logits / temperature
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1)
+    return jax.random.categorical(rng, process_logits(logits, temperature, top_k, top_p), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stop sequences.
+
+
+def stop_table(stop: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [S, L], lengths [S]): the stop sequences right-aligned in a width-L table (L = the longest), so that
+    one comparison against a row's last L generated tokens tests all of them. Left padding is _NO_TOKEN and is
+    ignored through `lengths`."""
+    width = max(len(s) for s in stop)
+    ids = np.full((len(stop), width), _NO_TOKEN, np.int32)
+    for i, seq in enumerate(stop):
+        ids[i, width - len(seq):] = seq
+    return ids, np.array([len(s) for s in stop], np.int32)
+
+
+def match_stop(window: jax.Array, ids: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Length of the longest stop sequence that the [B, L] window of last generated tokens ends with; 0 if none.
+
+    The longest, so that cutting (keep_stop=False) removes every stop sequence ending at this token (with stops
+    "b" and "ab", "xab" is cut to "x", not "xa").
+    """
+    width = ids.shape[1]
+    relevant = jnp.arange(width)[None, :] >= width - lengths[:, None]  # [S, L]
+    hits = jnp.all((window[:, None, :] == ids[None]) | ~relevant[None], axis=-1)  # [B, S]
+    return jnp.max(jnp.where(hits, lengths[None], 0), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decode loop.
+
+
+def _decode(params, prompt_tokens, prompt_mask, rng, cfg: ModelConfig, sampling: SamplingConfig, eos_id: int,
+            pad_id: int, num_tokens: int | None, constrain_cache: Callable[[Any], Any] = lambda cache: cache):
+    """The traced body of `generate` and `generate_sharded` (see `generate` for the contract)."""
+    model = DecoderLM(cfg)
+    batch, prompt_len = prompt_tokens.shape
+    steps = sampling.max_new_tokens
+    cache = constrain_cache(init_cache(cfg, batch, prompt_len + steps))
+    prompt_mask = prompt_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
+    logits, cache = model.apply({"params": params}, prompt_tokens, prompt_mask, positions, cache)
+    next_position = jnp.sum(prompt_mask, axis=-1)
+
+    vocab = jnp.arange(cfg.vocab_size)
+    banned = (vocab == pad_id) | (vocab >= (num_tokens or cfg.vocab_size))
+    if sampling.stop:
+        stop_ids, stop_lengths = (jnp.asarray(a) for a in stop_table(sampling.stop))
+        window = jnp.full((batch, stop_ids.shape[1]), _NO_TOKEN, jnp.int32)
+    else:  # nothing to match: a zero-width window keeps one code path
+        window = jnp.zeros((batch, 0), jnp.int32)
+
+    def body(carry, step_rng):
+        cache, last_logits, position, done, window, cut_from = carry
+        step = position - next_position  # index of this token in the completion, the same for every row
+        last_logits = jnp.where(banned, -jnp.inf, last_logits)
+        token = sample_token(last_logits, step_rng, sampling.temperature, sampling.top_k, sampling.top_p)
+        token = jnp.where(done, pad_id, token).astype(jnp.int32)
+        alive = ~done
+        logits, cache = model.apply(
+            {"params": params}, token[:, None], alive[:, None], position[:, None], cache
+        )
+        finished = token == eos_id
+        if sampling.stop:
+            window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
+            matched = jnp.where(alive, match_stop(window, stop_ids, stop_lengths), 0)
+            finished = finished | (matched > 0)
+            if not sampling.keep_stop:
+                cut_from = jnp.where(matched > 0, step - matched + 1, cut_from)
+        done = done | finished
+        return (cache, logits[:, -1], position + 1, done, window, cut_from), (token, alive)
+
+    init = (cache, logits[:, -1], next_position, jnp.zeros((batch,), bool), window, jnp.full((batch,), steps))
+    (*_, cut_from), (tokens, mask) = jax.lax.scan(body, init, jax.random.split(rng, steps))
+    tokens, mask = tokens.T, mask.T
+    if sampling.stop and not sampling.keep_stop:
+        mask = mask & (jnp.arange(steps)[None, :] < cut_from[:, None])
+        tokens = jnp.where(mask, tokens, pad_id)
+    return tokens, mask.astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "eos_id", "pad_id", "num_tokens"))
@@ -50,32 +245,64 @@ def generate(params, prompt_tokens, prompt_mask, rng, *, cfg: ModelConfig, sampl
     Only ids below `num_tokens` (the tokenizer's vocabulary; the model's may be padded for sharding) other than
     `pad_id` can be drawn.
 
-    Returns (tokens [B, max_new_tokens], mask [B, max_new_tokens]); the mask is 1 up to and including the first
-    EOS, and tokens after it are `pad_id`.
+    Returns (tokens [B, max_new_tokens], mask [B, max_new_tokens]). A row finishes at its first EOS or as soon as
+    its generated tokens end with one of `sampling.stop`; the mask is 1 up to and including that token (with
+    `keep_stop=False`, up to the token before the stop sequence) and tokens where the mask is 0 are `pad_id`.
     """
-    model = DecoderLM(cfg)
-    batch, prompt_len = prompt_tokens.shape
-    cache = init_cache(cfg, batch, prompt_len + sampling.max_new_tokens)
-    prompt_mask = prompt_mask.astype(bool)
-    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
-    logits, cache = model.apply({"params": params}, prompt_tokens, prompt_mask, positions, cache)
-    next_position = jnp.sum(prompt_mask, axis=-1)
+    return _decode(params, prompt_tokens, prompt_mask, rng, cfg, sampling, eos_id, pad_id, num_tokens)
 
-    vocab = jnp.arange(cfg.vocab_size)
-    banned = (vocab == pad_id) | (vocab >= (num_tokens or cfg.vocab_size))
 
-    def body(carry, step_rng):
-        cache, last_logits, position, done = carry
-        last_logits = jnp.where(banned, -jnp.inf, last_logits)
-        token = sample_token(last_logits, step_rng, sampling.temperature, sampling.top_k)
-        token = jnp.where(done, pad_id, token)
-        alive = ~done
-        logits, cache = model.apply(
-            {"params": params}, token[:, None], alive[:, None], position[:, None], cache
-        )
-        done = done | (token == eos_id)
-        return (cache, logits[:, -1], position + 1, done), (token, alive)
+# ---------------------------------------------------------------------------------------------------------------
+# Sharded decoding.
 
-    init = (cache, logits[:, -1], next_position, jnp.zeros((batch,), bool))
-    _, (tokens, mask) = jax.lax.scan(body, init, jax.random.split(rng, sampling.max_new_tokens))
-    return tokens.T, mask.T.astype(jnp.int32)
+
+def _cache_shardings(cache, mesh: Mesh, scan_layers: bool):
+    """Batch-sharded key/value/valid buffers (over the mesh's batch axes), replicated write index."""
+    lead = (None,) if scan_layers else ()  # scanned layers stack the cache on a leading layer axis
+
+    def spec(leaf):
+        return NamedSharding(mesh, P() if leaf.ndim == len(lead) else P(*lead, BATCH_AXES))
+
+    return jax.tree_util.tree_map(spec, cache)
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_generate(mesh: Mesh, cfg: ModelConfig, sampling: SamplingConfig, eos_id: int, pad_id: int,
+                      num_tokens: int | None):
+    """(jitted decode with declared in/out shardings, parameter shardings); cached so repeated calls with the same
+    mesh and static arguments reuse one compiled function."""
+    param_shardings = logical_shardings(jax.eval_shape(lambda r: init_params(cfg, r), jax.random.key(0)), mesh)
+    rows = batch_sharding(mesh)
+
+    def constrain(cache):
+        return jax.lax.with_sharding_constraint(cache, _cache_shardings(cache, mesh, cfg.scan_layers))
+
+    def run(params, prompt_tokens, prompt_mask, rng):
+        # The model's logical constraints (activations split over the batch axes) need the rules while tracing.
+        with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            return _decode(params, prompt_tokens, prompt_mask, rng, cfg, sampling, eos_id, pad_id, num_tokens,
+                           constrain)
+
+    jitted = jax.jit(run, in_shardings=(param_shardings, rows, rows, replicated(mesh)), out_shardings=(rows, rows))
+    return jitted, param_shardings
+
+
+def generate_sharded(params, prompt_tokens, prompt_mask, rng, *, mesh: Mesh, cfg: ModelConfig,
+                     sampling: SamplingConfig, eos_id: int, pad_id: int, num_tokens: int | None = None):
+    """`generate` under `mesh`: prompts (host arrays, this process's rows) are split over the mesh's batch axes
+    (data x fsdp, `sharding.put_batch`), parameters are placed as the logical rules declare (a no-op when they
+    already are, e.g. a training state's), and the key/value cache is batch-sharded, so each device decodes its own
+    rows. Same tokens as `generate` on one device (the random draws are sharding-invariant).
+
+    Returns global (tokens, mask) arrays sharded over the batch axes.
+    """
+    check_model_fits_mesh(cfg, mesh)
+    if jax.process_count() == 1:  # several processes: put_batch checks each one's block against the mesh
+        check_batch_fits_mesh(int(np.shape(prompt_tokens)[0]), mesh, "prompt batch")
+    jitted, param_shardings = _sharded_generate(mesh, cfg, sampling, eos_id, pad_id, num_tokens)
+    placed = put_batch({"tokens": prompt_tokens, "mask": prompt_mask}, mesh)
+    params = jax.device_put(params, param_shardings)
+    rng = jax.device_put(rng, replicated(mesh))
+    with mesh:
+        return jitted(params, placed["tokens"], placed["mask"], rng)
+
