@@ -44,6 +44,13 @@ def _curry_dpo() -> Experiment:
                       default_config=curry_dpo.CurryDPOConfig, run=curry_dpo.run)
 
 
+def _dpo_files() -> Experiment:
+    from jaxalign.experiments import dpo_files
+
+    return Experiment(name="dpo_files", description=EXPERIMENTS["dpo_files"][0],
+                      default_config=dpo_files.DPOFilesConfig, run=dpo_files.run)
+
+
 def _ddp_gridworld() -> Experiment:
     from agents.distributional_dp import experiment as ddp_gridworld
 
@@ -85,6 +92,11 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "Curry-DPO on ARITH: best-vs-rest pairs from K graded samples in easy-to-hard stages, each stage's policy "
         "the next stage's reference (vs. DPO on all pairs)",
         _curry_dpo,
+    ),
+    "dpo_files": (
+        "DPO on your own pairwise JSONL/Parquet file from a Hugging Face or `jaxalign convert` checkpoint, "
+        "evaluated on held-out pairs; optional LoRA and Hugging Face export",
+        _dpo_files,
     ),
     "ddp_gridworld": (
         "agent (a), deep: stock-augmented quantile DQN greedy w.r.t. CVaR_0.1 / homeostatic objectives on a "

@@ -1,0 +1,550 @@
+"""DPO on your own data and model: a Hugging Face (or `jaxalign convert`) checkpoint and a local preference file.
+
+    jaxalign run dpo_files --workdir DIR model.path=MODEL_DIR data.path=pairs.jsonl [key=value ...]
+
+Pipeline (re-running the same command continues a killed run from its latest checkpoint):
+1. Load the model, sharded over the mesh: a Hugging Face directory (config.json + safetensors, `from_pretrained`)
+   or a `jaxalign convert hf-to-jaxalign` directory (jaxalign_config.json + params.safetensors, `load_native`).
+2. Validate and tokenize the file (`jaxalign.data.pipeline.prepare_dataset`: a TFDS array_record build under
+   `data.dataset_dir`, default WORKDIR/data, reused while the file is unchanged) with the tokenizer of
+   `model.tokenizer` (default: the model directory). Skipped rows and truncations are counted in results.json.
+3. Split off `data.eval_fraction` of the pairs as held-out pairs (a seeded permutation: the same split every run).
+4. Preference training with `dpo.objective` (default sigmoid DPO; any registered pairwise, reference-free or
+   unpaired objective whose inputs are the pairs themselves), the loaded model being the reference: its log-probs
+   cached on disk ("cached", default) or a frozen copy run every step ("online"). `lora.rank` > 0 trains adapters
+   only, the loaded model being their frozen base and the reference (one copy of the weights).
+5. Every `dpo.eval_every` steps, and at step 0 and the last step, the held-out pairs are scored under the sigmoid
+   DPO loss with `dpo.beta` against the loaded model: loss (log 2 at step 0, where policy = reference), reward
+   accuracy (share of pairs whose chosen reward exceeds the rejected one; 0 at step 0, where all rewards are 0)
+   and mean reward margin. results.json reports before/after, dpo_heldout.png plots them.
+6. With `export.enabled=true`, the trained policy (adapters merged) is written to WORKDIR/export as a Hugging Face
+   checkpoint of the source family (`save_pretrained`), with the tokenizer files beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+from typing import ClassVar
+
+import jax
+import numpy as np
+
+from jaxalign.data.formats import ON_ERROR
+from jaxalign.data.pipeline import BucketedDataset, fingerprint
+from jaxalign.data.tokenize import ON_OVERFLOW, PROMPT_TRUNCATION, TokenizeConfig
+from jaxalign.distributed import host_local, is_primary
+from jaxalign.experiments import objective_extras
+from jaxalign.experiments.arith_dpo import (
+    LoraSection,
+    claim_workdir,
+    config_to_dict,
+    objective_kwargs,
+    params_sha256,
+    write_json_atomic,
+)
+from jaxalign.losses import get_spec
+from jaxalign.losses.dpo import check_beta
+from jaxalign.models import hf
+from jaxalign.models.llama import DecoderLM, ModelConfig, count_params
+from jaxalign.models.lora import count_adapter_params, merge_lora
+from jaxalign.sharding import MeshConfig, check_batch_fits_mesh, check_model_fits_mesh, make_mesh
+from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer
+from jaxalign.train.loop import MetricsLog, train_loop
+from jaxalign.train.optim import OptimConfig, make_optimizer
+from jaxalign.train.reference import cached_reference_logprobs
+from jaxalign.train.setup import sharded_lora_train_state, sharded_train_state
+from jaxalign.train.step import (
+    dpo_loss_fn,
+    initial_objective_state,
+    jit_train_step,
+    logits_fn,
+    lora_loss_fn,
+    make_train_step,
+)
+
+REFERENCE_MODES = ("cached", "online")
+EXPORT_DTYPES = ("float32", "bfloat16")
+# Files of a Hugging Face tokenizer copied beside an export, so the exported directory is complete.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# What the objectives dpo_files refuses would need (`objective_extras.needed` and the value/reward extras).
+UNSUPPORTED_EXTRAS = {"mismatched": "mismatched prompt/completion sequences (KTO's reference point)",
+                      "reward_model": "a trained reward model", "semantic_distance": "semantic distances",
+                      "guidance": "a guidance policy", "value": "a value head", "reward": "a judged score per "
+                      "completion"}
+EVAL_KEYS = ("eval/loss", "eval/reward_accuracy", "eval/reward_margin", "eval/chosen_reward",
+             "eval/rejected_reward")
+
+
+def check_objective(name: str) -> None:
+    """Refuse objectives that need more than the pairs and the reference: listwise ones (ranked lists) and those
+    reading extras this experiment does not build (KTO's mismatched pairs, reward models, judged scores, value
+    heads). One error naming what the objective needs."""
+    spec = get_spec(name)
+    if spec.family == "listwise":
+        raise ValueError(f"dpo.objective={name!r} is listwise (ranked lists); dpo_files trains on pairs")
+    unsupported = sorted(objective_extras.needed(spec) | ({"value", "reward"} & set(spec.extras)))
+    if unsupported:
+        raise ValueError(f"dpo.objective={name!r} needs {', '.join(UNSUPPORTED_EXTRAS[u] for u in unsupported)} "
+                         f"beyond the preference pairs, which dpo_files does not build; use arith_dpo for it, or "
+                         f"another objective")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """path: a Hugging Face checkpoint directory (config.json + model.safetensors or shards) or a `jaxalign convert
+    hf-to-jaxalign` output (jaxalign_config.json + params.safetensors); which one is detected from the files.
+    tokenizer: a tokenizer.json or the directory holding it (and its tokenizer_config.json); default: `path`.
+    dtype: the compute dtype (parameters stay float32); remat: recompute activations in the backward pass."""
+
+    path: str = ""
+    tokenizer: str = ""
+    dtype: str = "float32"
+    remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """The preference file and how it becomes token arrays (`jaxalign.data.tokenize`).
+
+    path: a .jsonl or .parquet file in `format` (only "pairwise" trains here); on_error: a malformed row stops the
+    run naming file, line and field ("fail") or is skipped and counted ("skip"). Rows longer than `max_length`
+    tokens are truncated (`prompt_truncation` keep_end|keep_start for the prompt, completions keep their start) and
+    counted, or with `on_overflow` drop|error dropped (counted) or refused. eval_fraction of the pairs (at least
+    one) are held out for evaluation. dataset_dir: where the TFDS build goes (default WORKDIR/data; point it at a
+    `jaxalign data prepare --output` directory to reuse that build)."""
+
+    path: str = ""
+    format: str = "pairwise"
+    on_error: str = "fail"
+    max_length: int = 512
+    max_prompt_length: int | None = None
+    prompt_truncation: str = "keep_end"
+    on_overflow: str = "truncate"
+    eval_fraction: float = 0.1
+    dataset_dir: str = ""
+
+    def __post_init__(self):
+        if self.format != "pairwise":
+            raise ValueError(f"data.format must be 'pairwise' (the format DPO trains on), got {self.format!r}")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"data.on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction must lie in (0, 1), got {self.eval_fraction!r}")
+        for name, allowed in (("prompt_truncation", PROMPT_TRUNCATION), ("on_overflow", ON_OVERFLOW)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"data.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        self.tokenize_config()  # TokenizeConfig's own checks of the lengths
+
+    def tokenize_config(self) -> TokenizeConfig:
+        try:
+            return TokenizeConfig(max_length=self.max_length, max_prompt_length=self.max_prompt_length,
+                                  prompt_truncation=self.prompt_truncation, on_overflow=self.on_overflow)
+        except ValueError as e:
+            raise ValueError(str(e).replace("TokenizeConfig.", "data.")) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSection:
+    """Preference training. objective / beta / label_smoothing / objective_args are passed to the objective exactly
+    as in arith_dpo (`arith_dpo.objective_kwargs`); `loss=NAME` is short for dpo.objective=NAME. sft_weight adds the
+    chosen-NLL regulariser. reference: "cached" (the loaded model's log-probs of every training pair, computed once
+    and cached under a content hash in `reference_cache_dir`, default WORKDIR/reference_cache) or "online" (a
+    frozen copy runs a forward pass every step). The held-out pairs are evaluated every `eval_every` steps."""
+
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    beta: float = 0.1
+    label_smoothing: float | None = None
+    objective: str = "sigmoid"
+    objective_args: str = ""
+    sft_weight: float = 0.0
+    optim: OptimConfig = OptimConfig(learning_rate=5e-6, warmup_steps=10)
+    reference: str = "cached"
+    reference_cache_dir: str = ""
+    eval_every: int = 25
+
+    def __post_init__(self):
+        check_beta(self.beta)
+        for name in ("steps", "batch_size", "grad_accum_steps", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"dpo.{name} must be a positive integer, got {value!r}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"dpo.batch_size={self.batch_size} is not divisible by dpo.grad_accum_steps="
+                             f"{self.grad_accum_steps}")
+        if self.reference not in REFERENCE_MODES:
+            raise ValueError(f"dpo.reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+        check_objective(self.objective)
+        objective_kwargs(self)  # the objective's arguments, checked now rather than after loading the model
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSection:
+    """enabled: write the trained policy (LoRA adapters merged) to WORKDIR/export as a Hugging Face checkpoint.
+    family: llama|mistral|qwen2|gemma, default the source model's; dtype: float32|bfloat16 tensors."""
+
+    enabled: bool = False
+    family: str = ""
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.family and self.family not in hf.FAMILIES:
+            raise ValueError(f"export.family must be one of {hf.FAMILIES} (or empty: the source's), got "
+                             f"{self.family!r}")
+        if self.dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export.dtype must be one of {EXPORT_DTYPES}, got {self.dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOFilesConfig:
+    """Everything `dpo_files` needs; every field can be overridden from the command line (key=value)."""
+
+    seed: int = 0
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    dpo: DPOSection = DPOSection()
+    lora: LoraSection = LoraSection()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig(every_steps=50, keep_last=2)
+    export: ExportSection = ExportSection()
+    eval_batch_size: int = 32
+    show_progress: bool = True
+    log_every: int = 10
+
+    OVERRIDE_ALIASES: ClassVar[dict[str, str]] = {"loss": "dpo.objective"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small pure helpers.
+
+
+def model_format(path: str) -> str:
+    """"jaxalign" for a `jaxalign convert` directory, "hf" for a Hugging Face one; else one clear error."""
+    if not os.path.isdir(path):
+        raise ValueError(f"model.path={path!r} is not a directory; expected a Hugging Face checkpoint directory "
+                         f"(config.json + safetensors) or a `jaxalign convert hf-to-jaxalign` output")
+    if os.path.isfile(os.path.join(path, hf.NATIVE_CONFIG)):
+        return "jaxalign"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "hf"
+    raise ValueError(f"model.path={path!r} holds neither config.json (Hugging Face) nor {hf.NATIVE_CONFIG} "
+                     f"(jaxalign convert)")
+
+
+def split_rows(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows) of `n` pairs: a permutation seeded by `seed`, the first round(eval_fraction * n)
+    (at least 1) held out; both sorted, so the split depends on nothing but (n, eval_fraction, seed)."""
+    held = min(max(1, int(round(eval_fraction * n))), n - 1)
+    order = np.random.default_rng([seed, 7]).permutation(n)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def take_rows(data: BucketedDataset, rows: np.ndarray) -> BucketedDataset:
+    """The given rows, with the sequence arrays cut to the longest of them (no all-padding columns)."""
+    width = max(int(np.max(data.lengths[rows])), 2)
+    arrays = {k: v[rows][:, :width] if v.ndim == 2 and v.shape[1] == data.width else v[rows]
+              for k, v in data.arrays.items()}
+    return BucketedDataset(arrays, data.lengths[rows])
+
+
+def pair_metrics(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                 beta: float) -> dict[str, float]:
+    """The sigmoid DPO loss and DPO's implicit rewards r = beta * (log pi(y|x) - log ref(y|x)) over pairs, from
+    summed completion log-probs: loss, reward accuracy (share with chosen reward > rejected), mean margin."""
+    chosen = beta * (np.asarray(policy_chosen, np.float64) - np.asarray(reference_chosen, np.float64))
+    rejected = beta * (np.asarray(policy_rejected, np.float64) - np.asarray(reference_rejected, np.float64))
+    margin = chosen - rejected
+    return {"eval/loss": float(np.mean(np.logaddexp(0.0, -margin))),
+            "eval/reward_accuracy": float(np.mean(chosen > rejected)),
+            "eval/reward_margin": float(np.mean(margin)),
+            "eval/chosen_reward": float(np.mean(chosen)), "eval/rejected_reward": float(np.mean(rejected))}
+
+
+def summed_pair_logprobs(params, model_cfg: ModelConfig, arrays: dict, batch_size: int) -> tuple[np.ndarray, ...]:
+    """(chosen, rejected) summed completion log-probs of every pair under `params`."""
+    return tuple(objective_extras.summed_logprobs(params, model_cfg, arrays[f"{side}_tokens"],
+                                                  arrays[f"{side}_attention_mask"],
+                                                  arrays[f"{side}_completion_mask"], batch_size)
+                 for side in ("chosen", "rejected"))
+
+
+def check_tokens_fit_model(arrays: dict, model_cfg: ModelConfig, tokenizer_path: str) -> None:
+    """Every token id must have an embedding row: a tokenizer that does not belong to the model is one error."""
+    top = max(int(np.max(arrays[f"{side}_tokens"])) for side in ("chosen", "rejected"))
+    if top >= model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer {tokenizer_path} produced token id {top}, but the model's vocabulary has "
+                         f"{model_cfg.vocab_size} ids; model.tokenizer must be the model's own tokenizer")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_model(cfg: DPOFilesConfig, mesh) -> tuple[dict, ModelConfig, str | None]:
+    """(params sharded over `mesh`, ModelConfig, Hugging Face family or None) from `model.path`."""
+    overrides = {"dtype": cfg.model.dtype, "remat": cfg.model.remat}
+    if model_format(cfg.model.path) == "jaxalign":
+        return hf.load_native(cfg.model.path, mesh=mesh, **overrides)
+    _, family = hf.read_hf_config(cfg.model.path)
+    params, model_cfg = hf.from_pretrained(cfg.model.path, mesh=mesh, **overrides)
+    return params, model_cfg, family
+
+
+def tokenizer_path(cfg: DPOFilesConfig) -> str:
+    return cfg.model.tokenizer or cfg.model.path
+
+
+def load_pairs(cfg: DPOFilesConfig, workdir: str, model_cfg: ModelConfig):
+    """(train pairs, held-out pairs, data report): the file validated, tokenized and split."""
+    from jaxalign.data.pipeline import prepare_dataset
+    from jaxalign.data.tokenize import load_hf_tokenizer
+
+    source = tokenizer_path(cfg)
+    if not os.path.exists(source):
+        raise ValueError(f"model.tokenizer={source!r} does not exist")
+    try:
+        tok = load_hf_tokenizer(source)
+    except FileNotFoundError as e:
+        raise ValueError(f"{e}; set model.tokenizer to the model's tokenizer.json or its directory (a `jaxalign "
+                         f"convert` output holds no tokenizer)") from None
+    data_dir = cfg.data.dataset_dir or os.path.join(workdir, "data")
+    dataset, report = prepare_dataset(cfg.data.format, cfg.data.path, data_dir, tok, cfg.data.tokenize_config(),
+                                      on_error=cfg.data.on_error)
+    check_tokens_fit_model(dataset.arrays, model_cfg, source)
+    if len(dataset) < 2:
+        raise ValueError(f"{cfg.data.path}: {len(dataset)} usable pair(s); at least 2 are needed (one to train on, "
+                         f"one held out)")
+    train_rows, eval_rows = split_rows(len(dataset), cfg.data.eval_fraction, cfg.seed)
+    train, held_out = take_rows(dataset, train_rows), take_rows(dataset, eval_rows)
+    if len(train) < cfg.dpo.batch_size:
+        raise ValueError(f"{cfg.data.path}: {len(train)} training pairs (after holding out {len(held_out)}) are "
+                         f"fewer than dpo.batch_size={cfg.dpo.batch_size}")
+    report = dict(report, tokenizer=source, train_pairs=len(train), eval_pairs=len(held_out),
+                  batching=train.epoch_stats(cfg.dpo.batch_size))
+    return train, held_out, report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The experiment.
+
+
+def validate_config(cfg: DPOFilesConfig, mesh) -> None:
+    """The checks that need the files or the mesh (the config sections check their own values)."""
+    if not cfg.model.path:
+        raise ValueError("model.path is required: a Hugging Face checkpoint directory or a `jaxalign convert "
+                         "hf-to-jaxalign` output")
+    model_format(cfg.model.path)
+    if not cfg.data.path:
+        raise ValueError("data.path is required: a .jsonl or .parquet file of pairwise preferences")
+    if not os.path.isfile(cfg.data.path):
+        raise ValueError(f"data.path={cfg.data.path!r} does not exist")
+    check_batch_fits_mesh(cfg.dpo.batch_size // cfg.dpo.grad_accum_steps, mesh, "dpo.batch_size / grad_accum_steps")
+
+
+def check_model(cfg: DPOFilesConfig, model_cfg: ModelConfig, family: str | None, mesh) -> str | None:
+    """Checks that need the model's config; returns the export family (None when not exporting)."""
+    check_model_fits_mesh(model_cfg, mesh)
+    if cfg.data.max_length > model_cfg.max_len:
+        raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's context of {model_cfg.max_len} "
+                         f"positions (max_position_embeddings); set data.max_length <= {model_cfg.max_len}")
+    if not cfg.export.enabled:
+        return None
+    export_family = cfg.export.family or family
+    if export_family is None:
+        raise ValueError(f"{cfg.model.path} records no Hugging Face family; set export.family "
+                         f"({', '.join(hf.FAMILIES)})")
+    return export_family
+
+
+def run(cfg: DPOFilesConfig, workdir: str) -> dict:
+    """Run (or resume) DPO on `data.path` from `model.path` in `workdir`; returns and writes results.json."""
+    clock = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(cfg.mesh)
+    validate_config(cfg, mesh)
+    claim_workdir(cfg, workdir)
+    base, model_cfg, family = load_model(cfg, mesh)
+    export_family = check_model(cfg, model_cfg, family, mesh)
+    train, held_out, data_report = load_pairs(cfg, workdir, model_cfg)
+    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+
+    policy, state_params, history = train_dpo(cfg, mesh, model_cfg, base, train, held_out,
+                                              data_report["tokenizer_sha256"], workdir, log)
+    before, after = history[0], history[-1]
+    results = {
+        **{f"eval_{k.split('/')[1]}_before": before[k] for k in EVAL_KEYS[:3]},
+        **{f"eval_{k.split('/')[1]}_after": after[k] for k in EVAL_KEYS[:3]},
+        "eval_before": before, "eval_after": after, "eval_history": history,
+        **train_loss_summary(log.records("dpo")),
+        "train_pairs": data_report["train_pairs"], "eval_pairs": data_report["eval_pairs"],
+        "rows_read": data_report["validation"]["rows_read"],
+        "rows_skipped": data_report["validation"]["rows_skipped"] + data_report["tokenization"]["rows_skipped"],
+        "prompts_truncated": data_report["tokenization"]["prompts_truncated"],
+        "completions_truncated": data_report["tokenization"]["completions_truncated"],
+        "data": data_report,
+        "steps": cfg.dpo.steps,
+        "num_params": count_params(base),
+        "num_trainable_params": count_adapter_params(state_params) if cfg.lora.rank else count_params(base),
+        "model_format": model_format(cfg.model.path),
+        "family": family,
+        "wall_seconds": time.perf_counter() - clock,
+        "params_sha256": params_sha256(policy),
+        "config": config_to_dict(cfg),
+    }
+    if export_family is not None:
+        results["export"] = export_policy(policy, model_cfg, export_family, cfg, workdir)
+    if is_primary():
+        write_json_atomic(os.path.join(workdir, "results.json"), results)
+        _plot(history, log.records("dpo"), os.path.join(workdir, "dpo_heldout.png"))
+    return results
+
+
+def train_dpo(cfg: DPOFilesConfig, mesh, model_cfg: ModelConfig, base, train: BucketedDataset,
+              held_out: BucketedDataset, tokenizer_sha256: str, workdir: str, log: MetricsLog):
+    """Preference training from `base` with `base` as reference, evaluated on the held-out pairs. Returns (final
+    policy params: adapters merged under LoRA, the trained state's params, held-out evaluation history)."""
+    model = DecoderLM(model_cfg)
+    tx = make_optimizer(cfg.dpo.optim, cfg.dpo.steps)
+    lora = cfg.lora.config()
+    key = jax.random.key(cfg.seed + 1)
+    objective_state = initial_objective_state(cfg.dpo.objective)
+    if lora is None:
+        state, shardings = sharded_train_state(model_cfg, tx, mesh, key, params=base,
+                                               objective_state=objective_state)
+        base_shardings = shardings.params
+    else:
+        state, shardings, base_shardings = sharded_lora_train_state(model_cfg, lora, tx, mesh, key,
+                                                                    objective_state=objective_state)
+    base = jax.device_put(base, base_shardings)
+
+    def policy(params):
+        """The policy's plain parameters: the adapters merged into the base under LoRA."""
+        return params if lora is None else merge_lora(base, params, lora)
+
+    local_base = host_local(base)
+    reference_eval = summed_pair_logprobs(local_base, model_cfg, held_out.arrays, cfg.eval_batch_size)
+
+    def score(policy_params) -> dict:
+        scores = summed_pair_logprobs(policy_params, model_cfg, held_out.arrays, cfg.eval_batch_size)
+        return pair_metrics(*scores, *reference_eval, cfg.dpo.beta)
+
+    def evaluate(params) -> dict:
+        return score(host_local(policy(params)))
+
+    data_fingerprint = fingerprint(train, cfg.dpo.batch_size, cfg.seed)
+    frozen, train = reference_for(cfg, model, base, local_base, train, tokenizer_sha256, workdir)
+    if lora is not None:
+        frozen = base  # the adapters' frozen base, and the reference unless its log-probs are cached
+    metadata = {"experiment": "dpo_files", "model": dataclasses.asdict(model_cfg), "data": data_fingerprint,
+                **({"lora": dataclasses.asdict(lora)} if lora is not None else {})}
+    directory = os.path.join(workdir, "checkpoints", "dpo")
+    with Checkpointer(directory, cfg.checkpoint, metadata=metadata) as ckpt:
+        state = ckpt.restore_latest(state) or state
+        log.truncate("dpo", int(state.step))
+        history = [_eval_record(r) for r in log.records("dpo") if "eval/loss" in r]
+        if not history or history[0]["step"] != 0:  # step 0: the loaded model itself (policy == reference)
+            record = {"step": 0, **score(local_base)}
+            log.write(dict(record, phase="dpo"))
+            history.insert(0, record)
+
+        def evaluate_hook(state, metrics):
+            step = int(state.step)
+            if step % cfg.dpo.eval_every and step != cfg.dpo.steps:
+                return None
+            record = evaluate(state.params)
+            history.append({"step": step, **record})
+            return record
+
+        loss = dpo_loss_fn(model, cfg.dpo.objective, sft_weight=cfg.dpo.sft_weight, **objective_kwargs(cfg.dpo))
+        if lora is not None:
+            loss = lora_loss_fn(loss, lora)
+        step_fn = jit_train_step(make_train_step(loss, cfg.dpo.grad_accum_steps), mesh, shardings,
+                                 None if frozen is None else base_shardings)
+        state = train_loop(
+            state=state, step_fn=step_fn, frozen=frozen, dataset=train, batch_size=cfg.dpo.batch_size,
+            num_steps=cfg.dpo.steps, seed=cfg.seed + 1, mesh=mesh, checkpointer=ckpt, metrics_log=log, desc="dpo",
+            log_every=cfg.log_every, hooks=(evaluate_hook,),
+            token_keys=("chosen_attention_mask", "rejected_attention_mask"), show_progress=cfg.show_progress,
+        )
+    if history[-1]["step"] != cfg.dpo.steps:  # a finished run re-run: its last evaluation was logged before
+        history.append({"step": cfg.dpo.steps, **evaluate(state.params)})
+    return policy(state.params), state.params, history
+
+
+def reference_for(cfg: DPOFilesConfig, model: DecoderLM, base, local_base, train: BucketedDataset,
+                  tokenizer_sha256: str, workdir: str):
+    """(frozen reference params or None, training pairs): "online" passes the loaded model as the frozen reference;
+    "cached" adds its per-token log-probs to every pair (computed once, cached on disk under a content hash of the
+    model, the pairs and the tokenizer); reference-free objectives get neither."""
+    if not get_spec(cfg.dpo.objective).needs_reference:
+        return None, train
+    if cfg.dpo.reference == "online":
+        return base, train
+    cache = cfg.dpo.reference_cache_dir or os.path.join(workdir, "reference_cache")
+    tokenization = {"tokenizer_sha256": tokenizer_sha256}
+    arrays, _ = cached_reference_logprobs(cache, logits_fn(model), local_base, train.arrays, tokenization,
+                                          cfg.eval_batch_size)
+    return None, BucketedDataset({**train.arrays, **arrays}, train.lengths)
+
+
+def export_policy(params, model_cfg: ModelConfig, family: str, cfg: DPOFilesConfig, workdir: str) -> dict:
+    """Write `params` to WORKDIR/export as a Hugging Face `family` checkpoint, plus the tokenizer files."""
+    import jax.numpy as jnp
+
+    path = os.path.join(workdir, "export")
+    dtype = np.float32 if cfg.export.dtype == "float32" else jnp.bfloat16
+    hf.save_pretrained(params, model_cfg, path, family, dtype=dtype)
+    source = tokenizer_path(cfg)
+    directory = source if os.path.isdir(source) else os.path.dirname(source)
+    copied = []
+    if is_primary():
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(directory, name)):
+                shutil.copyfile(os.path.join(directory, name), os.path.join(path, name))
+                copied.append(name)
+    return {"path": path, "family": family, "dtype": cfg.export.dtype, "tokenizer_files": copied}
+
+
+def _eval_record(record: dict) -> dict:
+    return {"step": record["step"], **{k: record[k] for k in EVAL_KEYS}}
+
+
+def train_loss_summary(records: list[dict]) -> dict:
+    """The training loss at the first and last logged steps (every `log_every` steps) of the metrics log."""
+    logged = [r for r in records if "loss" in r]
+    if not logged:
+        return {}
+    return {"train_loss_first_logged": logged[0]["loss"], "train_loss_first_logged_step": logged[0]["step"],
+            "train_loss_last": logged[-1]["loss"]}
+
+
+def _plot(history: list[dict], records: list[dict], path: str) -> None:
+    """Held-out DPO loss (with the training loss) and held-out reward accuracy over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_loss.plot(steps, [r["eval/loss"] for r in history], marker="o", label="held-out")
+    train = [r for r in records if "loss" in r]
+    if train:
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], alpha=0.6, label="training")
+    ax_loss.axhline(math.log(2), color="gray", linestyle=":", label="log 2 (policy = reference)")
+    ax_loss.set(xlabel="DPO step", ylabel="DPO loss", title="DPO loss")
+    ax_loss.legend()
+    ax_acc.plot(steps, [r["eval/reward_accuracy"] for r in history], marker="o")
+    ax_acc.set(xlabel="DPO step", ylabel="reward accuracy (held-out)", ylim=(-0.02, 1.02),
+               title="held-out reward accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["DPOFilesConfig", "DataSection", "DPOSection", "ExportSection", "ModelSection", "check_objective",
+           "model_format", "pair_metrics", "run", "split_rows", "take_rows"]
