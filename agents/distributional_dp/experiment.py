@@ -19,7 +19,17 @@ Evaluation (CVaR convention: the mean of the lower alpha tail of the return G, a
   - each homeostatic target m is served by the one band network started from c_0 = -m: the empirical
     P(|G - m| <= w) over eval_episodes episodes, next to the tabular optimum.
 
-Writes config.json, metrics.jsonl (one line per chunk), results.json and return_distributions.png.
+Writes config.json, metrics.jsonl (one line per chunk), checkpoints/ (after every chunk), results.json and
+return_distributions.png.
+
+Resume: re-running the same command continues a killed run. After every chunk the three agents' whole `DeepState`
+(online params, optimizer state, target params, replay buffer with its write position and size, environment states,
+observations, PRNG keys, iteration counters, agent specs) and the chunk records so far are checkpointed atomically
+(`rl.checkpoint`); a re-run restores the newest chunk, rewrites metrics.jsonl from the restored records and runs the
+remaining chunks with the same chunk sizes, so training ends in the bit-identical state. Everything after training
+(the tabular DP solutions, b*, the evaluation episodes with their fixed keys) is recomputed deterministically from
+the final parameters and the config, not checkpointed. A work directory whose config.json records a different config
+(`show_progress` aside) is refused (`claim_workdir`).
 """
 from __future__ import annotations
 
@@ -39,7 +49,8 @@ from agents.distributional_dp import objectives as obj
 from agents.distributional_dp.deep import AgentSpec, DeepDDPConfig, StockAugmented, learned_cvar_sweep, make_agent
 from agents.distributional_dp.distributions import StockGrid
 from agents.distributional_dp.mdp import FiniteMDP, gridworld_mdp
-from jaxalign.experiments.arith_dpo import write_json_atomic
+from jaxalign.experiments.arith_dpo import claim_workdir, params_sha256, without_presentation_fields, write_json_atomic
+from rl.checkpoint import PytreeCheckpointer
 from rl.envs.gridworld import DEFAULT_LAYOUT, Gridworld, GridworldParams
 from rl.rollout import evaluate_episodes
 
@@ -123,10 +134,30 @@ def exact_return_law(act, env, mdp, initial_stock: int):
     return sol.grid.final_support - initial_stock, sol.final_stock_pmf(mdp, initial_stock)
 
 
+def chunk_record(metrics: dict[str, np.ndarray], done_iterations: int, num_envs: int) -> dict:
+    """The metrics.jsonl line of one chunk: metrics [agents, iterations of the chunk] -> per-agent means."""
+    record = {"env_steps_per_agent": done_iterations * num_envs, "epsilon": float(metrics["epsilon"][0, -1])}
+    for i, name in enumerate(AGENTS):
+        record[f"loss_{name}"] = float(metrics["loss"][i].mean())
+        ret = metrics["episode_return"][i]
+        record[f"train_return_{name}"] = float(np.nanmean(ret)) if np.isfinite(ret).any() else None
+    return record
+
+
+def write_metrics(path: str, records: list[dict]) -> None:
+    """Replace metrics.jsonl by `records`, atomically: after a resume it holds exactly the checkpointed chunks,
+    whatever a killed run appended after its last checkpoint."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, path)
+
+
 def run(cfg: DDPGridworldConfig, workdir: str) -> dict:
+    """Train (or resume; module docstring), evaluate against the tabular optimum, and write results.json."""
     clock = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "config.json"), dataclasses.asdict(cfg))
+    claim_workdir(cfg, workdir)
     grid_env = Gridworld(DEFAULT_LAYOUT)
     gparams = GridworldParams(slip_prob=cfg.slip_prob, pit_cost=cfg.pit_cost, horizon=cfg.horizon)
     env = StockAugmented(grid_env)
@@ -141,25 +172,32 @@ def run(cfg: DDPGridworldConfig, workdir: str) -> dict:
 
     sizes = chunk_sizes(cfg.deep.num_iterations, cfg.num_chunks)
     steps_per_iteration = cfg.deep.num_envs * len(AGENTS)
-    train_start = time.perf_counter()
-    done_iterations = 0
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as log, \
-            tqdm(total=cfg.deep.num_iterations * steps_per_iteration, desc="ddp gridworld (3 agents)",
-                 unit="step", unit_scale=True, disable=not cfg.show_progress, dynamic_ncols=True) as bar:
-        for size in sizes:
-            state, metrics = run_chunk(state, size)
-            metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}  # [agents, size]
-            done_iterations += size
-            record = {"env_steps_per_agent": done_iterations * cfg.deep.num_envs,
-                      "epsilon": float(metrics["epsilon"][0, -1])}
-            for i, name in enumerate(AGENTS):
-                record[f"loss_{name}"] = float(metrics["loss"][i].mean())
-                ret = metrics["episode_return"][i]
-                record[f"train_return_{name}"] = float(np.nanmean(ret)) if np.isfinite(ret).any() else None
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{record['loss_cvar']:.3f}", eps=f"{record['epsilon']:.2f}")
-            bar.update(size * steps_per_iteration)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    with PytreeCheckpointer(os.path.join(workdir, "checkpoints"), without_presentation_fields(dataclasses.asdict(cfg)),
+                            keep_last=2) as checkpoints:
+        records: list[dict] = []
+        restored = checkpoints.restore_latest(state)
+        if restored is not None:
+            _, state, records = restored
+        write_metrics(metrics_path, records)
+        done_iterations = sum(sizes[:len(records)])  # one record per finished chunk
+        train_start = time.perf_counter()
+        with open(metrics_path, "a") as log, \
+                tqdm(total=cfg.deep.num_iterations * steps_per_iteration, initial=done_iterations * steps_per_iteration,
+                     desc="ddp gridworld (3 agents)", unit="step", unit_scale=True, disable=not cfg.show_progress,
+                     dynamic_ncols=True) as bar:
+            for size in sizes[len(records):]:
+                state, metrics = run_chunk(state, size)
+                metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}  # [agents, size]
+                done_iterations += size
+                record = chunk_record(metrics, done_iterations, cfg.deep.num_envs)
+                records.append(record)
+                # Checkpoint first, then log: a resume rewrites metrics.jsonl from the checkpointed records.
+                checkpoints.save(done_iterations, state, records)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{record['loss_cvar']:.3f}", eps=f"{record['epsilon']:.2f}")
+                bar.update(size * steps_per_iteration)
     train_seconds = time.perf_counter() - train_start
     params = [jax.tree_util.tree_map(lambda x, i=i: x[i], state.train_state.params) for i in range(len(AGENTS))]
     spec = [jax.tree_util.tree_map(lambda x, i=i: x[i], specs) for i in range(len(AGENTS))]
@@ -238,6 +276,8 @@ def run(cfg: DDPGridworldConfig, workdir: str) -> dict:
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - clock,
         "seed": cfg.seed,
+        "params_sha256": params_sha256(state.train_state.params),
+        "target_params_sha256": params_sha256(state.target_params),
         "device": str(jax.devices()[0]),
         "config": dataclasses.asdict(cfg),
     }

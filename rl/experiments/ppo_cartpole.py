@@ -6,7 +6,15 @@ what one scan would). Evaluation runs `eval_episodes` fresh episodes of the fina
 logits) by default or sampled with `eval_greedy=false`, to the 500-step time limit.
 
 Writes to the work directory: config.json (the resolved config), metrics.jsonl (one line per update: env steps,
-mean return of the episodes finished in that rollout, losses), results.json and learning_curve.png.
+mean return of the episodes finished in that rollout, losses), checkpoints/ (after every chunk), results.json and
+learning_curve.png.
+
+Resume: re-running the same command continues a killed run. After every chunk the whole `RunnerState` (network
+params, optimizer state, environment states, observations, PRNG key, update counter) and the metric history so far
+are checkpointed atomically (`rl.checkpoint`); a re-run restores the newest chunk, rewrites metrics.jsonl from the
+restored history (so no update is logged twice) and runs the remaining chunks, which compute exactly what the
+uninterrupted run computes (same chunk sizes, same keys): its final params and results are bit-identical. A work
+directory whose config.json records a different config (`show_progress` aside) is refused (`claim_workdir`).
 """
 from __future__ import annotations
 
@@ -20,7 +28,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxalign.experiments.arith_dpo import write_json_atomic
+from jaxalign.experiments.arith_dpo import claim_workdir, params_sha256, without_presentation_fields, write_json_atomic
+from rl.checkpoint import PytreeCheckpointer
 from rl.envs import CartPole
 from rl.ppo import PPOConfig, make_ppo
 from rl.rollout import evaluate_episodes
@@ -58,10 +67,30 @@ def _host(metrics: dict) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
 
 
+def json_record(record: dict) -> dict:
+    """A metrics record as JSON (NaN, e.g. the return of an update in which no episode finished, as null)."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+
+
+def from_json_record(record: dict) -> dict:
+    """The inverse of `json_record`: null back to NaN, so a restored history equals the one the run computed."""
+    return {k: (math.nan if v is None else v) for k, v in record.items()}
+
+
+def write_metrics(path: str, history: list[dict]) -> None:
+    """Replace metrics.jsonl by `history`, atomically: on resume the file holds exactly the checkpointed updates,
+    whatever a killed run appended after its last checkpoint."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(json_record(r)) + "\n" for r in history)
+    os.replace(tmp, path)
+
+
 def run(cfg: PPOCartPoleConfig, workdir: str) -> dict:
+    """Train (or resume; module docstring), evaluate, and write results.json."""
     clock = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "config.json"), dataclasses.asdict(cfg))
+    claim_workdir(cfg, workdir)
     env = CartPole()
     env_params = env.default_params
     ppo = make_ppo(cfg.ppo, env, env_params)
@@ -71,27 +100,44 @@ def run(cfg: PPOCartPoleConfig, workdir: str) -> dict:
     sizes = chunk_sizes(cfg.ppo.num_updates, cfg.num_chunks)
     history: list[dict] = []
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    train_start = time.perf_counter()
-    first_chunk_seconds = 0.0
-    with open(metrics_path, "w") as log, tqdm(total=cfg.ppo.num_updates, desc="ppo cartpole", unit="update",
-                                              disable=not cfg.show_progress, dynamic_ncols=True) as bar:
-        for i, size in enumerate(sizes):
-            chunk_start = time.perf_counter()
-            state, metrics = run_chunk(state, size)
-            metrics = _host(metrics)  # blocks until the chunk is done
-            if i == 0:
-                first_chunk_seconds = time.perf_counter() - chunk_start
-            for j in range(size):
-                record = {k: float(v[j]) for k, v in metrics.items()}
-                record["update"] = len(history) + 1
-                history.append(record)
-                log.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                      for k, v in record.items()}) + "\n")
-            log.flush()
-            recent = [r["episode_return"] for r in history[-size:] if not math.isnan(r["episode_return"])]
-            bar.set_postfix(ret=f"{np.mean(recent):.1f}" if recent else "n/a",
-                            sps=f"{size * cfg.ppo.batch_size / (time.perf_counter() - chunk_start):.0f}")
-            bar.update(size)
+    with PytreeCheckpointer(os.path.join(workdir, "checkpoints"), without_presentation_fields(dataclasses.asdict(cfg)),
+                            keep_last=2) as checkpoints:
+        restored = checkpoints.restore_latest(state)
+        if restored is not None:
+            _, state, saved_history = restored
+            history = [from_json_record(r) for r in saved_history]
+        write_metrics(metrics_path, history)
+        done = len(history)  # updates already trained; always a chunk boundary
+        train_start = time.perf_counter()
+        first_chunk_seconds, first_chunk_updates = 0.0, 0
+        trained_here = 0  # updates trained by this process (timings cover these only)
+        with open(metrics_path, "a") as log, \
+                tqdm(total=cfg.ppo.num_updates, initial=done, desc="ppo cartpole", unit="update",
+                     disable=not cfg.show_progress, dynamic_ncols=True) as bar:
+            for i, size in enumerate(sizes):
+                if sum(sizes[:i + 1]) <= done:
+                    continue
+                chunk_start = time.perf_counter()
+                state, metrics = run_chunk(state, size)
+                metrics = _host(metrics)  # blocks until the chunk is done
+                if trained_here == 0:
+                    first_chunk_seconds, first_chunk_updates = time.perf_counter() - chunk_start, size
+                trained_here += size
+                records = []
+                for j in range(size):
+                    record = {k: float(v[j]) for k, v in metrics.items()}
+                    record["update"] = len(history) + 1
+                    history.append(record)
+                    records.append(record)
+                # Checkpoint first, then log: a kill between the two loses no record, since a resume rewrites
+                # metrics.jsonl from the checkpointed history.
+                checkpoints.save(len(history), state, [json_record(r) for r in history])
+                log.writelines(json.dumps(json_record(r)) + "\n" for r in records)
+                log.flush()
+                recent = [r["episode_return"] for r in records if not math.isnan(r["episode_return"])]
+                bar.set_postfix(ret=f"{np.mean(recent):.1f}" if recent else "n/a",
+                                sps=f"{size * cfg.ppo.batch_size / (time.perf_counter() - chunk_start):.0f}")
+                bar.update(size)
     train_seconds = time.perf_counter() - train_start
     env_steps = cfg.ppo.num_updates * cfg.ppo.batch_size
 
@@ -100,7 +146,8 @@ def run(cfg: PPOCartPoleConfig, workdir: str) -> dict:
                                                              int(env_params.max_steps)))
     episodes = _host(evaluate(state.train_state.params, jax.random.key(cfg.seed + 1_000_003)))
     returns = episodes["return"]
-    after_first = len(sizes) > 1 and train_seconds > first_chunk_seconds
+    trained_steps = trained_here * cfg.ppo.batch_size
+    after_first = trained_here > first_chunk_updates and train_seconds > first_chunk_seconds
     results = {
         "mean_return": float(returns.mean()),
         "eval_return_std": float(returns.std()),
@@ -112,13 +159,14 @@ def run(cfg: PPOCartPoleConfig, workdir: str) -> dict:
         "env_steps": env_steps,
         "updates": cfg.ppo.num_updates,
         "train_seconds": train_seconds,
-        "env_steps_per_second": env_steps / train_seconds,
-        "env_steps_per_second_after_compile": ((env_steps - sizes[0] * cfg.ppo.batch_size)
+        "env_steps_per_second": trained_steps / train_seconds if trained_steps else None,
+        "env_steps_per_second_after_compile": ((trained_steps - first_chunk_updates * cfg.ppo.batch_size)
                                                / (train_seconds - first_chunk_seconds)) if after_first else None,
         "first_chunk_seconds_with_compile": first_chunk_seconds,
         "final_train_episode_return": _last_finite(history, "episode_return"),
         "wall_seconds": time.perf_counter() - clock,
         "seed": cfg.seed,
+        "params_sha256": params_sha256(state.train_state.params),
         "device": str(jax.devices()[0]),
         "config": dataclasses.asdict(cfg),
     }
