@@ -10,15 +10,10 @@ params, optimizer states, target params, replay buffers, env states, observation
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
 from launch.cli import main
+from rl.testing import checkpoint_arrays, run_cli, run_differences
 
 # 100 iterations of 8 envs in four chunks of 25; learning starts after 8 iterations, so chunks 2-4 train for real.
 # A short horizon, one homeostatic target and few evaluation episodes keep the (re-run) evaluation cheap.
@@ -28,69 +23,14 @@ TINY = ["deep.num_envs=8", "deep.total_timesteps=800", "deep.learning_starts=64"
         "seed=5"]
 FINAL, KILL_AT = 100, 50  # checkpoint steps are iterations
 TIMING = {"train_seconds", "wall_seconds"}
-ROOT = Path(__file__).resolve().parents[3]
-
-# The child: the real CLI, with the checkpoint save wrapped to note every saved step in SAVED_STEPS (so the test sees
-# that a resumed run trains only the missing chunks, rather than restarting from scratch to the same result) and to
-# SIGKILL the process right after step KILL_AFTER_STEP is on disk.
-CHILD = """
-import os, signal, sys
-from rl import checkpoint
-save = checkpoint.PytreeCheckpointer.save
-def save_then_die(self, step, tree, record=None):
-    save(self, step, tree, record)
-    with open(os.environ["SAVED_STEPS"], "a") as f:
-        f.write(f"{step}\\n")
-    if step == int(os.environ["KILL_AFTER_STEP"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.PytreeCheckpointer.save = save_then_die
-from launch.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
-def _run(workdir: Path, cache: Path, kill_after: int | None = None, overrides: list[str] = TINY
-         ) -> tuple[subprocess.CompletedProcess, list[int]]:
-    """Run the command in a child process; returns it and the checkpoint steps it saved."""
-    saved = workdir.parent / f"{workdir.name}-saved-{time.monotonic_ns()}.txt"
-    saved.touch()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               KILL_AFTER_STEP=str(kill_after or -1),
-               SAVED_STEPS=str(saved))
-    proc = subprocess.run([sys.executable, "-c", CHILD, "run", "ddp_gridworld", "--workdir", str(workdir), *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    return proc, [int(line) for line in saved.read_text().split()]
-
-
-def _checkpoint(workdir: Path, step: int) -> dict[str, np.ndarray]:
-    import orbax.checkpoint as ocp
-
-    return {k: np.asarray(v) for k, v in ocp.StandardCheckpointer().restore(
-        workdir / "checkpoints" / str(step) / "state").items()}
-
-
-def _results(workdir: Path) -> dict:
-    """results.json without timings and without config.show_progress (a presentation field)."""
-    results = {k: v for k, v in json.loads((workdir / "results.json").read_text()).items() if k not in TIMING}
-    results["config"].pop("show_progress")
-    return results
+def _run(workdir: Path, cache: Path, kill_after: int | None = None, overrides: list[str] = TINY):
+    return run_cli("ddp_gridworld", workdir, overrides, cache, kill_after)
 
 
 def _differences(a: Path, b: Path) -> list[str]:
-    found = []
-    final_a, final_b = _checkpoint(a, FINAL), _checkpoint(b, FINAL)
-    if sorted(final_a) != sorted(final_b):
-        found.append("the final checkpoints hold different leaves")
-    found += [f"final checkpoint {k} is not bit-identical" for k in sorted(final_a)
-              if k in final_b and final_a[k].tobytes() != final_b[k].tobytes()]
-    results_a, results_b = _results(a), _results(b)
-    found += [f"results.json {k}: {results_b.get(k)!r} != {results_a.get(k)!r}"
-              for k in sorted(set(results_a) | set(results_b)) if results_a.get(k) != results_b.get(k)]
-    if (b / "metrics.jsonl").read_text() != (a / "metrics.jsonl").read_text():
-        found.append("metrics.jsonl differs")
-    return found
+    return run_differences(a, b, FINAL, TIMING)
 
 
 def test_killed_run_resumes_bit_identically_and_other_config_is_refused(tmp_path, capsys):
@@ -98,7 +38,7 @@ def test_killed_run_resumes_bit_identically_and_other_config_is_refused(tmp_path
     done, _ = _run(a, cache)
     assert done.returncode == 0, done.stderr[-3000:]
     # Not vacuous: the last chunk (run by the resumed process in B) moved the parameters and filled the buffer.
-    before, after = _checkpoint(a, 75), _checkpoint(a, FINAL)
+    before, after = checkpoint_arrays(a, 75), checkpoint_arrays(a, FINAL)
     assert sum(before[k].tobytes() != after[k].tobytes() for k in after if before[k].dtype.kind == "f") > 4
     lines_a = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
     assert [r["env_steps_per_agent"] for r in lines_a] == [200, 400, 600, 800]

@@ -10,84 +10,24 @@ A's. The subprocesses share a persistent XLA compilation cache, so only run A co
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
 from launch.cli import main
+from rl.testing import checkpoint_arrays, run_cli, run_differences
 
 TINY = ["ppo.num_envs=4", "ppo.num_steps=32", "ppo.total_timesteps=512", "ppo.num_minibatches=2",
         "ppo.update_epochs=1", "num_chunks=4", "eval_episodes=3", "show_progress=false", "seed=3"]
 UPDATES, KILL_AT = 4, 2  # four chunks of one update; killed right after the checkpoint of update 2
 TIMING = {"train_seconds", "wall_seconds", "env_steps_per_second", "env_steps_per_second_after_compile",
           "first_chunk_seconds_with_compile"}
-ROOT = Path(__file__).resolve().parents[3]
-
-# The child: the real CLI, with the checkpoint save wrapped to note every saved step in SAVED_STEPS (so the test sees
-# that a resumed run trains only the missing chunks, rather than restarting from scratch to the same result) and to
-# SIGKILL the process right after step KILL_AFTER_STEP is on disk.
-CHILD = """
-import os, signal, sys
-from rl import checkpoint
-save = checkpoint.PytreeCheckpointer.save
-def save_then_die(self, step, tree, record=None):
-    save(self, step, tree, record)
-    with open(os.environ["SAVED_STEPS"], "a") as f:
-        f.write(f"{step}\\n")
-    if step == int(os.environ["KILL_AFTER_STEP"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.PytreeCheckpointer.save = save_then_die
-from launch.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
-def _run(workdir: Path, cache: Path, kill_after: int | None = None, overrides: list[str] = TINY
-         ) -> tuple[subprocess.CompletedProcess, list[int]]:
-    """Run the command in a child process; returns it and the checkpoint steps it saved."""
-    saved = workdir.parent / f"{workdir.name}-saved-{time.monotonic_ns()}.txt"
-    saved.touch()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               KILL_AFTER_STEP=str(kill_after or -1),
-               SAVED_STEPS=str(saved))
-    proc = subprocess.run([sys.executable, "-c", CHILD, "run", "ppo_cartpole", "--workdir", str(workdir), *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    return proc, [int(line) for line in saved.read_text().split()]
-
-
-def _checkpoint(workdir: Path, step: int) -> dict[str, np.ndarray]:
-    import orbax.checkpoint as ocp
-
-    return {k: np.asarray(v) for k, v in ocp.StandardCheckpointer().restore(
-        workdir / "checkpoints" / str(step) / "state").items()}
-
-
-def _results(workdir: Path) -> dict:
-    """results.json without timings and without config.show_progress (a presentation field)."""
-    results = {k: v for k, v in json.loads((workdir / "results.json").read_text()).items() if k not in TIMING}
-    results["config"].pop("show_progress")
-    return results
+def _run(workdir: Path, cache: Path, kill_after: int | None = None, overrides: list[str] = TINY):
+    return run_cli("ppo_cartpole", workdir, overrides, cache, kill_after)
 
 
 def _differences(a: Path, b: Path) -> list[str]:
-    found = []
-    final_a, final_b = _checkpoint(a, UPDATES), _checkpoint(b, UPDATES)
-    if sorted(final_a) != sorted(final_b):
-        found.append("the final checkpoints hold different leaves")
-    found += [f"final checkpoint {k} is not bit-identical" for k in sorted(final_a)
-              if k in final_b and final_a[k].tobytes() != final_b[k].tobytes()]
-    results_a, results_b = _results(a), _results(b)
-    found += [f"results.json {k}: {results_b.get(k)!r} != {results_a.get(k)!r}"
-              for k in sorted(set(results_a) | set(results_b)) if results_a.get(k) != results_b.get(k)]
-    if (b / "metrics.jsonl").read_text() != (a / "metrics.jsonl").read_text():
-        found.append("metrics.jsonl differs")
-    return found
+    return run_differences(a, b, UPDATES, TIMING)
 
 
 def test_killed_run_resumes_bit_identically_and_other_config_is_refused(tmp_path, capsys):
@@ -95,7 +35,7 @@ def test_killed_run_resumes_bit_identically_and_other_config_is_refused(tmp_path
     done, _ = _run(a, cache)
     assert done.returncode == 0, done.stderr[-3000:]
     # Not vacuous: the last update (run by the resumed process in B) moved the parameters.
-    before, after = _checkpoint(a, UPDATES - 1), _checkpoint(a, UPDATES)
+    before, after = checkpoint_arrays(a, UPDATES - 1), checkpoint_arrays(a, UPDATES)
     assert any(before[k].tobytes() != after[k].tobytes() for k in after if before[k].dtype.kind == "f")
     lines_a = (a / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["update"] for line in lines_a] == list(range(1, UPDATES + 1))

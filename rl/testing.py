@@ -1,0 +1,82 @@
+"""A kill-and-resume harness for experiments that checkpoint with `rl.checkpoint.PytreeCheckpointer`.
+
+`run_cli` runs `jaxalign run EXPERIMENT` in a child process whose checkpoint save is wrapped to note every saved step
+and, optionally, to SIGKILL the process right after a given step is on disk: a real kill at a deterministic point, so
+a test cannot race the run. `run_differences` then compares two work directories (final checkpoint arrays bit for
+bit, results.json without timings, metrics.jsonl), which is what "a killed run resumes to the same result as an
+uninterrupted one" means.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_CHILD = """
+import os, signal, sys
+from rl import checkpoint
+save = checkpoint.PytreeCheckpointer.save
+def save_then_die(self, step, tree, record=None):
+    save(self, step, tree, record)
+    with open(os.environ["SAVED_STEPS"], "a") as f:
+        f.write(f"{step}\\n")
+    if step == int(os.environ["KILL_AFTER_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.PytreeCheckpointer.save = save_then_die
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_cli(experiment: str, workdir: Path, overrides: list[str], compilation_cache: Path,
+            kill_after: int | None = None, timeout: float = 180) -> tuple[subprocess.CompletedProcess, list[int]]:
+    """Run the experiment's CLI command in a child process (CPU, a persistent compilation cache shared between
+    calls so only the first compiles); returns the finished process and the checkpoint steps it saved."""
+    saved = workdir.parent / f"{workdir.name}-saved-{time.monotonic_ns()}.txt"
+    saved.touch()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               KILL_AFTER_STEP=str(-1 if kill_after is None else kill_after), SAVED_STEPS=str(saved))
+    proc = subprocess.run([sys.executable, "-c", _CHILD, "run", experiment, "--workdir", str(workdir), *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, [int(line) for line in saved.read_text().split()]
+
+
+def checkpoint_arrays(workdir: Path, step: int) -> dict[str, np.ndarray]:
+    """The arrays of WORKDIR/checkpoints/STEP/state as NumPy."""
+    import orbax.checkpoint as ocp
+
+    return {k: np.asarray(v) for k, v in ocp.StandardCheckpointer().restore(
+        workdir / "checkpoints" / str(step) / "state").items()}
+
+
+def comparable_results(workdir: Path, timing_keys: set[str]) -> dict:
+    """results.json without timings and without config.show_progress (a presentation field)."""
+    results = {k: v for k, v in json.loads((workdir / "results.json").read_text()).items() if k not in timing_keys}
+    results["config"].pop("show_progress")
+    return results
+
+
+def run_differences(a: Path, b: Path, final_step: int, timing_keys: set[str]) -> list[str]:
+    """How run B differs from run A: final checkpoint arrays (bit for bit), results.json (timings aside) and
+    metrics.jsonl. Empty when B reproduced A."""
+    found = []
+    final_a, final_b = checkpoint_arrays(a, final_step), checkpoint_arrays(b, final_step)
+    if sorted(final_a) != sorted(final_b):
+        found.append("the final checkpoints hold different leaves")
+    found += [f"final checkpoint {k} is not bit-identical" for k in sorted(final_a)
+              if k in final_b and final_a[k].tobytes() != final_b[k].tobytes()]
+    results_a, results_b = comparable_results(a, timing_keys), comparable_results(b, timing_keys)
+    found += [f"results.json {k}: {results_b.get(k)!r} != {results_a.get(k)!r}"
+              for k in sorted(set(results_a) | set(results_b)) if results_a.get(k) != results_b.get(k)]
+    if (b / "metrics.jsonl").read_text() != (a / "metrics.jsonl").read_text():
+        found.append("metrics.jsonl differs")
+    return found
