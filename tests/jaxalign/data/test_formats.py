@@ -93,7 +93,8 @@ def test_invalid_rows_name_their_field(format, row, field, fragment):
 def test_parquet_rows_read_like_jsonl_and_errors_name_the_row(tmp_path):
     """A Parquet file with the same rows gives the same records (struct lists read back as messages); a bad row
     is reported by its 1-based row number."""
-    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa  # a runtime dependency (Parquet input)
+    import pyarrow.parquet as pq
     jsonl, _ = load_records(sample("pairwise_chat"), "pairwise")
     with open(sample("pairwise_chat")) as f:
         rows = [json.loads(line) for line in f]

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+# torch and transformers come from the bench extra, which `make test` installs: missing, these tests fail.
+import torch
+import transformers
 
 from jaxalign.experiments import dpo_files  # noqa: E402
 from jaxalign.models import hf  # noqa: E402
