@@ -27,7 +27,6 @@ command under `taskset -c 0-(N-1)`. The printed header says which case applied.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -40,6 +39,7 @@ import jax
 import numpy as np
 
 from jaxalign.bench import flops
+from jaxalign.bench.report import text_table, write_csv_and_markdown
 from jaxalign.models.llama import DecoderLM, ModelConfig, count_params, init_params
 from jaxalign.sharding import (
     MeshConfig,
@@ -149,10 +149,6 @@ def _version(name: str) -> str:
         return "?"
 
 
-def _fmt(value: float, spec: str) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
-
-
 COLUMNS = (  # (title, width, row key, format)
     ("size", 8, "size", "s"),
     ("params", 10, "params", ",d"),
@@ -167,33 +163,13 @@ COLUMNS = (  # (title, width, row key, format)
 
 def format_table(rows: list[dict]) -> str:
     """Fixed-width text table, one line per size; `n/a` where TRL was not run."""
-    def cell(row, key, spec):
-        value = row.get(key)
-        return value if isinstance(value, str) else _fmt(float("nan") if value is None else value, spec)
-
-    lines = ["  ".join(f"{title:>{width}}" for title, width, _, _ in COLUMNS)]
-    lines.append("  ".join("-" * width for _, width, _, _ in COLUMNS))
-    for row in rows:
-        lines.append("  ".join(f"{cell(row, key, spec):>{width}}" for _, width, key, spec in COLUMNS))
-    return "\n".join(lines)
+    return text_table(rows, COLUMNS)
 
 
 def write_outputs(rows: list[dict], header: list[str], out_dir: str) -> list[str]:
     """CSV (all fields), markdown (header + table) and a PNG bar plot of tokens/s per size; returns the paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    csv_path, md_path, png_path = (os.path.join(out_dir, f"{FILE_STEM}.{ext}") for ext in ("csv", "md", "png"))
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(md_path, "w") as f:
-        f.write("# DPO training throughput\n\n" + "".join(f"- {line}\n" for line in header) + "\n")
-        f.write("| " + " | ".join(title for title, *_ in COLUMNS) + " |\n")
-        f.write("|" + "|".join("---:" if i else "---" for i in range(len(COLUMNS))) + "|\n")
-        for row in rows:
-            cells = [row[key] if isinstance(row[key], str) else _fmt(
-                float("nan") if row[key] is None else row[key], spec) for _, _, key, spec in COLUMNS]
-            f.write("| " + " | ".join(cells) + " |\n")
+    csv_path, md_path = write_csv_and_markdown(rows, COLUMNS, "DPO training throughput", header, out_dir, FILE_STEM)
+    png_path = os.path.join(out_dir, f"{FILE_STEM}.png")
 
     import matplotlib
 

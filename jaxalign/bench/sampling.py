@@ -22,7 +22,6 @@ two sides so that load on a shared machine hits both alike; the speed-up is thei
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import functools
 import os
@@ -37,6 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxalign.bench.dpo_throughput import SIZES
+from jaxalign.bench.report import text_table, write_csv_and_markdown
 from jaxalign.models.llama import DecoderLM, ModelConfig, count_params, init_params
 from jaxalign.sampling import SamplingConfig, generate
 
@@ -176,35 +176,15 @@ COLUMNS = (  # (title, width, row key, format)
 )
 
 
-def _cell(row: dict, key: str, spec: str) -> str:
-    value = row[key]
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    return format(value, spec)
-
-
 def format_table(rows: list[dict]) -> str:
     """Fixed-width text table, one line per case."""
-    lines = ["  ".join(f"{title:>{width}}" for title, width, _, _ in COLUMNS),
-             "  ".join("-" * width for _, width, _, _ in COLUMNS)]
-    lines += ["  ".join(f"{_cell(row, key, spec):>{width}}" for _, width, key, spec in COLUMNS) for row in rows]
-    return "\n".join(lines)
+    return text_table(rows, COLUMNS)
 
 
 def write_outputs(rows: list[dict], header: list[str], out_dir: str) -> list[str]:
     """CSV (all fields), markdown (header + table) and a PNG of tokens/s per case; returns the paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    csv_path, md_path, png_path = (os.path.join(out_dir, f"{FILE_STEM}.{ext}") for ext in ("csv", "md", "png"))
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(md_path, "w") as f:
-        f.write("# Sampling throughput\n\n" + "".join(f"- {line}\n" for line in header) + "\n")
-        f.write("| " + " | ".join(title for title, *_ in COLUMNS) + " |\n")
-        f.write("|" + "|".join("---:" if i else "---" for i in range(len(COLUMNS))) + "|\n")
-        for row in rows:
-            f.write("| " + " | ".join(_cell(row, key, spec) for _, _, key, spec in COLUMNS) + " |\n")
+    csv_path, md_path = write_csv_and_markdown(rows, COLUMNS, "Sampling throughput", header, out_dir, FILE_STEM)
+    png_path = os.path.join(out_dir, f"{FILE_STEM}.png")
 
     import matplotlib
 

@@ -1,0 +1,50 @@
+"""What the benchmarks share: a column spec, the fixed-width table they print, and the CSV + markdown they write.
+
+A column is (title, width, row key, format spec). Cells format with the spec; booleans print as yes/NO, strings as
+they are, and None or a non-finite number as "n/a" (e.g. a baseline that was not run).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Sequence
+
+Column = tuple[str, int, str, str]
+
+
+def cell(row: dict, key: str, spec: str) -> str:
+    value = row.get(key)
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def text_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
+    """Fixed-width text table, right-aligned, one line per row."""
+    lines = ["  ".join(f"{title:>{width}}" for title, width, _, _ in columns),
+             "  ".join("-" * width for _, width, _, _ in columns)]
+    lines += ["  ".join(f"{cell(row, key, spec):>{width}}" for _, width, key, spec in columns) for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv_and_markdown(rows: Sequence[dict], columns: Sequence[Column], title: str, header: Sequence[str],
+                           out_dir: str, stem: str) -> tuple[str, str]:
+    """OUT_DIR/STEM.csv (every field of every row) and OUT_DIR/STEM.md (title, header bullets, the table)."""
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path, md_path = (os.path.join(out_dir, f"{stem}.{ext}") for ext in ("csv", "md"))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(md_path, "w") as f:
+        f.write(f"# {title}\n\n" + "".join(f"- {line}\n" for line in header) + "\n")
+        f.write("| " + " | ".join(t for t, *_ in columns) + " |\n")
+        f.write("|" + "|".join("---:" if i else "---" for i in range(len(columns))) + "|\n")
+        for row in rows:
+            f.write("| " + " | ".join(cell(row, key, spec) for _, _, key, spec in columns) + " |\n")
+    return csv_path, md_path
