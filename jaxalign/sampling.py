@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxalign.losses.iterative import extrapolate_logits
 from jaxalign.models.llama import DecoderLM, ModelConfig, init_cache, init_params
 from jaxalign.sharding import (
     BATCH_AXES,
@@ -189,16 +190,29 @@ def match_stop(window: jax.Array, ids: jax.Array, lengths: jax.Array) -> jax.Arr
 
 
 def _decode(params, prompt_tokens, prompt_mask, rng, cfg: ModelConfig, sampling: SamplingConfig, eos_id: int,
-            pad_id: int, num_tokens: int | None, constrain_cache: Callable[[Any], Any] = lambda cache: cache):
-    """The traced body of `generate` and `generate_sharded` (see `generate` for the contract)."""
+            pad_id: int, num_tokens: int | None, constrain_cache: Callable[[Any], Any] = lambda cache: cache,
+            previous_params=None, alpha=0.0):
+    """The traced body of `generate`, `generate_sharded` and `generate_extrapolated` (see `generate` for the
+    contract). With `previous_params`, a second model decodes the same tokens with its own cache and every
+    next-token distribution is drawn from the extrapolated logits (1 + alpha) l - alpha l_previous."""
     model = DecoderLM(cfg)
     batch, prompt_len = prompt_tokens.shape
     steps = sampling.max_new_tokens
-    cache = constrain_cache(init_cache(cfg, batch, prompt_len + steps))
+    models = (params,) if previous_params is None else (params, previous_params)
     prompt_mask = prompt_mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
-    logits, cache = model.apply({"params": params}, prompt_tokens, prompt_mask, positions, cache)
+    caches, logits = [], []
+    for p in models:
+        out, cache = model.apply({"params": p}, prompt_tokens, prompt_mask, positions,
+                                 constrain_cache(init_cache(cfg, batch, prompt_len + steps)))
+        caches.append(cache)
+        logits.append(out[:, -1])
     next_position = jnp.sum(prompt_mask, axis=-1)
+
+    def combined(last_logits):
+        if previous_params is None:
+            return last_logits[0]
+        return extrapolate_logits(last_logits[0], last_logits[1], alpha)
 
     vocab = jnp.arange(cfg.vocab_size)
     banned = (vocab == pad_id) | (vocab >= (num_tokens or cfg.vocab_size))
@@ -209,15 +223,16 @@ def _decode(params, prompt_tokens, prompt_mask, rng, cfg: ModelConfig, sampling:
         window = jnp.zeros((batch, 0), jnp.int32)
 
     def body(carry, step_rng):
-        cache, last_logits, position, done, window, cut_from = carry
+        caches, last_logits, position, done, window, cut_from = carry
         step = position - next_position  # index of this token in the completion, the same for every row
-        last_logits = jnp.where(banned, -jnp.inf, last_logits)
-        token = sample_token(last_logits, step_rng, sampling.temperature, sampling.top_k, sampling.top_p)
+        next_logits = jnp.where(banned, -jnp.inf, combined(last_logits))
+        token = sample_token(next_logits, step_rng, sampling.temperature, sampling.top_k, sampling.top_p)
         token = jnp.where(done, pad_id, token).astype(jnp.int32)
         alive = ~done
-        logits, cache = model.apply(
-            {"params": params}, token[:, None], alive[:, None], position[:, None], cache
-        )
+        stepped = [model.apply({"params": p}, token[:, None], alive[:, None], position[:, None], c)
+                   for p, c in zip(models, caches)]
+        last_logits = tuple(out[:, -1] for out, _ in stepped)
+        caches = tuple(c for _, c in stepped)
         finished = token == eos_id
         if sampling.stop:
             window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
@@ -226,9 +241,10 @@ def _decode(params, prompt_tokens, prompt_mask, rng, cfg: ModelConfig, sampling:
             if not sampling.keep_stop:
                 cut_from = jnp.where(matched > 0, step - matched + 1, cut_from)
         done = done | finished
-        return (cache, logits[:, -1], position + 1, done, window, cut_from), (token, alive)
+        return (caches, last_logits, position + 1, done, window, cut_from), (token, alive)
 
-    init = (cache, logits[:, -1], next_position, jnp.zeros((batch,), bool), window, jnp.full((batch,), steps))
+    init = (tuple(caches), tuple(logits), next_position, jnp.zeros((batch,), bool), window,
+            jnp.full((batch,), steps))
     (*_, cut_from), (tokens, mask) = jax.lax.scan(body, init, jax.random.split(rng, steps))
     tokens, mask = tokens.T, mask.T
     if sampling.stop and not sampling.keep_stop:
@@ -250,6 +266,27 @@ def generate(params, prompt_tokens, prompt_mask, rng, *, cfg: ModelConfig, sampl
     `keep_stop=False`, up to the token before the stop sequence) and tokens where the mask is 0 are `pad_id`.
     """
     return _decode(params, prompt_tokens, prompt_mask, rng, cfg, sampling, eos_id, pad_id, num_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "eos_id", "pad_id", "num_tokens"))
+def _generate_extrapolated(params, previous_params, alpha, prompt_tokens, prompt_mask, rng, *, cfg, sampling,
+                           eos_id, pad_id, num_tokens):
+    return _decode(params, prompt_tokens, prompt_mask, rng, cfg, sampling, eos_id, pad_id, num_tokens,
+                   previous_params=previous_params, alpha=alpha)
+
+
+def generate_extrapolated(params, previous_params, alpha, prompt_tokens, prompt_mask, rng, *, cfg: ModelConfig,
+                          sampling: SamplingConfig, eos_id: int, pad_id: int, num_tokens: int | None = None):
+    """`generate` from APO's token-level extrapolated policy: every next token is drawn from
+    softmax((1 + alpha) l_t - alpha l_prev) of the two models' logits on the same prefix (He et al. 2024,
+    "Accelerated Preference Optimization"; `jaxalign.losses.iterative.extrapolate_logits`), each model with its own
+    KV cache, then temperature / top-k / top-p as in `generate`. alpha = 0 draws the same tokens as
+    `generate(params, ...)` with the same key. `alpha` is traced (one compilation for every value), checked here."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not 0.0 <= alpha < 1.0:
+        raise ValueError(f"generate_extrapolated: alpha must be a number in [0, 1) (Nesterov momentum), got "
+                         f"{alpha!r}")
+    return _generate_extrapolated(params, previous_params, jnp.float32(alpha), prompt_tokens, prompt_mask, rng,
+                                  cfg=cfg, sampling=sampling, eos_id=eos_id, pad_id=pad_id, num_tokens=num_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------

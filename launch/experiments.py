@@ -58,6 +58,18 @@ def _ddp_gridworld() -> Experiment:
                       default_config=ddp_gridworld.DDPGridworldConfig, run=ddp_gridworld.run)
 
 
+def _iterative(name: str) -> Callable[[], Experiment]:
+    """Online DPO, DNO-Prct or APO on ARITH (`iterative_dpo.PRESETS`)."""
+
+    def load() -> Experiment:
+        from jaxalign.experiments import iterative_dpo
+
+        return Experiment(name=name, description=EXPERIMENTS[name][0],
+                          default_config=lambda: iterative_dpo.preset(name), run=iterative_dpo.run)
+
+    return load
+
+
 def _ppo_cartpole() -> Experiment:
     from rl.experiments import ppo_cartpole
 
@@ -92,6 +104,21 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "Curry-DPO on ARITH: best-vs-rest pairs from K graded samples in easy-to-hard stages, each stage's policy "
         "the next stage's reference (vs. DPO on all pairs)",
         _curry_dpo,
+    ),
+    "online_dpo": (
+        "online/iterative DPO on ARITH: sample 8 per prompt from the current policy, judge (graded 0-6), best vs "
+        "worst, DPO with the previous iterate as reference, 4 iterations",
+        _iterative("online_dpo"),
+    ),
+    "dno": (
+        "DNO-Prct on ARITH: online DPO plus the gold answer as teacher, margin filters 2 / 1, replay of earlier "
+        "pairs (30% / 15%), the best iterate on validation",
+        _iterative("dno"),
+    ),
+    "apo": (
+        "APO on ARITH: online DPO with a Nesterov-extrapolated reference (alpha 0.3) in the loss and for sampling "
+        "(token-level logits; weights or the plain iterate selectable); alpha=0 is online DPO exactly",
+        _iterative("apo"),
     ),
     "dpo_files": (
         "DPO on your own pairwise JSONL/Parquet file from a Hugging Face or `jaxalign convert` checkpoint, "

@@ -18,6 +18,7 @@ Pipeline (each phase resumable; re-running the same command continues where a ki
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -37,7 +38,7 @@ from jaxalign.losses.dpo import check_beta
 from jaxalign.models.heads import VALUE_HEAD, init_value_head
 from jaxalign.models.llama import DecoderLM, ModelConfig, count_params
 from jaxalign.models.lora import LoraConfig, merge_lora
-from jaxalign.sampling import SamplingConfig, generate
+from jaxalign.sampling import SamplingConfig, generate, generate_extrapolated
 from jaxalign.sharding import (
     MeshConfig,
     check_batch_fits_mesh,
@@ -383,20 +384,27 @@ def split(cfg: ArithDPOConfig) -> Problems:
 
 
 def sample_completions(params, model_cfg: ModelConfig, problems: np.ndarray, sampling: SamplingConfig, rng,
-                       batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       batch_size: int, previous_params=None,
+                       alpha: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(prompt tokens [N, P], completion tokens [N, C], completion masks [N, C]) for every problem, in order.
 
+    With `previous_params`, tokens are drawn from APO's token-level extrapolation of the two policies
+    (`jaxalign.sampling.generate_extrapolated`, momentum `alpha`).
     In a multi-process run every process samples all problems itself, identically, from a local copy of the
     parameters (`host_local`): the decode loop then needs no collectives and every process gets the same result."""
     params = host_local(params)
+    if previous_params is None:
+        decode = functools.partial(generate, params)
+    else:
+        decode = functools.partial(generate_extrapolated, params, host_local(previous_params), alpha)
     tok = CharTokenizer()
     prompts = [arith.prompt_text(p) for p in problems]
     prompt_tokens, prompt_mask = arith.encode_prompts(tok, prompts, pad_to=PROMPT_LEN)
     out_tokens, out_masks = [], []
     for start in range(0, len(problems), batch_size):
         rng, sub = jax.random.split(rng)
-        tokens, mask = generate(
-            params, prompt_tokens[start : start + batch_size], prompt_mask[start : start + batch_size], sub,
+        tokens, mask = decode(
+            prompt_tokens[start : start + batch_size], prompt_mask[start : start + batch_size], sub,
             cfg=model_cfg, sampling=sampling, eos_id=tok.EOS_ID, pad_id=tok.PAD_ID, num_tokens=tok.vocab_size,
         )
         out_tokens.append(np.asarray(tokens))
@@ -415,6 +423,30 @@ def greedy_eval(params, model_cfg: ModelConfig, problems: np.ndarray, batch_size
     _, tokens, mask = sample_completions(params, model_cfg, problems, greedy, jax.random.key(0), batch_size)
     correct = np.array([g.correct for g in grade_completions(problems, tokens)])
     return {"accuracy": float(correct.mean()), "mean_length": float(mask.sum(-1).mean())}, correct
+
+
+def load_json(path: str) -> dict | None:
+    """The JSON object at `path`, or None when the file does not exist."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def cached_greedy_eval(params, cfg: ArithDPOConfig, problems: np.ndarray, path: str, extra: dict,
+                       split_name: str = "test") -> dict:
+    """`extra` plus <split_name>_accuracy, <split_name>_mean_length and params_sha256 of a greedy evaluation of
+    `params` on `problems`, written to `path`; read back instead when `path` holds the record of the same parameters
+    (a resumed multi-phase run does not evaluate finished phases again)."""
+    sha = params_sha256(params)
+    saved = load_json(path)
+    if saved is not None and saved.get("params_sha256") == sha:
+        return saved
+    evaluation, _ = greedy_eval(params, cfg.model, problems, cfg.eval_batch_size)
+    record = dict(extra, params_sha256=sha, **{f"{split_name}_accuracy": evaluation["accuracy"],
+                                                f"{split_name}_mean_length": evaluation["mean_length"]})
+    write_json_atomic(path, record)
+    return record
 
 
 def drift_from_reference(params, reference, model_cfg: ModelConfig, problems: np.ndarray, pairs: ArrayDataset,
@@ -728,9 +760,12 @@ def reference_for(cfg: ArithDPOConfig, model: DecoderLM, sft_params, data: Array
     """(frozen reference params or None, data) for `dpo.reference`: "online" passes the SFT params as the frozen
     reference; "cached" adds the SFT policy's per-token log-probs to every pair or list (computed once, cached on
     disk under a content hash); "sync" keeps the reference in the train state; reference-free objectives get
-    neither."""
+    neither. Pairs that already carry reference_chosen / reference_rejected keep them (a reference the caller
+    built, e.g. APO's extrapolation of two checkpoints, `jaxalign.algorithms.iterative`)."""
     spec = get_spec(cfg.dpo.objective)
     if not spec.needs_reference or cfg.dpo.reference == "sync":
+        return None, data
+    if "reference_chosen" in data.arrays:  # the caller computed the reference (APO's extrapolated checkpoints)
         return None, data
     if cfg.dpo.reference == "online":
         return sft_params, data

@@ -30,7 +30,6 @@ stage.json (checked against the policy's hash).
 from __future__ import annotations
 
 import dataclasses
-import json
 import numbers
 import os
 import time
@@ -85,26 +84,6 @@ def pair_dataset(lists: ArrayDataset, pairs: CurriculumPairs) -> ArrayDataset:
     return ArrayDataset(out)
 
 
-def _read_json(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _evaluate(params, base: arith_dpo.ArithDPOConfig, problems: np.ndarray, path: str, extra: dict) -> dict:
-    """Held-out greedy evaluation of `params`, read back from `path` when it was done for the same parameters."""
-    sha = arith_dpo.params_sha256(params)
-    saved = _read_json(path)
-    if saved is not None and saved.get("params_sha256") == sha:
-        return saved
-    evaluation, _ = arith_dpo.greedy_eval(params, base.model, problems, base.eval_batch_size)
-    record = dict(extra, test_accuracy=evaluation["accuracy"], test_mean_length=evaluation["mean_length"],
-                  params_sha256=sha)
-    arith_dpo.write_json_atomic(path, record)
-    return record
-
-
 def _check_stages(stages: list[CurriculumPairs], batch_size: int, stats: dict) -> None:
     small = [(i, len(s)) for i, s in enumerate(stages) if len(s) < batch_size]
     if small:
@@ -133,7 +112,7 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
                                                 cfg.curriculum)
     stages = [staged.take(staged.stage == s) for s in range(cfg.curriculum.num_iterations)]
     _check_stages(stages, base.dpo.batch_size, curriculum_stats)
-    sft_eval = _evaluate(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"), {"stage": "sft"})
+    sft_eval = arith_dpo.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"), {"stage": "sft"})
 
     params, records = sft_params, []
     for i, pairs in enumerate(stages):
@@ -147,7 +126,7 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
                 "gap_max": float(pairs.gap.max()), "reference_sha256": reference_sha,
                 "selected_step": guard["selected_step"], "selected_val_accuracy": guard["selected_val_accuracy"],
                 "last_val_accuracy": guard["last_val_accuracy"], "validation_history": guard["validation_history"]}
-        records.append(_evaluate(selected, base, problems.test, os.path.join(stage_dir, "stage.json"), info))
+        records.append(arith_dpo.cached_greedy_eval(selected, base, problems.test, os.path.join(stage_dir, "stage.json"), info))
         params = selected
 
     baseline = None
@@ -160,7 +139,7 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
         info = {"pairs": len(staged), "steps": total, "reference_sha256": arith_dpo.params_sha256(sft_params),
                 "selected_step": guard["selected_step"], "selected_val_accuracy": guard["selected_val_accuracy"],
                 "last_val_accuracy": guard["last_val_accuracy"], "validation_history": guard["validation_history"]}
-        baseline = _evaluate(selected, base, problems.test, os.path.join(baseline_dir, "baseline.json"), info)
+        baseline = arith_dpo.cached_greedy_eval(selected, base, problems.test, os.path.join(baseline_dir, "baseline.json"), info)
 
     accuracy = [sft_eval["test_accuracy"]] + [r["test_accuracy"] for r in records]
     results = {

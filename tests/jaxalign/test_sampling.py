@@ -25,6 +25,7 @@ from jaxalign.sampling import (
     SamplingConfig,
     encode_stop_strings,
     generate,
+    generate_extrapolated,
     process_logits,
     top_k_filter,
     top_p_filter,
@@ -132,6 +133,57 @@ def test_greedy_generate_equals_recompute_everything_argmax_loop():
         assert mask[i, :n].tolist() == [1] * n and mask[i, n:].tolist() == [0] * (MAX_NEW - n), f"row {i}"
         assert tokens[i, n:].tolist() == [PAD] * (MAX_NEW - n), f"row {i}"
     assert_eos_contract(tokens, mask, eos_id)
+
+
+@functools.lru_cache(maxsize=None)
+def other_params():
+    """A second parameter set (APO's older checkpoint): params() plus a small seeded perturbation."""
+    rng = np.random.default_rng(1)
+    return jax.tree_util.tree_map(lambda x: x + jnp.asarray(0.1 * rng.standard_normal(x.shape), jnp.float32),
+                                  params())
+
+
+def test_extrapolated_greedy_equals_argmax_of_extrapolated_recomputed_logits():
+    """APO's token-level sampling: greedy decoding of generate_extrapolated emits, at every step, the argmax of
+    (1 + a) l_next - a l_prev where both logits are recomputed from scratch on the unpadded prefix (no cache)."""
+    alpha = 0.5
+    sequences = [list(p) for p in PROMPTS]
+    expected = [[] for _ in PROMPTS]
+    width = PROMPT_WIDTH + MAX_NEW
+    for _ in range(MAX_NEW):
+        tokens = np.full((len(sequences), width), PAD, np.int32)
+        mask = np.zeros((len(sequences), width), np.int32)
+        for i, seq in enumerate(sequences):
+            tokens[i, :len(seq)], mask[i, :len(seq)] = seq, 1
+        last = [len(s) - 1 for s in sequences]
+        rows = np.arange(len(sequences))
+        l_next = np.asarray(_full_forward(params(), tokens, mask))[rows, last]
+        l_prev = np.asarray(_full_forward(other_params(), tokens, mask))[rows, last]
+        combined = (1 + alpha) * l_next - alpha * l_prev
+        combined[:, PAD] = -np.inf
+        for i, row in enumerate(combined):
+            expected[i].append(int(np.argmax(row)))
+            sequences[i].append(int(np.argmax(row)))
+    tokens, mask = left_padded(PROMPTS)
+    out, _ = generate_extrapolated(params(), other_params(), alpha, tokens, mask, jax.random.key(0), cfg=CFG,
+                                   sampling=SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.0), eos_id=-1,
+                                   pad_id=PAD)
+    assert np.asarray(out).tolist() == expected
+    plain = run_generate(PROMPTS, SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.0), eos_id=-1)[0]
+    assert plain.tolist() != expected  # the older checkpoint really changes the decoded tokens
+
+
+def test_extrapolated_sampling_at_alpha_zero_draws_the_same_tokens_as_generate():
+    sampling = SamplingConfig(max_new_tokens=MAX_NEW, temperature=1.0, top_k=8)
+    tokens, mask = left_padded(PROMPTS)
+    expected, expected_mask = run_generate(PROMPTS, sampling, eos_id=3, seed=7)
+    out, out_mask = generate_extrapolated(params(), other_params(), 0.0, tokens, mask, jax.random.key(7), cfg=CFG,
+                                          sampling=sampling, eos_id=3, pad_id=PAD)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(out_mask, expected_mask)
+    with pytest.raises(ValueError, match="alpha must be a number in"):
+        generate_extrapolated(params(), other_params(), 1.0, tokens, mask, jax.random.key(7), cfg=CFG,
+                              sampling=sampling, eos_id=3, pad_id=PAD)
 
 
 def test_top_k_one_equals_greedy():
