@@ -70,6 +70,13 @@ def _iterative(name: str) -> Callable[[], Experiment]:
     return load
 
 
+def _oreo_arith() -> Experiment:
+    from jaxalign.experiments import oreo_arith
+
+    return Experiment(name="oreo_arith", description=EXPERIMENTS["oreo_arith"][0],
+                      default_config=oreo_arith.OreoArithConfig, run=oreo_arith.run)
+
+
 def _ppo_cartpole() -> Experiment:
     from rl.experiments import ppo_cartpole
 
@@ -119,6 +126,11 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "APO on ARITH: online DPO with a Nesterov-extrapolated reference (alpha 0.3) in the loss and for sampling "
         "(token-level logits; weights or the plain iterate selectable); alpha=0 is online DPO exactly",
         _iterative("apo"),
+    ),
+    "oreo_arith": (
+        "OREO on ARITH: soft-Bellman critic and actor from offline SFT trajectories (critic first), value-guided "
+        "beam search over steps vs greedy, V(s_0) vs the empirical success rate",
+        _oreo_arith,
     ),
     "dpo_files": (
         "DPO on your own pairwise JSONL/Parquet file from a Hugging Face or `jaxalign convert` checkpoint, "

@@ -1,0 +1,274 @@
+"""OREO on ARITH (Wang et al. 2024, "Offline Reinforcement Learning for LLM Multi-Step Reasoning", arXiv:2412.16145;
+METHODS.md section 7), end to end.
+
+Pipeline (every phase resumable; re-running the same command continues where a killed run stopped):
+1. SFT exactly as the main job (`arith_dpo.train_sft`): a policy that drops most carries under greedy decoding.
+2. Offline trajectories: `base.pairs.samples_per_prompt` samples for each of `base.pairs.num_prompts` training
+   prompts from the SFT policy at `base.pairs.temperature` (the main job's cached samples, samples.npz), graded by the
+   oracle: R = arith.grade(...).correct in {0, 1}; reasoning steps are the ';'-separated parts.
+3. OREO (`jaxalign.algorithms.oreo`): critic (a separate value LM from the SFT policy with a zero head, or a head on
+   the policy trunk, `oreo.value_model`) and actor trained together, critic first, the SFT policy as reference;
+   checkpoints/oreo_actor and checkpoints/oreo_critic.
+4. Held-out evaluation: greedy exact-match accuracy of SFT and OREO; on the first `num_beam_prompts` held-out
+   problems, value-guided beam search (`beam.*`) with the OREO policy and critic against greedy decoding of the same
+   policy.
+5. The value checks of METHODS.md section 7 on the first `num_value_prompts` held-out problems, each sampled
+   `value_samples_per_prompt` times from the SFT policy (temperature 1): the correlation between V(s_0) and the
+   SFT policy's empirical success rate on the prompt, and the mean change of V across the first wrong step of each
+   trajectory (V after the step minus V before it; the same change across correct steps is the control).
+
+Layout of the work directory: config.json, metrics.jsonl (SFT and OREO records), checkpoints/{sft, oreo_actor,
+oreo_critic}, samples.npz, results.json, oreo_arith.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+import time
+
+import jax
+import numpy as np
+
+from jaxalign.algorithms.oreo import (
+    BeamConfig,
+    OreoConfig,
+    arith_trajectory_batch,
+    critic_scorer,
+    init_oreo_states,
+    policy_step_sampler,
+    prompt_state_values,
+    train_oreo,
+    value_guided_beam_search,
+    value_outputs,
+)
+from jaxalign.data.iterator import ArrayDataset
+from jaxalign.distributed import host_local, is_primary
+from jaxalign.experiments import arith_dpo
+from jaxalign.experiments.arith_dpo import PROMPT_LEN, completion_budget
+from jaxalign.models.llama import count_params
+from jaxalign.sampling import SamplingConfig
+from jaxalign.sharding import make_mesh
+from jaxalign.tasks import arith
+from jaxalign.tasks.tokenizer import CharTokenizer
+from jaxalign.train.checkpoint import Checkpointer
+from jaxalign.train.loop import MetricsLog
+
+
+@dataclasses.dataclass(frozen=True)
+class OreoArithConfig:
+    """base: the main job's config (task, model, SFT, and in `base.pairs` the trajectory sampling: num_prompts,
+    samples_per_prompt, temperature; its dpo section is unused).
+    oreo: the OREO trainer (`OreoConfig`: level, beta, alpha, value model, steps, optimizers).
+    beam: test-time value-guided beam search (`BeamConfig`).
+    num_beam_prompts: held-out problems searched with beam search (it samples beams x candidates steps per step).
+    num_value_prompts / value_samples_per_prompt: held-out problems and SFT samples per problem for the value checks.
+    """
+
+    base: arith_dpo.ArithDPOConfig = arith_dpo.ArithDPOConfig()
+    oreo: OreoConfig = OreoConfig()
+    beam: BeamConfig = BeamConfig()
+    num_beam_prompts: int = 256
+    num_value_prompts: int = 128
+    value_samples_per_prompt: int = 16
+
+    def __post_init__(self):
+        for name in ("num_beam_prompts", "num_value_prompts", "value_samples_per_prompt"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation pieces.
+
+
+def beam_search_eval(cfg: OreoArithConfig, policy, critic, problems: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Accuracy of value-guided beam search with the OREO policy and critic on `problems` (in chunks of about
+    base.eval_batch_size sampled rows); per-problem correctness."""
+    base, tok = cfg.base, CharTokenizer()
+    expand = policy_step_sampler(policy, base.model, separator=tuple(tok.encode(";")), eos_id=tok.EOS_ID,
+                                 pad_id=tok.PAD_ID, max_step_tokens=cfg.beam.max_step_tokens,
+                                 temperature=cfg.beam.temperature, num_tokens=tok.vocab_size)
+    score = critic_scorer(cfg.oreo.value_model, base.model, critic, policy, eos_id=tok.EOS_ID)
+    prompts, prompt_mask = arith.encode_prompts(tok, [arith.prompt_text(p) for p in problems], pad_to=PROMPT_LEN)
+    chunk = max(1, base.eval_batch_size // (cfg.beam.beams * cfg.beam.num_candidates))
+    rng, correct, lengths, finished = jax.random.key(base.seed + 23), [], [], []
+    for start in range(0, len(problems), chunk):
+        rng, sub = jax.random.split(rng)
+        result = value_guided_beam_search(prompts[start:start + chunk], prompt_mask[start:start + chunk],
+                                          expand=expand, score=score, config=cfg.beam,
+                                          completion_len=completion_budget(base.model), eos_id=tok.EOS_ID,
+                                          pad_id=tok.PAD_ID, rng=sub)
+        correct += [arith.grade(p, tok.decode(t)).correct for p, t in zip(problems[start:start + chunk],
+                                                                           result.tokens)]
+        lengths.append(result.mask.sum(axis=1))
+        finished.append(result.finished)
+    correct = np.array(correct, bool)
+    return {"accuracy": float(correct.mean()), "mean_length": float(np.concatenate(lengths).mean()),
+            "finished_rate": float(np.concatenate(finished).mean())}, correct
+
+
+def _first_wrong_step_changes(outputs: np.ndarray, batch: dict, grades: list[arith.Grade]):
+    """(V after - V before the first wrong step, per trajectory that has one; the same across every correct step).
+
+    V before step k = output at the token before its first token (the state the step starts from); V after = output
+    at the step's last token other than EOS (the ';' closing it, or the token before EOS for the last step)."""
+    wrong, right = [], []
+    eos = CharTokenizer.EOS_ID
+    for row, g in enumerate(grades):
+        starts = np.nonzero(batch["step_starts"][row])[0]
+        completion = np.nonzero(batch["completion_mask"][row])[0]
+        if not len(starts):
+            continue
+        ends = list(starts[1:] - 1)
+        last = completion[-1] - (batch["tokens"][row, completion[-1]] == eos)
+        ends.append(last)
+        for k, (start, end) in enumerate(zip(starts, ends)):
+            if end < start or k > g.correct_steps:
+                break  # an EOS-only step, or past the first wrong step
+            change = float(outputs[row, end] - outputs[row, start - 1])
+            if k < g.correct_steps:
+                right.append(change)
+            elif k < g.num_steps:  # the first wrong step of the chain (not a wrong recap)
+                wrong.append(change)
+    return np.array(wrong), np.array(right)
+
+
+def value_checks(cfg: OreoArithConfig, sft_params, policy, critic, problems: np.ndarray) -> tuple[dict, dict]:
+    """METHODS.md section 7's checks on `problems` (module docstring): V(s_0) against the SFT policy's sampled
+    success rate per prompt, and the change of V across the first wrong step. Returns (report, per-prompt arrays
+    for the plot)."""
+    base, tok, k = cfg.base, CharTokenizer(), cfg.value_samples_per_prompt
+    sampling = SamplingConfig(max_new_tokens=completion_budget(base.model), temperature=1.0)
+    repeated = np.repeat(problems, k, axis=0)
+    prompt_tokens, completions, masks = arith_dpo.sample_completions(sft_params, base.model, repeated, sampling,
+                                                                     jax.random.key(base.seed + 29),
+                                                                     base.eval_batch_size)
+    grades = arith_dpo.grade_completions(repeated, completions)
+    success = np.array([g.correct for g in grades], np.float32).reshape(-1, k).mean(axis=1)
+    prompts, prompt_mask = prompt_tokens[::k], (prompt_tokens[::k] != tok.PAD_ID).astype(np.int32)
+    v0 = prompt_state_values(cfg.oreo.value_model, base.model, critic, policy, prompts, prompt_mask)
+    batch = arith_trajectory_batch(repeated, prompt_tokens, completions, masks)
+    outputs = np.concatenate([
+        np.asarray(value_outputs(
+            cfg.oreo.value_model, base.model, critic, policy, batch["tokens"][i:i + base.eval_batch_size],
+            batch["attention_mask"][i:i + base.eval_batch_size])[0])
+        for i in range(0, len(repeated), base.eval_batch_size)])
+    wrong, right = _first_wrong_step_changes(outputs, batch, grades)
+    varied = np.std(success) > 0 and np.std(v0) > 0
+    report = {
+        "value_s0_success_correlation": float(np.corrcoef(v0, success)[0, 1]) if varied else None,
+        "value_s0_mean_abs_error": float(np.mean(np.abs(v0 - success))),
+        "value_s0_mean": float(v0.mean()),
+        "sft_sampled_success_mean": float(success.mean()),
+        "value_change_at_first_wrong_step": float(wrong.mean()) if len(wrong) else None,
+        "value_change_at_correct_steps": float(right.mean()) if len(right) else None,
+        "first_wrong_steps": int(len(wrong)),
+        "correct_steps_measured": int(len(right)),
+        "num_value_prompts": int(len(problems)),
+    }
+    return report, {"v0": v0, "success": success}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The experiment.
+
+
+def train_phase(cfg: OreoArithConfig, sft_params, data: ArrayDataset, workdir: str, log: MetricsLog):
+    """Phase 3: (policy params, critic params, last logged OREO metrics); resumes from / restores its checkpoints."""
+    base = cfg.base
+    if cfg.oreo.batch_size > len(data):
+        raise ValueError(f"oreo.batch_size={cfg.oreo.batch_size} is larger than the {len(data)} trajectories "
+                         f"(base.pairs.num_prompts x base.pairs.samples_per_prompt)")
+    actor, critic = init_oreo_states(cfg.oreo, base.model, sft_params, jax.random.key(base.seed + 5))
+    metadata = {"model": dataclasses.asdict(base.model), "oreo": dataclasses.asdict(cfg.oreo)}
+    directory = os.path.join(workdir, "checkpoints")
+    with Checkpointer(os.path.join(directory, "oreo_actor"), base.checkpoint, {"phase": "oreo_actor", **metadata}) \
+            as actor_ckpt, Checkpointer(os.path.join(directory, "oreo_critic"), base.checkpoint,
+                                        {"phase": "oreo_critic", **metadata}) as critic_ckpt:
+        actor, critic, _ = train_oreo(actor, critic, sft_params, data, cfg=cfg.oreo, model_cfg=base.model,
+                                      seed=base.seed + 7, checkpointers=(actor_ckpt, critic_ckpt), metrics_log=log,
+                                      log_every=base.log_every)
+    records = log.records("oreo")
+    return actor.params, critic.params, (records[-1] if records else {})
+
+
+def run(cfg: OreoArithConfig, workdir: str) -> dict:
+    """Run (or resume) OREO on ARITH in `workdir`; returns and writes results.json (module docstring)."""
+    clock = time.perf_counter()
+    base = cfg.base
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(base.mesh)
+    arith_dpo.validate_config(base, mesh)
+    arith_dpo.claim_workdir(cfg, workdir)
+    problems = arith_dpo.split(base)
+    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+
+    sft_params, _ = arith_dpo.train_sft(base, mesh, problems, workdir, log)
+    sft_params = host_local(sft_params)
+    chosen, prompt_tokens, completions, masks = arith_dpo.on_policy_samples(base, sft_params, problems.train, workdir)
+    k = base.pairs.samples_per_prompt
+    data = ArrayDataset(arith_trajectory_batch(np.repeat(chosen, k, axis=0), np.repeat(prompt_tokens, k, axis=0),
+                                               completions, masks))
+    policy, critic, last_metrics = train_phase(cfg, sft_params, data, workdir, log)
+
+    sft_eval, _ = arith_dpo.greedy_eval(sft_params, base.model, problems.test, base.eval_batch_size)
+    oreo_eval, oreo_correct = arith_dpo.greedy_eval(policy, base.model, problems.test, base.eval_batch_size)
+    searched = problems.test[: cfg.num_beam_prompts]
+    beam_eval, _ = beam_search_eval(cfg, policy, critic, searched)
+    checks, per_prompt = value_checks(cfg, sft_params, policy, critic, problems.test[: cfg.num_value_prompts])
+    reward = data.arrays["reward"]
+    results = {
+        "sft_accuracy": sft_eval["accuracy"],
+        "oreo_accuracy": oreo_eval["accuracy"],
+        "sft_mean_length": sft_eval["mean_length"],
+        "oreo_mean_length": oreo_eval["mean_length"],
+        "beam_accuracy": beam_eval["accuracy"],
+        "beam_greedy_accuracy": float(oreo_correct[: len(searched)].mean()),  # greedy, same policy and prompts
+        "beam_mean_length": beam_eval["mean_length"],
+        "beam_finished_rate": beam_eval["finished_rate"],
+        "num_beam_prompts": int(len(searched)),
+        **checks,
+        "trajectories": int(len(reward)),
+        "trajectory_success_rate": float(reward.mean()),
+        "oreo_last_metrics": last_metrics,
+        "carry_share": arith.carry_share(base.task.num_operands),
+        "num_test_prompts": int(len(problems.test)),
+        "steps": {"sft": base.sft.steps, "oreo": cfg.oreo.steps},
+        "num_params": count_params(sft_params),
+        "wall_seconds": time.perf_counter() - clock,
+        "params_sha256": arith_dpo.params_sha256(policy),
+        "critic_sha256": arith_dpo.params_sha256(critic),
+        "config": arith_dpo.config_to_dict(cfg),
+    }
+    if is_primary():
+        arith_dpo.write_json_atomic(os.path.join(workdir, "results.json"), results)
+        _plot(results, per_prompt, os.path.join(workdir, "oreo_arith.png"))
+    return results
+
+
+def _plot(results: dict, per_prompt: dict, path: str) -> None:
+    """Held-out accuracy (SFT greedy, OREO greedy, greedy vs beam search on the searched prompts) and V(s_0) against
+    the SFT policy's sampled success rate per prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_value) = plt.subplots(1, 2, figsize=(10, 3.5))
+    labels = ["SFT\ngreedy", "OREO\ngreedy", f"OREO greedy\n({results['num_beam_prompts']})",
+              f"OREO beam\n({results['num_beam_prompts']})"]
+    values = [results["sft_accuracy"], results["oreo_accuracy"], results["beam_greedy_accuracy"],
+              results["beam_accuracy"]]
+    ax_acc.bar(range(4), values, color=["tab:gray", "tab:blue", "tab:blue", "tab:green"])
+    ax_acc.set_xticks(range(4), labels)
+    ax_acc.set(ylabel="held-out accuracy", title="OREO on ARITH", ylim=(0, 1))
+    ax_value.scatter(per_prompt["success"], per_prompt["v0"], s=12, alpha=0.6)
+    ax_value.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1)
+    corr = results["value_s0_success_correlation"]
+    ax_value.set(xlabel="SFT sampled success rate", ylabel="V(s_0)",
+                 title="V(s_0) vs success" + ("" if corr is None else f" (r = {corr:.2f})"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

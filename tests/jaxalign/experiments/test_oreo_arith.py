@@ -1,0 +1,52 @@
+"""OREO on ARITH end to end on a tiny budget: results.json and its keys, the plot, and a re-run that resumes
+(no SFT or OREO step runs again, the same policy comes back)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxalign.algorithms import oreo
+from jaxalign.experiments import oreo_arith
+from launch.overrides import apply_overrides
+
+OVERRIDES = [
+    "base.task.num_operands=3",
+    "base.model.d_model=32", "base.model.n_layers=1", "base.model.n_heads=2", "base.model.n_kv_heads=1",
+    "base.model.head_dim=16", "base.model.mlp_dim=64",
+    "base.sft.steps=20", "base.sft.batch_size=32", "base.sft.optim.learning_rate=1e-2", "base.sft.optim.warmup_steps=2",
+    "base.pairs.num_prompts=16", "base.pairs.samples_per_prompt=4",
+    "base.num_val_prompts=16", "base.eval_fraction=0.032", "base.eval_batch_size=64",
+    "base.checkpoint.every_steps=4", "base.show_progress=false", "base.log_every=2",
+    "oreo.steps=4", "oreo.batch_size=16",
+    "beam.beams=2", "beam.max_steps=4", "beam.max_step_tokens=8",
+    "num_beam_prompts=8", "num_value_prompts=8", "value_samples_per_prompt=4",
+]
+
+KEYS = {"sft_accuracy", "oreo_accuracy", "beam_accuracy", "beam_greedy_accuracy", "num_beam_prompts",
+        "value_s0_success_correlation", "value_s0_mean_abs_error", "value_change_at_first_wrong_step",
+        "value_change_at_correct_steps", "first_wrong_steps", "trajectories", "trajectory_success_rate",
+        "oreo_last_metrics", "params_sha256", "critic_sha256", "config"}
+
+
+def test_tiny_run_writes_results_and_a_rerun_resumes_without_training(tmp_path, monkeypatch):
+    cfg = apply_overrides(oreo_arith.OreoArithConfig(), OVERRIDES)
+    first = oreo_arith.run(cfg, str(tmp_path))
+    assert KEYS <= set(first)
+    assert first["trajectories"] == 64 and first["num_beam_prompts"] == 8
+    for key in ("sft_accuracy", "oreo_accuracy", "beam_accuracy", "beam_greedy_accuracy"):
+        assert 0.0 <= first[key] <= 1.0
+    assert first["oreo_last_metrics"]["step"] == 4
+    assert json.loads((tmp_path / "results.json").read_text())["params_sha256"] == first["params_sha256"]
+    assert (tmp_path / "oreo_arith.png").stat().st_size > 0
+    log = (tmp_path / "metrics.jsonl").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished OREO phase must not take a step on re-run")
+
+    monkeypatch.setattr(oreo, "make_oreo_steps", lambda cfg, model_cfg: oreo.OreoSteps(no_training, no_training,
+                                                                                       no_training))
+    second = oreo_arith.run(cfg, str(tmp_path))
+    assert (tmp_path / "metrics.jsonl").read_text() == log  # no SFT or OREO record was added
+    for key in KEYS - {"config"}:
+        assert second[key] == pytest.approx(first[key]) if isinstance(first[key], float) else second[key] == first[key]
