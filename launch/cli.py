@@ -10,6 +10,7 @@
     jaxalign bench ppo-throughput [--timesteps N] [--sb3-timesteps N] [--no-sb3]
     jaxalign bench objectives --workdir DIR [--seeds 0,1,2] [--tasks ...] [--objectives ...] [key=value ...]
     jaxalign bench reference-cost [--sizes tiny,small,medium] [--steps N] [--out DIR]
+    jaxalign bench iterative --workdir DIR [--seeds 0,1,2] [--algorithms ...] [--no-arith] [key=value ...]
     jaxalign convert hf-to-jaxalign|jaxalign-to-hf SRC DST [--family F] [--dtype D]      (launch/convert.py)
     jaxalign data prepare FORMAT --input FILE --output DIR [--on-error skip] [--tokenizer T --max-length N]
                                                                                           (launch/data.py)
@@ -108,6 +109,7 @@ BENCHMARKS = {
     "reference-cost": "jaxalign.bench.reference_cost",
     "objectives": "jaxalign.bench.objectives",
     "sampling": "jaxalign.bench.sampling",
+    "iterative": "jaxalign.bench.iterative",
 }
 
 

@@ -32,15 +32,21 @@ def text_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
     return "\n".join(lines)
 
 
-def write_csv_and_markdown(rows: Sequence[dict], columns: Sequence[Column], title: str, header: Sequence[str],
-                           out_dir: str, stem: str) -> tuple[str, str]:
-    """OUT_DIR/STEM.csv (every field of every row) and OUT_DIR/STEM.md (title, header bullets, the table)."""
-    os.makedirs(out_dir, exist_ok=True)
-    csv_path, md_path = (os.path.join(out_dir, f"{stem}.{ext}") for ext in ("csv", "md"))
-    with open(csv_path, "w", newline="") as f:
+def write_csv(rows: Sequence[dict], path: str) -> str:
+    """Every field of every row (the first row's keys as the header) to `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    return path
+
+
+def write_csv_and_markdown(rows: Sequence[dict], columns: Sequence[Column], title: str, header: Sequence[str],
+                           out_dir: str, stem: str) -> tuple[str, str]:
+    """OUT_DIR/STEM.csv (every field of every row) and OUT_DIR/STEM.md (title, header bullets, the table)."""
+    csv_path = write_csv(rows, os.path.join(out_dir, f"{stem}.csv"))
+    md_path = os.path.join(out_dir, f"{stem}.md")
     with open(md_path, "w") as f:
         f.write(f"# {title}\n\n" + "".join(f"- {line}\n" for line in header) + "\n")
         f.write("| " + " | ".join(t for t, *_ in columns) + " |\n")

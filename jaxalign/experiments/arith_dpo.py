@@ -24,7 +24,7 @@ import inspect
 import json
 import os
 import time
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import jax
 import numpy as np
@@ -615,14 +615,34 @@ def train_sft(cfg: ArithDPOConfig, mesh, problems: Problems, workdir: str, log: 
     return state.params, shardings.params
 
 
+@dataclasses.dataclass(frozen=True)
+class CustomLoss:
+    """A loss the preference phase trains instead of `dpo.objective` (the iterative algorithms' objectives that are
+    not registered: TRPA, BRAIn, DDO, ...), with everything else of `train_dpo` unchanged (optimizer, checkpoints,
+    validation guard, resume).
+
+    loss_fn: `jaxalign.train.step` signature, (params, frozen, batch) -> (sum of per-item losses, (items, metrics)).
+    batch_size: items per step (rows of `data`). token_keys: attention-mask keys counted for tokens/s.
+    frozen: frozen parameters passed to every step (None: everything frozen is precomputed in the batch)."""
+
+    loss_fn: Callable
+    batch_size: int
+    token_keys: tuple[str, ...]
+    frozen: Any = None
+
+
 def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, data: ArrayDataset, problems: Problems,
-              workdir: str, log: MetricsLog):
+              workdir: str, log: MetricsLog, custom: CustomLoss | None = None):
     """Phases 3 and 4: preference training (`dpo.objective`) from the SFT policy with it as reference, on pairs
-    (`on_policy_pairs`) or, for a listwise objective, ranked lists (`ranked_lists.on_policy_lists`).
+    (`on_policy_pairs`) or, for a listwise objective, ranked lists (`ranked_lists.on_policy_lists`); with `custom`,
+    its loss on `data` as given (no objective extras, no reference added; LoRA and dpo.reference=sync refused).
 
     Checkpoints are written at every validation step (`dpo.eval_every`), so the guard can restore any of them.
     Returns (selected params, last-step params, guard record).
     """
+    if custom is not None and (cfg.lora.rank or cfg.dpo.reference == "sync"):
+        raise ValueError("a custom loss trains full parameters against a precomputed or frozen reference: set "
+                         "lora.rank=0 and dpo.reference to online or cached")
     model = DecoderLM(cfg.model)
     tx = make_optimizer(cfg.dpo.optim, cfg.dpo.steps)
     lora = cfg.lora.config()
@@ -643,9 +663,12 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, data: Arra
         return params if lora is None else merge_lora(sft_params, params, lora)
 
     listwise = get_spec(cfg.dpo.objective).family == "listwise"
-    if not listwise:
-        data = with_objective_extras(cfg, mesh, sft_params, param_shardings, data, problems, workdir)
-    frozen, data = reference_for(cfg, model, sft_params, data, workdir)
+    if custom is not None:
+        frozen = custom.frozen
+    else:
+        if not listwise:
+            data = with_objective_extras(cfg, mesh, sft_params, param_shardings, data, problems, workdir)
+        frozen, data = reference_for(cfg, model, sft_params, data, workdir)
     if lora is not None:
         frozen = sft_params  # the adapters' frozen base, and the reference unless its log-probs are cached
     directory = os.path.join(workdir, "checkpoints", "dpo")
@@ -671,7 +694,9 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, param_shardings, data: Arra
             history.append({"step": step, "val/accuracy": val["accuracy"], "val/mean_length": val["mean_length"]})
             return {"val/accuracy": val["accuracy"], "val/mean_length": val["mean_length"]}
 
-        if listwise:
+        if custom is not None:
+            loss, batch_size, token_keys = custom.loss_fn, custom.batch_size, custom.token_keys
+        elif listwise:
             loss = listwise_loss_fn(model, cfg.dpo.objective, sft_weight=cfg.dpo.sft_weight,
                                     separator_id=CharTokenizer().encode(";")[0], **objective_kwargs(cfg.dpo))
             batch_size, token_keys = cfg.dpo.list_batch_size, ("list_attention_mask",)
