@@ -598,19 +598,25 @@ def on_policy_pairs(cfg: ArithDPOConfig, params, problems: np.ndarray, workdir: 
 
 def train_sft(cfg: ArithDPOConfig, mesh, problems: Problems, workdir: str, log: MetricsLog):
     """Phase 1: returns the SFT parameters (restored from the final checkpoint when the phase already finished)."""
+    return train_supervised(cfg, cfg.sft, mesh, sft_dataset(cfg, problems.train), workdir, log)
+
+
+def train_supervised(cfg: ArithDPOConfig, sft: SFTConfig, mesh, dataset: ArrayDataset, workdir: str, log: MetricsLog,
+                     params=None, phase: str = "sft"):
+    """Token-level NLL on `dataset` (tokens, attention_mask, completion_mask) with `sft`'s steps, batch and optimizer,
+    from fresh parameters or from `params` (e.g. rejection-sampling fine-tuning of a policy on its own correct
+    samples), checkpointed in workdir/checkpoints/<phase> and resumed from there. Returns (params, shardings)."""
     model = DecoderLM(cfg.model)
-    tx = make_optimizer(cfg.sft.optim, cfg.sft.steps)
-    state, shardings = sharded_train_state(cfg.model, tx, mesh, jax.random.key(cfg.seed))
-    with Checkpointer(os.path.join(workdir, "checkpoints", "sft"), cfg.checkpoint,
-                      metadata={"phase": "sft", "model": dataclasses.asdict(cfg.model)}) as ckpt:
+    tx = make_optimizer(sft.optim, sft.steps)
+    state, shardings = sharded_train_state(cfg.model, tx, mesh, jax.random.key(cfg.seed), params=params)
+    with Checkpointer(os.path.join(workdir, "checkpoints", phase), cfg.checkpoint,
+                      metadata={"phase": phase, "model": dataclasses.asdict(cfg.model)}) as ckpt:
         state = ckpt.restore_latest(state) or state
-        step_fn = jit_train_step(make_train_step(sft_loss_fn(model), cfg.sft.grad_accum_steps), mesh, shardings,
-                                 None)
+        step_fn = jit_train_step(make_train_step(sft_loss_fn(model), sft.grad_accum_steps), mesh, shardings, None)
         state = train_loop(
-            state=state, step_fn=step_fn, frozen=None, dataset=sft_dataset(cfg, problems.train),
-            batch_size=cfg.sft.batch_size, num_steps=cfg.sft.steps, seed=cfg.seed, mesh=mesh, checkpointer=ckpt,
-            metrics_log=log, desc="sft", token_keys=("attention_mask",), show_progress=cfg.show_progress,
-            log_every=cfg.log_every,
+            state=state, step_fn=step_fn, frozen=None, dataset=dataset, batch_size=sft.batch_size,
+            num_steps=sft.steps, seed=cfg.seed, mesh=mesh, checkpointer=ckpt, metrics_log=log, desc=phase,
+            token_keys=("attention_mask",), show_progress=cfg.show_progress, log_every=cfg.log_every,
         )
     return state.params, shardings.params
 

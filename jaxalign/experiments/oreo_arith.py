@@ -12,13 +12,16 @@ Pipeline (every phase resumable; re-running the same command continues where a k
 4. Held-out evaluation: greedy exact-match accuracy of SFT and OREO; on the first `num_beam_prompts` held-out
    problems, value-guided beam search (`beam.*`) with the OREO policy and critic against greedy decoding of the same
    policy.
-5. The value checks of METHODS.md section 7 on the first `num_value_prompts` held-out problems, each sampled
+5. Baselines at equal data (`compare_baselines`): rejection-sampling SFT on the correct trajectories and DPO on
+   best-vs-worst pairs of the same samples, both from the SFT policy; results.json's "comparison" and "claim_holds".
+6. The value checks of METHODS.md section 7 on the first `num_value_prompts` held-out problems, each sampled
    `value_samples_per_prompt` times from the SFT policy (temperature 1): the correlation between V(s_0) and the
    SFT policy's empirical success rate on the prompt, and the mean change of V across the first wrong step of each
    trajectory (V after the step minus V before it; the same change across correct steps is the control).
 
 Layout of the work directory: config.json, metrics.jsonl (SFT and OREO records), checkpoints/{sft, oreo_actor,
-oreo_critic}, samples.npz, results.json, oreo_arith.png.
+oreo_critic, rs_sft}, samples.npz, pairs.npz,
+dpo/ (the DPO baseline), rs_sft_eval.json, dpo_eval.json, results.json, oreo_arith.png.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ from jaxalign.tasks import arith
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.checkpoint import Checkpointer
 from jaxalign.train.loop import MetricsLog
+from jaxalign.train.optim import OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +67,9 @@ class OreoArithConfig:
     beam: test-time value-guided beam search (`BeamConfig`).
     num_beam_prompts: held-out problems searched with beam search (it samples beams x candidates steps per step).
     num_value_prompts / value_samples_per_prompt: held-out problems and SFT samples per problem for the value checks.
+    compare_baselines: also train, on the SAME trajectories from the same SFT policy, rejection-sampling SFT (`rs_sft`:
+    token NLL on the correct trajectories only) and DPO (the main job's DPO phase, `base.dpo`, on each prompt's
+    best-vs-worst pair of its trajectories), the paper's two baselines at equal data.
     """
 
     base: arith_dpo.ArithDPOConfig = arith_dpo.ArithDPOConfig()
@@ -71,6 +78,9 @@ class OreoArithConfig:
     num_beam_prompts: int = 256
     num_value_prompts: int = 128
     value_samples_per_prompt: int = 16
+    compare_baselines: bool = True
+    rs_sft: arith_dpo.SFTConfig = arith_dpo.SFTConfig(steps=200, batch_size=64,
+                                                      optim=OptimConfig(learning_rate=2e-4, warmup_steps=10))
 
     def __post_init__(self):
         for name in ("num_beam_prompts", "num_value_prompts", "value_samples_per_prompt"):
@@ -194,6 +204,37 @@ def train_phase(cfg: OreoArithConfig, sft_params, data: ArrayDataset, workdir: s
     return actor.params, critic.params, (records[-1] if records else {})
 
 
+def rejection_sampling_dataset(data: ArrayDataset) -> ArrayDataset:
+    """The correct trajectories (reward 1) as SFT sequences: rejection-sampling fine-tuning's data."""
+    keep = np.flatnonzero(data.arrays["reward"] > 0)
+    if not len(keep):
+        raise ValueError("rejection-sampling SFT: none of the trajectories is correct (reward 1); sample more "
+                         "(base.pairs.num_prompts, base.pairs.samples_per_prompt)")
+    return ArrayDataset({k: data.arrays[k][keep] for k in ("tokens", "attention_mask", "completion_mask")})
+
+
+def baselines(cfg: OreoArithConfig, mesh, sft_params, param_shardings, data: ArrayDataset, problems, workdir: str,
+              log: MetricsLog) -> dict:
+    """RS-SFT and DPO at equal data (`compare_baselines`): {name: held-out greedy evaluation record}."""
+    base, out = cfg.base, {}
+    rs_data = rejection_sampling_dataset(data)
+    if len(rs_data) < cfg.rs_sft.batch_size:
+        raise ValueError(f"rejection-sampling SFT: only {len(rs_data)} of {len(data)} trajectories are correct, fewer "
+                         f"than rs_sft.batch_size={cfg.rs_sft.batch_size}; sample more or lower the batch size")
+    rs_params, _ = arith_dpo.train_supervised(base, cfg.rs_sft, mesh, rs_data, workdir, log, params=sft_params,
+                                              phase="rs_sft")
+    out["rs_sft"] = arith_dpo.cached_greedy_eval(rs_params, base, problems.test,
+                                                 os.path.join(workdir, "rs_sft_eval.json"),
+                                                 {"sequences": int(len(rs_data))})
+    pairs, pair_stats = arith_dpo.on_policy_pairs(base, sft_params, problems.train, workdir)  # the same samples.npz
+    dpo_dir = os.path.join(workdir, "dpo")
+    dpo_params, _, _ = arith_dpo.train_dpo(base, mesh, sft_params, param_shardings, pairs, problems, dpo_dir,
+                                           MetricsLog(os.path.join(dpo_dir, "metrics.jsonl")))
+    out["dpo"] = arith_dpo.cached_greedy_eval(dpo_params, base, problems.test, os.path.join(workdir, "dpo_eval.json"),
+                                              {"pairs": pair_stats["pairs"]})
+    return out
+
+
 def run(cfg: OreoArithConfig, workdir: str) -> dict:
     """Run (or resume) OREO on ARITH in `workdir`; returns and writes results.json (module docstring)."""
     clock = time.perf_counter()
@@ -205,7 +246,7 @@ def run(cfg: OreoArithConfig, workdir: str) -> dict:
     problems = arith_dpo.split(base)
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
 
-    sft_params, _ = arith_dpo.train_sft(base, mesh, problems, workdir, log)
+    sft_params, param_shardings = arith_dpo.train_sft(base, mesh, problems, workdir, log)
     sft_params = host_local(sft_params)
     chosen, prompt_tokens, completions, masks = arith_dpo.on_policy_samples(base, sft_params, problems.train, workdir)
     k = base.pairs.samples_per_prompt
@@ -219,7 +260,19 @@ def run(cfg: OreoArithConfig, workdir: str) -> dict:
     beam_eval, _ = beam_search_eval(cfg, policy, critic, searched)
     checks, per_prompt = value_checks(cfg, sft_params, policy, critic, problems.test[: cfg.num_value_prompts])
     reward = data.arrays["reward"]
+    baseline = (baselines(cfg, mesh, sft_params, param_shardings, data, problems, workdir, log)
+                if cfg.compare_baselines else {})
+    comparison = {"sft": {"accuracy": sft_eval["accuracy"]}, "oreo": {"accuracy": oreo_eval["accuracy"]},
+                  **{name: {"accuracy": record["test_accuracy"]} for name, record in baseline.items()},
+                  "oreo_beam": {"accuracy": beam_eval["accuracy"], "prompts": int(len(searched))},
+                  "oreo_greedy_same_prompts": {"accuracy": float(oreo_correct[: len(searched)].mean())}}
     results = {
+        "comparison": comparison,
+        "claim": "OREO beats rejection-sampling SFT and DPO trained on the same trajectories (held-out greedy "
+                 "accuracy), and value-guided beam search adds accuracy on top of greedy decoding",
+        "claim_holds": bool(baseline) and all(comparison["oreo"]["accuracy"] > comparison[name]["accuracy"]
+                                              for name in baseline)
+                       and comparison["oreo_beam"]["accuracy"] > comparison["oreo_greedy_same_prompts"]["accuracy"],
         "sft_accuracy": sft_eval["accuracy"],
         "oreo_accuracy": oreo_eval["accuracy"],
         "sft_mean_length": sft_eval["mean_length"],
@@ -257,12 +310,14 @@ def _plot(results: dict, per_prompt: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_value) = plt.subplots(1, 2, figsize=(10, 3.5))
-    labels = ["SFT\ngreedy", "OREO\ngreedy", f"OREO greedy\n({results['num_beam_prompts']})",
-              f"OREO beam\n({results['num_beam_prompts']})"]
-    values = [results["sft_accuracy"], results["oreo_accuracy"], results["beam_greedy_accuracy"],
-              results["beam_accuracy"]]
-    ax_acc.bar(range(4), values, color=["tab:gray", "tab:blue", "tab:blue", "tab:green"])
-    ax_acc.set_xticks(range(4), labels)
+    comparison = results["comparison"]
+    bars = [("SFT", "sft", "tab:gray"), ("RS-SFT", "rs_sft", "tab:orange"), ("DPO", "dpo", "tab:red"),
+            ("OREO", "oreo", "tab:blue"),
+            (f"OREO greedy\n({results['num_beam_prompts']})", "oreo_greedy_same_prompts", "tab:blue"),
+            (f"OREO beam\n({results['num_beam_prompts']})", "oreo_beam", "tab:green")]
+    bars = [bar for bar in bars if bar[1] in comparison]
+    ax_acc.bar(range(len(bars)), [comparison[key]["accuracy"] for _, key, _ in bars], color=[c for *_, c in bars])
+    ax_acc.set_xticks(range(len(bars)), [label for label, *_ in bars], fontsize=8)
     ax_acc.set(ylabel="held-out accuracy", title="OREO on ARITH", ylim=(0, 1))
     ax_value.scatter(per_prompt["success"], per_prompt["v0"], s=12, alpha=0.6)
     ax_value.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1)

@@ -21,6 +21,7 @@ OVERRIDES = [
     "oreo.steps=4", "oreo.batch_size=16",
     "beam.beams=2", "beam.max_steps=4", "beam.max_step_tokens=8",
     "num_beam_prompts=8", "num_value_prompts=8", "value_samples_per_prompt=4",
+    "compare_baselines=false",  # the tiny SFT policy is never right: rejection sampling has nothing (test below)
 ]
 
 KEYS = {"sft_accuracy", "oreo_accuracy", "beam_accuracy", "beam_greedy_accuracy", "num_beam_prompts",
@@ -50,3 +51,39 @@ def test_tiny_run_writes_results_and_a_rerun_resumes_without_training(tmp_path, 
     assert (tmp_path / "metrics.jsonl").read_text() == log  # no SFT or OREO record was added
     for key in KEYS - {"config"}:
         assert second[key] == pytest.approx(first[key]) if isinstance(first[key], float) else second[key] == first[key]
+
+
+def test_baselines_train_on_the_same_trajectories(tmp_path):
+    """RS-SFT trains on exactly the correct trajectories, DPO on pairs of the same cached samples; both appear in
+    the comparison, and claim_holds is computed from it."""
+    overrides = [o for o in OVERRIDES if not o.startswith(("base.sft.steps", "base.model.d_model", "base.model.mlp_dim",
+                                                           "base.pairs.num_prompts", "compare_baselines"))]
+    overrides += ["base.sft.steps=150", "base.model.d_model=64", "base.model.mlp_dim=128", "base.pairs.num_prompts=32",
+                  "rs_sft.steps=4", "rs_sft.batch_size=2", "base.dpo.steps=4", "base.dpo.batch_size=16",
+                  "base.dpo.eval_every=4", "base.pairs.require_correct_chosen=false"]
+    cfg = apply_overrides(oreo_arith.OreoArithConfig(), overrides)
+    results = oreo_arith.run(cfg, str(tmp_path))
+    comparison = results["comparison"]
+    assert {"sft", "oreo", "rs_sft", "dpo", "oreo_beam", "oreo_greedy_same_prompts"} <= set(comparison)
+    correct = round(results["trajectory_success_rate"] * results["trajectories"])
+    assert correct >= 2
+    assert json.loads((tmp_path / "rs_sft_eval.json").read_text())["sequences"] == correct
+    assert json.loads((tmp_path / "dpo_eval.json").read_text())["pairs"] > 0
+    assert (tmp_path / "pairs.npz").exists() and (tmp_path / "dpo" / "checkpoints" / "dpo").exists()
+    expected = (comparison["oreo"]["accuracy"] > max(comparison["rs_sft"]["accuracy"], comparison["dpo"]["accuracy"])
+                and comparison["oreo_beam"]["accuracy"] > comparison["oreo_greedy_same_prompts"]["accuracy"])
+    assert results["claim_holds"] == expected
+
+
+def test_rejection_sampling_keeps_only_correct_trajectories():
+    import numpy as np
+
+    from jaxalign.data.iterator import ArrayDataset
+
+    data = ArrayDataset({"tokens": np.arange(12).reshape(4, 3), "attention_mask": np.ones((4, 3)),
+                         "completion_mask": np.ones((4, 3)), "reward": np.array([0.0, 1.0, 0.0, 1.0])})
+    kept = oreo_arith.rejection_sampling_dataset(data)
+    np.testing.assert_array_equal(kept.arrays["tokens"], [[3, 4, 5], [9, 10, 11]])
+    assert set(kept.arrays) == {"tokens", "attention_mask", "completion_mask"}
+    with pytest.raises(ValueError, match="none of the trajectories is correct"):
+        oreo_arith.rejection_sampling_dataset(ArrayDataset({**data.arrays, "reward": np.zeros(4)}))
