@@ -11,6 +11,9 @@ Two demonstrations, each a CSV, a markdown table and a PNG in DIR:
    DNO-Prct, APO with alpha 0.3 and 0.5. Claims checked: DNO and online DPO beat offline DPO; APO reaches online
    DPO's final held-out accuracy in fewer iterations. -> iterative.{csv,md} (summary),
    iterative_per_iteration.csv (every iterate of every run), iterative_arith.png
+3. The other algorithms' claims (`CLAIM_EXPERIMENTS`: OREO vs rejection-sampling SFT and DPO, value-guided beam
+   search vs greedy, ...): each registered experiment's default run per seed; its results.json states the claim and
+   whether it held, with the accuracies behind it. -> claims.{csv,md}
 
 Every ARITH run lives in DIR/seed<s>/<algorithm> and resumes (a killed benchmark re-run continues); rows are
 rebuilt from each run's results.json. Overrides (key=value) apply to every ARITH run's IterativeConfig.
@@ -184,12 +187,62 @@ def bandit_section(workdir: str, seeds: list[int]) -> list[dict]:
     return summary
 
 
+# Registered experiments whose results.json states a paper's claim ("claim", "claim_holds") with the numbers behind it
+# ("comparison": method -> accuracy); True where the experiment's SFT phase is the main job's (so the seed's shared
+# SFT policy is copied in instead of training it again).
+CLAIM_EXPERIMENTS: dict[str, bool] = {
+    "oreo_arith": True,
+}
+
+
+def claim_rows(workdir: str, names: list[str], seeds: list[int]) -> list[dict]:
+    """Run (or resume) each claim experiment per seed from its default config; one row per (experiment, seed,
+    method) with the method's held-out accuracy and whether the experiment's claim held in that run."""
+    from launch.experiments import get_experiment
+
+    rows = []
+    for seed in seeds:
+        for name in names:
+            if name not in CLAIM_EXPERIMENTS:
+                raise ValueError(f"unknown claim experiment {name!r}; available: {', '.join(CLAIM_EXPERIMENTS)}")
+            experiment = get_experiment(name)
+            cfg = apply_overrides(experiment.default_config(), [f"base.seed={seed}"])
+            run_dir = os.path.join(workdir, f"seed{seed}", name)
+            shared = os.path.join(workdir, f"seed{seed}", "sft", "checkpoints", "sft")
+            if CLAIM_EXPERIMENTS[name] and os.path.exists(shared) and \
+                    not os.path.exists(os.path.join(run_dir, "checkpoints", "sft")):
+                shutil.copytree(shared, os.path.join(run_dir, "checkpoints", "sft"))
+            print(f"[iterative] seed {seed}: {name} ...", file=sys.stderr, flush=True)
+            results = experiment.run(cfg, run_dir)
+            for method, numbers in results["comparison"].items():
+                rows.append({"experiment": name, "seed": seed, "method": method, "accuracy": numbers["accuracy"],
+                             "claim": results["claim"], "claim_holds": bool(results["claim_holds"])})
+    return rows
+
+
+def claim_summary(rows: list[dict]) -> list[dict]:
+    """Per (experiment, method): mean (std) accuracy over seeds and in how many seeds the experiment's claim held."""
+    out = []
+    for name in dict.fromkeys(r["experiment"] for r in rows):
+        mine = [r for r in rows if r["experiment"] == name]
+        seeds = sorted({r["seed"] for r in mine})
+        held = sum(next(r["claim_holds"] for r in mine if r["seed"] == s) for s in seeds)
+        for method in dict.fromkeys(r["method"] for r in mine):
+            values = np.array([r["accuracy"] for r in mine if r["method"] == method])
+            out.append({"experiment": name, "method": method, "seeds": len(values),
+                        "accuracy": f"{values.mean():.3f} ± {values.std():.3f}",
+                        "claim_held": f"{held}/{len(seeds)}"})
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="jaxalign bench iterative", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help=f"comma list of {', '.join(ALGORITHMS)}")
     parser.add_argument("--no-arith", action="store_true", help="only the bandit demonstration")
+    parser.add_argument("--claims", default=",".join(CLAIM_EXPERIMENTS),
+                        help=f"comma list of claim experiments ({', '.join(CLAIM_EXPERIMENTS)}), '' for none")
     parser.add_argument("overrides", nargs="*", help="IterativeConfig overrides for every ARITH run (key=value)")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -217,6 +270,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     write_csv_and_markdown(summary, columns, "Iterative algorithms on ARITH", header, args.workdir, "iterative")
     _plot_arith(rows, names, os.path.join(args.workdir, "iterative_arith.png"))
     print(text_table(summary, columns))
-    print(f"wrote apo_bandit.*, iterative.* and iterative_arith.png in {args.workdir} "
+    claims = [n.strip() for n in args.claims.split(",") if n.strip()]
+    if claims:
+        claim_records = claim_rows(args.workdir, claims, seeds)
+        claim_table = claim_summary(claim_records)
+        stated = {r["experiment"]: r["claim"] for r in claim_records}
+        claim_columns = [("experiment", 12, "experiment", "s"), ("method", 24, "method", "s"),
+                         ("seeds", 5, "seeds", "d"), ("accuracy", 13, "accuracy", "s"),
+                         ("claim held", 10, "claim_held", "s")]
+        write_csv_and_markdown(claim_table, claim_columns, "Paper claims on ARITH",
+                               [f"seeds {args.seeds}; each experiment's default config from the seed's shared SFT "
+                                "policy where its SFT phase is the main job's; accuracy: held-out greedy exact match "
+                                "(mean ± std over seeds); 'claim held': seeds in which the experiment's claim "
+                                "(results.json 'claim') held"] + [f"{n}: {c}" for n, c in stated.items()],
+                               args.workdir, "claims")
+        print(text_table(claim_table, claim_columns))
+    print(f"wrote apo_bandit.*, iterative.*, claims.* and iterative_arith.png in {args.workdir} "
           f"({time.perf_counter() - clock:.0f} s)")
     return summary
