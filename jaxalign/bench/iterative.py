@@ -249,6 +249,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     names = [n.strip() for n in args.algorithms.split(",") if n.strip()]
     for name in names:
         algorithm_config(name, args.overrides, 0)  # unknown names and bad overrides fail before any training
+    claims = [n.strip() for n in args.claims.split(",") if n.strip()]
+    unknown = [n for n in claims if n not in CLAIM_EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"unknown claim experiment(s) {', '.join(unknown)}; available: {', '.join(CLAIM_EXPERIMENTS)}")
     os.makedirs(args.workdir, exist_ok=True)
     clock = time.perf_counter()
     bandit_section(args.workdir, seeds)
@@ -270,7 +274,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     write_csv_and_markdown(summary, columns, "Iterative algorithms on ARITH", header, args.workdir, "iterative")
     _plot_arith(rows, names, os.path.join(args.workdir, "iterative_arith.png"))
     print(text_table(summary, columns))
-    claims = [n.strip() for n in args.claims.split(",") if n.strip()]
     if claims:
         claim_records = claim_rows(args.workdir, claims, seeds)
         claim_table = claim_summary(claim_records)
