@@ -77,6 +77,19 @@ def _oreo_arith() -> Experiment:
                       default_config=oreo_arith.OreoArithConfig, run=oreo_arith.run)
 
 
+def _module_experiment(name: str, module: str, config: str) -> Callable[[], Experiment]:
+    """An experiment whose module exposes a config dataclass `config` and `run(cfg, workdir)`."""
+
+    def load() -> Experiment:
+        import importlib
+
+        loaded = importlib.import_module(module)
+        return Experiment(name=name, description=EXPERIMENTS[name][0], default_config=getattr(loaded, config),
+                          run=loaded.run)
+
+    return load
+
+
 def _ppo_cartpole() -> Experiment:
     from rl.experiments import ppo_cartpole
 
@@ -131,6 +144,12 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "OREO on ARITH: soft-Bellman critic and actor from offline SFT trajectories (critic first), value-guided "
         "beam search over steps vs greedy, V(s_0) vs the empirical success rate",
         _oreo_arith,
+    ),
+    "step_dpo": (
+        "Step-DPO on ARITH: prompt = x + the correct prefix steps, rejected = the first wrong step, chosen = a "
+        "correct step sampled from the SFT policy; sigmoid DPO (beta 0.4) on the step tokens only, vs "
+        "response-level DPO with the same number of pairs and steps",
+        _module_experiment("step_dpo", "jaxalign.experiments.step_dpo", "StepDPOConfig"),
     ),
     "dpo_files": (
         "DPO on your own pairwise JSONL/Parquet file from a Hugging Face or `jaxalign convert` checkpoint, "

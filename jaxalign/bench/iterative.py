@@ -192,6 +192,7 @@ def bandit_section(workdir: str, seeds: list[int]) -> list[dict]:
 # SFT policy is copied in instead of training it again).
 CLAIM_EXPERIMENTS: dict[str, bool] = {
     "oreo_arith": True,
+    "step_dpo": True,
 }
 
 
