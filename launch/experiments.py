@@ -151,6 +151,12 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "response-level DPO with the same number of pairs and steps",
         _module_experiment("step_dpo", "jaxalign.experiments.step_dpo", "StepDPOConfig"),
     ),
+    "drpo_arith": (
+        "DR-PO vs PPO on ARITH: PPO whose rollouts start, with prob 0.5, from a teacher-forced prefix of the gold "
+        "solution (loss masked on it), against plain PPO with the same rollouts and updates from the same SFT "
+        "policy, 3 RL seeds",
+        _module_experiment("drpo_arith", "jaxalign.experiments.drpo_arith", "DRPOArithConfig"),
+    ),
     "dpo_files": (
         "DPO on your own pairwise JSONL/Parquet file from a Hugging Face or `jaxalign convert` checkpoint, "
         "evaluated on held-out pairs; optional LoRA and Hugging Face export",

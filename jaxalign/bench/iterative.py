@@ -193,6 +193,7 @@ def bandit_section(workdir: str, seeds: list[int]) -> list[dict]:
 CLAIM_EXPERIMENTS: dict[str, bool] = {
     "oreo_arith": True,
     "step_dpo": True,
+    "drpo_arith": True,
 }
 
 
