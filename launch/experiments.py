@@ -157,6 +157,18 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "policy, 3 RL seeds",
         _module_experiment("drpo_arith", "jaxalign.experiments.drpo_arith", "DRPOArithConfig"),
     ),
+    "ddo_arith": (
+        "DDO on ARITH: the policy/reference likelihood ratio as a discriminator between gold solutions and the "
+        "reference's own samples (beta 1, alpha 1), 2 rounds with ref <- theta, vs continued SFT (MLE) on the same "
+        "gold data and steps from the same SFT policy",
+        _module_experiment("ddo_arith", "jaxalign.experiments.ddo_arith", "DDOArithConfig"),
+    ),
+    "dpa_arith": (
+        "DPA on ARITH (verbose task): direction-conditioned SFT, then rejection-sampling fine-tuning on the argmax "
+        "of v.(correctness, conciseness) among 8 samples with the direction as a prompt prefix, 2 iterations; "
+        "accuracy and length per direction vs SFT",
+        _module_experiment("dpa_arith", "jaxalign.experiments.dpa_arith", "DPAArithConfig"),
+    ),
     "dpo_files": (
         "DPO on your own pairwise JSONL/Parquet file from a Hugging Face or `jaxalign convert` checkpoint, "
         "evaluated on held-out pairs; optional LoRA and Hugging Face export",

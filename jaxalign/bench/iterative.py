@@ -194,6 +194,8 @@ CLAIM_EXPERIMENTS: dict[str, bool] = {
     "oreo_arith": True,
     "step_dpo": True,
     "drpo_arith": True,
+    "ddo_arith": True,
+    "dpa_arith": False,  # its own direction-conditioned SFT on the verbose task
 }
 
 
