@@ -169,6 +169,17 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "accuracy and length per direction vs SFT",
         _module_experiment("dpa_arith", "jaxalign.experiments.dpa_arith", "DPAArithConfig"),
     ),
+    "trpa_arith": (
+        "TRPA on ARITH: rule-based levels (correct/wrong/incomplete/malformed) of 8 SFT samples per prompt, "
+        "mean-log-ratio pairs with kappa 2.5 and a k3-KL trust region to the sampling policy, vs sigmoid DPO on "
+        "best-vs-worst pairs of the same samples; held-out accuracy and sampled KL(pi||pi_old)",
+        _module_experiment("trpa_arith", "jaxalign.experiments.trpa_arith", "TRPAConfig"),
+    ),
+    "brain_arith": (
+        "BRAIn on ARITH: self-normalised posterior weights (graded judge / 6) over all 8 SFT samples per prompt, "
+        "vs DPO on best-vs-worst pairs of the same samples; held-out accuracy and sampled KL",
+        _module_experiment("brain_arith", "jaxalign.experiments.brain_arith", "BRAInConfig"),
+    ),
     "dpo_files": (
         "DPO on your own pairwise JSONL/Parquet file from a Hugging Face or `jaxalign convert` checkpoint, "
         "evaluated on held-out pairs; optional LoRA and Hugging Face export",

@@ -195,6 +195,8 @@ CLAIM_EXPERIMENTS: dict[str, bool] = {
     "step_dpo": True,
     "drpo_arith": True,
     "ddo_arith": True,
+    "trpa_arith": True,
+    "brain_arith": True,
     "dpa_arith": False,  # its own direction-conditioned SFT on the verbose task
 }
 
