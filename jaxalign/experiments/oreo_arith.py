@@ -73,7 +73,9 @@ class OreoArithConfig:
     """
 
     base: arith_dpo.ArithDPOConfig = arith_dpo.ArithDPOConfig()
-    oreo: OreoConfig = OreoConfig()
+    # The actor learns at the rejection-sampling baseline's rate (2e-4): at OreoConfig's 5e-5 the 200 actor steps
+    # leave OREO's greedy accuracy far below the baselines it is compared with (0.46 vs 0.62 on seed 0).
+    oreo: OreoConfig = OreoConfig(actor_optim=OptimConfig(learning_rate=2e-4, warmup_steps=10))
     beam: BeamConfig = BeamConfig()
     num_beam_prompts: int = 256
     num_value_prompts: int = 128
