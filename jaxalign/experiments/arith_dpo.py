@@ -847,18 +847,52 @@ def validate_config(cfg: ArithDPOConfig, mesh) -> None:
                          f"completion {needed})")
 
 
+@dataclasses.dataclass(frozen=True)
+class ExperimentStart:
+    """What every ARITH experiment holds after its first phase (`start_experiment`)."""
+
+    mesh: Any
+    problems: Problems
+    log: MetricsLog
+    sft_params: Any
+    param_shardings: Any
+
+
+def start_experiment(cfg: Any, base: ArithDPOConfig, workdir: str, validated: ArithDPOConfig | None = None,
+                     check: Callable[[Problems], None] | None = None) -> ExperimentStart:
+    """The first phase every ARITH experiment shares (the main job, Curry-DPO, the iterative algorithms, OREO, ...).
+
+    `validated` (default `base`: the config whose DPO phase will run) is checked against the mesh, then `check`
+    (the experiment's own checks, e.g. that it asks for no more prompts than exist) runs on the problem split, all
+    BEFORE the work directory is claimed for `cfg`: a refused config leaves no config.json behind to block the
+    corrected re-run. Then the main job's SFT phase (restored when it already finished; a benchmark may seed
+    WORKDIR/checkpoints/sft with a shared policy), its parameters as one local copy for sampling and references."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(base.mesh)
+    validate_config(validated or base, mesh)
+    problems = split(base)
+    if check is not None:
+        check(problems)
+    claim_workdir(cfg, workdir)
+    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    sft_params, param_shardings = train_sft(base, mesh, problems, workdir, log)
+    return ExperimentStart(mesh, problems, log, host_local(sft_params), param_shardings)
+
+
+def finish_experiment(workdir: str, results: dict, plot: Callable[[str], None], png_name: str) -> dict:
+    """Write results.json and the experiment's PNG (`plot(path)`) from the primary process; returns `results`."""
+    if is_primary():  # every process computed the same results; one writes them
+        write_json_atomic(os.path.join(workdir, "results.json"), results)
+        plot(os.path.join(workdir, png_name))
+    return results
+
+
 def run(cfg: ArithDPOConfig, workdir: str) -> dict:
     """Run (or resume) the whole pipeline in `workdir`; returns and writes results.json."""
     clock = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(cfg.mesh)
-    validate_config(cfg, mesh)
-    claim_workdir(cfg, workdir)
-    problems = split(cfg)
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-
-    sft_params, param_shardings = train_sft(cfg, mesh, problems, workdir, log)
-    sft_params = host_local(sft_params)  # multi-process: one local copy for sampling, caches and the reference
+    start = start_experiment(cfg, cfg, workdir)
+    mesh, problems, log, sft_params, param_shardings = (start.mesh, start.problems, start.log, start.sft_params,
+                                                        start.param_shardings)
     data, data_stats = training_data(cfg, sft_params, problems, workdir)
     dpo_params, last_params, guard = train_dpo(cfg, mesh, sft_params, param_shardings, data, problems, workdir, log)
 
@@ -889,10 +923,9 @@ def run(cfg: ArithDPOConfig, workdir: str) -> dict:
         "params_sha256": params_sha256(dpo_params),
         "config": config_to_dict(cfg),
     }
-    if is_primary():  # every process computed the same results; one writes them
-        write_json_atomic(os.path.join(workdir, "results.json"), results)
-        _plot(guard["validation_history"], log.records("dpo"), os.path.join(workdir, "dpo_validation.png"))
-    return results
+    return finish_experiment(workdir, results,
+                             lambda path: _plot(guard["validation_history"], log.records("dpo"), path),
+                             "dpo_validation.png")
 
 
 def _plot(history: list[dict], records: list[dict], path: str) -> None:

@@ -42,7 +42,6 @@ from jaxalign.data.iterator import ArrayDataset
 from jaxalign.experiments import arith_dpo
 from jaxalign.experiments.ranked_lists import on_policy_lists
 from jaxalign.models.llama import count_params
-from jaxalign.sharding import make_mesh
 from jaxalign.tasks import arith
 from jaxalign.train.loop import MetricsLog
 
@@ -99,20 +98,15 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
     """Run (or resume) Curry-DPO in `workdir`; returns and writes results.json (module docstring)."""
     clock = time.perf_counter()
     base = cfg.base
-    os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(base.mesh)
-    arith_dpo.validate_config(base, mesh)
-    arith_dpo.claim_workdir(cfg, workdir)
-    problems = arith_dpo.split(base)
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-
-    sft_params, param_shardings = arith_dpo.train_sft(base, mesh, problems, workdir, log)
+    start = arith_dpo.start_experiment(cfg, base, workdir)
+    mesh, problems, sft_params, param_shardings = start.mesh, start.problems, start.sft_params, start.param_shardings
     lists, list_stats = on_policy_lists(base, sft_params, problems.train, workdir)
     staged, curriculum_stats = build_curriculum(lists.arrays["list_scores"], lists.arrays["list_valid"],
                                                 cfg.curriculum)
     stages = [staged.take(staged.stage == s) for s in range(cfg.curriculum.num_iterations)]
     _check_stages(stages, base.dpo.batch_size, curriculum_stats)
-    sft_eval = arith_dpo.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"), {"stage": "sft"})
+    sft_eval = arith_dpo.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
+                                            {"stage": "sft"})
 
     params, records = sft_params, []
     for i, pairs in enumerate(stages):
@@ -126,7 +120,8 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
                 "gap_max": float(pairs.gap.max()), "reference_sha256": reference_sha,
                 "selected_step": guard["selected_step"], "selected_val_accuracy": guard["selected_val_accuracy"],
                 "last_val_accuracy": guard["last_val_accuracy"], "validation_history": guard["validation_history"]}
-        records.append(arith_dpo.cached_greedy_eval(selected, base, problems.test, os.path.join(stage_dir, "stage.json"), info))
+        records.append(arith_dpo.cached_greedy_eval(selected, base, problems.test,
+                                                    os.path.join(stage_dir, "stage.json"), info))
         params = selected
 
     baseline = None
@@ -139,7 +134,8 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
         info = {"pairs": len(staged), "steps": total, "reference_sha256": arith_dpo.params_sha256(sft_params),
                 "selected_step": guard["selected_step"], "selected_val_accuracy": guard["selected_val_accuracy"],
                 "last_val_accuracy": guard["last_val_accuracy"], "validation_history": guard["validation_history"]}
-        baseline = arith_dpo.cached_greedy_eval(selected, base, problems.test, os.path.join(baseline_dir, "baseline.json"), info)
+        baseline = arith_dpo.cached_greedy_eval(selected, base, problems.test,
+                                                os.path.join(baseline_dir, "baseline.json"), info)
 
     accuracy = [sft_eval["test_accuracy"]] + [r["test_accuracy"] for r in records]
     results = {

@@ -57,7 +57,6 @@ import numpy as np
 from jaxalign.algorithms.iterative import run_iterations
 from jaxalign.algorithms.preference_pairs import PairSelection, pair_arrays
 from jaxalign.data.iterator import ArrayDataset
-from jaxalign.distributed import host_local, is_primary
 from jaxalign.experiments import arith_dpo
 from jaxalign.experiments.iterative_dpo import teacher_completions
 from jaxalign.logprobs import pair_token_logprobs
@@ -65,7 +64,6 @@ from jaxalign.losses.common import check_hyperparameter, check_objective_beta
 from jaxalign.losses.iterative import ddo
 from jaxalign.models.llama import DecoderLM, count_params
 from jaxalign.sampling import SamplingConfig
-from jaxalign.sharding import make_mesh
 from jaxalign.tasks import arith
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.loop import MetricsLog
@@ -304,15 +302,10 @@ def run(cfg: DDOArithConfig, workdir: str) -> dict:
     """Run (or resume) DDO and its baseline in `workdir`; returns and writes results.json (module docstring)."""
     clock = time.perf_counter()
     base = cfg.base
-    os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(base.mesh)
-    arith_dpo.validate_config(round_config(cfg, cfg.steps_per_round), mesh)
-    arith_dpo.claim_workdir(cfg, workdir)
-    problems = arith_dpo.split(base)
-    data = data_problems(cfg, problems.train)  # too many prompts asked for: fail before SFT
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-    sft_params, param_shardings = arith_dpo.train_sft(base, mesh, problems, workdir, log)
-    sft_params = host_local(sft_params)
+    start = arith_dpo.start_experiment(cfg, base, workdir, round_config(cfg, cfg.steps_per_round),
+                                       check=lambda problems: data_problems(cfg, problems.train))
+    mesh, problems, sft_params, param_shardings = start.mesh, start.problems, start.sft_params, start.param_shardings
+    data = data_problems(cfg, problems.train)
     sft_eval = evaluate(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"), {"round": 0})
 
     width = arith_dpo.completion_budget(base.model)
@@ -357,10 +350,7 @@ def run(cfg: DDOArithConfig, workdir: str) -> dict:
         "params_sha256": arith_dpo.params_sha256(iterates[-1]),
         "config": arith_dpo.config_to_dict(cfg),
     }
-    if is_primary():
-        arith_dpo.write_json_atomic(os.path.join(workdir, "results.json"), results)
-        plot(results, os.path.join(workdir, "ddo_arith.png"))
-    return results
+    return arith_dpo.finish_experiment(workdir, results, lambda path: plot(results, path), "ddo_arith.png")
 
 
 def plot(results: dict, path: str) -> None:

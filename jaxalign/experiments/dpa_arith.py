@@ -391,10 +391,7 @@ def run(cfg: DPAArithConfig, workdir: str) -> dict:
         "params_sha256": arith_dpo.params_sha256(iterates[-1]),
         "config": arith_dpo.config_to_dict(cfg),
     }
-    if is_primary():
-        arith_dpo.write_json_atomic(os.path.join(workdir, "results.json"), results)
-        plot(results, os.path.join(workdir, "dpa_arith.png"))
-    return results
+    return arith_dpo.finish_experiment(workdir, results, lambda path: plot(results, path), "dpa_arith.png")
 
 
 def plot(results: dict, path: str) -> None:

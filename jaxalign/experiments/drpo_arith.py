@@ -41,11 +41,10 @@ import numpy as np
 
 from jaxalign.algorithms.lm_ppo import LMPPOConfig, init_ppo_state, train_lm_ppo
 from jaxalign.data.iterator import ArrayDataset
-from jaxalign.distributed import host_local, is_primary
+from jaxalign.distributed import host_local
 from jaxalign.experiments import arith_dpo
 from jaxalign.experiments.iterative_dpo import teacher_completions
 from jaxalign.models.llama import count_params
-from jaxalign.sharding import make_mesh
 from jaxalign.tasks import arith, judges
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer
@@ -166,17 +165,14 @@ def run(cfg: DRPOArithConfig, workdir: str) -> dict:
     docstring)."""
     clock = time.perf_counter()
     base = cfg.base
-    os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(base.mesh)
-    arith_dpo.validate_config(base, mesh)
-    problems = arith_dpo.split(base)
-    if cfg.ppo.rollouts_per_update > len(problems.train):
-        raise ValueError(f"ppo.rollouts_per_update={cfg.ppo.rollouts_per_update} is more than the "
-                         f"{len(problems.train)} training problems")
-    arith_dpo.claim_workdir(cfg, workdir)
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-    sft_params, _ = arith_dpo.train_sft(base, mesh, problems, workdir, log)
-    sft_params = host_local(sft_params)
+
+    def check(problems):
+        if cfg.ppo.rollouts_per_update > len(problems.train):
+            raise ValueError(f"ppo.rollouts_per_update={cfg.ppo.rollouts_per_update} is more than the "
+                             f"{len(problems.train)} training problems")
+
+    start = arith_dpo.start_experiment(cfg, base, workdir, check=check)
+    problems, sft_params = start.problems, start.sft_params
     sft_eval = arith_dpo.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
                                             {"method": "sft"})
     sft_val = arith_dpo.cached_greedy_eval(sft_params, base, problems.validation,
@@ -234,10 +230,7 @@ def run(cfg: DRPOArithConfig, workdir: str) -> dict:
         "params_sha256": arith_dpo.params_sha256(final_params["drpo"]),
         "config": arith_dpo.config_to_dict(cfg),
     }
-    if is_primary():
-        arith_dpo.write_json_atomic(os.path.join(workdir, "results.json"), results)
-        plot(results, os.path.join(workdir, "drpo_arith.png"))
-    return results
+    return arith_dpo.finish_experiment(workdir, results, lambda path: plot(results, path), "drpo_arith.png")
 
 
 def plot(results: dict, path: str) -> None:

@@ -25,8 +25,9 @@ Presets (launch/experiments.py): `online_dpo`, `dno` (teacher, margins 2 / 1, re
 (alpha 0.3). `offline_config` turns any of them into offline DPO with the same SFT start, prompts and steps: one
 iteration on pairs sampled from the SFT policy alone.
 
-Layout: config.json, metrics.jsonl (SFT), checkpoints/sft, sft_eval.json, sft_val.json, iterations/iter_<t>/{samples.npz,
-pairs.npz, metrics.jsonl, checkpoints/dpo, reference_cache, iteration.json}, results.json, iterative.png.
+Layout: config.json, metrics.jsonl (SFT), checkpoints/sft, sft_eval.json, sft_val.json,
+iterations/iter_<t>/{samples.npz, pairs.npz, metrics.jsonl, checkpoints/dpo, reference_cache, iteration.json},
+results.json, iterative.png.
 """
 from __future__ import annotations
 
@@ -42,12 +43,10 @@ import numpy as np
 from jaxalign.algorithms.iterative import best_iterate, extrapolated_reference, run_iterations
 from jaxalign.algorithms.preference_pairs import check_replay_fractions, pair_arrays, replay_indices, select_pairs
 from jaxalign.data.iterator import ArrayDataset
-from jaxalign.distributed import host_local, is_primary
 from jaxalign.experiments import arith_dpo
 from jaxalign.losses.iterative import extrapolate_params
 from jaxalign.models.llama import DecoderLM, count_params
 from jaxalign.sampling import SamplingConfig
-from jaxalign.sharding import make_mesh
 from jaxalign.tasks import arith, judges
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.loop import MetricsLog
@@ -292,7 +291,8 @@ def train_iterations(cfg: IterativeConfig, mesh, sft_params, param_shardings, pr
                 "reference": "extrapolated" if cfg.apo and previous is not None else "previous iterate",
                 "reference_sha256": arith_dpo.params_sha256(latest), "selected_step": guard["selected_step"],
                 "val_accuracy": guard["selected_val_accuracy"], "validation_history": guard["validation_history"]}
-        records.append(arith_dpo.cached_greedy_eval(selected, cfg.base, problems.test, os.path.join(it_dir, "iteration.json"), info))
+        records.append(arith_dpo.cached_greedy_eval(selected, cfg.base, problems.test,
+                                                    os.path.join(it_dir, "iteration.json"), info))
         return selected
 
     iterates = run_iterations(sft_params, cfg.iterations, iterate)
@@ -303,16 +303,11 @@ def run(cfg: IterativeConfig, workdir: str) -> dict:
     """Run (or resume) the iterative algorithm in `workdir`; returns and writes results.json (module docstring)."""
     clock = time.perf_counter()
     base = cfg.base
-    os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(base.mesh)
-    arith_dpo.validate_config(iteration_config(cfg), mesh)
-    arith_dpo.claim_workdir(cfg, workdir)
-    problems = arith_dpo.split(base)
-    iteration_prompts(cfg, problems.train, 0)  # too many prompts asked for: fail before SFT
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-    sft_params, param_shardings = arith_dpo.train_sft(base, mesh, problems, workdir, log)
-    sft_params = host_local(sft_params)
-    sft_eval = arith_dpo.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"), {"iteration": 0})
+    start = arith_dpo.start_experiment(cfg, base, workdir, iteration_config(cfg),
+                                       check=lambda problems: iteration_prompts(cfg, problems.train, 0))
+    mesh, problems, sft_params, param_shardings = start.mesh, start.problems, start.sft_params, start.param_shardings
+    sft_eval = arith_dpo.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
+                                            {"iteration": 0})
     sft_val = arith_dpo.cached_greedy_eval(sft_params, base, problems.validation,
                                            os.path.join(workdir, "sft_val.json"), {"iteration": 0}, "val")
     iterates, records = train_iterations(cfg, mesh, sft_params, param_shardings, problems, workdir)
@@ -336,10 +331,8 @@ def run(cfg: IterativeConfig, workdir: str) -> dict:
         "params_sha256": arith_dpo.params_sha256(iterates[chosen]),
         "config": arith_dpo.config_to_dict(cfg),
     }
-    if is_primary():
-        arith_dpo.write_json_atomic(os.path.join(workdir, "results.json"), results)
-        plot([("this run", results)], os.path.join(workdir, "iterative.png"))
-    return results
+    return arith_dpo.finish_experiment(workdir, results, lambda path: plot([("this run", results)], path),
+                                       "iterative.png")
 
 
 def plot(runs: list[tuple[str, dict]], path: str) -> None:

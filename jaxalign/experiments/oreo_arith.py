@@ -46,12 +46,10 @@ from jaxalign.algorithms.oreo import (
     value_outputs,
 )
 from jaxalign.data.iterator import ArrayDataset
-from jaxalign.distributed import host_local, is_primary
 from jaxalign.experiments import arith_dpo
 from jaxalign.experiments.arith_dpo import PROMPT_LEN, completion_budget
 from jaxalign.models.llama import count_params
 from jaxalign.sampling import SamplingConfig
-from jaxalign.sharding import make_mesh
 from jaxalign.tasks import arith
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.checkpoint import Checkpointer
@@ -241,15 +239,9 @@ def run(cfg: OreoArithConfig, workdir: str) -> dict:
     """Run (or resume) OREO on ARITH in `workdir`; returns and writes results.json (module docstring)."""
     clock = time.perf_counter()
     base = cfg.base
-    os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(base.mesh)
-    arith_dpo.validate_config(base, mesh)
-    arith_dpo.claim_workdir(cfg, workdir)
-    problems = arith_dpo.split(base)
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-
-    sft_params, param_shardings = arith_dpo.train_sft(base, mesh, problems, workdir, log)
-    sft_params = host_local(sft_params)
+    start = arith_dpo.start_experiment(cfg, base, workdir)
+    mesh, problems, log, sft_params, param_shardings = (start.mesh, start.problems, start.log, start.sft_params,
+                                                        start.param_shardings)
     chosen, prompt_tokens, completions, masks = arith_dpo.on_policy_samples(base, sft_params, problems.train, workdir)
     k = base.pairs.samples_per_prompt
     data = ArrayDataset(arith_trajectory_batch(np.repeat(chosen, k, axis=0), np.repeat(prompt_tokens, k, axis=0),
@@ -297,10 +289,8 @@ def run(cfg: OreoArithConfig, workdir: str) -> dict:
         "critic_sha256": arith_dpo.params_sha256(critic),
         "config": arith_dpo.config_to_dict(cfg),
     }
-    if is_primary():
-        arith_dpo.write_json_atomic(os.path.join(workdir, "results.json"), results)
-        _plot(results, per_prompt, os.path.join(workdir, "oreo_arith.png"))
-    return results
+    return arith_dpo.finish_experiment(workdir, results, lambda path: _plot(results, per_prompt, path),
+                                       "oreo_arith.png")
 
 
 def _plot(results: dict, per_prompt: dict, path: str) -> None:

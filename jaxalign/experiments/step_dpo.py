@@ -40,10 +40,8 @@ import numpy as np
 from jaxalign.algorithms.preference_pairs import pair_arrays, select_pairs
 from jaxalign.algorithms.step_pairs import build_step_pairs
 from jaxalign.data.iterator import ArrayDataset
-from jaxalign.distributed import host_local, is_primary
 from jaxalign.experiments import arith_dpo
 from jaxalign.models.llama import count_params
-from jaxalign.sharding import make_mesh
 from jaxalign.tasks import arith, judges
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.loop import MetricsLog
@@ -196,15 +194,8 @@ def run(cfg: StepDPOConfig, workdir: str) -> dict:
     """Run (or resume) Step-DPO and its response-level baseline in `workdir`; returns and writes results.json."""
     clock = time.perf_counter()
     base = cfg.base
-    os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(base.mesh)
-    arith_dpo.validate_config(base, mesh)
-    arith_dpo.claim_workdir(cfg, workdir)
-    problems = arith_dpo.split(base)
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-
-    sft_params, param_shardings = arith_dpo.train_sft(base, mesh, problems, workdir, log)
-    sft_params = host_local(sft_params)
+    start = arith_dpo.start_experiment(cfg, base, workdir)
+    mesh, problems, sft_params, param_shardings = start.mesh, start.problems, start.sft_params, start.param_shardings
     prompts, prompt_tokens, completions, masks = graded_samples(cfg, sft_params, problems.train, workdir)
     step_data, step_stats = step_pair_data(cfg, sft_params, prompts, completions, masks, workdir)
     response_data, response_stats = response_pair_data(cfg, prompts, prompt_tokens, completions, masks, workdir)
@@ -244,10 +235,7 @@ def run(cfg: StepDPOConfig, workdir: str) -> dict:
         "wall_seconds": time.perf_counter() - clock,
         "config": arith_dpo.config_to_dict(cfg),
     }
-    if is_primary():
-        arith_dpo.write_json_atomic(os.path.join(workdir, "results.json"), results)
-        plot(results, os.path.join(workdir, "step_dpo.png"))
-    return results
+    return arith_dpo.finish_experiment(workdir, results, lambda path: plot(results, path), "step_dpo.png")
 
 
 def plot(results: dict, path: str) -> None:

@@ -48,7 +48,6 @@ import numpy as np
 from jaxalign.algorithms.iterative import run_iterations
 from jaxalign.algorithms.preference_pairs import pair_arrays, select_pairs
 from jaxalign.data.iterator import ArrayDataset
-from jaxalign.distributed import host_local, is_primary
 from jaxalign.experiments import arith_dpo, objective_extras
 from jaxalign.experiments.iterative_dpo import iteration_config, iteration_prompts
 from jaxalign.experiments.ranked_lists import build_ranked_lists
@@ -57,7 +56,6 @@ from jaxalign.losses.common import check_hyperparameter, check_objective_beta
 from jaxalign.losses.iterative import trpa
 from jaxalign.models.llama import DecoderLM, ModelConfig, count_params
 from jaxalign.sampling import SamplingConfig
-from jaxalign.sharding import make_mesh
 from jaxalign.tasks import levels as trpa_levels_lib
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.listwise import compute_list_reference_logprobs, list_token_logprobs
@@ -369,15 +367,9 @@ def run_comparison(cfg, workdir: str, make_methods: Callable, judge_claim: Calla
     "comparison" and the claim `judge_claim(comparison) -> (sentence, holds)`, and a plot."""
     clock = time.perf_counter()
     base = cfg.base
-    os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(base.mesh)
-    arith_dpo.validate_config(iteration_config(cfg), mesh)
-    arith_dpo.claim_workdir(cfg, workdir)
-    problems = arith_dpo.split(base)
-    iteration_prompts(cfg, problems.train, 0)  # too many prompts asked for: fail before SFT
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-    sft_params, param_shardings = arith_dpo.train_sft(base, mesh, problems, workdir, log)
-    sft_params = host_local(sft_params)
+    start = arith_dpo.start_experiment(cfg, base, workdir, iteration_config(cfg),
+                                       check=lambda problems: iteration_prompts(cfg, problems.train, 0))
+    mesh, problems, sft_params, param_shardings = start.mesh, start.problems, start.sft_params, start.param_shardings
     sft_eval = arith_dpo.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
                                             {"iteration": 0})
     methods = {}
@@ -405,10 +397,7 @@ def run_comparison(cfg, workdir: str, make_methods: Callable, judge_claim: Calla
         "wall_seconds": time.perf_counter() - clock,
         "config": arith_dpo.config_to_dict(cfg),
     }
-    if is_primary():
-        arith_dpo.write_json_atomic(os.path.join(workdir, "results.json"), results)
-        plot(results, plot_title, os.path.join(workdir, plot_name))
-    return results
+    return arith_dpo.finish_experiment(workdir, results, lambda path: plot(results, plot_title, path), plot_name)
 
 
 def plot(results: dict, title: str, path: str) -> None:

@@ -136,6 +136,7 @@ def test_a_rerun_trains_and_samples_nothing_again(online, monkeypatch):
 def test_bad_configs_fail_before_training(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         iterative_dpo.run(config("online_dpo", *overrides), str(tmp_path))
+    assert not (tmp_path / "config.json").exists()  # the corrected re-run is not refused as "another config"
 
 
 def test_offline_config_has_the_same_budget():
