@@ -182,6 +182,35 @@ def test_the_separate_critic_starts_from_the_policy_with_a_zero_head(setup):
 D = {str(d): TOK.encode(str(d))[0] for d in range(10)}
 
 
+def test_iterative_oreo_samples_each_iteration_from_the_policy_the_previous_one_trained(setup):
+    """Iterative OREO: iteration 0 collects with the initial policy, iteration 1 with the policy iteration 0 trained;
+    the reference stays the initial (SFT) model; each iteration reports its trajectories' reward."""
+    params, batch = setup
+    host = {k: np.asarray(v) for k, v in batch.items()}
+    prompt_tokens = host["tokens"][:, :8]
+    completion, mask = host["tokens"][:, 8:], host["completion_mask"][:, 8:]
+    seen = []
+
+    def sample_fn(policy, iteration):
+        seen.append(_leaves(policy))
+        return prompt_tokens, completion, mask, iteration
+
+    def grade_fn(iteration, tokens, completion_mask):
+        return host["reward"] if iteration == 0 else 1.0 - host["reward"]
+
+    cfg = oreo.OreoConfig(level="token", steps=3, batch_size=4, **FAST)
+    policy, critic, history = oreo.iterative_oreo(params, params, cfg=cfg, model_cfg=MODEL, iterations=2,
+                                                  sample_fn=sample_fn, grade_fn=grade_fn, separator_id=SEP,
+                                                  pad_id=TOK.PAD_ID)
+    assert len(seen) == 2 and _max_diff(seen[0], params) == 0.0
+    assert _max_diff(seen[1], params) > 0  # iteration 1 sampled the trained policy, not the initial one
+    assert _max_diff(policy, seen[1]) > 0  # and trained it again
+    assert [h["iteration"] for h in history] == [0, 1]
+    assert history[0]["reward_mean"] == pytest.approx(float(host["reward"].mean()))
+    assert history[1]["reward_mean"] == pytest.approx(1.0 - float(host["reward"].mean()))
+    assert VALUE_HEAD not in critic and "head" in critic  # the separate critic LM carried through
+
+
 def _hand_built_expand(num_candidates, depth=2):
     """Candidate k of every beam is the step "<k+1>;" while the completion has fewer than `depth` steps, then EOS.
     Candidate 0 is the "greedy" (most likely) step."""
