@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable
 
 
@@ -11,17 +12,6 @@ class Experiment:
     description: str
     default_config: Callable[[], Any]
     run: Callable[[Any, str], dict]
-
-
-def _arith_dpo() -> Experiment:
-    from jaxalign.experiments import arith_dpo
-
-    return Experiment(
-        name="arith_dpo",
-        description=EXPERIMENTS["arith_dpo"][0],
-        default_config=arith_dpo.ArithDPOConfig,
-        run=arith_dpo.run,
-    )
 
 
 def _arith_task(name: str, task: str) -> Callable[[], Experiment]:
@@ -37,27 +27,6 @@ def _arith_task(name: str, task: str) -> Callable[[], Experiment]:
     return load
 
 
-def _curry_dpo() -> Experiment:
-    from jaxalign.experiments import curry_dpo
-
-    return Experiment(name="curry_dpo", description=EXPERIMENTS["curry_dpo"][0],
-                      default_config=curry_dpo.CurryDPOConfig, run=curry_dpo.run)
-
-
-def _dpo_files() -> Experiment:
-    from jaxalign.experiments import dpo_files
-
-    return Experiment(name="dpo_files", description=EXPERIMENTS["dpo_files"][0],
-                      default_config=dpo_files.DPOFilesConfig, run=dpo_files.run)
-
-
-def _ddp_gridworld() -> Experiment:
-    from agents.distributional_dp import experiment as ddp_gridworld
-
-    return Experiment(name="ddp_gridworld", description=EXPERIMENTS["ddp_gridworld"][0],
-                      default_config=ddp_gridworld.DDPGridworldConfig, run=ddp_gridworld.run)
-
-
 def _iterative(name: str) -> Callable[[], Experiment]:
     """Online DPO, DNO-Prct or APO on ARITH (`iterative_dpo.PRESETS`)."""
 
@@ -70,19 +39,10 @@ def _iterative(name: str) -> Callable[[], Experiment]:
     return load
 
 
-def _oreo_arith() -> Experiment:
-    from jaxalign.experiments import oreo_arith
-
-    return Experiment(name="oreo_arith", description=EXPERIMENTS["oreo_arith"][0],
-                      default_config=oreo_arith.OreoArithConfig, run=oreo_arith.run)
-
-
 def _module_experiment(name: str, module: str, config: str) -> Callable[[], Experiment]:
     """An experiment whose module exposes a config dataclass `config` and `run(cfg, workdir)`."""
 
     def load() -> Experiment:
-        import importlib
-
         loaded = importlib.import_module(module)
         return Experiment(name=name, description=EXPERIMENTS[name][0], default_config=getattr(loaded, config),
                           run=loaded.run)
@@ -90,22 +50,11 @@ def _module_experiment(name: str, module: str, config: str) -> Callable[[], Expe
     return load
 
 
-def _ppo_cartpole() -> Experiment:
-    from rl.experiments import ppo_cartpole
-
-    return Experiment(
-        name="ppo_cartpole",
-        description=EXPERIMENTS["ppo_cartpole"][0],
-        default_config=ppo_cartpole.PPOCartPoleConfig,
-        run=ppo_cartpole.run,
-    )
-
-
 # (description, loader): importing the CLI stays cheap and `jaxalign list` does not import JAX models.
 EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
     "arith_dpo": (
         "SFT on noisy ARITH demonstrations, then DPO on on-policy oracle-labelled pairs (the main job)",
-        _arith_dpo,
+        _module_experiment("arith_dpo", "jaxalign.experiments.arith_dpo", "ArithDPOConfig"),
     ),
     "arith_dpo_length_bias": (
         "the main job with verbose demonstrations (0-3 neutral recaps of the answer) and a length-biased judge "
@@ -123,7 +72,7 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
     "curry_dpo": (
         "Curry-DPO on ARITH: best-vs-rest pairs from K graded samples in easy-to-hard stages, each stage's policy "
         "the next stage's reference (vs. DPO on all pairs)",
-        _curry_dpo,
+        _module_experiment("curry_dpo", "jaxalign.experiments.curry_dpo", "CurryDPOConfig"),
     ),
     "online_dpo": (
         "online/iterative DPO on ARITH: sample 8 per prompt from the current policy, judge (graded 0-6), best vs "
@@ -143,7 +92,7 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
     "oreo_arith": (
         "OREO on ARITH: soft-Bellman critic and actor from offline SFT trajectories (critic first), value-guided "
         "beam search over steps vs greedy, V(s_0) vs the empirical success rate",
-        _oreo_arith,
+        _module_experiment("oreo_arith", "jaxalign.experiments.oreo_arith", "OreoArithConfig"),
     ),
     "step_dpo": (
         "Step-DPO on ARITH: prompt = x + the correct prefix steps, rejected = the first wrong step, chosen = a "
@@ -183,16 +132,16 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
     "dpo_files": (
         "DPO on your own pairwise JSONL/Parquet file from a Hugging Face or `jaxalign convert` checkpoint, "
         "evaluated on held-out pairs; optional LoRA and Hugging Face export",
-        _dpo_files,
+        _module_experiment("dpo_files", "jaxalign.experiments.dpo_files", "DPOFilesConfig"),
     ),
     "ddp_gridworld": (
         "agent (a), deep: stock-augmented quantile DQN greedy w.r.t. CVaR_0.1 / homeostatic objectives on a "
         "stochastic gridworld vs the tabular optimum and QR-DQN (10,000 evaluation episodes)",
-        _ddp_gridworld,
+        _module_experiment("ddp_gridworld", "agents.distributional_dp.experiment", "DDPGridworldConfig"),
     ),
     "ppo_cartpole": (
         "PPO on the JAX CartPole-v1 (vmapped envs, one jitted scan), evaluated over 100 greedy episodes",
-        _ppo_cartpole,
+        _module_experiment("ppo_cartpole", "rl.experiments.ppo_cartpole", "PPOCartPoleConfig"),
     ),
 }
 
