@@ -159,8 +159,10 @@ def test_precomputed_and_cached_reference_equal_the_online_reference(tmp_path):
     assert ref["list_reference"].shape == (P, K, T) and ref["list_reference"].dtype == np.float32
     (pre, _), g_pre = grad_fn(params(0), None, {**batch, **ref})
     np.testing.assert_allclose(pre, online, rtol=1e-5)
+    # The precomputed reference ran in batches of 3 lists, the online one on all 4: fp32 summation order differs, and
+    # the ~1e-6 noise in the reference log-probs reaches gradients of size up to ~2 (1.6e-6 seen on one CPU).
     for a, b in zip(jax.tree_util.tree_leaves(g_pre), jax.tree_util.tree_leaves(g_online)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
     tokenization = {"vocab": CFG.vocab_size}
     cached, info = cached_list_reference_logprobs(str(tmp_path), apply, params(1), batch, tokenization, 3)

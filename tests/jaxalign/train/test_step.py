@@ -128,7 +128,10 @@ def test_sft_gradient_accumulation_equals_full_batch_with_unequal_token_counts()
     full_state = apply_gradients(state, grads)
     np.testing.assert_allclose(accum_metrics["loss"], loss, rtol=RTOL)
     np.testing.assert_allclose(accum_metrics["grad_norm"], optax.tree.norm(grads), rtol=RTOL)
-    assert_trees_close(accum_state.params, full_state.params)
+    # atol 1e-6 as in the DPO test below: Adam divides each gradient element by its own running scale, so the fp32
+    # summation-order noise of an element whose gradient is ~0 reaches its update at up to ~lr scale (2.3e-7 seen on
+    # one of 512 elements on one CPU); the mean-of-means update below is > 1e-4 away.
+    assert_trees_close(accum_state.params, full_state.params, atol=1e-6)
     assert int(accum_state.step) == int(state.step) + 1
 
     # Per microbatch (rows k, k+4, as the library splits them): the token-mean loss and gradient, computed on the
