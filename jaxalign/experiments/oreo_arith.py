@@ -8,7 +8,8 @@ Pipeline (every phase resumable; re-running the same command continues where a k
    oracle: R = arith.grade(...).correct in {0, 1}; reasoning steps are the ';'-separated parts.
 3. OREO (`jaxalign.algorithms.oreo`): critic (a separate value LM from the SFT policy with a zero head, or a head on
    the policy trunk, `oreo.value_model`) and actor trained together, critic first, the SFT policy as reference;
-   checkpoints/oreo_actor and checkpoints/oreo_critic.
+   checkpoints/oreo_actor and checkpoints/oreo_critic. With `iterations` > 1 (iterative OREO), iteration i
+   re-collects the trajectories with the current policy and trains actor and critic on in iterations/iter_<i>.
 4. Held-out evaluation: greedy exact-match accuracy of SFT and OREO; on the first `num_beam_prompts` held-out
    problems, value-guided beam search (`beam.*`) with the OREO policy and critic against greedy decoding of the same
    policy.
@@ -29,6 +30,7 @@ import dataclasses
 import numbers
 import os
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -68,6 +70,9 @@ class OreoArithConfig:
     compare_baselines: also train, on the SAME trajectories from the same SFT policy, rejection-sampling SFT (`rs_sft`:
     token NLL on the correct trajectories only) and DPO (the main job's DPO phase, `base.dpo`, on each prompt's
     best-vs-worst pair of its trajectories), the paper's two baselines at equal data.
+    iterations: iterative OREO; each iteration after the first re-collects the trajectories (same prompts and
+    settings) with the policy the previous one trained and trains actor and critic on, from where they stood (the
+    reference stays the SFT policy); the baselines always use the SFT trajectories.
     """
 
     base: arith_dpo.ArithDPOConfig = arith_dpo.ArithDPOConfig()
@@ -79,11 +84,12 @@ class OreoArithConfig:
     num_value_prompts: int = 128
     value_samples_per_prompt: int = 16
     compare_baselines: bool = True
+    iterations: int = 1
     rs_sft: arith_dpo.SFTConfig = arith_dpo.SFTConfig(steps=200, batch_size=64,
                                                       optim=OptimConfig(learning_rate=2e-4, warmup_steps=10))
 
     def __post_init__(self):
-        for name in ("num_beam_prompts", "num_value_prompts", "value_samples_per_prompt"):
+        for name in ("num_beam_prompts", "num_value_prompts", "value_samples_per_prompt", "iterations"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -185,13 +191,17 @@ def value_checks(cfg: OreoArithConfig, sft_params, policy, critic, problems: np.
 # The experiment.
 
 
-def train_phase(cfg: OreoArithConfig, sft_params, data: ArrayDataset, workdir: str, log: MetricsLog):
-    """Phase 3: (policy params, critic params, last logged OREO metrics); resumes from / restores its checkpoints."""
+def train_phase(cfg: OreoArithConfig, sft_params, data: ArrayDataset, workdir: str, log: MetricsLog,
+                start: tuple[Any, Any] | None = None):
+    """Phase 3: (policy params, critic params, last logged OREO metrics); resumes from / restores its checkpoints in
+    workdir/checkpoints. The actor starts from `start`'s policy (default: the SFT policy) and the critic from its
+    critic (default: a fresh one); the reference is always the SFT policy."""
     base = cfg.base
     if cfg.oreo.batch_size > len(data):
         raise ValueError(f"oreo.batch_size={cfg.oreo.batch_size} is larger than the {len(data)} trajectories "
                          f"(base.pairs.num_prompts x base.pairs.samples_per_prompt)")
-    actor, critic = init_oreo_states(cfg.oreo, base.model, sft_params, jax.random.key(base.seed + 5))
+    policy, critic_params = start or (sft_params, None)
+    actor, critic = init_oreo_states(cfg.oreo, base.model, policy, jax.random.key(base.seed + 5), critic_params)
     metadata = {"model": dataclasses.asdict(base.model), "oreo": dataclasses.asdict(cfg.oreo)}
     directory = os.path.join(workdir, "checkpoints")
     with Checkpointer(os.path.join(directory, "oreo_actor"), base.checkpoint, {"phase": "oreo_actor", **metadata}) \
@@ -202,6 +212,16 @@ def train_phase(cfg: OreoArithConfig, sft_params, data: ArrayDataset, workdir: s
                                       log_every=base.log_every)
     records = log.records("oreo")
     return actor.params, critic.params, (records[-1] if records else {})
+
+
+def trajectories(cfg: OreoArithConfig, policy, problems, directory: str) -> ArrayDataset:
+    """`base.pairs.samples_per_prompt` graded trajectories of `policy` for each of `base.pairs.num_prompts` training
+    prompts (`arith_dpo.on_policy_samples`, cached in directory/samples.npz), R = exactly correct."""
+    base = cfg.base
+    chosen, prompt_tokens, completions, masks = arith_dpo.on_policy_samples(base, policy, problems.train, directory)
+    k = base.pairs.samples_per_prompt
+    return ArrayDataset(arith_trajectory_batch(np.repeat(chosen, k, axis=0), np.repeat(prompt_tokens, k, axis=0),
+                                               completions, masks))
 
 
 def rejection_sampling_dataset(data: ArrayDataset) -> ArrayDataset:
@@ -242,11 +262,15 @@ def run(cfg: OreoArithConfig, workdir: str) -> dict:
     start = arith_dpo.start_experiment(cfg, base, workdir)
     mesh, problems, log, sft_params, param_shardings = (start.mesh, start.problems, start.log, start.sft_params,
                                                         start.param_shardings)
-    chosen, prompt_tokens, completions, masks = arith_dpo.on_policy_samples(base, sft_params, problems.train, workdir)
-    k = base.pairs.samples_per_prompt
-    data = ArrayDataset(arith_trajectory_batch(np.repeat(chosen, k, axis=0), np.repeat(prompt_tokens, k, axis=0),
-                                               completions, masks))
+    data = trajectories(cfg, sft_params, problems, workdir)
     policy, critic, last_metrics = train_phase(cfg, sft_params, data, workdir, log)
+    success_per_iteration = [float(data.arrays["reward"].mean())]
+    for iteration in range(1, cfg.iterations):  # iterative OREO: re-collect with the new policy, train on
+        it_dir = os.path.join(workdir, "iterations", f"iter_{iteration}")
+        it_data = trajectories(cfg, policy, problems, it_dir)
+        policy, critic, last_metrics = train_phase(cfg, sft_params, it_data, it_dir,
+                                                   MetricsLog(os.path.join(it_dir, "metrics.jsonl")), (policy, critic))
+        success_per_iteration.append(float(it_data.arrays["reward"].mean()))
 
     sft_eval, _ = arith_dpo.greedy_eval(sft_params, base.model, problems.test, base.eval_batch_size)
     oreo_eval, oreo_correct = arith_dpo.greedy_eval(policy, base.model, problems.test, base.eval_batch_size)
@@ -279,6 +303,7 @@ def run(cfg: OreoArithConfig, workdir: str) -> dict:
         **checks,
         "trajectories": int(len(reward)),
         "trajectory_success_rate": float(reward.mean()),
+        "trajectory_success_rate_per_iteration": success_per_iteration,
         "oreo_last_metrics": last_metrics,
         "carry_share": arith.carry_share(base.task.num_operands),
         "num_test_prompts": int(len(problems.test)),

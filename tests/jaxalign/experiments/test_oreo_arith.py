@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from jaxalign.algorithms import oreo
@@ -87,3 +88,25 @@ def test_rejection_sampling_keeps_only_correct_trajectories():
     assert set(kept.arrays) == {"tokens", "attention_mask", "completion_mask"}
     with pytest.raises(ValueError, match="none of the trajectories is correct"):
         oreo_arith.rejection_sampling_dataset(ArrayDataset({**data.arrays, "reward": np.zeros(4)}))
+
+
+def test_iterative_oreo_recollects_with_the_trained_policy_and_resumes(tmp_path, monkeypatch):
+    """oreo_arith with iterations=2: iteration 1 samples the policy iteration 0 trained (not the SFT policy), trains
+    on from it, and a re-run trains and samples nothing again."""
+    cfg = apply_overrides(oreo_arith.OreoArithConfig(), OVERRIDES + ["iterations=2"])
+    first = oreo_arith.run(cfg, str(tmp_path))
+    it_dir = tmp_path / "iterations" / "iter_1"
+    assert (it_dir / "samples.npz").exists() and (it_dir / "checkpoints" / "oreo_actor").exists()
+    assert len(first["trajectory_success_rate_per_iteration"]) == 2
+    with np.load(tmp_path / "samples.npz") as a, np.load(it_dir / "samples.npz") as b:
+        np.testing.assert_array_equal(a["problems"], b["problems"])  # the same prompts ...
+        assert not np.array_equal(a["completions"], b["completions"])  # ... answered by another policy
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished iteration took a training step again")
+
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "samples.npz", it_dir / "samples.npz")}
+    monkeypatch.setattr(oreo, "make_oreo_steps", lambda cfg, model_cfg: oreo.OreoSteps(refuse, refuse, refuse))
+    again = oreo_arith.run(cfg, str(tmp_path))
+    assert again["params_sha256"] == first["params_sha256"]
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # the trajectories were read back, not re-sampled
