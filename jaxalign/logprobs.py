@@ -1,10 +1,10 @@
 """Per-token and per-sequence log-probabilities of completions under a decoder LM.
 
-Conventions (METHODS.md section 0): for a sequence x, logp_t = log softmax(logits_{t-1})[x_t]. Arrays are aligned
-with the token positions: `token_logps[:, t]` is the log-probability of `tokens[:, t]` given the tokens before it,
-and `token_logps[:, 0] = 0` (the first token has no prediction). A completion mask is 1 on response tokens only
-(prompt and padding are 0), so L(y) = sum_t mask_t logp_t. Works for right and left padding alike because the
-mask, not the position, says which tokens count.
+Conventions (docs/objectives.md, "Conventions"): for a sequence x, logp_t = log softmax(logits_{t-1})[x_t]. Arrays
+are aligned with the token positions: `token_logps[:, t]` is the log-probability of `tokens[:, t]` given the tokens
+before it, and `token_logps[:, 0] = 0` (the first token has no prediction). A completion mask is 1 on response
+tokens only (prompt and padding are 0), so L(y) = sum_t mask_t logp_t. Works for right and left padding alike
+because the mask, not the position, says which tokens count.
 """
 from __future__ import annotations
 

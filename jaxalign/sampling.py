@@ -21,13 +21,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxalign.losses.iterative import extrapolate_logits
-from jaxalign.models.llama import DecoderLM, ModelConfig, init_cache, init_params
+from jaxalign.models.llama import DecoderLM, ModelConfig, check_model_fits_mesh, init_cache, init_params
 from jaxalign.sharding import (
     BATCH_AXES,
     LOGICAL_AXIS_RULES,
     batch_sharding,
     check_batch_fits_mesh,
-    check_model_fits_mesh,
     logical_shardings,
     put_batch,
     replicated,

@@ -1,7 +1,8 @@
 """Declared sharding: one mesh, one table of logical-axis rules, shardings derived from them.
 
-Design principle 3 (DESIGN.md): parameters carry logical axis names; `LOGICAL_AXIS_RULES` maps each name to mesh
-axes; train-state and batch shardings are derived from it, and the step is `jax.jit` with those in/out shardings.
+Parameters carry logical axis names; `LOGICAL_AXIS_RULES` maps each name to mesh axes; train-state and batch
+shardings are derived from it, and the step is `jax.jit` with those in/out shardings. Nothing here knows a model:
+which config field sizes which logical axis is the model's business (`jaxalign.models.llama.check_model_fits_mesh`).
 The same code runs on one CPU, 8 simulated CPU devices, a GPU or a TPU pod. The mesh has three named axes:
 
 - ``data``: pure data parallelism (parameters replicated);
@@ -19,8 +20,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-from jaxalign.models.llama import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -81,23 +80,6 @@ def make_mesh(mesh_cfg: MeshConfig, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_cfg.shape(len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
-
-
-def check_model_fits_mesh(cfg: ModelConfig, mesh: Mesh) -> None:
-    """Every dimension the rules shard must divide evenly by its mesh axes; say which one does not."""
-    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
-    for name, size, axis, axis_size in (
-        ("n_heads", cfg.n_heads, "tensor", tensor),
-        ("n_kv_heads", cfg.n_kv_heads, "tensor", tensor),
-        ("mlp_dim", cfg.mlp_dim, "tensor", tensor),
-        ("vocab_size", cfg.vocab_size, "tensor", tensor),
-        ("d_model", cfg.d_model, "fsdp", fsdp),
-    ):
-        if size % axis_size:
-            raise ValueError(
-                f"model.{name}={size} is not divisible by the mesh's {axis} axis of size {axis_size}; "
-                f"expected a multiple of {axis_size} (or a smaller mesh.{axis})"
-            )
 
 
 def check_batch_fits_mesh(batch_size: int, mesh: Mesh, what: str = "batch size") -> None:

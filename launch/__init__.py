@@ -1,1 +1,2 @@
-"""The `jaxalign` command line, the experiment registry and config overrides."""
+"""The `jaxalign` command line and the remote launchers; the experiment registry and config overrides they use are
+`jaxalign.registry` and `jaxalign.overrides`."""

@@ -20,73 +20,17 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import io
-import json
-import os
-import shlex
 import sys
-import time
-import traceback
 
-from launch.experiments import EXPERIMENTS, get_experiment
-from launch.overrides import ConfigError, apply_overrides
+from jaxalign.overrides import ConfigError
+from jaxalign.registry import EXPERIMENTS, add_run_arguments, configure, run_command
 from launch.sweep import add_arguments as add_sweep_arguments
 from launch.sweep import command as sweep_command
 
 
-class _Tee(io.TextIOBase):
-    """A text stream that writes to several streams (the terminal and the run's log file)."""
-
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
-
-    def isatty(self) -> bool:
-        return self.streams[0].isatty()
-
-
-@contextlib.contextmanager
-def run_log(workdir: str, argv: list[str]):
-    """Append everything a run prints (stdout and stderr: progress, warnings, the summary, an error's traceback) to
-    WORKDIR/logs/run.log as well as the terminal, so a run directory keeps its own log across resumes. Process N > 0
-    of a multi-process run writes logs/run.process_N.log."""
-    process = os.environ.get("JAXALIGN_PROCESS_ID", "0")
-    name = "run.log" if process == "0" else f"run.process_{process}.log"
-    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
-    with open(os.path.join(workdir, "logs", name), "a", buffering=1) as log:
-        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} jaxalign {shlex.join(argv)}\n")
-        stdout, stderr = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(stdout, log), _Tee(stderr, log)
-        try:
-            yield
-        except BaseException:
-            log.write(traceback.format_exc())
-            raise
-        finally:
-            sys.stdout, sys.stderr = stdout, stderr
-
-
 def _run(args) -> int:
-    from jaxalign.distributed import initialize_from_env
-
-    initialize_from_env()  # before anything touches JAX devices: a multi-process run joins its peers here
-    experiment = get_experiment(args.name)
-    cfg = apply_overrides(experiment.default_config(), args.overrides)
-    with run_log(args.workdir, ["run", args.name, "--workdir", args.workdir, *args.overrides]):
-        results = experiment.run(cfg, args.workdir)
-        summary = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}
-        print(json.dumps(summary, indent=2, sort_keys=True))
-    return 0
+    return run_command(args.name, args.workdir, args.overrides)
 
 
 def _local(args) -> int:
@@ -98,7 +42,7 @@ def _local(args) -> int:
         raise ValueError(f"jaxalign local expects `run NAME --workdir DIR [key=value ...]` after its options, got "
                          f"{' '.join(args.rest) or 'nothing'}")
     run_args, extra = build_parser().parse_known_args(args.rest)
-    apply_overrides(get_experiment(run_args.name).default_config(), list(run_args.overrides) + extra)
+    configure(run_args.name, list(run_args.overrides) + extra)
     return launch(args.rest, run_args.workdir, args.processes, args.devices_per_process, args.port)
 
 
@@ -137,10 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the registered experiments")
     sub.add_parser("objectives", help="print every registered objective, one per line")
-    run = sub.add_parser("run", help="run (or resume) an experiment in a work directory")
-    run.add_argument("name")
-    run.add_argument("--workdir", required=True)
-    run.add_argument("overrides", nargs="*", help="config overrides, key=value (dotted keys for nested fields)")
+    add_run_arguments(sub.add_parser("run", help="run (or resume) an experiment in a work directory"))
     sweep = sub.add_parser("sweep", help="run a grid of runs (key=v1,v2 ...) one after another, aggregate their "
                            "results into WORKDIR/sweep.csv and sweep.md")
     add_sweep_arguments(sweep)

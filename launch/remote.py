@@ -70,7 +70,7 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
 
 def check_experiment(name: str) -> str:
     """The experiment must be registered here, so a typo fails before any machine is created or paid for."""
-    from launch.experiments import EXPERIMENTS
+    from jaxalign.registry import EXPERIMENTS
 
     check("experiment", name, _EXPERIMENT, "an experiment name")
     if name not in EXPERIMENTS:
@@ -81,8 +81,8 @@ def check_experiment(name: str) -> str:
 def check_overrides(experiment: str, overrides: Sequence[str]) -> None:
     """Apply the overrides to the experiment's default config here, as `jaxalign run` will on every host, so that
     a typo or a bad value is one local error before any machine is created, paid for or kept waiting."""
-    from launch.experiments import get_experiment
-    from launch.overrides import apply_overrides
+    from jaxalign.overrides import apply_overrides
+    from jaxalign.registry import get_experiment
 
     apply_overrides(get_experiment(check_experiment(experiment)).default_config(), list(overrides))
 

@@ -14,7 +14,7 @@ Value lists (`split_values`):
 Remember the shell: quote arguments that contain brackets, backslashes or spaces.
 
 Before anything runs every point's overrides are validated against the experiment's config dataclass
-(`launch.overrides.apply_overrides`), so a typo fails in a second, not after the first point's hours. Each point
+(`jaxalign.overrides.apply_overrides`), so a typo fails in a second, not after the first point's hours. Each point
 gets its own directory DIR/POINT, named from the values of the axes that vary (`point_name`, e.g.
 `dpo.beta-0.1__seed-1`). Locally the points run one after another in fresh processes; a point whose results.json
 exists is skipped, and an interrupted one is started again with the same command, which resumes it from its last
@@ -42,8 +42,8 @@ import subprocess
 import sys
 from typing import Any, Callable
 
-from launch.experiments import get_experiment
-from launch.overrides import ConfigError, apply_overrides
+from jaxalign.overrides import ConfigError, apply_overrides
+from jaxalign.registry import get_experiment
 
 POINT_FILE = "sweep_point.json"  # in each point's directory: what the point was launched with
 LOG_FILE = "sweep.log"  # in each point's directory: the point's stdout and stderr

@@ -12,6 +12,10 @@
     replay.py         a uniform replay buffer as a pytree
     dqn.py            DQN / double DQN: targets, loss, make_dqn / make_train
     distributional.py C51 categorical projection, quantile-regression Huber loss
-    experiments/      reference runs registered with the CLI (ppo_cartpole)
+    harness.py        the run harness (PureJaxRL-style): an agent's init + update scanned in jitted chunks, the
+                      runner state checkpointed after each and resumed bit for bit, the environment batch sharded
+                      over the devices' data axis, metrics.jsonl, results.json, a learning curve, progress
+    testing.py        kill-and-resume checks for experiments on the harness (SIGKILL right after a checkpoint)
+    experiments/      reference runs registered with the experiment registry (ppo_cartpole)
     bench/            benchmarks registered with the CLI (ppo-throughput)
 """

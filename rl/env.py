@@ -1,6 +1,6 @@
 """The functional environment protocol and its space descriptions.
 
-An environment is a stateless object whose two methods are pure functions (gymnax-style, DESIGN principle 5):
+An environment is a stateless object whose two methods are pure functions (gymnax-style; docs/architecture.md):
 
     obs, state = env.reset(key, params)
     obs, state, reward, done, info = env.step(key, state, action, params)

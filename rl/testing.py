@@ -1,10 +1,12 @@
-"""A kill-and-resume harness for experiments that checkpoint with `rl.checkpoint.PytreeCheckpointer`.
+"""A kill-and-resume harness for experiments that checkpoint with `jaxalign.train.checkpoint.PytreeCheckpointer`
+(every run of `rl.harness`).
 
-`run_cli` runs `jaxalign run EXPERIMENT` in a child process whose checkpoint save is wrapped to note every saved step
-and, optionally, to SIGKILL the process right after a given step is on disk: a real kill at a deterministic point, so
-a test cannot race the run. `run_differences` then compares two work directories (final checkpoint arrays bit for
-bit, results.json without timings, metrics.jsonl), which is what "a killed run resumes to the same result as an
-uninterrupted one" means.
+`run_registered` runs `python -m jaxalign.registry EXPERIMENT --workdir DIR key=value...` (the experiment registry's
+entry point; rl/ never imports the CLI in launch/) in a child process whose checkpoint save is wrapped to note every
+saved step and, optionally, to SIGKILL the process right after a given step is on disk: a real kill at a
+deterministic point, so a test cannot race the run. `run_differences` then compares two work directories (final
+checkpoint arrays bit for bit, results.json without timings, metrics.jsonl), which is what "a killed run resumes to
+the same result as an uninterrupted one" means.
 """
 from __future__ import annotations
 
@@ -21,41 +23,45 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _CHILD = """
 import os, signal, sys
-from rl import checkpoint
+from jaxalign.train import checkpoint
 save = checkpoint.PytreeCheckpointer.save
 def save_then_die(self, step, tree, record=None):
-    save(self, step, tree, record)
+    saved = save(self, step, tree, record)
     with open(os.environ["SAVED_STEPS"], "a") as f:
         f.write(f"{step}\\n")
     if step == int(os.environ["KILL_AFTER_STEP"]):
         os.kill(os.getpid(), signal.SIGKILL)
+    return saved
 checkpoint.PytreeCheckpointer.save = save_then_die
-from launch.cli import main
-sys.exit(main(sys.argv[1:]))
+from jaxalign.registry import main
+sys.exit(main())  # what `python -m jaxalign.registry` does, after the wrapping above
 """
 
 
-def run_cli(experiment: str, workdir: Path, overrides: list[str], compilation_cache: Path,
+def run_registered(experiment: str, workdir: Path, overrides: list[str], compilation_cache: Path,
             kill_after: int | None = None, timeout: float = 180) -> tuple[subprocess.CompletedProcess, list[int]]:
-    """Run the experiment's CLI command in a child process (CPU, a persistent compilation cache shared between
-    calls so only the first compiles); returns the finished process and the checkpoint steps it saved."""
+    """Run the experiment through the registry's entry point in a child process (CPU, a persistent compilation
+    cache shared between calls so only the first compiles); returns the finished process and the checkpoint steps it
+    saved."""
     saved = workdir.parent / f"{workdir.name}-saved-{time.monotonic_ns()}.txt"
     saved.touch()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                KILL_AFTER_STEP=str(-1 if kill_after is None else kill_after), SAVED_STEPS=str(saved))
-    proc = subprocess.run([sys.executable, "-c", _CHILD, "run", experiment, "--workdir", str(workdir), *overrides],
+    proc = subprocess.run([sys.executable, "-c", _CHILD, experiment, "--workdir", str(workdir), *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return proc, [int(line) for line in saved.read_text().split()]
 
 
 def checkpoint_arrays(workdir: Path, step: int) -> dict[str, np.ndarray]:
-    """The arrays of WORKDIR/checkpoints/STEP/state as NumPy."""
+    """The arrays of WORKDIR/checkpoints/STEP/state as NumPy, by tree path."""
+    import jax
     import orbax.checkpoint as ocp
 
-    return {k: np.asarray(v) for k, v in ocp.StandardCheckpointer().restore(
-        workdir / "checkpoints" / str(step) / "state").items()}
+    tree = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
 def comparable_results(workdir: Path, timing_keys: set[str]) -> dict:

@@ -28,6 +28,10 @@ Utilities (`UTILITIES`):
          errors below 1/2 do not change it and larger ones change it gradually rather than by a jump. The
          deviation term breaks ties (e.g. between actions that all miss the band) towards the band.
 
+A researcher's own objective needs no edit here: `make_agent(..., utility=f)` scores actions by
+mean_i f(c + theta_i(s, c, a)) for any elementwise JAX utility f of the final stock (the spec's utility is then
+ignored; its stock mask still applies), e.g. the expectile's f at a level found by an initial-stock sweep.
+
 `StockAugmented` wraps any functional environment (observation = inner observation + [c_t]; c_0 drawn uniformly
 from an integer range at reset). `make_agent` builds a PureJaxRL-style agent: `run(state, n)` is one lax.scan of n
 iterations, each stepping `num_envs` vmapped environments once (epsilon-greedy w.r.t. the score), adding the
@@ -154,6 +158,13 @@ def greedy_actions(quantiles: jax.Array, stock: jax.Array, spec: AgentSpec, tie_
     return jnp.argmax(objective_scores(quantiles, stock, spec, tie_break), axis=-1)
 
 
+def utility_scores(utility: Callable[[jax.Array], jax.Array], quantiles: jax.Array, stock: jax.Array) -> jax.Array:
+    """score[..., a] = mean_i f(stock + quantiles[..., a, i]) for an elementwise utility f of the final stock.
+
+    quantiles [..., A, N] of the return-to-go; stock [...] the current c_t. Returns [..., A]."""
+    return utility(stock[..., None, None] + quantiles).mean(-1)
+
+
 def quantile_td_target(rewards: jax.Array, terminated: jax.Array, next_quantiles: jax.Array,
                        next_actions: jax.Array) -> jax.Array:
     """The stock-augmented quantile TD target T theta_j = r + (1 - terminated) theta_j(s', c + r, a*), gamma = 1.
@@ -235,8 +246,10 @@ class DeepAgent(NamedTuple):
     run: Callable  # (DeepState, n) -> (DeepState, metrics [n])
 
 
-def make_agent(config: DeepDDPConfig, env: StockAugmented, env_params: StockParams) -> DeepAgent:
-    """A stock-augmented quantile agent on `env` (a StockAugmented env: the last observation entry is c_t)."""
+def make_agent(config: DeepDDPConfig, env: StockAugmented, env_params: StockParams,
+               utility: Callable[[jax.Array], jax.Array] | None = None) -> DeepAgent:
+    """A stock-augmented quantile agent on `env` (a StockAugmented env: the last observation entry is c_t), greedy
+    w.r.t. its spec's utility (`UTILITIES`) or, when given, w.r.t. E `utility`(c_H) (module docstring)."""
     if not isinstance(env, StockAugmented):
         raise ValueError(f"make_agent needs a StockAugmented environment; got {env.name}")
     action_space = env.action_space(env_params)
@@ -256,8 +269,13 @@ def make_agent(config: DeepDDPConfig, env: StockAugmented, env_params: StockPara
         features = jnp.concatenate([obs[..., :-1], spec.use_stock * obs[..., -1:] / config.stock_scale], axis=-1)
         return network.apply(params, features)
 
+    def greedy(q, stock, spec):
+        if utility is None:
+            return greedy_actions(q, stock, spec, config.tie_break)
+        return jnp.argmax(utility_scores(utility, q, stock), axis=-1)
+
     def act(params, spec, obs):
-        return greedy_actions(quantiles(params, spec, obs), obs[..., -1], spec, config.tie_break)
+        return greedy(quantiles(params, spec, obs), obs[..., -1], spec)
 
     def greedy_policy(params_and_spec, obs, key):
         params, spec = params_and_spec
@@ -283,8 +301,7 @@ def make_agent(config: DeepDDPConfig, env: StockAugmented, env_params: StockPara
     def loss_fn(params, target_params, spec, batch):
         next_target = quantiles(target_params, spec, batch["next_obs"])
         selector = quantiles(params, spec, batch["next_obs"]) if config.double_q else next_target
-        next_actions = greedy_actions(jax.lax.stop_gradient(selector), batch["next_obs"][:, -1], spec,
-                                      config.tie_break)
+        next_actions = greedy(jax.lax.stop_gradient(selector), batch["next_obs"][:, -1], spec)
         targets = quantile_td_target(batch["reward"], batch["terminated"], next_target, next_actions)
         predicted = jnp.take_along_axis(quantiles(params, spec, batch["obs"]),
                                         batch["action"][:, None, None], axis=1)[:, 0]

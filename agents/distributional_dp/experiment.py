@@ -19,38 +19,39 @@ Evaluation (CVaR convention: the mean of the lower alpha tail of the return G, a
   - each homeostatic target m is served by the one band network started from c_0 = -m: the empirical
     P(|G - m| <= w) over eval_episodes episodes, next to the tabular optimum.
 
-Writes config.json, metrics.jsonl (one line per chunk), checkpoints/ (after every chunk), results.json and
-return_distributions.png.
+Writes config.json, metrics.jsonl (one line per chunk), checkpoints/ (after every chunk), results.json,
+return_distributions.png and learning_curve.png (the three agents' training returns).
+
+Training runs on the RL harness (`rl.harness`, PureJaxRL-style: Lu et al. 2022, "Discovered Policy Optimisation"):
+one update steps the three agents (vmapped) once, the harness scans `num_chunks` chunks of updates under jit with
+each agent's environment batch split over the devices' data axis.
 
 Resume: re-running the same command continues a killed run. After every chunk the three agents' whole `DeepState`
 (online params, optimizer state, target params, replay buffer with its write position and size, environment states,
 observations, PRNG keys, iteration counters, agent specs) and the chunk records so far are checkpointed atomically
-(`rl.checkpoint`); a re-run restores the newest chunk, rewrites metrics.jsonl from the restored records and runs the
-remaining chunks with the same chunk sizes, so training ends in the bit-identical state. Everything after training
-(the tabular DP solutions, b*, the evaluation episodes with their fixed keys) is recomputed deterministically from
-the final parameters and the config, not checkpointed. A work directory whose config.json records a different config
-(`show_progress` aside) is refused (`claim_workdir`).
+(`jaxalign.train.checkpoint.PytreeCheckpointer`); a re-run restores the newest chunk, rewrites metrics.jsonl from the
+restored records and runs the remaining chunks with the same chunk sizes, so training ends in the bit-identical
+state. Everything after training (the tabular DP solutions, b*, the evaluation episodes with their fixed keys) is
+recomputed deterministically from the final parameters and the config, not checkpointed. A work directory whose
+config.json records a different config (`show_progress` aside) is refused (`jaxalign.rundir.claim`).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from agents.distributional_dp import dp
 from agents.distributional_dp import objectives as obj
-from agents.distributional_dp.deep import AgentSpec, DeepDDPConfig, StockAugmented, learned_cvar_sweep, make_agent
+from agents.distributional_dp.deep import (AgentSpec, DeepAgent, DeepDDPConfig, DeepState, StockAugmented,
+                                           learned_cvar_sweep, make_agent)
 from agents.distributional_dp.distributions import StockGrid
 from agents.distributional_dp.mdp import FiniteMDP, gridworld_mdp
-from jaxalign.experiments.arith_dpo import claim_workdir, params_sha256, without_presentation_fields, write_json_atomic
-from rl.checkpoint import PytreeCheckpointer
+from jaxalign.rundir import RunDir, params_sha256
+from rl import harness
 from rl.envs.gridworld import DEFAULT_LAYOUT, Gridworld, GridworldParams
 from rl.rollout import evaluate_episodes
 
@@ -98,11 +99,6 @@ class DDPGridworldConfig:
         return targets
 
 
-def chunk_sizes(num_iterations: int, num_chunks: int) -> list[int]:
-    size = math.ceil(num_iterations / num_chunks)
-    return [size] * (num_iterations // size) + ([num_iterations % size] if num_iterations % size else [])
-
-
 def empirical_cvar(returns: np.ndarray, alpha: float) -> float:
     """CVaR_alpha of the empirical law of integer returns (the mean of the lowest alpha fraction)."""
     returns = np.rint(np.asarray(returns)).astype(np.int64)
@@ -144,61 +140,53 @@ def chunk_record(metrics: dict[str, np.ndarray], done_iterations: int, num_envs:
     return record
 
 
-def write_metrics(path: str, records: list[dict]) -> None:
-    """Replace metrics.jsonl by `records`, atomically: after a resume it holds exactly the checkpointed chunks,
-    whatever a killed run appended after its last checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
+def agent_specs(band_width: float) -> AgentSpec:
+    """The three agents' specs (AGENTS order), stacked for jax.vmap."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), AgentSpec.make("cvar"),
+                                  AgentSpec.make("band", band_width=band_width),
+                                  AgentSpec.make("mean", use_stock=False))
+
+
+def ddp_trainer(agent: DeepAgent, specs: AgentSpec) -> harness.Trainer:
+    """The agents side by side for the harness: `init` splits the key into one per agent, one update steps every
+    agent once (vmapped), one metrics record per chunk. Each agent's environment states and observations are
+    [agents, num_envs, ...]: the environment batch is axis 1."""
+    config = agent.config
+    num_agents = len(jax.tree_util.tree_leaves(specs)[0])
+
+    def init(key):
+        return jax.vmap(agent.init)(jax.random.split(key, num_agents), specs)
+
+    def env_axes(state: DeepState) -> DeepState:
+        replicated, envs = harness.REPLICATED, harness.env_batch(1)
+        return DeepState(train_state=replicated, target_params=replicated, buffer=replicated, env_state=envs,
+                         obs=envs, key=replicated, iteration=replicated, spec=replicated)
+
+    def records(metrics: dict[str, np.ndarray], done: int) -> list[dict]:
+        # [iterations, agents] -> [agents, iterations], contiguous: the layout chunk_record reduces over.
+        per_agent = {k: np.ascontiguousarray(np.swapaxes(v, 0, 1)) for k, v in metrics.items()}
+        return [chunk_record(per_agent, done + len(metrics["loss"]), config.num_envs)]
+
+    def postfix(chunk: list[dict]) -> dict:
+        return {"loss": f"{chunk[-1]['loss_cvar']:.3f}", "eps": f"{chunk[-1]['epsilon']:.2f}"}
+
+    return harness.Trainer(init=init, update=jax.vmap(agent.update), num_updates=config.num_iterations,
+                           env_steps_per_update=config.num_envs * num_agents, env_axes=env_axes, records=records,
+                           postfix=postfix)
 
 
 def run(cfg: DDPGridworldConfig, workdir: str) -> dict:
     """Train (or resume; module docstring), evaluate against the tabular optimum, and write results.json."""
     clock = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
-    claim_workdir(cfg, workdir)
     grid_env = Gridworld(DEFAULT_LAYOUT)
     gparams = GridworldParams(slip_prob=cfg.slip_prob, pit_cost=cfg.pit_cost, horizon=cfg.horizon)
     env = StockAugmented(grid_env)
     train_params = env.params_for(gparams, cfg.c0_low, cfg.c0_high)
     agent = make_agent(cfg.deep, env, train_params)
-    specs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), AgentSpec.make("cvar"),
-                                   AgentSpec.make("band", band_width=cfg.band_width),
-                                   AgentSpec.make("mean", use_stock=False))
-    keys = jax.random.split(jax.random.key(cfg.seed), len(AGENTS))
-    state = jax.jit(jax.vmap(agent.init))(keys, specs)
-    run_chunk = jax.jit(lambda s, n: jax.vmap(lambda x: agent.run(x, n))(s), static_argnums=1)
-
-    sizes = chunk_sizes(cfg.deep.num_iterations, cfg.num_chunks)
-    steps_per_iteration = cfg.deep.num_envs * len(AGENTS)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    with PytreeCheckpointer(os.path.join(workdir, "checkpoints"), without_presentation_fields(dataclasses.asdict(cfg)),
-                            keep_last=2) as checkpoints:
-        records: list[dict] = []
-        restored = checkpoints.restore_latest(state)
-        if restored is not None:
-            _, state, records = restored
-        write_metrics(metrics_path, records)
-        done_iterations = sum(sizes[:len(records)])  # one record per finished chunk
-        train_start = time.perf_counter()
-        with open(metrics_path, "a") as log, \
-                tqdm(total=cfg.deep.num_iterations * steps_per_iteration, initial=done_iterations * steps_per_iteration,
-                     desc="ddp gridworld (3 agents)", unit="step", unit_scale=True, disable=not cfg.show_progress,
-                     dynamic_ncols=True) as bar:
-            for size in sizes[len(records):]:
-                state, metrics = run_chunk(state, size)
-                metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}  # [agents, size]
-                done_iterations += size
-                record = chunk_record(metrics, done_iterations, cfg.deep.num_envs)
-                records.append(record)
-                # Checkpoint first, then log: a resume rewrites metrics.jsonl from the checkpointed records.
-                checkpoints.save(done_iterations, state, records)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{record['loss_cvar']:.3f}", eps=f"{record['epsilon']:.2f}")
-                bar.update(size * steps_per_iteration)
-    train_seconds = time.perf_counter() - train_start
+    specs = agent_specs(cfg.band_width)
+    trained = harness.train(ddp_trainer(agent, specs), cfg, workdir, jax.random.key(cfg.seed), cfg.num_chunks,
+                            show_progress=cfg.show_progress, desc=f"ddp gridworld ({len(AGENTS)} agents)")
+    state, train_seconds = trained.state, trained.train_seconds
     params = [jax.tree_util.tree_map(lambda x, i=i: x[i], state.train_state.params) for i in range(len(AGENTS))]
     spec = [jax.tree_util.tree_map(lambda x, i=i: x[i], specs) for i in range(len(AGENTS))]
 
@@ -281,13 +269,17 @@ def run(cfg: DDPGridworldConfig, workdir: str) -> dict:
         "device": str(jax.devices()[0]),
         "config": dataclasses.asdict(cfg),
     }
-    write_json_atomic(os.path.join(workdir, "results.json"), results)
+    harness.write_results(workdir, results)
+    harness.plot_learning_curve(workdir, trained.history, "env_steps_per_agent",
+                                {name: f"train_return_{name}" for name in AGENTS},
+                                title="training returns per chunk (epsilon-greedy)",
+                                xlabel="environment steps per agent", ylabel="mean episode return")
     panels = {f"deep DDP, CVaR (b*={b_star})": (returns_cvar, cvar_agent),
               "QR-DQN (mean-greedy)": (returns_qr, cvar_qrdqn)}
     _plot(panels, (optimum.return_support, optimum.return_pmf, optimum.value), band_returns, homeostatic, cfg,
-          os.path.join(workdir, "return_distributions.png"))
+          RunDir(workdir).file("return_distributions.png"))
     results["wall_seconds"] = time.perf_counter() - clock
-    write_json_atomic(os.path.join(workdir, "results.json"), results)
+    harness.write_results(workdir, results)
     return results
 
 

@@ -1,16 +1,16 @@
 """APO on a tabular K-armed bandit with EXACT proximal steps: a closed-form demonstration of Nesterov acceleration.
 
-He et al. (2024), "Accelerated Preference Optimization" (APO; METHODS.md section 6, tagged [unverified] there: the
-form implemented is the one written in METHODS.md). The paper views iterative DPO as a proximal point method and
-accelerates it with Nesterov extrapolation. On a bandit (one prompt, K responses, known reward vector r, a
-Bradley-Terry oracle P(y > y') = sig(r(y) - r(y'))) each proximal step has a closed form, so the acceleration can be
-seen without sampling or optimisation noise.
+He et al. (2024), "Accelerated Preference Optimization" (APO; docs/algorithms.md, "APO": the form implemented is
+the one below, not checked equation by equation against the paper). The paper views iterative DPO as a proximal
+point method and accelerates it with Nesterov extrapolation. On a bandit (one prompt, K responses, known reward
+vector r, a Bradley-Terry oracle P(y > y') = sig(r(y) - r(y'))) each proximal step has a closed form, so the
+acceleration can be seen without sampling or optimisation noise.
 
 The recursion (iteration t = 0, 1, ...; pihat_{-1} = pihat_0 = pi_0, the initial policy):
 
     proximal step   pihat_{t+1} = argmin_pi E_{y, y' ~ pi_t, label ~ BT} [DPO loss of pi against reference pi_t]
                                 = pi_t * exp(r / beta) / Z                                         (closed form)
-    extrapolation   log pi_{t+1} = (1 + a) log pihat_{t+1} - a log pihat_t - log Z                 (METHODS.md 6)
+    extrapolation   log pi_{t+1} = (1 + a) log pihat_{t+1} - a log pihat_t - log Z                 (Nesterov step)
 
 a = 0 is iterative DPO. Why the closed form: for an unordered pair {y, y'} (both in the support of pi_t) the
 population loss holds pi_t(y) pi_t(y') [P(y > y') (-logsig(beta u)) + P(y' > y) (-logsig(-beta u))] with
@@ -194,7 +194,7 @@ def proximal_step(log_reference: Any, rewards: Any, beta: float) -> np.ndarray:
 def extrapolate(log_hat_next: Any, log_hat_prev: Any, alpha: float) -> np.ndarray:
     """APO's Nesterov step on log-policies: log pi = (1 + a) log pihat_next - a log pihat_prev - log Z.
 
-    He et al. (2024); METHODS.md section 6. a = 0 returns log pihat_next (renormalised, which leaves a normalised
+    He et al. (2024); docs/algorithms.md, "APO". a = 0 returns log pihat_next (renormalised, which leaves a normalised
     input unchanged up to round-off). Both [K], normalised, full support.
     """
     fn = "extrapolate"
@@ -350,7 +350,7 @@ class BanditTrajectory(NamedTuple):
 
 def run_apo_bandit(rewards: Any, initial_policy: Any, beta: float = 1.0, alpha: float = 0.0, iterations: int = 10,
                    method: str = "closed_form") -> BanditTrajectory:
-    """APO (He et al. 2024; METHODS.md section 6) for `iterations` steps on a bandit with a Bradley-Terry oracle.
+    """APO (He et al. 2024; docs/algorithms.md) for `iterations` steps on a bandit with a Bradley-Terry oracle.
 
     Per step: pihat_{t+1} = the proximal step from pi_t (method="closed_form": `proximal_step`, pi_t * exp(r/beta);
     method="numerical": `numerical_proximal_step`, the minimiser of the population apo_dpo loss with the checkpoints

@@ -1,5 +1,5 @@
 """Curry-DPO (Pattnaik et al., 2024, "Curry-DPO: Enhancing Alignment using Curriculum Learning & Ranked
-Preferences"; METHODS.md section 5): host-side pair building and curriculum staging, pure NumPy.
+Preferences"; docs/algorithms.md, "Curry-DPO"): host-side pair building and curriculum staging, pure NumPy.
 
 From K rated responses per prompt, the paper builds several preference pairs per prompt, the best-rated response
 against each other response, orders them from easy to hard by rating gap (a large gap is an easy pair) and trains

@@ -1,4 +1,4 @@
-"""The iteration loop shared by online/iterative DPO, DNO-Prct and APO (METHODS.md section 6), and the reference
+"""The iteration loop shared by online/iterative DPO, DNO-Prct and APO (docs/algorithms.md), and the reference
 each iteration trains against.
 
 All three repeat one proximal step: from the current iterate pihat_t, sample, judge, build pairs, and train a DPO
@@ -6,13 +6,13 @@ step whose reference is
 
 - online / iterative DPO (Xiong et al. 2024) and DNO-Prct (Rosset et al. 2024, Algorithm 2): the previous iterate,
   log pi_ref = log pihat_t;
-- APO (He et al. 2024, "Accelerated Preference Optimization", the Nesterov step of METHODS.md section 6): the
+- APO (He et al. 2024, "Accelerated Preference Optimization", its Nesterov step): the
   extrapolated iterate, log pi_ref = (1 + a) log pihat_t - a log pihat_{t-1} - log Z. With per-token log-probs the
   extrapolation is linear (`jaxalign.losses.iterative.apo_reference_logratio`), log Z cancels in every
   chosen-minus-rejected difference, so two frozen checkpoints suffice. a = 0, and the first iteration (there is no
   pihat_{-1}), are iterative DPO exactly: the reference log-probs are pihat_t's, bit for bit.
 
-`run_iterations` composes an iteration function; it never forks the trainer (DESIGN.md principle 4). Which
+`run_iterations` composes an iteration function; it never forks the trainer (docs/architecture.md). Which
 iterate to keep is `best_iterate`'s choice: the best on validation (DNO-Prct), the earliest on ties.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Token-level PPO for a decoder LM, with DR-PO's dataset resets: Chang et al. (2024), "Dataset Reset Policy
-Optimization for RLHF" (DR-PO, arXiv:2404.08495); METHODS.md section 6. `beta_reset = 0` is plain PPO (Schulman et
+Optimization for RLHF" (DR-PO, arXiv:2404.08495); docs/algorithms.md. `beta_reset = 0` is plain PPO (Schulman et
 al. 2017, arXiv:1707.06347) as used for RLHF (Ouyang et al. 2022; Ziegler et al. 2019: a per-token KL penalty to
 the SFT policy and a terminal reward).
 
@@ -84,8 +84,8 @@ def _is_number(value: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class LMPPOConfig:
-    """PPO / DR-PO hyper-parameters (METHODS.md section 6). One update = `rollouts_per_update` rollouts (one per
-    prompt), then `update_epochs` x `num_minibatches` optimizer steps.
+    """PPO / DR-PO hyper-parameters (Chang et al. 2024; docs/algorithms.md). One update = `rollouts_per_update`
+    rollouts (one per prompt), then `update_epochs` x `num_minibatches` optimizer steps.
 
     beta_reset: probability that a rollout starts from a teacher-forced prefix of the offline reference response
         (DR-PO); 0 is plain PPO.
@@ -156,7 +156,7 @@ class LMPPOConfig:
 
 
 def sample_reset_lengths(key: jax.Array, reference_lengths: jax.Array, beta_reset) -> jax.Array:
-    """int32 [B]: DR-PO's reset point h per rollout (Chang et al. 2024, METHODS.md section 6): with probability
+    """int32 [B]: DR-PO's reset point h per rollout (Chang et al. 2024): with probability
     `beta_reset`, h ~ U{1, ..., len - 1} (len = reference_lengths, EOS included); otherwise 0 (start at the prompt).
     A reference shorter than 2 tokens has no such h: its rollouts always start at the prompt."""
     lengths = jnp.asarray(reference_lengths, jnp.int32)

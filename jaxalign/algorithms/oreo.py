@@ -1,5 +1,5 @@
 """The OREO trainer and value-guided beam search: Wang et al. (2024), "Offline Reinforcement Learning for LLM
-Multi-Step Reasoning" (OREO, arXiv:2412.16145); METHODS.md section 7.
+Multi-Step Reasoning" (OREO, arXiv:2412.16145); docs/algorithms.md, "OREO".
 
 OREO learns a policy pi_theta and a critic V_phi from offline trajectories (x, y, R), R in {0, 1} a sparse terminal
 reward, by enforcing the soft Bellman equation of KL-regularised RL with the SFT model as reference pi_ref. The
@@ -18,7 +18,7 @@ response level, full-vocabulary KL); this module composes them with models, opti
   each separator-delimited reasoning step: OREO's step-level states) and the reward.
 - update steps (`make_oreo_steps`): the critic is updated first (`oreo_value_loss`), and the actor
   (`oreo_policy_loss` + alpha * full-vocabulary KL to the reference) uses the values V(s_t) the critic produced
-  BEFORE that update, the order the paper prescribes (METHODS.md section 7). Both objectives stop gradients on the
+  BEFORE that update, the order the paper prescribes. Both objectives stop gradients on the
   other model's quantities, so the two updates are independent given those pre-step quantities.
 - test time (`value_guided_beam_search`): B beams, each expanded with B sampled candidate next steps (sampled up to
   the step separator or EOS), the top-B partial solutions by V(state after the step) kept, at most `max_steps`
@@ -64,7 +64,7 @@ from jaxalign.train.state import TrainState
 
 VALUE_MODELS = ("critic", "shared")
 TRAJECTORY_KEYS = ("tokens", "attention_mask", "completion_mask", "step_starts", "reward")
-# METHODS.md section 7: alpha 0.01, 0.1 at step level.
+# The authors' settings: alpha 0.01, 0.1 at step level.
 DEFAULT_ALPHA = {"token": 0.01, "step": 0.1, "response": 0.01}
 
 
@@ -79,7 +79,7 @@ def check_level(level: Any, name: str = "level") -> None:
 
 @dataclasses.dataclass(frozen=True)
 class OreoConfig:
-    """OREO's training hyper-parameters (METHODS.md section 7).
+    """OREO's training hyper-parameters (Wang et al. 2024; defaults from the authors' code).
 
     level: "token" | "step" | "response", the MDP granularity of both losses' state mask and of the policy loss.
     beta: KL-penalty strength of the soft Bellman equation (paper: 0.03).
@@ -123,7 +123,7 @@ class OreoConfig:
 
 
 def step_starts(tokens: jax.Array, completion_mask: jax.Array, separator_id: int) -> jax.Array:
-    """Boolean [B, T]: the first token of every reasoning step, OREO's step-level states (METHODS.md section 7).
+    """Boolean [B, T]: the first token of every reasoning step, OREO's step-level states (Wang et al. 2024).
 
     A step starts at the first response token of the row and at every response token right after a response token
     equal to `separator_id` (';' for ARITH: "a+b=s1;s1+c=s2" has steps starting at 'a' and 's1'). A trailing
@@ -214,7 +214,7 @@ def arith_trajectory_batch(problems: np.ndarray, prompt_tokens: np.ndarray, comp
 
 def init_critic_params(value_model: str, model_cfg: ModelConfig, policy_params: Any, rng: jax.Array) -> Any:
     """The value model's trainable parameters at the start of OREO: "critic", a ScalarHeadLM with the SFT policy's
-    parameters as backbone and a zero head (V = 0 everywhere, METHODS.md section 7); "shared", a zero value head
+    parameters as backbone and a zero head (V = 0 everywhere, as the paper's critic); "shared", a zero value head
     {VALUE_HEAD: ...} for the policy's trunk."""
     if value_model not in VALUE_MODELS:
         raise ValueError(f"value_model must be one of {VALUE_MODELS}, got {value_model!r}")
@@ -278,7 +278,7 @@ def reference_logits(model_cfg: ModelConfig, reference_params: Any, batch: dict)
 
 def critic_update(critic_state: TrainState, policy_params: Any, ref_logits: jax.Array, batch: dict, *,
                   cfg: OreoConfig, model_cfg: ModelConfig) -> tuple[TrainState, jax.Array, dict]:
-    """One optimizer step on OREO's value loss (`oreo_value_loss`, METHODS.md section 7):
+    """One optimizer step on OREO's value loss (`oreo_value_loss`, Wang et al. 2024):
     L_V = mean_b[sum_t s_t (beta A_t + V(s_t) - R)^2 / sum_t s_t] with A_t from the current policy's log-ratios.
 
     Returns (new critic state, V(s_t) [B, T] of the critic BEFORE this step, metrics). The pre-step values come
@@ -304,7 +304,7 @@ def critic_update(critic_state: TrainState, policy_params: Any, ref_logits: jax.
 def actor_update(actor_state: TrainState, ref_logits: jax.Array, batch: dict, values: jax.Array, *,
                  cfg: OreoConfig, model_cfg: ModelConfig) -> tuple[TrainState, dict]:
     """One optimizer step on OREO's policy loss at `cfg.level` plus cfg.kl_weight * KL(pi_theta || pi_ref) over the
-    full vocabulary (`oreo_policy_loss`, `token_kl`; METHODS.md section 7). `values` [B, T] are V(s_t) from the critic
+    full vocabulary (`oreo_policy_loss`, `token_kl`; Wang et al. 2024). `values` [B, T] are V(s_t) from the critic
     before its update of this iteration (`critic_update`'s second output); they enter under stop-gradient."""
     alpha = cfg.kl_weight
 
@@ -335,7 +335,7 @@ class OreoSteps(NamedTuple):
 
 
 def make_oreo_steps(cfg: OreoConfig, model_cfg: ModelConfig) -> OreoSteps:
-    """The jitted critic, actor and combined OREO update steps for `cfg` (Wang et al. 2024; METHODS.md section 7)."""
+    """The jitted critic, actor and combined OREO update steps for `cfg` (Wang et al. 2024)."""
 
     def critic(critic_state, policy_params, reference_params, batch):
         ref = reference_logits(model_cfg, reference_params, batch)
@@ -411,13 +411,13 @@ def train_oreo(actor_state: TrainState, critic_state: TrainState, reference_para
 def iterative_oreo(policy_params: Any, reference_params: Any, *, cfg: OreoConfig, model_cfg: ModelConfig,
                    iterations: int, sample_fn: Callable, grade_fn: Callable, separator_id: int, pad_id: int,
                    seed: int = 0, critic_params: Any = None) -> tuple[Any, Any, list[dict]]:
-    """Iterative OREO (Wang et al. 2024; METHODS.md section 7): each iteration collects fresh trajectories with the
+    """Iterative OREO (Wang et al. 2024; docs/algorithms.md): each iteration collects fresh trajectories with the
     current policy, then trains critic and actor on them (`train_oreo`, cfg.steps steps, optimizers restarted).
 
     sample_fn(policy_params, iteration) -> (prompt_tokens [N, P], completion_tokens [N, C], completion_mask [N, C],
         context): trajectories of the current policy (context: whatever grade_fn needs, e.g. the problems);
     grade_fn(context, completion_tokens, completion_mask) -> reward [N].
-    The reference stays `reference_params` (the SFT model, METHODS.md section 7); the critic carries over from one
+    The reference stays `reference_params` (the SFT model, as in the paper); the critic carries over from one
     iteration to the next (from `critic_params`, else `init_critic_params`). Returns (policy params, critic params,
     one record per iteration: its reward mean and the last logged training metrics)."""
     if not _is_int(iterations) or iterations < 1:
@@ -444,7 +444,7 @@ def iterative_oreo(policy_params: Any, reference_params: Any, *, cfg: OreoConfig
 
 @dataclasses.dataclass(frozen=True)
 class BeamConfig:
-    """Value-guided step-level beam search (Wang et al. 2024, test-time search; METHODS.md section 7).
+    """Value-guided step-level beam search (Wang et al. 2024, test-time search).
 
     beams: B, the partial solutions kept after every step.
     candidates: next steps sampled from every beam; None = beams (the paper's B x B expansion).

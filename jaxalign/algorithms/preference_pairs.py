@@ -8,7 +8,7 @@ its best against its worst candidate (online DPO, Xiong et al. 2024 / Guo et al.
 
 - the best score is at least `min_chosen_score` (DNO: "the positive must be good enough"), and
 - the margin best - worst is at least `min_margin` when the chosen response is the teacher's and at least
-  `student_min_margin` when it is one of the policy's own samples (METHODS.md section 6: margin >= 2, >= 1 if the
+  `student_min_margin` when it is one of the policy's own samples (DNO-Prct: margin >= 2, >= 1 if the
   positive is a student sample), and always > 0 (a tied prompt has no preference to learn).
 
 Ties for the best candidate go to a student sample over the teacher (on-policy pairs are the point of the online

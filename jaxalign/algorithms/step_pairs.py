@@ -1,5 +1,5 @@
 """Step-DPO's step-level preference pairs on ARITH (Lai et al., 2024, "Step-DPO: Step-wise Preference Optimization
-for Long-chain Reasoning"; METHODS.md section 6, [code]). Host-side NumPy, plus one sampling call.
+for Long-chain Reasoning"; docs/algorithms.md, from the authors' code). Host-side NumPy, plus one sampling call.
 
 A pair is built from a graded sample of the policy that goes wrong somewhere in its chain:
 

@@ -2,9 +2,10 @@
 
     jaxalign bench arith-seeds --workdir runs/seeds [--seeds 0,1,2] [key=value ...]
 
-Each seed runs as its own `jaxalign run arith_dpo --workdir DIR/seed_N seed=N ...` process (so `wall_seconds` is
-what a user's command costs, compilation included; an interrupted sweep resumes). The table (printed and saved as
-DIR/summary.md and DIR/summary.json) has one row per seed and the mean and standard deviation across seeds.
+Each seed runs as its own `jaxalign run arith_dpo --workdir DIR/seed_N seed=N ...` process, started as `python -m
+jaxalign.registry` (so `wall_seconds` is what a user's command costs, compilation included; an interrupted sweep
+resumes). The table (printed and saved as DIR/summary.md and DIR/summary.json) has one row per seed and the mean
+and standard deviation across seeds.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> list[dict]:
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         workdir = os.path.join(args.workdir, f"seed_{seed}")
-        command = [sys.executable, "-m", "launch.cli", "run", "arith_dpo", "--workdir", workdir, f"seed={seed}",
+        command = [sys.executable, "-m", "jaxalign.registry", "arith_dpo", "--workdir", workdir, f"seed={seed}",
                    "show_progress=false", *overrides]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)

@@ -2,7 +2,7 @@
 
 What is measured, per model size (`SIZES`, all Llama-style decoders that a small CPU trains in seconds):
 
-- jaxalign: the main job's DPO step (`jaxalign.experiments.arith_dpo.train_dpo`'s code path, built from the same
+- jaxalign: the main job's DPO step (`jaxalign.train.preference`'s code path, built from the same
   library calls): `dpo_loss_fn` with the sigmoid objective and `DPOConfig`'s beta, an online frozen reference (one
   extra forward pass per step, no gradient), AdamW with global-norm clipping from `make_optimizer`, jitted with
   explicit shardings and donated state by `jit_train_step` on a mesh over all of JAX's devices. The batch is
@@ -40,18 +40,17 @@ import numpy as np
 
 from jaxalign.bench import flops
 from jaxalign.bench.report import text_table, write_csv_and_markdown
-from jaxalign.models.llama import DecoderLM, ModelConfig, count_params, init_params
+from jaxalign.data.position import DataPosition
+from jaxalign.models.llama import DecoderLM, ModelConfig, check_model_fits_mesh, count_params, init_params
 from jaxalign.sharding import (
     MeshConfig,
     check_batch_fits_mesh,
-    check_model_fits_mesh,
     init_sharded,
     make_mesh,
     put_batch,
 )
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.setup import sharded_train_state
-from jaxalign.train.state import DataPosition
 from jaxalign.train.step import dpo_loss_fn, jit_train_step, make_train_step
 
 # Increasing sizes for a 2-core CPU; max_len is raised to prompt_len + completion_len when that is longer.
@@ -101,10 +100,11 @@ def random_batch(cfg: ModelConfig, batch_pairs: int, prompt_len: int, completion
 
 
 def build_dpo_step(cfg: ModelConfig, mesh, total_steps: int, seed: int = 0):
-    """(step_fn, state, reference params) built as `arith_dpo.train_dpo` builds them, with its DPOConfig defaults."""
-    from jaxalign.experiments.arith_dpo import DPOConfig, objective_kwargs
+    """(step_fn, state, reference params) built as the preference phase builds them (`jaxalign.train.preference`),
+    with the main job's settings (`arith_kit.ARITH_DPO`)."""
+    from jaxalign.experiments.arith_kit import ARITH_DPO as dpo
+    from jaxalign.train.preference import objective_kwargs
 
-    dpo = DPOConfig()
     model = DecoderLM(cfg)
     tx = make_optimizer(dpo.optim, total_steps)
     reference, param_shardings = init_sharded(lambda r: init_params(cfg, r), jax.random.key(seed), mesh)

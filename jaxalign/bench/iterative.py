@@ -29,9 +29,9 @@ import time
 import numpy as np
 
 from jaxalign.bench.report import text_table, write_csv, write_csv_and_markdown
-from launch.overrides import apply_overrides
+from jaxalign.overrides import apply_overrides
 
-# name -> (preset, overrides on top of it); "offline_dpo" is `iterative_dpo.offline_config` of online DPO.
+# name -> (preset, overrides on top of it); "offline_dpo" is online DPO's config `.offline()`.
 ALGORITHMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "offline_dpo": ("online_dpo", ()),
     "online_dpo": ("online_dpo", ()),
@@ -44,13 +44,13 @@ BASELINE = "online_dpo"  # the run whose final accuracy APO must reach
 
 def algorithm_config(name: str, overrides: list[str], seed: int):
     """The IterativeConfig of one benchmarked algorithm for one seed."""
-    from jaxalign.experiments import iterative_dpo
+    from jaxalign.registry import get_experiment
 
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; available: {', '.join(ALGORITHMS)}")
     preset, extra = ALGORITHMS[name]
-    cfg = apply_overrides(iterative_dpo.preset(preset), [*overrides, *extra, f"base.seed={seed}"])
-    return iterative_dpo.offline_config(cfg) if name == "offline_dpo" else cfg
+    cfg = apply_overrides(get_experiment(preset).default_config(), [*overrides, *extra, f"base.seed={seed}"])
+    return cfg.offline() if name == "offline_dpo" else cfg
 
 
 def iterations_to_reach(accuracy: list[float], target: float) -> int | None:
@@ -63,7 +63,8 @@ def iterations_to_reach(accuracy: list[float], target: float) -> int | None:
 
 def arith_rows(workdir: str, names: list[str], seeds: list[int], overrides: list[str]) -> list[dict]:
     """Run (or resume) every algorithm for every seed; one row per (algorithm, seed, iteration)."""
-    from jaxalign.experiments import arith_dpo, iterative_dpo
+    from jaxalign.experiments import arith_kit as kit
+    from jaxalign.registry import get_experiment
     from jaxalign.sharding import make_mesh
     from jaxalign.train.loop import MetricsLog
 
@@ -73,8 +74,8 @@ def arith_rows(workdir: str, names: list[str], seeds: list[int], overrides: list
         sft_dir = os.path.join(seed_dir, "sft")
         base = algorithm_config(names[0], overrides, seed).base
         # One SFT policy per seed: every algorithm's run starts from a copy of its final checkpoint.
-        arith_dpo.train_sft(base, make_mesh(base.mesh), arith_dpo.split(base), sft_dir,
-                            MetricsLog(os.path.join(sft_dir, "metrics.jsonl")))
+        kit.train_sft(base, make_mesh(base.mesh), kit.split(base), sft_dir,
+                      MetricsLog(os.path.join(sft_dir, "metrics.jsonl")))
         results = {}
         for name in names:
             cfg = algorithm_config(name, overrides, seed)
@@ -83,7 +84,7 @@ def arith_rows(workdir: str, names: list[str], seeds: list[int], overrides: list
                 shutil.copytree(os.path.join(sft_dir, "checkpoints", "sft"),
                                 os.path.join(run_dir, "checkpoints", "sft"))
             print(f"[iterative] seed {seed}: {name} ...", file=sys.stderr, flush=True)
-            results[name] = iterative_dpo.run(cfg, run_dir)
+            results[name] = get_experiment(ALGORITHMS[name][0]).run(cfg, run_dir)
         target = results[BASELINE]["accuracy_per_iteration"][-1] if BASELINE in results else None
         for name, r in results.items():
             # Offline DPO has one long iteration: its iteration count is not comparable ("n/a").
@@ -204,7 +205,7 @@ CLAIM_EXPERIMENTS: dict[str, bool] = {
 def claim_rows(workdir: str, names: list[str], seeds: list[int]) -> list[dict]:
     """Run (or resume) each claim experiment per seed from its default config; one row per (experiment, seed,
     method) with the method's held-out accuracy and whether the experiment's claim held in that run."""
-    from launch.experiments import get_experiment
+    from jaxalign.registry import get_experiment
 
     rows = []
     for seed in seeds:

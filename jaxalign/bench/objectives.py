@@ -7,7 +7,7 @@ objective trains from the SFT policy for the same number of steps with the same 
 checkpoint selection: the benchmark compares what each objective does with a fixed budget, over-optimisation
 included). Rows are appended to DIR/objectives.csv as they finish, so a killed benchmark resumes where it stopped.
 
-Tasks (`arith_dpo.TASK_VARIANTS`): ARITH as in the main job; `length_bias`, whose demonstrations end with a random
+Tasks (`arith_kit.TASK_VARIANTS`): ARITH as in the main job; `length_bias`, whose demonstrations end with a random
 number of recaps of the answer (neutral for the oracle, so length and correctness are independent) and whose judge
 adds a bonus per completion token, so longer responses win more often than their quality warrants (length-normalised
 objectives such as LD-DPO's ld_alpha and SimPO should lengthen responses less); `verbose`, its control: the same
@@ -31,9 +31,9 @@ import time
 
 import numpy as np
 
-from jaxalign.experiments.arith_dpo import TASK_VARIANTS as TASKS
+from jaxalign.experiments.arith_kit import TASK_VARIANTS as TASKS
 from jaxalign.losses import SPECS
-from launch.overrides import apply_overrides
+from jaxalign.overrides import apply_overrides
 
 # The fixed budget every objective gets (on top of the main job's defaults and the user's overrides).
 BUDGET: tuple[str, ...] = ("dpo.select_best=false",)
@@ -136,19 +136,19 @@ def plot(summary: list[dict], path: str) -> None:
 
 def run_objective(cfg, mesh, problems, sft, pairs, workdir: str, data=None) -> dict:
     """Train one objective from the shared SFT policy on `data` (default: the pairs); evaluate its last step."""
-    from jaxalign.experiments import arith_dpo
+    from jaxalign.experiments import arith_kit as kit
+    from jaxalign.rundir import RunDir, claim
     from jaxalign.train.loop import MetricsLog
 
     clock = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
-    arith_dpo.claim_workdir(cfg, workdir)
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-    sft_params, param_shardings = sft
-    params, _, _ = arith_dpo.train_dpo(cfg, mesh, sft_params, param_shardings, pairs if data is None else data,
-                                       problems, workdir, log)
-    evaluation, _ = arith_dpo.greedy_eval(params, cfg.model, problems.test, cfg.eval_batch_size)
-    drift = arith_dpo.drift_from_reference(params, sft_params, cfg.model, problems.test, pairs, cfg.eval_batch_size,
-                                           seed=cfg.seed)
+    claim(cfg, workdir)
+    log = MetricsLog(RunDir(workdir).metrics)
+    sft_params, _ = sft
+    params, _, _ = kit.train_dpo(cfg, mesh, sft_params, pairs if data is None else data, problems, workdir, log)
+    evaluation, _ = kit.greedy_eval(params, cfg.model, problems.test, cfg.eval_batch_size)
+    drift = kit.drift_from_reference(params, sft_params, cfg.model, problems.test, pairs, cfg.eval_batch_size,
+                                     seed=cfg.seed)
     return {"accuracy": evaluation["accuracy"], "mean_length": evaluation["mean_length"], **drift,
             "wall_seconds": time.perf_counter() - clock}
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (key=value)")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
 
-    from jaxalign.experiments import arith_dpo
+    from jaxalign.experiments import arith_kit as kit
     from jaxalign.sharding import make_mesh
     from jaxalign.train.loop import MetricsLog
 
@@ -185,28 +185,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     done = {(r["objective"], r["task"], int(r["seed"])) for r in read_rows(csv_path)}
     clock = time.perf_counter()
     for seed in seeds:
-        base = apply_overrides(arith_dpo.ArithDPOConfig(), [*args.overrides, *BUDGET, f"seed={seed}"])
+        base = apply_overrides(kit.ArithDPOConfig(), [*args.overrides, *BUDGET, f"seed={seed}"])
         mesh = make_mesh(base.mesh)
-        arith_dpo.validate_config(base, mesh)
-        problems = arith_dpo.split(base)
+        kit.validate_config(base, mesh)
+        problems = kit.split(base)
         seed_dir = os.path.join(args.workdir, f"seed{seed}")
         sft_policies: dict[str, tuple] = {}  # SFT directory -> (train_sft's result, its greedy evaluation)
         for task in tasks:
             todo = [o for o in objectives if (o, task, seed) not in done]
             if not todo:
                 continue
-            task_cfg = arith_dpo.task_config(base, task)
+            task_cfg = kit.task_config(base, task)
             task_dir = os.path.join(seed_dir, task)
             os.makedirs(task_dir, exist_ok=True)
             # Tasks with the same demonstrations and model share one SFT policy (the main job's in seed_dir).
-            sft_dir = os.path.join(seed_dir, arith_dpo.sft_variant(task)).rstrip(os.sep)
+            sft_dir = os.path.join(seed_dir, kit.sft_variant(task)).rstrip(os.sep)
             if sft_dir not in sft_policies:
-                trained = arith_dpo.train_sft(task_cfg, mesh, problems, sft_dir,
+                trained = kit.train_sft(task_cfg, mesh, problems, sft_dir,
                                               MetricsLog(os.path.join(sft_dir, "metrics.jsonl")))
-                sft_policies[sft_dir] = trained, arith_dpo.greedy_eval(trained[0], task_cfg.model, problems.test,
+                sft_policies[sft_dir] = trained, kit.greedy_eval(trained[0], task_cfg.model, problems.test,
                                                                        base.eval_batch_size)[0]
             sft, sft_eval = sft_policies[sft_dir]
-            pairs, pair_stats = arith_dpo.on_policy_pairs(task_cfg, sft[0], problems.train, task_dir)
+            pairs, pair_stats = kit.on_policy_pairs(task_cfg, sft[0], problems.train, task_dir)
             cache = os.path.join(task_dir, "reference_cache")
             for objective in todo:
                 print(f"[objectives] seed {seed} task {task} objective {objective} ...", file=sys.stderr, flush=True)
@@ -217,9 +217,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                        .replace("=", "-"))
                 lists = None
                 if SPECS[name].family == "listwise":
-                    from jaxalign.experiments.ranked_lists import on_policy_lists
-
-                    lists, _ = on_policy_lists(task_cfg, sft[0], problems.train, task_dir)
+                    lists, _ = kit.on_policy_lists(task_cfg, sft[0], problems.train, task_dir)
                 result = run_objective(cfg, mesh, problems, sft, pairs, run_dir, data=lists)
                 append_row(csv_path, {"objective": objective, "task": task, "seed": seed, **result,
                                       "sft_accuracy": sft_eval["accuracy"], "pairs": pair_stats["pairs"]})

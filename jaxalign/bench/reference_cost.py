@@ -1,7 +1,7 @@
 """`jaxalign bench reference-cost`: seconds per DPO step with an online reference vs cached reference log-probs.
 
 Both variants are the main job's DPO step (`dpo_loss_fn` + `make_train_step` + `jit_train_step`, sigmoid objective,
-the DPOConfig defaults) on the same random batch and model; they differ only in where the reference log-probs come
+the main job's preference settings) on the same random batch and model; they differ only in where the reference log-probs come
 from (issue 3, "reference strategies"):
 
 - online: the frozen reference parameters run one extra forward pass inside every step;
@@ -27,13 +27,14 @@ import jax
 import numpy as np
 
 from jaxalign.bench.dpo_throughput import model_for, random_batch
-from jaxalign.experiments.arith_dpo import DPOConfig, objective_kwargs
+from jaxalign.data.position import DataPosition
+from jaxalign.experiments.arith_kit import ARITH_DPO
 from jaxalign.models.llama import DecoderLM, init_params
 from jaxalign.sharding import MeshConfig, init_sharded, make_mesh, put_batch
+from jaxalign.train.preference import objective_kwargs
 from jaxalign.train.optim import make_optimizer
 from jaxalign.train.reference import ReferenceSync, compute_reference_logprobs
 from jaxalign.train.setup import sharded_train_state
-from jaxalign.train.state import DataPosition
 from jaxalign.train.step import dpo_loss_fn, jit_train_step, logits_fn, make_train_step
 
 VARIANTS = ("online", "cached", "sync")
@@ -41,8 +42,8 @@ FILE_STEM = "reference_cost"
 
 
 def build_variants(cfg, mesh, total_steps: int, sync_every: int):
-    """{variant: (step_fn, state, frozen)} built like `arith_dpo.train_dpo` builds them."""
-    dpo = DPOConfig()
+    """{variant: (step_fn, state, frozen)} built like the preference phase (`jaxalign.train.preference`) builds them."""
+    dpo = ARITH_DPO
     model = DecoderLM(cfg)
     tx = make_optimizer(dpo.optim, total_steps)
     loss = dpo_loss_fn(model, dpo.objective, sft_weight=dpo.sft_weight, **objective_kwargs(dpo))

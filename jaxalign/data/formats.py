@@ -1,9 +1,9 @@
 """Preference-data formats: their schemas, row validation, and reading rows from local JSONL or Parquet files.
 
-Design principle 7 (DESIGN.md): bad data gets one clear message naming the file, the line (or Parquet row), the
-field and the offending value. A malformed row either stops the run (`on_error="fail"`, the default) or is skipped
-and counted per reason (`on_error="skip"`); the counts (`ValidationReport`) go into the run's results so that
-nothing is dropped silently.
+Errors are part of the interface (docs/architecture.md, "Principles"): bad data gets one clear message naming the
+file, the line (or Parquet row), the field and the offending value. A malformed row either stops the run
+(`on_error="fail"`, the default) or is skipped and counted per reason (`on_error="skip"`); the counts
+(`ValidationReport`) go into the run's results so that nothing is dropped silently.
 
 Formats (field names as in the files; fields not listed are ignored):
 

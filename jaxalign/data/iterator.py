@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxalign.train.state import DataPosition
+from jaxalign.data.position import DataPosition
 
 
 @dataclasses.dataclass(frozen=True)

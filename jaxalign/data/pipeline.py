@@ -26,8 +26,8 @@ from typing import Iterator
 import numpy as np
 
 from jaxalign.data.iterator import epoch_permutation
+from jaxalign.data.position import DataPosition
 from jaxalign.data.tokenize import TokenizedData
-from jaxalign.train.state import DataPosition
 
 # Arrays whose last axis is the time axis: cut to the bucket width. Everything else (labels, scores, rewards,
 # list validity) is per row and kept whole.

@@ -1,10 +1,11 @@
-"""BRAIn on ARITH against DPO on best-vs-worst pairs of the same samples (METHODS.md section 6, BRAIn [unverified]).
+"""BRAIn on ARITH against DPO on best-vs-worst pairs of the same samples (docs/algorithms.md, "BRAIn"; the form
+is not checked against the paper).
 
 BRAIn (Pandey et al. 2024, "BRAIn: Bayesian Reward-conditioned Amortized Inference for natural language generation
 from feedback"): the target is the posterior pi_SFT(y|x) e^{r(x,y)/beta}; with n samples y_i per prompt from a
 proposal q, alpha_i = softmax_i(L_SFT(y_i) + r_i/beta - L_q(y_i)) are its self-normalised importance weights and
 the policy is trained to match them, b_i = softmax_i(L_theta(y_i) - L_q(y_i)), loss = -sum_i alpha_i log b_i
-(`jaxalign.losses.iterative.brain`, the form METHODS.md writes, without the paper's baseline term). For n = 2 and
+(`jaxalign.losses.iterative.brain`, the form docs/algorithms.md gives, without the paper's baseline term). For n = 2 and
 one-hot alpha it is sigmoid DPO with beta = 1 and reference q: BRAIn generalises DPO to all n samples with soft
 weights.
 
@@ -29,12 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.data.iterator import ArrayDataset
-from jaxalign.experiments import arith_dpo
-from jaxalign.experiments.trpa_arith import (
+from jaxalign.experiments.arith_kit import ArithDPOConfig, check_loop_fields
+from jaxalign.experiments.arith_kit.comparison import (
     BASE,
-    LIST_TOKEN_KEYS,
     Method,
-    check_loop_fields,
     decode_texts,
     dpo_baseline,
     frozen_list_logprobs,
@@ -47,6 +46,7 @@ from jaxalign.models.llama import DecoderLM
 from jaxalign.tasks import judges
 from jaxalign.train.listwise import list_token_logprobs
 from jaxalign.train.step import logits_fn
+from jaxalign.train.preference import LIST_TOKEN_KEYS, CustomLoss
 
 SFT_KEY = "list_sft"  # the SFT model pi_SFT: the posterior's prior
 PROPOSAL_KEY = "list_proposal"  # the proposal q the samples came from
@@ -63,7 +63,7 @@ class BRAInConfig:
     beta: the posterior's temperature, pi_SFT e^{r/beta}; with graded rewards one more correct step (1/3) weighs
         e^{1/(3 beta)} (x28 at the default 0.1)."""
 
-    base: arith_dpo.ArithDPOConfig = BASE
+    base: ArithDPOConfig = BASE
     iterations: int = 1
     prompts_per_iteration: int = 2048
     steps_per_iteration: int = 150
@@ -79,7 +79,7 @@ class BRAInConfig:
 
 
 def brain_loss_fn(model: DecoderLM, beta: float) -> Callable:
-    """BRAIn (METHODS.md section 6; `jaxalign.losses.iterative.brain`) as a `jaxalign.train.step` loss function:
+    """BRAIn (docs/algorithms.md; `jaxalign.losses.iterative.brain`) as a `jaxalign.train.step` loss function:
     loss_fn(params, frozen, batch) -> (loss * P, (P, metrics)), P the lists (prompts) in the batch.
 
     The policy's per-token log-probs of the P*n sequences come from ONE forward pass (`list_token_logprobs`); the
@@ -128,7 +128,7 @@ def brain_method(cfg: BRAInConfig, sft_params) -> Method:
                  "samples_mean_reward": float(rewards.mean())}
         return ArrayDataset(arrays), stats
 
-    custom = arith_dpo.CustomLoss(brain_loss_fn(DecoderLM(base.model), cfg.beta), base.dpo.list_batch_size,
+    custom = CustomLoss(brain_loss_fn(DecoderLM(base.model), cfg.beta), base.dpo.list_batch_size,
                                   LIST_TOKEN_KEYS)
     return Method(name="brain", make_data=make_data, custom=custom, rows_needed=base.dpo.list_batch_size)
 

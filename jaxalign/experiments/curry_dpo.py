@@ -1,8 +1,8 @@
 """Curry-DPO on ARITH (Pattnaik et al., 2024, "Curry-DPO: Enhancing Alignment using Curriculum Learning & Ranked
-Preferences"; METHODS.md section 5), end to end.
+Preferences"; docs/algorithms.md, "Curry-DPO"), end to end.
 
 Pipeline (every phase resumable; re-running the same command continues where a killed run stopped):
-1. SFT exactly as the main job (`arith_dpo.train_sft`).
+1. SFT exactly as the main job (`kit.train_sft`).
 2. K on-policy samples per prompt, graded by the oracle and judged with `pairs.*` (length bonus, label flips):
    `ranked_lists.on_policy_lists`, the very samples the main job's pairs come from, cached in lists.npz.
 3. The curriculum (`jaxalign.algorithms.curriculum.build_curriculum` on the judged scores): every list's best
@@ -10,7 +10,7 @@ Pipeline (every phase resumable; re-running the same command continues where a k
    and cut into `curriculum.num_iterations` stages. `pairs.min_score_gap` and `pairs.require_correct_chosen` act
    on whole lists (the prompts the main job drops are dropped here too); within a kept list every strictly worse
    sample pairs with the best one, whatever its gap.
-4. Stage i trains the main job's DPO phase (`arith_dpo.train_dpo`: `base.dpo.objective`, sigmoid DPO by default
+4. Stage i trains the main job's DPO phase (`kit.train_dpo`: `base.dpo.objective`, sigmoid DPO by default
    as in the paper, with its reference mode, sft_weight, validation guard and checkpoints) for `steps_per_stage`
    steps on stage i's pairs, starting from AND referenced to the policy stage i - 1 produced (the SFT policy for
    stage 0). "Produced" is what `train_dpo` returns: the guard's selected checkpoint when base.dpo.select_best
@@ -39,11 +39,12 @@ import numpy as np
 
 from jaxalign.algorithms.curriculum import CurriculumConfig, CurriculumPairs, build_curriculum
 from jaxalign.data.iterator import ArrayDataset
-from jaxalign.experiments import arith_dpo
-from jaxalign.experiments.ranked_lists import on_policy_lists
+from jaxalign.experiments import arith_kit as kit
+from jaxalign.experiments.arith_kit import on_policy_lists
 from jaxalign.models.llama import count_params
 from jaxalign.tasks import arith
 from jaxalign.train.loop import MetricsLog
+from jaxalign.rundir import config_to_dict, params_sha256, write_json_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ class CurryDPOConfig:
     steps_per_stage: DPO steps in every stage (replaces base.dpo.steps).
     compare_baseline: also train ordinary DPO on all pairs with the fixed SFT reference for the same total steps."""
 
-    base: arith_dpo.ArithDPOConfig = arith_dpo.ArithDPOConfig()
+    base: kit.ArithDPOConfig = kit.ArithDPOConfig()
     curriculum: CurriculumConfig = CurriculumConfig()
     steps_per_stage: int = 50
     compare_baseline: bool = True
@@ -67,7 +68,7 @@ class CurryDPOConfig:
             raise ValueError(f"steps_per_stage must be an integer >= 1, got {self.steps_per_stage!r}")
 
 
-def stage_config(cfg: CurryDPOConfig, steps: int | None = None) -> arith_dpo.ArithDPOConfig:
+def stage_config(cfg: CurryDPOConfig, steps: int | None = None) -> kit.ArithDPOConfig:
     """The main job's config for one DPO phase of `steps` (default: steps_per_stage) steps."""
     steps = cfg.steps_per_stage if steps is None else steps
     return dataclasses.replace(cfg.base, dpo=dataclasses.replace(cfg.base.dpo, steps=steps))
@@ -98,21 +99,21 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
     """Run (or resume) Curry-DPO in `workdir`; returns and writes results.json (module docstring)."""
     clock = time.perf_counter()
     base = cfg.base
-    start = arith_dpo.start_experiment(cfg, base, workdir)
-    mesh, problems, sft_params, param_shardings = start.mesh, start.problems, start.sft_params, start.param_shardings
+    start = kit.start_experiment(cfg, base, workdir)
+    mesh, problems, sft_params = start.mesh, start.problems, start.sft_params
     lists, list_stats = on_policy_lists(base, sft_params, problems.train, workdir)
     staged, curriculum_stats = build_curriculum(lists.arrays["list_scores"], lists.arrays["list_valid"],
                                                 cfg.curriculum)
     stages = [staged.take(staged.stage == s) for s in range(cfg.curriculum.num_iterations)]
     _check_stages(stages, base.dpo.batch_size, curriculum_stats)
-    sft_eval = arith_dpo.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
+    sft_eval = kit.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
                                             {"stage": "sft"})
 
     params, records = sft_params, []
     for i, pairs in enumerate(stages):
         stage_dir = os.path.join(workdir, "stages", f"stage_{i}")
-        reference_sha = arith_dpo.params_sha256(params)  # Curry-DPO: the stage's reference is its starting policy
-        selected, _, guard = arith_dpo.train_dpo(stage_config(cfg), mesh, params, param_shardings,
+        reference_sha = params_sha256(params)  # Curry-DPO: the stage's reference is its starting policy
+        selected, _, guard = kit.train_dpo(stage_config(cfg), mesh, params,
                                                  pair_dataset(lists, pairs), problems, stage_dir,
                                                  MetricsLog(os.path.join(stage_dir, "metrics.jsonl")))
         info = {"stage": i, "pairs": len(pairs), "prompts": int(np.unique(pairs.prompt).size),
@@ -120,7 +121,7 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
                 "gap_max": float(pairs.gap.max()), "reference_sha256": reference_sha,
                 "selected_step": guard["selected_step"], "selected_val_accuracy": guard["selected_val_accuracy"],
                 "last_val_accuracy": guard["last_val_accuracy"], "validation_history": guard["validation_history"]}
-        records.append(arith_dpo.cached_greedy_eval(selected, base, problems.test,
+        records.append(kit.cached_greedy_eval(selected, base, problems.test,
                                                     os.path.join(stage_dir, "stage.json"), info))
         params = selected
 
@@ -128,13 +129,13 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
     if cfg.compare_baseline:
         total = cfg.steps_per_stage * cfg.curriculum.num_iterations
         baseline_dir = os.path.join(workdir, "baseline")
-        selected, _, guard = arith_dpo.train_dpo(stage_config(cfg, total), mesh, sft_params, param_shardings,
+        selected, _, guard = kit.train_dpo(stage_config(cfg, total), mesh, sft_params,
                                                  pair_dataset(lists, staged), problems, baseline_dir,
                                                  MetricsLog(os.path.join(baseline_dir, "metrics.jsonl")))
-        info = {"pairs": len(staged), "steps": total, "reference_sha256": arith_dpo.params_sha256(sft_params),
+        info = {"pairs": len(staged), "steps": total, "reference_sha256": params_sha256(sft_params),
                 "selected_step": guard["selected_step"], "selected_val_accuracy": guard["selected_val_accuracy"],
                 "last_val_accuracy": guard["last_val_accuracy"], "validation_history": guard["validation_history"]}
-        baseline = arith_dpo.cached_greedy_eval(selected, base, problems.test,
+        baseline = kit.cached_greedy_eval(selected, base, problems.test,
                                                 os.path.join(baseline_dir, "baseline.json"), info)
 
     accuracy = [sft_eval["test_accuracy"]] + [r["test_accuracy"] for r in records]
@@ -154,10 +155,10 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
                   "dpo_total": cfg.steps_per_stage * cfg.curriculum.num_iterations},
         "num_params": count_params(sft_params),
         "wall_seconds": time.perf_counter() - clock,
-        "params_sha256": arith_dpo.params_sha256(params),
-        "config": arith_dpo.config_to_dict(cfg),
+        "params_sha256": params_sha256(params),
+        "config": config_to_dict(cfg),
     }
-    arith_dpo.write_json_atomic(os.path.join(workdir, "results.json"), results)
+    write_json_atomic(os.path.join(workdir, "results.json"), results)
     _plot(results, os.path.join(workdir, "curry_dpo_accuracy.png"))
     return results
 

@@ -1,5 +1,5 @@
 """DDO on ARITH (Zheng et al. 2025, "Direct Discriminative Optimization: Your Likelihood-Based Generative Model is
-Secretly a GAN Discriminator"; METHODS.md section 6), multi-round, against continued maximum likelihood.
+Secretly a GAN Discriminator"; docs/algorithms.md, "DDO"), multi-round, against continued maximum likelihood.
 
 DDO reads the likelihood ratio of the model being trained and a frozen reference as a GAN discriminator,
 d(x) = sig(beta Delta(x)), Delta(x) = log p_theta(x) - log p_ref(x), and trains it to tell data from the reference's
@@ -12,7 +12,7 @@ Here the "data distribution" is the clean one: the gold ARITH solutions, while t
 demonstrations that mostly drop carries (`jaxalign.tasks.arith`), so its samples are mostly wrong.
 
 Pipeline (every phase resumable; re-running the same command continues where a killed run stopped):
-1. SFT exactly as the main job (`arith_dpo.train_sft`, checkpoints/sft).
+1. SFT exactly as the main job (`kit.train_sft`, checkpoints/sft).
 2. The data: the gold solutions of `num_prompts` training prompts (a seeded draw, the same for every round and the
    baseline).
 3. For round t = 0 .. rounds - 1 (`jaxalign.algorithms.iterative.run_iterations`), in workdir/rounds/round_<t>:
@@ -21,7 +21,7 @@ Pipeline (every phase resumable; re-running the same command continues where a k
    b. rows (gold, sample) as the trainer's chosen / rejected pair arrays (`pair_arrays`), with the reference's per-token
       log-probs of both cached on disk (`cached_reference_logprobs`);
    c. `steps_per_round` steps of the DDO loss (`ddo_loss_fn`) from theta = ref, through the main job's preference
-      phase (`arith_dpo.train_dpo` with a `CustomLoss`: base.dpo's optimizer, batch size, validation every
+      phase (`kit.train_dpo` with a `CustomLoss`: base.dpo's optimizer, batch size, validation every
       base.dpo.eval_every steps and, with base.dpo.select_best, its checkpoint selection);
    d. held-out greedy accuracy of the round's model.
 4. The baseline (workdir/continued_sft): continued SFT (token-level NLL, maximum likelihood) on the SAME gold rows, for
@@ -57,8 +57,8 @@ import numpy as np
 from jaxalign.algorithms.iterative import run_iterations
 from jaxalign.algorithms.preference_pairs import PairSelection, pair_arrays
 from jaxalign.data.iterator import ArrayDataset
-from jaxalign.experiments import arith_dpo
-from jaxalign.experiments.iterative_dpo import teacher_completions
+from jaxalign.experiments import arith_kit as kit
+from jaxalign.experiments.arith_kit import teacher_completions
 from jaxalign.logprobs import pair_token_logprobs
 from jaxalign.losses.common import check_hyperparameter, check_objective_beta
 from jaxalign.losses.iterative import ddo
@@ -70,11 +70,13 @@ from jaxalign.train.loop import MetricsLog
 from jaxalign.train.optim import OptimConfig
 from jaxalign.train.reference import cached_reference_logprobs
 from jaxalign.train.step import LossFn, logits_fn, sft_loss_fn
+from jaxalign.rundir import config_to_dict, params_sha256, write_json_atomic
+from jaxalign.train.preference import CustomLoss
 
 # The main job with a preference phase sized for one round: validation every 20 steps, the last step kept.
 _BASE = dataclasses.replace(
-    arith_dpo.ArithDPOConfig(),
-    dpo=dataclasses.replace(arith_dpo.DPOConfig(), eval_every=20, select_best=False,
+    kit.ArithDPOConfig(),
+    dpo=dataclasses.replace(kit.ARITH_DPO, eval_every=20, select_best=False,
                             optim=OptimConfig(learning_rate=1e-4, warmup_steps=5)),
 )
 
@@ -94,7 +96,7 @@ class DDOArithConfig:
     round_tolerance: how much held-out accuracy a round may lose to the one before it with the claim still holding.
     """
 
-    base: arith_dpo.ArithDPOConfig = _BASE
+    base: kit.ArithDPOConfig = _BASE
     rounds: int = 2
     steps_per_round: int = 60
     num_prompts: int = 1024
@@ -124,7 +126,7 @@ class DDOArithConfig:
                              "base.dpo.reference to cached or online")
 
 
-def round_config(cfg: DDOArithConfig, steps: int) -> arith_dpo.ArithDPOConfig:
+def round_config(cfg: DDOArithConfig, steps: int) -> kit.ArithDPOConfig:
     """The main job's config for `steps` steps of the preference phase (a DDO round or the whole baseline)."""
     return dataclasses.replace(cfg.base, dpo=dataclasses.replace(cfg.base.dpo, steps=steps))
 
@@ -134,7 +136,7 @@ def round_config(cfg: DDOArithConfig, steps: int) -> arith_dpo.ArithDPOConfig:
 
 
 def ddo_loss_fn(model: DecoderLM, beta: float, alpha: float) -> LossFn:
-    """DDO's loss (Zheng et al. 2025; the objective of METHODS.md section 6) in the trainer's signature.
+    """DDO's loss (Zheng et al. 2025; docs/algorithms.md, "DDO") in the trainer's signature.
 
     A batch holds rows of the pair layout: chosen_* = data sequences, rejected_* = reference samples, and the
     reference's precomputed per-token log-probs of both (reference_chosen, reference_rejected). The policy's log-probs
@@ -182,7 +184,7 @@ def ddo_rows(problems: np.ndarray, prompt_tokens: np.ndarray, samples: np.ndarra
     the oracle's verdict on each side as its score (1 correct, 0 not; the gold side is always 1)."""
     num, width = samples.shape
     gold, gold_mask = teacher_completions(problems, width)
-    sample_correct = np.array([g.correct for g in arith_dpo.grade_completions(problems, samples)], np.float64)
+    sample_correct = np.array([g.correct for g in kit.grade_completions(problems, samples)], np.float64)
     rows = np.arange(num)
     selection = PairSelection(prompt=rows, chosen=np.zeros(num, int), rejected=np.ones(num, int),
                               chosen_score=np.ones(num), rejected_score=sample_correct,
@@ -196,16 +198,16 @@ def ddo_rows(problems: np.ndarray, prompt_tokens: np.ndarray, samples: np.ndarra
 
 def reference_samples(cfg: DDOArithConfig, reference, problems: np.ndarray, t: int, path: str):
     """One sample per problem from the round's reference (cached at `path`): (prompt tokens, completions, masks)."""
-    cached = arith_dpo.load_dataset(path)
+    cached = kit.load_dataset(path)
     if cached is not None:
         a = cached[0].arrays
         return a["prompt_tokens"], a["completions"], a["masks"]
     base = cfg.base
-    sampling = SamplingConfig(max_new_tokens=arith_dpo.completion_budget(base.model),
+    sampling = SamplingConfig(max_new_tokens=kit.completion_budget(base.model),
                               temperature=cfg.sample_temperature)
-    prompt_tokens, completions, masks = arith_dpo.sample_completions(
+    prompt_tokens, completions, masks = kit.sample_completions(
         reference, base.model, problems, sampling, jax.random.key(base.seed * 1000 + 300 + t), base.eval_batch_size)
-    arith_dpo.save_dataset(path, ArrayDataset({"prompt_tokens": prompt_tokens, "completions": completions,
+    kit.save_dataset(path, ArrayDataset({"prompt_tokens": prompt_tokens, "completions": completions,
                                                "masks": masks}), {})
     return prompt_tokens, completions, masks
 
@@ -220,22 +222,22 @@ def with_reference_logprobs(cfg: DDOArithConfig, reference, arrays: dict[str, np
     return {**arrays, **reference_logps}
 
 
-def sampled_accuracy(params, base: arith_dpo.ArithDPOConfig, problems: np.ndarray) -> float:
+def sampled_accuracy(params, base: kit.ArithDPOConfig, problems: np.ndarray) -> float:
     """Exact-match accuracy of one temperature-1 sample per problem (a fixed key): the quality of the model's own
     distribution, which is what DDO's discriminator judges and what the paper's sample metrics (FID) measure."""
-    sampling = SamplingConfig(max_new_tokens=arith_dpo.completion_budget(base.model), temperature=1.0)
-    _, completions, _ = arith_dpo.sample_completions(params, base.model, problems, sampling,
+    sampling = SamplingConfig(max_new_tokens=kit.completion_budget(base.model), temperature=1.0)
+    _, completions, _ = kit.sample_completions(params, base.model, problems, sampling,
                                                      jax.random.key(base.seed * 1000 + 400), base.eval_batch_size)
-    return float(np.mean([g.correct for g in arith_dpo.grade_completions(problems, completions)]))
+    return float(np.mean([g.correct for g in kit.grade_completions(problems, completions)]))
 
 
-def evaluate(params, base: arith_dpo.ArithDPOConfig, problems: np.ndarray, path: str, extra: dict) -> dict:
-    """`arith_dpo.cached_greedy_eval`'s record (test_accuracy, test_mean_length) plus test_sample_accuracy
+def evaluate(params, base: kit.ArithDPOConfig, problems: np.ndarray, path: str, extra: dict) -> dict:
+    """`kit.cached_greedy_eval`'s record (test_accuracy, test_mean_length) plus test_sample_accuracy
     (`sampled_accuracy`), all cached at `path` for these parameters."""
-    record = arith_dpo.cached_greedy_eval(params, base, problems, path, extra)
+    record = kit.cached_greedy_eval(params, base, problems, path, extra)
     if "test_sample_accuracy" not in record:
         record = dict(record, test_sample_accuracy=sampled_accuracy(params, base, problems))
-        arith_dpo.write_json_atomic(path, record)
+        write_json_atomic(path, record)
     return record
 
 
@@ -243,12 +245,12 @@ def evaluate(params, base: arith_dpo.ArithDPOConfig, problems: np.ndarray, path:
 # The two methods.
 
 
-def train_rounds(cfg: DDOArithConfig, mesh, sft_params, param_shardings, problems: arith_dpo.Problems,
+def train_rounds(cfg: DDOArithConfig, mesh, sft_params, problems: kit.Problems,
                  data: np.ndarray, workdir: str) -> tuple[list[Any], list[dict]]:
     """Multi-round DDO (module docstring, step 3) from `sft_params`; returns (the rounds' models, their records)."""
     rounds_dir = os.path.join(workdir, "rounds")
     round_cfg = round_config(cfg, cfg.steps_per_round)
-    loss = arith_dpo.CustomLoss(ddo_loss_fn(DecoderLM(cfg.base.model), cfg.beta, cfg.alpha), cfg.base.dpo.batch_size,
+    loss = CustomLoss(ddo_loss_fn(DecoderLM(cfg.base.model), cfg.beta, cfg.alpha), cfg.base.dpo.batch_size,
                                 ("chosen_attention_mask", "rejected_attention_mask"))
     records: list[dict] = []
 
@@ -261,10 +263,10 @@ def train_rounds(cfg: DDOArithConfig, mesh, sft_params, param_shardings, problem
         arrays, stats = ddo_rows(data, prompt_tokens, samples, masks)
         rows = ArrayDataset(with_reference_logprobs(cfg, reference, arrays,
                                                     os.path.join(round_dir, "reference_cache")))
-        selected, _, guard = arith_dpo.train_dpo(round_cfg, mesh, reference, param_shardings, rows, problems,
+        selected, _, guard = kit.train_dpo(round_cfg, mesh, reference, rows, problems,
                                                  round_dir, MetricsLog(os.path.join(round_dir, "metrics.jsonl")),
                                                  custom=loss)
-        info = {"round": t + 1, **stats, "rows": len(rows), "reference_sha256": arith_dpo.params_sha256(reference),
+        info = {"round": t + 1, **stats, "rows": len(rows), "reference_sha256": params_sha256(reference),
                 "selected_step": guard["selected_step"], "val_accuracy": guard["selected_val_accuracy"],
                 "validation_history": guard["validation_history"]}
         records.append(evaluate(selected, cfg.base, problems.test, os.path.join(round_dir, "round.json"), info))
@@ -273,14 +275,14 @@ def train_rounds(cfg: DDOArithConfig, mesh, sft_params, param_shardings, problem
     return run_iterations(sft_params, cfg.rounds, one_round), records
 
 
-def continued_sft(cfg: DDOArithConfig, mesh, sft_params, param_shardings, problems: arith_dpo.Problems,
+def continued_sft(cfg: DDOArithConfig, mesh, sft_params, problems: kit.Problems,
                   rows: dict[str, np.ndarray], workdir: str) -> dict:
     """The baseline (module docstring, step 4): maximum likelihood on the gold rows for all of DDO's steps."""
     baseline_dir = os.path.join(workdir, "continued_sft")
     os.makedirs(baseline_dir, exist_ok=True)
     steps = cfg.rounds * cfg.steps_per_round
-    loss = arith_dpo.CustomLoss(sft_loss_fn(DecoderLM(cfg.base.model)), cfg.base.dpo.batch_size, ("attention_mask",))
-    selected, _, guard = arith_dpo.train_dpo(round_config(cfg, steps), mesh, sft_params, param_shardings,
+    loss = CustomLoss(sft_loss_fn(DecoderLM(cfg.base.model)), cfg.base.dpo.batch_size, ("attention_mask",))
+    selected, _, guard = kit.train_dpo(round_config(cfg, steps), mesh, sft_params,
                                              ArrayDataset(rows), problems, baseline_dir,
                                              MetricsLog(os.path.join(baseline_dir, "metrics.jsonl")), custom=loss)
     info = {"steps": steps, "rows": len(rows["tokens"]), "selected_step": guard["selected_step"],
@@ -302,18 +304,18 @@ def run(cfg: DDOArithConfig, workdir: str) -> dict:
     """Run (or resume) DDO and its baseline in `workdir`; returns and writes results.json (module docstring)."""
     clock = time.perf_counter()
     base = cfg.base
-    start = arith_dpo.start_experiment(cfg, base, workdir, round_config(cfg, cfg.steps_per_round),
+    start = kit.start_experiment(cfg, base, workdir, round_config(cfg, cfg.steps_per_round),
                                        check=lambda problems: data_problems(cfg, problems.train))
-    mesh, problems, sft_params, param_shardings = start.mesh, start.problems, start.sft_params, start.param_shardings
+    mesh, problems, sft_params = start.mesh, start.problems, start.sft_params
     data = data_problems(cfg, problems.train)
     sft_eval = evaluate(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"), {"round": 0})
 
-    width = arith_dpo.completion_budget(base.model)
+    width = kit.completion_budget(base.model)
     prompt_tokens, _ = arith.encode_prompts(CharTokenizer(), [arith.prompt_text(p) for p in data],
-                                            pad_to=arith_dpo.PROMPT_LEN)
+                                            pad_to=kit.PROMPT_LEN)
     gold = gold_rows(data, prompt_tokens, width)
-    iterates, records = train_rounds(cfg, mesh, sft_params, param_shardings, problems, data, workdir)
-    baseline = continued_sft(cfg, mesh, sft_params, param_shardings, problems, gold, workdir)
+    iterates, records = train_rounds(cfg, mesh, sft_params, problems, data, workdir)
+    baseline = continued_sft(cfg, mesh, sft_params, problems, gold, workdir)
 
     round_accuracy = [r["test_accuracy"] for r in records]
     check = claim_check(round_accuracy, baseline["test_accuracy"], cfg.round_tolerance)
@@ -347,10 +349,10 @@ def run(cfg: DDOArithConfig, workdir: str) -> dict:
                   "ddo_total": cfg.rounds * cfg.steps_per_round, "continued_sft": baseline["steps"]},
         "num_params": count_params(sft_params),
         "wall_seconds": time.perf_counter() - clock,
-        "params_sha256": arith_dpo.params_sha256(iterates[-1]),
-        "config": arith_dpo.config_to_dict(cfg),
+        "params_sha256": params_sha256(iterates[-1]),
+        "config": config_to_dict(cfg),
     }
-    return arith_dpo.finish_experiment(workdir, results, lambda path: plot(results, path), "ddo_arith.png")
+    return kit.finish_experiment(workdir, results, lambda path: plot(results, path), "ddo_arith.png")
 
 
 def plot(results: dict, path: str) -> None:

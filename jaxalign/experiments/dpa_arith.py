@@ -1,5 +1,6 @@
 """DPA on ARITH (Wang et al. 2024, "Arithmetic Control of LLMs for Diverse User Preferences: Directional Preference
-Alignment with Multi-Objective Rewards"; METHODS.md section 6): one model steered by a user direction in the prompt.
+Alignment with Multi-Objective Rewards"; docs/algorithms.md, "DPA"): one model steered by a user direction in the
+prompt.
 
 DPA scores a response with a vector of rewards r and represents a user's preference as a unit direction v, so the
 user's reward is v.r. The direction is part of the prompt, and the model learns to follow it by rejection-sampling
@@ -8,14 +9,14 @@ on (direction + prompt, that response), and repeat. The paper's claim is arithme
 responses along the trade-off (their verbosity against helpfulness), from a single model.
 
 Here r = `jaxalign.tasks.judges.reward_vector` = (correctness = graded score / 6, conciseness = 1 - completion
-tokens / sampling budget) on the verbose ARITH task (`arith_dpo.task_config(cfg, "verbose")`): demonstrations end
+tokens / sampling budget) on the verbose ARITH task (`kit.task_config(cfg, "verbose")`): demonstrations end
 with 0-3 recaps of the answer (";24"), which the oracle accepts, and dropping a carry also shortens the numbers that
 follow, so length and correctness trade off. The direction v_b = (cos theta_b, sin theta_b) lies in the first
 quadrant, theta_b = 90 deg * b / (num_directions - 1) for bucket b (0: correctness only, the last: conciseness only),
 and enters the prompt as the bucket's digit and ';' (the char tokenizer has "0123456789+=;"): "3;7+5+3+9=".
 
 Pipeline (every phase resumable; re-running the same command continues where a killed run stopped):
-1. Direction-conditioned SFT (`conditioned_sft_dataset`, `arith_dpo.train_supervised`, checkpoints/dpa_sft, not the
+1. Direction-conditioned SFT (`conditioned_sft_dataset`, `kit.train_supervised`, checkpoints/dpa_sft, not the
    main job's checkpoints/sft: this policy reads direction-prefixed prompts, a plain SFT checkpoint cannot stand in
    for it): every training problem's usual noisy verbose demonstration after a uniformly drawn direction prefix, so
    the SFT policy has seen every prefix and ignores it.
@@ -48,23 +49,24 @@ import numpy as np
 from jaxalign.algorithms.iterative import run_iterations
 from jaxalign.data.iterator import ArrayDataset
 from jaxalign.distributed import host_local, is_primary
-from jaxalign.experiments import arith_dpo
-from jaxalign.models.llama import ModelConfig, count_params
+from jaxalign.experiments import arith_kit as kit
+from jaxalign.models.llama import ModelConfig, check_model_fits_mesh, count_params
 from jaxalign.sampling import SamplingConfig, generate
-from jaxalign.sharding import check_batch_fits_mesh, check_model_fits_mesh, make_mesh
+from jaxalign.sharding import check_batch_fits_mesh, make_mesh
 from jaxalign.tasks import arith, judges
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.loop import MetricsLog
 from jaxalign.train.optim import OptimConfig
+from jaxalign.rundir import claim, config_to_dict, load_json, params_sha256, write_json_atomic
 
 PREFIX_LEN = 2  # the direction bucket's digit and ';'
-DPA_PROMPT_LEN = arith_dpo.PROMPT_LEN + PREFIX_LEN  # "3;7+5+3+9="
+DPA_PROMPT_LEN = kit.PROMPT_LEN + PREFIX_LEN  # "3;7+5+3+9="
 MAX_DIRECTIONS = 10  # one digit per bucket
 
 # The verbose task, with room in the context for the direction prefix.
-_VERBOSE = arith_dpo.task_config(arith_dpo.ArithDPOConfig(), "verbose")
+_VERBOSE = kit.task_config(kit.ArithDPOConfig(), "verbose")
 _BASE = dataclasses.replace(_VERBOSE, model=dataclasses.replace(
-    _VERBOSE.model, max_len=DPA_PROMPT_LEN + arith_dpo.completion_len(_VERBOSE.task)))
+    _VERBOSE.model, max_len=DPA_PROMPT_LEN + kit.completion_len(_VERBOSE.task)))
 
 
 def _is_int(value: Any, lowest: int) -> bool:
@@ -81,13 +83,13 @@ class DPAArithConfig:
     eval_directions: comma-separated buckets evaluated (at least 3 distinct); num_eval_prompts: held-out problems.
     """
 
-    base: arith_dpo.ArithDPOConfig = _BASE
+    base: kit.ArithDPOConfig = _BASE
     num_directions: int = 10
     iterations: int = 2
     prompts_per_iteration: int = 1024
     samples_per_prompt: int = 8
     temperature: float = 1.0
-    rsf: arith_dpo.SFTConfig = arith_dpo.SFTConfig(steps=150, batch_size=64,
+    rsf: kit.SFTConfig = kit.SFTConfig(steps=150, batch_size=64,
                                                    optim=OptimConfig(learning_rate=5e-4, warmup_steps=10))
     eval_directions: str = "0,3,6,9"
     num_eval_prompts: int = 1000
@@ -150,9 +152,9 @@ def completion_budget(model_cfg: ModelConfig) -> int:
     return model_cfg.max_len - DPA_PROMPT_LEN
 
 
-def conditioned_sft_dataset(base: arith_dpo.ArithDPOConfig, problems: np.ndarray,
+def conditioned_sft_dataset(base: kit.ArithDPOConfig, problems: np.ndarray,
                             num_directions: int) -> ArrayDataset:
-    """Every problem's noisy verbose demonstration (the main job's draw, `arith_dpo.sft_dataset`'s seed) after a
+    """Every problem's noisy verbose demonstration (the main job's draw, `kit.sft_dataset`'s seed) after a
     uniformly drawn direction prefix: the demonstrations do not depend on the direction, so neither does the SFT
     policy, and every prefix is in its training data."""
     examples = arith.make_sft_examples(problems, np.random.default_rng([base.seed, 2]), base.task.carry_drop_prob,
@@ -238,7 +240,7 @@ def rejection_sample(cfg: DPAArithConfig, params, problems: np.ndarray, buckets:
                      path: str) -> tuple[dict[str, np.ndarray], dict]:
     """N samples per (prompt, direction), the argmax of v.r kept: (SFT rows of the kept responses, statistics);
     cached at `path` so that a resumed run fine-tunes on exactly the same responses."""
-    cached = arith_dpo.load_dataset(path)
+    cached = kit.load_dataset(path)
     if cached is not None:
         return cached[0].arrays, cached[1]
     base, k = cfg.base, cfg.samples_per_prompt
@@ -256,11 +258,11 @@ def rejection_sample(cfg: DPAArithConfig, params, problems: np.ndarray, buckets:
              "kept_mean_length": float(lengths[kept].mean()),
              "kept_mean_length_per_bucket": [float(lengths[kept][buckets == b].mean()) if (buckets == b).any()
                                              else None for b in range(cfg.num_directions)]}
-    arith_dpo.save_dataset(path, ArrayDataset(rows), stats)
+    kit.save_dataset(path, ArrayDataset(rows), stats)
     return rows, stats
 
 
-def train_iterations(cfg: DPAArithConfig, mesh, sft_params, problems: arith_dpo.Problems,
+def train_iterations(cfg: DPAArithConfig, mesh, sft_params, problems: kit.Problems,
                      workdir: str) -> tuple[list[Any], list[dict]]:
     """The rejection-sampling loop (module docstring, step 2); returns (the iterates, their records)."""
     records: list[dict] = []
@@ -271,10 +273,10 @@ def train_iterations(cfg: DPAArithConfig, mesh, sft_params, problems: arith_dpo.
         os.makedirs(it_dir, exist_ok=True)
         prompts, buckets = iteration_problems(cfg, problems.train, t)
         rows, stats = rejection_sample(cfg, latest, prompts, buckets, t, os.path.join(it_dir, "selected.npz"))
-        params, _ = arith_dpo.train_supervised(cfg.base, cfg.rsf, mesh, ArrayDataset(rows), it_dir,
+        params, _ = kit.train_supervised(cfg.base, cfg.rsf, mesh, ArrayDataset(rows), it_dir,
                                                MetricsLog(os.path.join(it_dir, "metrics.jsonl")), params=latest,
                                                phase="rsf")
-        records.append({"iteration": t + 1, **stats, "params_sha256": arith_dpo.params_sha256(params)})
+        records.append({"iteration": t + 1, **stats, "params_sha256": params_sha256(params)})
         return host_local(params)
 
     return run_iterations(sft_params, cfg.iterations, iterate), records
@@ -304,13 +306,13 @@ def steering_table(cfg: DPAArithConfig, params, problems: np.ndarray) -> list[di
 
 def cached_steering_table(cfg: DPAArithConfig, params, problems: np.ndarray, path: str) -> list[dict]:
     """`steering_table`, read back from `path` when it holds the table of the same parameters and directions."""
-    sha = arith_dpo.params_sha256(params)
-    saved = arith_dpo.load_json(path)
+    sha = params_sha256(params)
+    saved = load_json(path)
     if saved is not None and saved.get("params_sha256") == sha and saved.get("buckets") == list(cfg.eval_buckets):
         return saved["table"]
     table = steering_table(cfg, params, problems)
     if is_primary():
-        arith_dpo.write_json_atomic(path, {"params_sha256": sha, "buckets": list(cfg.eval_buckets), "table": table})
+        write_json_atomic(path, {"params_sha256": sha, "buckets": list(cfg.eval_buckets), "table": table})
     return table
 
 
@@ -345,11 +347,11 @@ def validate_config(cfg: DPAArithConfig, mesh) -> None:
     check_model_fits_mesh(base.model, mesh)
     for name, sft in (("base.sft", base.sft), ("rsf", cfg.rsf)):
         check_batch_fits_mesh(sft.batch_size // sft.grad_accum_steps, mesh, f"{name}.batch_size / grad_accum_steps")
-    needed = DPA_PROMPT_LEN + arith_dpo.completion_len(base.task)
+    needed = DPA_PROMPT_LEN + kit.completion_len(base.task)
     if base.model.max_len < needed:
         raise ValueError(f"base.model.max_len={base.model.max_len} is too short for DPA on ARITH with "
                          f"base.task.max_recaps={base.task.max_recaps}; expected at least {needed} (direction-prefixed "
-                         f"prompt {DPA_PROMPT_LEN} + completion {arith_dpo.completion_len(base.task)})")
+                         f"prompt {DPA_PROMPT_LEN} + completion {kit.completion_len(base.task)})")
 
 
 def run(cfg: DPAArithConfig, workdir: str) -> dict:
@@ -359,11 +361,11 @@ def run(cfg: DPAArithConfig, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(base.mesh)
     validate_config(cfg, mesh)
-    arith_dpo.claim_workdir(cfg, workdir)
-    problems = arith_dpo.split(base)
+    claim(cfg, workdir)
+    problems = kit.split(base)
     iteration_problems(cfg, problems.train, 0)  # too many prompts asked for: fail before SFT
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-    sft_params, _ = arith_dpo.train_supervised(base, base.sft, mesh,
+    sft_params, _ = kit.train_supervised(base, base.sft, mesh,
                                                conditioned_sft_dataset(base, problems.train, cfg.num_directions),
                                                workdir, log, phase="dpa_sft")
     sft_params = host_local(sft_params)
@@ -388,10 +390,10 @@ def run(cfg: DPAArithConfig, workdir: str) -> dict:
         "steps": {"sft": base.sft.steps, "rsf_per_iteration": cfg.rsf.steps},
         "num_params": count_params(sft_params),
         "wall_seconds": time.perf_counter() - clock,
-        "params_sha256": arith_dpo.params_sha256(iterates[-1]),
-        "config": arith_dpo.config_to_dict(cfg),
+        "params_sha256": params_sha256(iterates[-1]),
+        "config": config_to_dict(cfg),
     }
-    return arith_dpo.finish_experiment(workdir, results, lambda path: plot(results, path), "dpa_arith.png")
+    return kit.finish_experiment(workdir, results, lambda path: plot(results, path), "dpa_arith.png")
 
 
 def plot(results: dict, path: str) -> None:

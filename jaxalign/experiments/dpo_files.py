@@ -9,10 +9,12 @@ Pipeline (re-running the same command continues a killed run from its latest che
    `data.dataset_dir`, default WORKDIR/data, reused while the file is unchanged) with the tokenizer of
    `model.tokenizer` (default: the model directory). Skipped rows and truncations are counted in results.json.
 3. Split off `data.eval_fraction` of the pairs as held-out pairs (a seeded permutation: the same split every run).
-4. Preference training with `dpo.objective` (default sigmoid DPO; any registered pairwise, reference-free or
-   unpaired objective whose inputs are the pairs themselves), the loaded model being the reference: its log-probs
-   cached on disk ("cached", default) or a frozen copy run every step ("online"). `lora.rank` > 0 trains adapters
-   only, the loaded model being their frozen base and the reference (one copy of the weights).
+4. The shared preference phase (`jaxalign.train.preference`) with `dpo.objective` (default sigmoid DPO; any
+   registered pairwise, reference-free or unpaired objective whose inputs are the pairs themselves), the loaded
+   model being the reference: its log-probs cached on disk ("cached", default), a frozen copy run every step
+   ("online") or TR-DPO's periodic sync ("sync"). `lora.rank` > 0 trains adapters only, the loaded model being their
+   frozen base and the reference (one copy of the weights). `dpo.select_best=true` returns the step with the lowest
+   held-out loss instead of the last one.
 5. Every `dpo.eval_every` steps, and at step 0 and the last step, the held-out pairs are scored under the sigmoid
    DPO loss with `dpo.beta` against the loaded model: loss (log 2 at step 0, where policy = reference), reward
    accuracy (share of pairs whose chosen reward exceeds the rejected one; 0 at step 0, where all rewards are 0)
@@ -29,51 +31,27 @@ import shutil
 import time
 from typing import ClassVar
 
-import jax
 import numpy as np
 
+from jaxalign.algorithms import objective_extras
 from jaxalign.data.formats import ON_ERROR
 from jaxalign.data.pipeline import BucketedDataset, fingerprint
 from jaxalign.data.tokenize import ON_OVERFLOW, PROMPT_TRUNCATION, TokenizeConfig
 from jaxalign.distributed import host_local, is_primary
-from jaxalign.experiments import objective_extras
-from jaxalign.experiments.arith_dpo import (
-    LoraSection,
-    claim_workdir,
-    config_to_dict,
-    objective_kwargs,
-    params_sha256,
-    write_json_atomic,
-)
 from jaxalign.losses import get_spec
-from jaxalign.losses.dpo import check_beta
 from jaxalign.models import hf
-from jaxalign.models.llama import DecoderLM, ModelConfig, count_params
-from jaxalign.models.lora import count_adapter_params, merge_lora
-from jaxalign.sharding import MeshConfig, check_batch_fits_mesh, check_model_fits_mesh, make_mesh
-from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer
-from jaxalign.train.loop import MetricsLog, train_loop
-from jaxalign.train.optim import OptimConfig, make_optimizer
-from jaxalign.train.reference import cached_reference_logprobs
-from jaxalign.train.setup import sharded_lora_train_state, sharded_train_state
-from jaxalign.train.step import (
-    dpo_loss_fn,
-    initial_objective_state,
-    jit_train_step,
-    logits_fn,
-    lora_loss_fn,
-    make_train_step,
-)
+from jaxalign.models.llama import ModelConfig, check_model_fits_mesh, count_params
+from jaxalign.models.lora import count_adapter_params
+from jaxalign.rundir import RunDir, claim, config_to_dict, params_sha256, write_json_atomic
+from jaxalign.sharding import MeshConfig, check_batch_fits_mesh, make_mesh
+from jaxalign.train.checkpoint import CheckpointConfig
+from jaxalign.train.loop import MetricsLog
+from jaxalign.train.preference import Evaluation, LoraSection, PreferenceConfig, train_preference
+from jaxalign.train.step import extra_params_needed
 
-REFERENCE_MODES = ("cached", "online")
 EXPORT_DTYPES = ("float32", "bfloat16")
 # Files of a Hugging Face tokenizer copied beside an export, so the exported directory is complete.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-# What the objectives dpo_files refuses would need (`objective_extras.needed` and the value/reward extras).
-UNSUPPORTED_EXTRAS = {"mismatched": "mismatched prompt/completion sequences (KTO's reference point)",
-                      "reward_model": "a trained reward model", "semantic_distance": "semantic distances",
-                      "guidance": "a guidance policy", "value": "a value head", "reward": "a judged score per "
-                      "completion"}
 EVAL_KEYS = ("eval/loss", "eval/reward_accuracy", "eval/reward_margin", "eval/chosen_reward",
              "eval/rejected_reward")
 
@@ -85,9 +63,9 @@ def check_objective(name: str) -> None:
     spec = get_spec(name)
     if spec.family == "listwise":
         raise ValueError(f"dpo.objective={name!r} is listwise (ranked lists); dpo_files trains on pairs")
-    unsupported = sorted(objective_extras.needed(spec) | ({"value", "reward"} & set(spec.extras)))
+    unsupported = [builder.needs for builder in objective_extras.builders_for(spec)] + list(extra_params_needed(name))
     if unsupported:
-        raise ValueError(f"dpo.objective={name!r} needs {', '.join(UNSUPPORTED_EXTRAS[u] for u in unsupported)} "
+        raise ValueError(f"dpo.objective={name!r} needs {', '.join(unsupported)} "
                          f"beyond the preference pairs, which dpo_files does not build; use arith_dpo for it, or "
                          f"another objective")
 
@@ -146,40 +124,9 @@ class DataSection:
             raise ValueError(str(e).replace("TokenizeConfig.", "data.")) from None
 
 
-@dataclasses.dataclass(frozen=True)
-class DPOSection:
-    """Preference training. objective / beta / label_smoothing / objective_args are passed to the objective exactly
-    as in arith_dpo (`arith_dpo.objective_kwargs`); `loss=NAME` is short for dpo.objective=NAME. sft_weight adds the
-    chosen-NLL regulariser. reference: "cached" (the loaded model's log-probs of every training pair, computed once
-    and cached under a content hash in `reference_cache_dir`, default WORKDIR/reference_cache) or "online" (a
-    frozen copy runs a forward pass every step). The held-out pairs are evaluated every `eval_every` steps."""
-
-    steps: int = 100
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    beta: float = 0.1
-    label_smoothing: float | None = None
-    objective: str = "sigmoid"
-    objective_args: str = ""
-    sft_weight: float = 0.0
-    optim: OptimConfig = OptimConfig(learning_rate=5e-6, warmup_steps=10)
-    reference: str = "cached"
-    reference_cache_dir: str = ""
-    eval_every: int = 25
-
-    def __post_init__(self):
-        check_beta(self.beta)
-        for name in ("steps", "batch_size", "grad_accum_steps", "eval_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"dpo.{name} must be a positive integer, got {value!r}")
-        if self.batch_size % self.grad_accum_steps:
-            raise ValueError(f"dpo.batch_size={self.batch_size} is not divisible by dpo.grad_accum_steps="
-                             f"{self.grad_accum_steps}")
-        if self.reference not in REFERENCE_MODES:
-            raise ValueError(f"dpo.reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
-        check_objective(self.objective)
-        objective_kwargs(self)  # the objective's arguments, checked now rather than after loading the model
+# The preference phase for a user's model: the library's defaults (beta 0.1, no chosen-NLL term, AdamW 5e-6), small
+# batches, and the last step returned (dpo.select_best=true selects the step with the lowest held-out loss instead).
+FILES_DPO = PreferenceConfig(steps=100, batch_size=8, select_best=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +153,7 @@ class DPOFilesConfig:
     seed: int = 0
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
-    dpo: DPOSection = DPOSection()
+    dpo: PreferenceConfig = FILES_DPO
     lora: LoraSection = LoraSection()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig(every_steps=50, keep_last=2)
@@ -342,6 +289,7 @@ def validate_config(cfg: DPOFilesConfig, mesh) -> None:
         raise ValueError("data.path is required: a .jsonl or .parquet file of pairwise preferences")
     if not os.path.isfile(cfg.data.path):
         raise ValueError(f"data.path={cfg.data.path!r} does not exist")
+    check_objective(cfg.dpo.objective)
     check_batch_fits_mesh(cfg.dpo.batch_size // cfg.dpo.grad_accum_steps, mesh, "dpo.batch_size / grad_accum_steps")
 
 
@@ -363,14 +311,14 @@ def check_model(cfg: DPOFilesConfig, model_cfg: ModelConfig, family: str | None,
 def run(cfg: DPOFilesConfig, workdir: str) -> dict:
     """Run (or resume) DPO on `data.path` from `model.path` in `workdir`; returns and writes results.json."""
     clock = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
     validate_config(cfg, mesh)
-    claim_workdir(cfg, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    claim(cfg, workdir)
     base, model_cfg, family = load_model(cfg, mesh)
     export_family = check_model(cfg, model_cfg, family, mesh)
     train, held_out, data_report = load_pairs(cfg, workdir, model_cfg)
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    log = MetricsLog(RunDir(workdir).metrics)
 
     policy, state_params, history = train_dpo(cfg, mesh, model_cfg, base, train, held_out,
                                               data_report["tokenizer_sha256"], workdir, log)
@@ -398,97 +346,34 @@ def run(cfg: DPOFilesConfig, workdir: str) -> dict:
     if export_family is not None:
         results["export"] = export_policy(policy, model_cfg, export_family, cfg, workdir)
     if is_primary():
-        write_json_atomic(os.path.join(workdir, "results.json"), results)
-        _plot(history, log.records("dpo"), os.path.join(workdir, "dpo_heldout.png"))
+        write_json_atomic(RunDir(workdir).results, results)
+        _plot(history, log.records("dpo"), RunDir(workdir).file("dpo_heldout.png"))
     return results
 
 
 def train_dpo(cfg: DPOFilesConfig, mesh, model_cfg: ModelConfig, base, train: BucketedDataset,
               held_out: BucketedDataset, tokenizer_sha256: str, workdir: str, log: MetricsLog):
-    """Preference training from `base` with `base` as reference, evaluated on the held-out pairs. Returns (final
-    policy params: adapters merged under LoRA, the trained state's params, held-out evaluation history)."""
-    model = DecoderLM(model_cfg)
-    tx = make_optimizer(cfg.dpo.optim, cfg.dpo.steps)
-    lora = cfg.lora.config()
-    key = jax.random.key(cfg.seed + 1)
-    objective_state = initial_objective_state(cfg.dpo.objective)
-    if lora is None:
-        state, shardings = sharded_train_state(model_cfg, tx, mesh, key, params=base,
-                                               objective_state=objective_state)
-        base_shardings = shardings.params
-    else:
-        state, shardings, base_shardings = sharded_lora_train_state(model_cfg, lora, tx, mesh, key,
-                                                                    objective_state=objective_state)
-    base = jax.device_put(base, base_shardings)
+    """The preference phase (`jaxalign.train.preference`) from `base` with `base` as reference, evaluated on the
+    held-out pairs. Returns (final policy params: adapters merged under LoRA, the trained state's params, held-out
+    evaluation history)."""
+    reference_eval = summed_pair_logprobs(host_local(base), model_cfg, held_out.arrays, cfg.eval_batch_size)
 
-    def policy(params):
-        """The policy's plain parameters: the adapters merged into the base under LoRA."""
-        return params if lora is None else merge_lora(base, params, lora)
-
-    local_base = host_local(base)
-    reference_eval = summed_pair_logprobs(local_base, model_cfg, held_out.arrays, cfg.eval_batch_size)
-
-    def score(policy_params) -> dict:
-        scores = summed_pair_logprobs(policy_params, model_cfg, held_out.arrays, cfg.eval_batch_size)
+    def evaluate(policy_params) -> dict:
+        scores = summed_pair_logprobs(host_local(policy_params), model_cfg, held_out.arrays, cfg.eval_batch_size)
         return pair_metrics(*scores, *reference_eval, cfg.dpo.beta)
 
-    def evaluate(params) -> dict:
-        return score(host_local(policy(params)))
-
-    data_fingerprint = fingerprint(train, cfg.dpo.batch_size, cfg.seed)
-    frozen, train = reference_for(cfg, model, base, local_base, train, tokenizer_sha256, workdir)
-    if lora is not None:
-        frozen = base  # the adapters' frozen base, and the reference unless its log-probs are cached
-    metadata = {"experiment": "dpo_files", "model": dataclasses.asdict(model_cfg), "data": data_fingerprint,
+    lora = cfg.lora.config()
+    run = RunDir(workdir)
+    metadata = {"experiment": "dpo_files", "model": dataclasses.asdict(model_cfg),
+                "data": fingerprint(train, cfg.dpo.batch_size, cfg.seed),
                 **({"lora": dataclasses.asdict(lora)} if lora is not None else {})}
-    directory = os.path.join(workdir, "checkpoints", "dpo")
-    with Checkpointer(directory, cfg.checkpoint, metadata=metadata) as ckpt:
-        state = ckpt.restore_latest(state) or state
-        log.truncate("dpo", int(state.step))
-        history = [_eval_record(r) for r in log.records("dpo") if "eval/loss" in r]
-        if not history or history[0]["step"] != 0:  # step 0: the loaded model itself (policy == reference)
-            record = {"step": 0, **score(local_base)}
-            log.write(dict(record, phase="dpo"))
-            history.insert(0, record)
-
-        def evaluate_hook(state, metrics):
-            step = int(state.step)
-            if step % cfg.dpo.eval_every and step != cfg.dpo.steps:
-                return None
-            record = evaluate(state.params)
-            history.append({"step": step, **record})
-            return record
-
-        loss = dpo_loss_fn(model, cfg.dpo.objective, sft_weight=cfg.dpo.sft_weight, **objective_kwargs(cfg.dpo))
-        if lora is not None:
-            loss = lora_loss_fn(loss, lora)
-        step_fn = jit_train_step(make_train_step(loss, cfg.dpo.grad_accum_steps), mesh, shardings,
-                                 None if frozen is None else base_shardings)
-        state = train_loop(
-            state=state, step_fn=step_fn, frozen=frozen, dataset=train, batch_size=cfg.dpo.batch_size,
-            num_steps=cfg.dpo.steps, seed=cfg.seed + 1, mesh=mesh, checkpointer=ckpt, metrics_log=log, desc="dpo",
-            log_every=cfg.log_every, hooks=(evaluate_hook,),
-            token_keys=("chosen_attention_mask", "rejected_attention_mask"), show_progress=cfg.show_progress,
-        )
-    if history[-1]["step"] != cfg.dpo.steps:  # a finished run re-run: its last evaluation was logged before
-        history.append({"step": cfg.dpo.steps, **evaluate(state.params)})
-    return policy(state.params), state.params, history
-
-
-def reference_for(cfg: DPOFilesConfig, model: DecoderLM, base, local_base, train: BucketedDataset,
-                  tokenizer_sha256: str, workdir: str):
-    """(frozen reference params or None, training pairs): "online" passes the loaded model as the frozen reference;
-    "cached" adds its per-token log-probs to every pair (computed once, cached on disk under a content hash of the
-    model, the pairs and the tokenizer); reference-free objectives get neither."""
-    if not get_spec(cfg.dpo.objective).needs_reference:
-        return None, train
-    if cfg.dpo.reference == "online":
-        return base, train
-    cache = cfg.dpo.reference_cache_dir or os.path.join(workdir, "reference_cache")
-    tokenization = {"tokenizer_sha256": tokenizer_sha256}
-    arrays, _ = cached_reference_logprobs(cache, logits_fn(model), local_base, train.arrays, tokenization,
-                                          cfg.eval_batch_size)
-    return None, BucketedDataset({**train.arrays, **arrays}, train.lengths)
+    result = train_preference(
+        cfg.dpo, model_cfg=model_cfg, mesh=mesh, init_params=base, data=train, directory=run.checkpoints("dpo"),
+        log=log, evaluation=Evaluation(evaluate, EVAL_KEYS, select="eval/loss", maximize=False), seed=cfg.seed,
+        checkpoint=cfg.checkpoint, metadata=metadata, cache_dir=cfg.dpo.reference_cache_dir or run.reference_cache,
+        tokenization={"tokenizer_sha256": tokenizer_sha256}, lora=cfg.lora, eval_batch_size=cfg.eval_batch_size,
+        show_progress=cfg.show_progress, log_every=cfg.log_every)
+    return result.selected, result.state_params, result.history
 
 
 def export_policy(params, model_cfg: ModelConfig, family: str, cfg: DPOFilesConfig, workdir: str) -> dict:
@@ -507,10 +392,6 @@ def export_policy(params, model_cfg: ModelConfig, family: str, cfg: DPOFilesConf
                 shutil.copyfile(os.path.join(directory, name), os.path.join(path, name))
                 copied.append(name)
     return {"path": path, "family": family, "dtype": cfg.export.dtype, "tokenizer_files": copied}
-
-
-def _eval_record(record: dict) -> dict:
-    return {"step": record["step"], **{k: record[k] for k in EVAL_KEYS}}
 
 
 def train_loss_summary(records: list[dict]) -> dict:
@@ -546,5 +427,5 @@ def _plot(history: list[dict], records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["DPOFilesConfig", "DataSection", "DPOSection", "ExportSection", "ModelSection", "check_objective",
+__all__ = ["DPOFilesConfig", "DataSection", "ExportSection", "FILES_DPO", "ModelSection", "check_objective",
            "model_format", "pair_metrics", "run", "split_rows", "take_rows"]

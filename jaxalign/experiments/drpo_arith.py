@@ -1,10 +1,10 @@
 """DR-PO vs PPO on ARITH: Chang et al. (2024), "Dataset Reset Policy Optimization for RLHF" (arXiv:2404.08495);
-METHODS.md section 6. The paper's claim checked here: resetting PPO's rollouts into states of the offline data makes
-it more sample-efficient, so with the same number of rollouts and updates from the same SFT policy, DR-PO ends with
-a better policy than plain PPO.
+docs/algorithms.md, "DR-PO". The paper's claim checked here: resetting PPO's rollouts into states of the offline
+data makes it more sample-efficient, so with the same number of rollouts and updates from the same SFT policy,
+DR-PO ends with a better policy than plain PPO.
 
 Pipeline (every phase resumable; re-running the same command continues where a killed run stopped):
-1. SFT exactly as the main job (`arith_dpo.train_sft`, checkpoints in WORKDIR/checkpoints/sft): a policy that drops
+1. SFT exactly as the main job (`kit.train_sft`, checkpoints in WORKDIR/checkpoints/sft): a policy that drops
    most carries under greedy decoding.
 2. For each of `rl_seeds` seeds, two RL runs from that SFT policy (`jaxalign.algorithms.lm_ppo.train_lm_ppo`), the
    SFT policy also being the KL reference, with the same `ppo` settings, the same prompts in the same order (the
@@ -42,14 +42,15 @@ import numpy as np
 from jaxalign.algorithms.lm_ppo import LMPPOConfig, init_ppo_state, train_lm_ppo
 from jaxalign.data.iterator import ArrayDataset
 from jaxalign.distributed import host_local
-from jaxalign.experiments import arith_dpo
-from jaxalign.experiments.iterative_dpo import teacher_completions
+from jaxalign.experiments import arith_kit as kit
+from jaxalign.experiments.arith_kit import teacher_completions
 from jaxalign.models.llama import count_params
 from jaxalign.tasks import arith, judges
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer
 from jaxalign.train.loop import MetricsLog
 from jaxalign.train.optim import OptimConfig
+from jaxalign.rundir import config_to_dict, params_sha256
 
 JUDGES = ("binary", "graded")
 METHODS = ("drpo", "ppo")
@@ -66,7 +67,7 @@ class DRPOArithConfig:
         evaluated.
     checkpoint_every: updates between checkpoints of each run (and the last update)."""
 
-    base: arith_dpo.ArithDPOConfig = arith_dpo.ArithDPOConfig()
+    base: kit.ArithDPOConfig = kit.ArithDPOConfig()
     ppo: LMPPOConfig = LMPPOConfig(beta_reset=0.5, num_updates=12, rollouts_per_update=32, update_epochs=2,
                                    num_minibatches=2,
                                    policy_optim=OptimConfig(learning_rate=3e-4, warmup_steps=4),
@@ -104,7 +105,7 @@ def prompt_dataset(problems: np.ndarray, completion_width: int) -> ArrayDataset:
     [N, completion_width] (`iterative_dpo.teacher_completions`)."""
     tok = CharTokenizer()
     prompt_tokens, prompt_mask = arith.encode_prompts(tok, [arith.prompt_text(p) for p in problems],
-                                                      pad_to=arith_dpo.PROMPT_LEN)
+                                                      pad_to=kit.PROMPT_LEN)
     reference_tokens, reference_mask = teacher_completions(problems, completion_width)
     return ArrayDataset({"problem": np.asarray(problems), "prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask,
                          "reference_tokens": reference_tokens, "reference_mask": reference_mask})
@@ -121,7 +122,7 @@ def oracle_rewards(judge: str, problems: np.ndarray, completion_tokens: np.ndarr
     return (scores / judges.GRADED_MAX if judge == "graded" else scores).astype(np.float32)
 
 
-def train_method(cfg: DRPOArithConfig, ppo: LMPPOConfig, seed: int, sft_params, problems: arith_dpo.Problems,
+def train_method(cfg: DRPOArithConfig, ppo: LMPPOConfig, seed: int, sft_params, problems: kit.Problems,
                  data: ArrayDataset, sft_val_accuracy: float, run_dir: str):
     """One RL run from the SFT policy in `run_dir`, resumed from its checkpoints. Returns (final policy params,
     validation history [{"step": updates, "rollouts", "val/accuracy"}] starting with the SFT policy at step 0, the
@@ -134,7 +135,7 @@ def train_method(cfg: DRPOArithConfig, ppo: LMPPOConfig, seed: int, sft_params, 
     def validate(updates: int, policy):
         if updates % cfg.eval_every and updates != ppo.num_updates:
             return None
-        evaluation, _ = arith_dpo.greedy_eval(policy, base.model, problems.validation, base.eval_batch_size)
+        evaluation, _ = kit.greedy_eval(policy, base.model, problems.validation, base.eval_batch_size)
         return {"val/accuracy": evaluation["accuracy"], "val/mean_length": evaluation["mean_length"]}
 
     state = init_ppo_state(ppo, base.model, sft_params, jax.random.key(seed))
@@ -144,7 +145,7 @@ def train_method(cfg: DRPOArithConfig, ppo: LMPPOConfig, seed: int, sft_params, 
         state, _ = train_lm_ppo(
             state, sft_params, data, cfg=ppo, model_cfg=base.model,
             reward_fn=lambda rows, completions: oracle_rewards(cfg.judge, rows["problem"], completions),
-            seed=seed, max_new_tokens=arith_dpo.completion_budget(base.model), eos_id=tok.EOS_ID,
+            seed=seed, max_new_tokens=kit.completion_budget(base.model), eos_id=tok.EOS_ID,
             pad_id=tok.PAD_ID, num_tokens=tok.vocab_size, checkpointer=ckpt, checkpoint_every=cfg.checkpoint_every,
             metrics_log=log, hooks=(validate,), desc=phase)
     records = log.records(phase)
@@ -171,13 +172,13 @@ def run(cfg: DRPOArithConfig, workdir: str) -> dict:
             raise ValueError(f"ppo.rollouts_per_update={cfg.ppo.rollouts_per_update} is more than the "
                              f"{len(problems.train)} training problems")
 
-    start = arith_dpo.start_experiment(cfg, base, workdir, check=check)
+    start = kit.start_experiment(cfg, base, workdir, check=check)
     problems, sft_params = start.problems, start.sft_params
-    sft_eval = arith_dpo.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
+    sft_eval = kit.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
                                             {"method": "sft"})
-    sft_val = arith_dpo.cached_greedy_eval(sft_params, base, problems.validation,
+    sft_val = kit.cached_greedy_eval(sft_params, base, problems.validation,
                                            os.path.join(workdir, "sft_val.json"), {"method": "sft"}, "val")
-    data = prompt_dataset(problems.train, arith_dpo.completion_budget(base.model))
+    data = prompt_dataset(problems.train, kit.completion_budget(base.model))
 
     comparison = {"sft": {"accuracy": sft_eval["test_accuracy"], "mean_length": sft_eval["test_mean_length"]}}
     runs, final_params = {}, {}
@@ -187,7 +188,7 @@ def run(cfg: DRPOArithConfig, workdir: str) -> dict:
             seed, run_dir = rl_seed(cfg, index), os.path.join(workdir, name, f"seed_{index}")
             policy, history, last = train_method(cfg, ppo, seed, sft_params, problems, data, sft_val["val_accuracy"],
                                                  run_dir)
-            evaluation = arith_dpo.cached_greedy_eval(policy, base, problems.test, os.path.join(run_dir, "eval.json"),
+            evaluation = kit.cached_greedy_eval(policy, base, problems.test, os.path.join(run_dir, "eval.json"),
                                                       {"method": name, "seed": seed})
             final_params[name] = policy
             runs[name].append({"seed": seed, "accuracy": evaluation["test_accuracy"],
@@ -227,10 +228,10 @@ def run(cfg: DRPOArithConfig, workdir: str) -> dict:
                   "optimizer_steps_per_run": cfg.ppo.total_steps},
         "num_params": count_params(sft_params),
         "wall_seconds": time.perf_counter() - clock,
-        "params_sha256": arith_dpo.params_sha256(final_params["drpo"]),
-        "config": arith_dpo.config_to_dict(cfg),
+        "params_sha256": params_sha256(final_params["drpo"]),
+        "config": config_to_dict(cfg),
     }
-    return arith_dpo.finish_experiment(workdir, results, lambda path: plot(results, path), "drpo_arith.png")
+    return kit.finish_experiment(workdir, results, lambda path: plot(results, path), "drpo_arith.png")
 
 
 def plot(results: dict, path: str) -> None:

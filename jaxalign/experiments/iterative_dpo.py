@@ -1,8 +1,8 @@
-"""Online / iterative DPO, DNO-Prct and APO on ARITH (METHODS.md section 6): sample -> judge -> pairs -> DPO ->
+"""Online / iterative DPO, DNO-Prct and APO on ARITH (docs/algorithms.md): sample -> judge -> pairs -> DPO ->
 repeat, every iteration's policy the next one's reference.
 
 Pipeline (every phase resumable; re-running the same command continues where a killed run stopped):
-1. SFT exactly as the main job (`arith_dpo.train_sft`).
+1. SFT exactly as the main job (`kit.train_sft`).
 2. For t = 0 .. iterations - 1 (`jaxalign.algorithms.iterative.run_iterations`), in workdir/iterations/iter_<t>:
    a. `prompts_per_iteration` fresh training prompts (disjoint across iterations), `base.pairs.samples_per_prompt`
       samples each from the sampling policy: the current iterate pihat_t, or for APO (`apo`, from the second
@@ -13,7 +13,7 @@ Pipeline (every phase resumable; re-running the same command continues where a k
    c. Best-vs-worst pairs with DNO-Prct's filters (`jaxalign.algorithms.preference_pairs.select_pairs`:
       min_chosen_score, min_margin / student_min_margin; dropped prompts counted), then replay of earlier
       iterations' pairs (`replay`, e.g. "0.3,0.15").
-   d. The main job's DPO phase (`arith_dpo.train_dpo`: base.dpo.objective, sigmoid DPO by default, beta, the
+   d. The main job's DPO phase (`kit.train_dpo`: base.dpo.objective, sigmoid DPO by default, beta, the
       chosen-NLL regulariser, the validation guard within the iteration) for `steps_per_iteration` steps, starting
       from pihat_t, with reference pihat_t (online DPO, DNO), or for APO the extrapolated reference
       (1 + alpha) log pihat_t - alpha log pihat_{t-1} (`iterative.extrapolated_reference`; alpha = 0 is iterative
@@ -21,9 +21,9 @@ Pipeline (every phase resumable; re-running the same command continues where a k
    e. Held-out greedy accuracy of the new iterate pihat_{t+1} and its validation accuracy.
 3. The returned policy: the iterate with the best validation accuracy (`select_iterate`, DNO-Prct) or the last.
 
-Presets (launch/experiments.py): `online_dpo`, `dno` (teacher, margins 2 / 1, replay 0.3 / 0.15) and `apo`
-(alpha 0.3). `offline_config` turns any of them into offline DPO with the same SFT start, prompts and steps: one
-iteration on pairs sampled from the SFT policy alone.
+Presets (registered in jaxalign/registry.py): `online_dpo`, `dno` (teacher, margins 2 / 1, replay 0.3 / 0.15) and
+`apo` (alpha 0.3). `IterativeConfig.offline()` turns any of them into offline DPO with the same SFT start, prompts
+and steps: one iteration on pairs sampled from the SFT policy alone.
 
 Layout: config.json, metrics.jsonl (SFT), checkpoints/sft, sft_eval.json, sft_val.json,
 iterations/iter_<t>/{samples.npz, pairs.npz, metrics.jsonl, checkpoints/dpo, reference_cache, iteration.json},
@@ -43,7 +43,8 @@ import numpy as np
 from jaxalign.algorithms.iterative import best_iterate, extrapolated_reference, run_iterations
 from jaxalign.algorithms.preference_pairs import check_replay_fractions, pair_arrays, replay_indices, select_pairs
 from jaxalign.data.iterator import ArrayDataset
-from jaxalign.experiments import arith_dpo
+from jaxalign.experiments import arith_kit as kit
+from jaxalign.experiments.arith_kit import iteration_config, iteration_prompts, teacher_completions
 from jaxalign.losses.iterative import extrapolate_params
 from jaxalign.models.llama import DecoderLM, count_params
 from jaxalign.sampling import SamplingConfig
@@ -53,13 +54,14 @@ from jaxalign.train.loop import MetricsLog
 from jaxalign.train.optim import OptimConfig
 from jaxalign.train.reference import cached_reference_logprobs
 from jaxalign.train.step import logits_fn
+from jaxalign.rundir import config_to_dict, params_sha256
 
 APO_SAMPLING = ("latest", "logits", "weights")
 
 # The main job, with a DPO phase sized for one iteration: short warm-up, validation every 20 steps.
 _BASE = dataclasses.replace(
-    arith_dpo.ArithDPOConfig(),
-    dpo=dataclasses.replace(arith_dpo.DPOConfig(), steps=40, eval_every=20,
+    kit.ArithDPOConfig(),
+    dpo=dataclasses.replace(kit.ARITH_DPO, steps=40, eval_every=20,
                             optim=OptimConfig(learning_rate=5e-5, warmup_steps=5)),
 )
 
@@ -81,7 +83,7 @@ class IterativeConfig:
     apo_sampling: "logits" (token level), "weights" or "latest" (sample the plain iterate: APO in the loss only).
     select_iterate: return the iterate with the best validation accuracy (else the last)."""
 
-    base: arith_dpo.ArithDPOConfig = _BASE
+    base: kit.ArithDPOConfig = _BASE
     iterations: int = 4
     prompts_per_iteration: int = 512
     steps_per_iteration: int = 40
@@ -125,6 +127,15 @@ class IterativeConfig:
             raise ValueError(f"replay must be comma-separated numbers in [0, 1], got {self.replay!r}") from None
         return check_replay_fractions(values, f"replay={self.replay!r}")
 
+    def offline(self) -> "IterativeConfig":
+        """Offline DPO with this config's budget: one iteration on pairs from the SFT policy alone, over all the
+        prompts and steps the iterative run uses (no teacher, no replay, no momentum; the judge and filters are
+        kept)."""
+        return dataclasses.replace(self, iterations=1,
+                                   prompts_per_iteration=self.iterations * self.prompts_per_iteration,
+                                   steps_per_iteration=self.iterations * self.steps_per_iteration, teacher=False,
+                                   replay="", apo=False, alpha=0.0)
+
 
 # The registered experiments: IterativeConfig fields each changes from the defaults (online DPO).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -144,52 +155,15 @@ def preset(name: str) -> IterativeConfig:
     return dataclasses.replace(IterativeConfig(), **PRESETS[name])
 
 
-def offline_config(cfg: IterativeConfig) -> IterativeConfig:
-    """Offline DPO with `cfg`'s budget: one iteration on pairs from the SFT policy alone, over all the prompts and
-    steps the iterative run uses (no teacher, no replay, no momentum; the judge and filters are kept)."""
-    return dataclasses.replace(cfg, iterations=1, prompts_per_iteration=cfg.iterations * cfg.prompts_per_iteration,
-                               steps_per_iteration=cfg.iterations * cfg.steps_per_iteration, teacher=False,
-                               replay="", apo=False, alpha=0.0)
-
-
-def iteration_config(cfg: IterativeConfig) -> arith_dpo.ArithDPOConfig:
-    """The main job's config for one DPO step of the loop."""
-    return dataclasses.replace(cfg.base, dpo=dataclasses.replace(cfg.base.dpo, steps=cfg.steps_per_iteration))
-
-
-def iteration_prompts(cfg: IterativeConfig, train: np.ndarray, t: int) -> np.ndarray:
-    """The prompts of iteration t: slice t of a seeded permutation of the training problems (fresh every time)."""
-    needed = cfg.iterations * cfg.prompts_per_iteration
-    if needed > len(train):
-        raise ValueError(f"iterations x prompts_per_iteration = {cfg.iterations} x {cfg.prompts_per_iteration} = "
-                         f"{needed} fresh prompts, but ARITH has {len(train)} training problems")
-    order = np.random.default_rng([cfg.base.seed, 5]).permutation(len(train))
-    return train[order[t * cfg.prompts_per_iteration : (t + 1) * cfg.prompts_per_iteration]]
-
-
-def teacher_completions(problems: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """The gold answer of every problem as a completion (tokens + EOS, PAD after it) [N, width] and its mask."""
-    tok = CharTokenizer()
-    tokens = np.full((len(problems), width), tok.PAD_ID, np.int32)
-    mask = np.zeros((len(problems), width), np.int32)
-    for i, p in enumerate(problems):
-        ids = tok.encode(arith.solution_text(p)) + [tok.EOS_ID]
-        if len(ids) > width:
-            raise ValueError(f"the gold answer of {arith.prompt_text(p)!r} has {len(ids)} tokens, more than the "
-                             f"sampler's {width} completion slots")
-        tokens[i, : len(ids)], mask[i, : len(ids)] = ids, 1
-    return tokens, mask
-
-
 def sample_candidates(cfg: IterativeConfig, latest, previous, problems: np.ndarray, t: int, path: str):
     """K samples per prompt from iteration t's sampling policy (module docstring), cached at `path`:
     (prompt tokens [P, L], completions [P, K, C], masks [P, K, C])."""
-    cached = arith_dpo.load_dataset(path)
+    cached = kit.load_dataset(path)
     if cached is not None:
         a = cached[0].arrays
         return a["prompt_tokens"], a["completions"], a["masks"]
     base, k = cfg.base, cfg.base.pairs.samples_per_prompt
-    sampling = SamplingConfig(max_new_tokens=arith_dpo.completion_budget(base.model),
+    sampling = SamplingConfig(max_new_tokens=kit.completion_budget(base.model),
                               temperature=base.pairs.temperature, top_k=base.pairs.top_k)
     params, previous_params = latest, None
     if cfg.apo and previous is not None:
@@ -197,12 +171,12 @@ def sample_candidates(cfg: IterativeConfig, latest, previous, problems: np.ndarr
             params = extrapolate_params(latest, previous, cfg.alpha)
         elif cfg.apo_sampling == "logits":
             previous_params = previous
-    prompt_tokens, completions, masks = arith_dpo.sample_completions(
+    prompt_tokens, completions, masks = kit.sample_completions(
         params, base.model, np.repeat(problems, k, axis=0), sampling, jax.random.key(base.seed * 1000 + 100 + t),
         base.eval_batch_size, previous_params=previous_params, alpha=cfg.alpha)
     arrays = {"prompt_tokens": prompt_tokens[::k], "completions": completions.reshape(len(problems), k, -1),
               "masks": masks.reshape(len(problems), k, -1)}
-    arith_dpo.save_dataset(path, ArrayDataset(arrays), {})
+    kit.save_dataset(path, ArrayDataset(arrays), {})
     return arrays["prompt_tokens"], arrays["completions"], arrays["masks"]
 
 
@@ -237,7 +211,7 @@ def with_replay(cfg: IterativeConfig, own: ArrayDataset, t: int, iterations_dir:
     fractions = cfg.replay_fractions
     if not fractions or t == 0:
         return own, {"replayed": 0, "replay_shortfall": 0}
-    earlier = [arith_dpo.load_dataset(os.path.join(iterations_dir, f"iter_{s}", "pairs.npz"))[0]
+    earlier = [kit.load_dataset(os.path.join(iterations_dir, f"iter_{s}", "pairs.npz"))[0]
                for s in range(t - 1, max(t - 1 - len(fractions), -1), -1)]
     picks, stats = replay_indices(len(own), [len(d) for d in earlier], fractions,
                                   np.random.default_rng([cfg.base.seed, 6, t]))
@@ -253,7 +227,7 @@ def _reference_logprobs(cfg: IterativeConfig, params, data: ArrayDataset, cache:
     return arrays
 
 
-def train_iterations(cfg: IterativeConfig, mesh, sft_params, param_shardings, problems: arith_dpo.Problems,
+def train_iterations(cfg: IterativeConfig, mesh, sft_params, problems: kit.Problems,
                      workdir: str) -> tuple[list[Any], list[dict]]:
     """The loop (module docstring, step 2) from `sft_params`; returns (iterates pihat_1..pihat_T, their records)."""
     iterations_dir = os.path.join(workdir, "iterations")
@@ -266,12 +240,12 @@ def train_iterations(cfg: IterativeConfig, mesh, sft_params, param_shardings, pr
         prompt_tokens, completions, masks = sample_candidates(cfg, latest, previous, prompts, t,
                                                               os.path.join(it_dir, "samples.npz"))
         pairs_path = os.path.join(it_dir, "pairs.npz")
-        cached = arith_dpo.load_dataset(pairs_path)
+        cached = kit.load_dataset(pairs_path)
         if cached is None:
             arrays, stats = judged_pairs(cfg, prompts, prompt_tokens, completions, masks)
             cached = (ArrayDataset(arrays), stats)
             if stats["pairs"]:
-                arith_dpo.save_dataset(pairs_path, *cached)
+                kit.save_dataset(pairs_path, *cached)
         own, stats = cached
         data, replay_stats = with_replay(cfg, own, t, iterations_dir)
         if len(data) < cfg.base.dpo.batch_size:
@@ -285,13 +259,13 @@ def train_iterations(cfg: IterativeConfig, mesh, sft_params, param_shardings, pr
             data = ArrayDataset({**data.arrays, **extrapolated_reference(
                 _reference_logprobs(cfg, latest, data, cache), _reference_logprobs(cfg, previous, data, cache),
                 cfg.alpha)})
-        selected, _, guard = arith_dpo.train_dpo(iteration_config(cfg), mesh, latest, param_shardings, data,
+        selected, _, guard = kit.train_dpo(iteration_config(cfg), mesh, latest, data,
                                                  problems, it_dir, MetricsLog(os.path.join(it_dir, "metrics.jsonl")))
         info = {"iteration": t + 1, **stats, **replay_stats, "train_pairs": len(data),
                 "reference": "extrapolated" if cfg.apo and previous is not None else "previous iterate",
-                "reference_sha256": arith_dpo.params_sha256(latest), "selected_step": guard["selected_step"],
+                "reference_sha256": params_sha256(latest), "selected_step": guard["selected_step"],
                 "val_accuracy": guard["selected_val_accuracy"], "validation_history": guard["validation_history"]}
-        records.append(arith_dpo.cached_greedy_eval(selected, cfg.base, problems.test,
+        records.append(kit.cached_greedy_eval(selected, cfg.base, problems.test,
                                                     os.path.join(it_dir, "iteration.json"), info))
         return selected
 
@@ -303,14 +277,14 @@ def run(cfg: IterativeConfig, workdir: str) -> dict:
     """Run (or resume) the iterative algorithm in `workdir`; returns and writes results.json (module docstring)."""
     clock = time.perf_counter()
     base = cfg.base
-    start = arith_dpo.start_experiment(cfg, base, workdir, iteration_config(cfg),
+    start = kit.start_experiment(cfg, base, workdir, iteration_config(cfg),
                                        check=lambda problems: iteration_prompts(cfg, problems.train, 0))
-    mesh, problems, sft_params, param_shardings = start.mesh, start.problems, start.sft_params, start.param_shardings
-    sft_eval = arith_dpo.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
+    mesh, problems, sft_params = start.mesh, start.problems, start.sft_params
+    sft_eval = kit.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
                                             {"iteration": 0})
-    sft_val = arith_dpo.cached_greedy_eval(sft_params, base, problems.validation,
+    sft_val = kit.cached_greedy_eval(sft_params, base, problems.validation,
                                            os.path.join(workdir, "sft_val.json"), {"iteration": 0}, "val")
-    iterates, records = train_iterations(cfg, mesh, sft_params, param_shardings, problems, workdir)
+    iterates, records = train_iterations(cfg, mesh, sft_params, problems, workdir)
     chosen = best_iterate(records) if cfg.select_iterate else len(records) - 1
     accuracy = [sft_eval["test_accuracy"]] + [r["test_accuracy"] for r in records]
     results = {
@@ -328,10 +302,10 @@ def run(cfg: IterativeConfig, workdir: str) -> dict:
                   "dpo_total": cfg.steps_per_iteration * cfg.iterations},
         "num_params": count_params(sft_params),
         "wall_seconds": time.perf_counter() - clock,
-        "params_sha256": arith_dpo.params_sha256(iterates[chosen]),
-        "config": arith_dpo.config_to_dict(cfg),
+        "params_sha256": params_sha256(iterates[chosen]),
+        "config": config_to_dict(cfg),
     }
-    return arith_dpo.finish_experiment(workdir, results, lambda path: plot([("this run", results)], path),
+    return kit.finish_experiment(workdir, results, lambda path: plot([("this run", results)], path),
                                        "iterative.png")
 
 

@@ -1,8 +1,8 @@
 """OREO on ARITH (Wang et al. 2024, "Offline Reinforcement Learning for LLM Multi-Step Reasoning", arXiv:2412.16145;
-METHODS.md section 7), end to end.
+docs/algorithms.md, "OREO"), end to end.
 
 Pipeline (every phase resumable; re-running the same command continues where a killed run stopped):
-1. SFT exactly as the main job (`arith_dpo.train_sft`): a policy that drops most carries under greedy decoding.
+1. SFT exactly as the main job (`kit.train_sft`): a policy that drops most carries under greedy decoding.
 2. Offline trajectories: `base.pairs.samples_per_prompt` samples for each of `base.pairs.num_prompts` training
    prompts from the SFT policy at `base.pairs.temperature` (the main job's cached samples, samples.npz), graded by the
    oracle: R = arith.grade(...).correct in {0, 1}; reasoning steps are the ';'-separated parts.
@@ -15,7 +15,7 @@ Pipeline (every phase resumable; re-running the same command continues where a k
    policy.
 5. Baselines at equal data (`compare_baselines`): rejection-sampling SFT on the correct trajectories and DPO on
    best-vs-worst pairs of the same samples, both from the SFT policy; results.json's "comparison" and "claim_holds".
-6. The value checks of METHODS.md section 7 on the first `num_value_prompts` held-out problems, each sampled
+6. The value checks of docs/algorithms.md, "OREO" on the first `num_value_prompts` held-out problems, each sampled
    `value_samples_per_prompt` times from the SFT policy (temperature 1): the correlation between V(s_0) and the
    SFT policy's empirical success rate on the prompt, and the mean change of V across the first wrong step of each
    trajectory (V after the step minus V before it; the same change across correct steps is the control).
@@ -48,8 +48,8 @@ from jaxalign.algorithms.oreo import (
     value_outputs,
 )
 from jaxalign.data.iterator import ArrayDataset
-from jaxalign.experiments import arith_dpo
-from jaxalign.experiments.arith_dpo import PROMPT_LEN, completion_budget
+from jaxalign.experiments import arith_kit as kit
+from jaxalign.experiments.arith_kit import PROMPT_LEN, completion_budget
 from jaxalign.models.llama import count_params
 from jaxalign.sampling import SamplingConfig
 from jaxalign.tasks import arith
@@ -57,6 +57,7 @@ from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.checkpoint import Checkpointer
 from jaxalign.train.loop import MetricsLog
 from jaxalign.train.optim import OptimConfig
+from jaxalign.rundir import config_to_dict, params_sha256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +76,7 @@ class OreoArithConfig:
     reference stays the SFT policy); the baselines always use the SFT trajectories.
     """
 
-    base: arith_dpo.ArithDPOConfig = arith_dpo.ArithDPOConfig()
+    base: kit.ArithDPOConfig = kit.ArithDPOConfig()
     # The actor learns at the rejection-sampling baseline's rate (2e-4): at OreoConfig's 5e-5 the 200 actor steps
     # leave OREO's greedy accuracy far below the baselines it is compared with (0.46 vs 0.62 on seed 0).
     oreo: OreoConfig = OreoConfig(actor_optim=OptimConfig(learning_rate=2e-4, warmup_steps=10))
@@ -85,7 +86,7 @@ class OreoArithConfig:
     value_samples_per_prompt: int = 16
     compare_baselines: bool = True
     iterations: int = 1
-    rs_sft: arith_dpo.SFTConfig = arith_dpo.SFTConfig(steps=200, batch_size=64,
+    rs_sft: kit.SFTConfig = kit.SFTConfig(steps=200, batch_size=64,
                                                       optim=OptimConfig(learning_rate=2e-4, warmup_steps=10))
 
     def __post_init__(self):
@@ -152,16 +153,16 @@ def _first_wrong_step_changes(outputs: np.ndarray, batch: dict, grades: list[ari
 
 
 def value_checks(cfg: OreoArithConfig, sft_params, policy, critic, problems: np.ndarray) -> tuple[dict, dict]:
-    """METHODS.md section 7's checks on `problems` (module docstring): V(s_0) against the SFT policy's sampled
-    success rate per prompt, and the change of V across the first wrong step. Returns (report, per-prompt arrays
+    """The value checks (docs/algorithms.md, "OREO") on `problems` (module docstring): V(s_0) against the SFT
+    policy's sampled success rate per prompt, and the change of V across the first wrong step. Returns (report, per-prompt arrays
     for the plot)."""
     base, tok, k = cfg.base, CharTokenizer(), cfg.value_samples_per_prompt
     sampling = SamplingConfig(max_new_tokens=completion_budget(base.model), temperature=1.0)
     repeated = np.repeat(problems, k, axis=0)
-    prompt_tokens, completions, masks = arith_dpo.sample_completions(sft_params, base.model, repeated, sampling,
+    prompt_tokens, completions, masks = kit.sample_completions(sft_params, base.model, repeated, sampling,
                                                                      jax.random.key(base.seed + 29),
                                                                      base.eval_batch_size)
-    grades = arith_dpo.grade_completions(repeated, completions)
+    grades = kit.grade_completions(repeated, completions)
     success = np.array([g.correct for g in grades], np.float32).reshape(-1, k).mean(axis=1)
     prompts, prompt_mask = prompt_tokens[::k], (prompt_tokens[::k] != tok.PAD_ID).astype(np.int32)
     v0 = prompt_state_values(cfg.oreo.value_model, base.model, critic, policy, prompts, prompt_mask)
@@ -216,9 +217,9 @@ def train_phase(cfg: OreoArithConfig, sft_params, data: ArrayDataset, workdir: s
 
 def trajectories(cfg: OreoArithConfig, policy, problems, directory: str) -> ArrayDataset:
     """`base.pairs.samples_per_prompt` graded trajectories of `policy` for each of `base.pairs.num_prompts` training
-    prompts (`arith_dpo.on_policy_samples`, cached in directory/samples.npz), R = exactly correct."""
+    prompts (`kit.on_policy_samples`, cached in directory/samples.npz), R = exactly correct."""
     base = cfg.base
-    chosen, prompt_tokens, completions, masks = arith_dpo.on_policy_samples(base, policy, problems.train, directory)
+    chosen, prompt_tokens, completions, masks = kit.on_policy_samples(base, policy, problems.train, directory)
     k = base.pairs.samples_per_prompt
     return ArrayDataset(arith_trajectory_batch(np.repeat(chosen, k, axis=0), np.repeat(prompt_tokens, k, axis=0),
                                                completions, masks))
@@ -233,7 +234,7 @@ def rejection_sampling_dataset(data: ArrayDataset) -> ArrayDataset:
     return ArrayDataset({k: data.arrays[k][keep] for k in ("tokens", "attention_mask", "completion_mask")})
 
 
-def baselines(cfg: OreoArithConfig, mesh, sft_params, param_shardings, data: ArrayDataset, problems, workdir: str,
+def baselines(cfg: OreoArithConfig, mesh, sft_params, data: ArrayDataset, problems, workdir: str,
               log: MetricsLog) -> dict:
     """RS-SFT and DPO at equal data (`compare_baselines`): {name: held-out greedy evaluation record}."""
     base, out = cfg.base, {}
@@ -241,16 +242,16 @@ def baselines(cfg: OreoArithConfig, mesh, sft_params, param_shardings, data: Arr
     if len(rs_data) < cfg.rs_sft.batch_size:
         raise ValueError(f"rejection-sampling SFT: only {len(rs_data)} of {len(data)} trajectories are correct, fewer "
                          f"than rs_sft.batch_size={cfg.rs_sft.batch_size}; sample more or lower the batch size")
-    rs_params, _ = arith_dpo.train_supervised(base, cfg.rs_sft, mesh, rs_data, workdir, log, params=sft_params,
+    rs_params, _ = kit.train_supervised(base, cfg.rs_sft, mesh, rs_data, workdir, log, params=sft_params,
                                               phase="rs_sft")
-    out["rs_sft"] = arith_dpo.cached_greedy_eval(rs_params, base, problems.test,
+    out["rs_sft"] = kit.cached_greedy_eval(rs_params, base, problems.test,
                                                  os.path.join(workdir, "rs_sft_eval.json"),
                                                  {"sequences": int(len(rs_data))})
-    pairs, pair_stats = arith_dpo.on_policy_pairs(base, sft_params, problems.train, workdir)  # the same samples.npz
+    pairs, pair_stats = kit.on_policy_pairs(base, sft_params, problems.train, workdir)  # the same samples.npz
     dpo_dir = os.path.join(workdir, "dpo")
-    dpo_params, _, _ = arith_dpo.train_dpo(base, mesh, sft_params, param_shardings, pairs, problems, dpo_dir,
+    dpo_params, _, _ = kit.train_dpo(base, mesh, sft_params, pairs, problems, dpo_dir,
                                            MetricsLog(os.path.join(dpo_dir, "metrics.jsonl")))
-    out["dpo"] = arith_dpo.cached_greedy_eval(dpo_params, base, problems.test, os.path.join(workdir, "dpo_eval.json"),
+    out["dpo"] = kit.cached_greedy_eval(dpo_params, base, problems.test, os.path.join(workdir, "dpo_eval.json"),
                                               {"pairs": pair_stats["pairs"]})
     return out
 
@@ -259,9 +260,8 @@ def run(cfg: OreoArithConfig, workdir: str) -> dict:
     """Run (or resume) OREO on ARITH in `workdir`; returns and writes results.json (module docstring)."""
     clock = time.perf_counter()
     base = cfg.base
-    start = arith_dpo.start_experiment(cfg, base, workdir)
-    mesh, problems, log, sft_params, param_shardings = (start.mesh, start.problems, start.log, start.sft_params,
-                                                        start.param_shardings)
+    start = kit.start_experiment(cfg, base, workdir)
+    mesh, problems, log, sft_params = start.mesh, start.problems, start.log, start.sft_params
     data = trajectories(cfg, sft_params, problems, workdir)
     policy, critic, last_metrics = train_phase(cfg, sft_params, data, workdir, log)
     success_per_iteration = [float(data.arrays["reward"].mean())]
@@ -272,13 +272,13 @@ def run(cfg: OreoArithConfig, workdir: str) -> dict:
                                                    MetricsLog(os.path.join(it_dir, "metrics.jsonl")), (policy, critic))
         success_per_iteration.append(float(it_data.arrays["reward"].mean()))
 
-    sft_eval, _ = arith_dpo.greedy_eval(sft_params, base.model, problems.test, base.eval_batch_size)
-    oreo_eval, oreo_correct = arith_dpo.greedy_eval(policy, base.model, problems.test, base.eval_batch_size)
+    sft_eval, _ = kit.greedy_eval(sft_params, base.model, problems.test, base.eval_batch_size)
+    oreo_eval, oreo_correct = kit.greedy_eval(policy, base.model, problems.test, base.eval_batch_size)
     searched = problems.test[: cfg.num_beam_prompts]
     beam_eval, _ = beam_search_eval(cfg, policy, critic, searched)
     checks, per_prompt = value_checks(cfg, sft_params, policy, critic, problems.test[: cfg.num_value_prompts])
     reward = data.arrays["reward"]
-    baseline = (baselines(cfg, mesh, sft_params, param_shardings, data, problems, workdir, log)
+    baseline = (baselines(cfg, mesh, sft_params, data, problems, workdir, log)
                 if cfg.compare_baselines else {})
     comparison = {"sft": {"accuracy": sft_eval["accuracy"]}, "oreo": {"accuracy": oreo_eval["accuracy"]},
                   **{name: {"accuracy": record["test_accuracy"]} for name, record in baseline.items()},
@@ -310,11 +310,11 @@ def run(cfg: OreoArithConfig, workdir: str) -> dict:
         "steps": {"sft": base.sft.steps, "oreo": cfg.oreo.steps},
         "num_params": count_params(sft_params),
         "wall_seconds": time.perf_counter() - clock,
-        "params_sha256": arith_dpo.params_sha256(policy),
-        "critic_sha256": arith_dpo.params_sha256(critic),
-        "config": arith_dpo.config_to_dict(cfg),
+        "params_sha256": params_sha256(policy),
+        "critic_sha256": params_sha256(critic),
+        "config": config_to_dict(cfg),
     }
-    return arith_dpo.finish_experiment(workdir, results, lambda path: _plot(results, per_prompt, path),
+    return kit.finish_experiment(workdir, results, lambda path: _plot(results, per_prompt, path),
                                        "oreo_arith.png")
 
 

@@ -1,10 +1,10 @@
 """Step-DPO on ARITH (Lai et al., 2024, "Step-DPO: Step-wise Preference Optimization for Long-chain Reasoning";
-METHODS.md section 6), against response-level DPO with the same number of pairs and steps.
+docs/algorithms.md, "Step-DPO"), against response-level DPO with the same number of pairs and steps.
 
 Pipeline (every phase resumable; re-running the same command continues where a killed run stopped):
-1. SFT exactly as the main job (`arith_dpo.train_sft`, checkpoints/sft): a policy that drops most carries.
+1. SFT exactly as the main job (`kit.train_sft`, checkpoints/sft): a policy that drops most carries.
 2. Graded samples: `base.pairs.samples_per_prompt` samples for each of `base.pairs.num_prompts` training prompts from
-   the SFT policy (`arith_dpo.on_policy_samples`, samples.npz), graded by the oracle.
+   the SFT policy (`kit.on_policy_samples`, samples.npz), graded by the oracle.
 3. Step pairs (`jaxalign.algorithms.step_pairs.build_step_pairs`, step_pairs.npz): for every prompt with an incorrect
    sample, the prompt x + the correct prefix steps, the first wrong step (rejected) and a correct step for the same
    prefix among `samples_per_prefix` continuations sampled from the SFT policy (chosen; prefixes without one are
@@ -13,7 +13,7 @@ Pipeline (every phase resumable; re-running the same command continues where a k
    default) with `preference_pairs.select_pairs` (`min_chosen_score`, `min_margin`; dropped prompts counted).
 5. Both pair sets cut to the same size: `num_pairs`, or by default as many as the smaller set has (the first pairs in
    prompt order, the prompts being a seeded random draw).
-6. Step-DPO: the main job's DPO phase (`arith_dpo.train_dpo`: base.dpo, sigmoid DPO with beta 0.4, no SFT term, the
+6. Step-DPO: the main job's DPO phase (`kit.train_dpo`: base.dpo, sigmoid DPO with beta 0.4, no SFT term, the
    SFT policy as reference, the validation guard) on the step pairs, whose completion masks cover the step tokens
    only, so the loss is exactly `jaxalign.losses.iterative.step_dpo` (tested); in step_dpo/.
 7. Response-level DPO: the same phase, same config and steps, on the response pairs; in response_dpo/.
@@ -40,21 +40,22 @@ import numpy as np
 from jaxalign.algorithms.preference_pairs import pair_arrays, select_pairs
 from jaxalign.algorithms.step_pairs import build_step_pairs
 from jaxalign.data.iterator import ArrayDataset
-from jaxalign.experiments import arith_dpo
+from jaxalign.experiments import arith_kit as kit
 from jaxalign.models.llama import count_params
 from jaxalign.tasks import arith, judges
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.loop import MetricsLog
 from jaxalign.train.optim import OptimConfig
+from jaxalign.rundir import config_to_dict
 
 METHODS = ("step_dpo", "response_dpo")
 
-# The main job with Step-DPO's DPO phase: beta 0.4 (METHODS.md: 0.4-0.5) and no chosen-NLL term, so the loss is
+# The main job with Step-DPO's DPO phase: beta 0.4 (the authors use 0.4 to 0.5) and no chosen-NLL term, so the loss is
 # step_dpo exactly; fewer prompts and steps than the main job, as the claim is about gain per pair.
 _BASE = dataclasses.replace(
-    arith_dpo.ArithDPOConfig(),
-    pairs=dataclasses.replace(arith_dpo.PairConfig(), num_prompts=256, samples_per_prompt=4),
-    dpo=dataclasses.replace(arith_dpo.DPOConfig(), beta=0.4, sft_weight=0.0, steps=60, batch_size=32, eval_every=20,
+    kit.ArithDPOConfig(),
+    pairs=dataclasses.replace(kit.PairConfig(), num_prompts=256, samples_per_prompt=4),
+    dpo=dataclasses.replace(kit.ARITH_DPO, beta=0.4, sft_weight=0.0, steps=60, batch_size=32, eval_every=20,
                             optim=OptimConfig(learning_rate=5e-5, warmup_steps=10)),
 )
 
@@ -74,7 +75,7 @@ class StepDPOConfig:
     num_pairs: pairs each method trains on (None: as many as the smaller of the two pair sets).
     judge, min_chosen_score (None: no threshold), min_margin: the response-level baseline's pair selection."""
 
-    base: arith_dpo.ArithDPOConfig = _BASE
+    base: kit.ArithDPOConfig = _BASE
     samples_per_prefix: int = 8
     gold_fallback: bool = False
     num_pairs: int | None = None
@@ -109,7 +110,7 @@ class StepDPOConfig:
 def graded_samples(cfg: StepDPOConfig, sft_params, train: np.ndarray, workdir: str):
     """The SFT policy's samples (cached in samples.npz): (problems [P, ops], prompt tokens [P, L], completions and
     masks [P, K, C])."""
-    problems, prompt_tokens, completions, masks = arith_dpo.on_policy_samples(cfg.base, sft_params, train, workdir)
+    problems, prompt_tokens, completions, masks = kit.on_policy_samples(cfg.base, sft_params, train, workdir)
     k = cfg.base.pairs.samples_per_prompt
     return problems, prompt_tokens, completions.reshape(len(problems), k, -1), masks.reshape(len(problems), k, -1)
 
@@ -118,7 +119,7 @@ def step_pair_data(cfg: StepDPOConfig, sft_params, problems, completions, masks,
                    workdir: str) -> tuple[ArrayDataset, dict]:
     """Step-DPO's pairs from the graded samples, chosen steps sampled from the SFT policy; cached in step_pairs.npz."""
     path = os.path.join(workdir, "step_pairs.npz")
-    cached = arith_dpo.load_dataset(path)
+    cached = kit.load_dataset(path)
     if cached is not None:
         return cached
     base = cfg.base
@@ -127,7 +128,7 @@ def step_pair_data(cfg: StepDPOConfig, sft_params, problems, completions, masks,
                                      batch_size=base.eval_batch_size, temperature=base.pairs.temperature,
                                      top_k=base.pairs.top_k, gold_fallback=cfg.gold_fallback)
     data = ArrayDataset(arrays)
-    arith_dpo.save_dataset(path, data, stats)
+    kit.save_dataset(path, data, stats)
     return data, stats
 
 
@@ -136,11 +137,11 @@ def response_pair_data(cfg: StepDPOConfig, problems, prompt_tokens, completions,
     """The baseline's best-vs-worst full-response pairs of the same samples (`select_pairs` on the judge's scores);
     cached in response_pairs.npz."""
     path = os.path.join(workdir, "response_pairs.npz")
-    cached = arith_dpo.load_dataset(path)
+    cached = kit.load_dataset(path)
     if cached is not None:
         return cached
     num_prompts, k, width = completions.shape
-    grades = arith_dpo.grade_completions(np.repeat(problems, k, axis=0), completions.reshape(-1, width))
+    grades = kit.grade_completions(np.repeat(problems, k, axis=0), completions.reshape(-1, width))
     scores = judges.judge_scores(cfg.judge, grades).reshape(num_prompts, k)
     selection, stats = select_pairs(
         scores, min_margin=cfg.min_margin,
@@ -151,7 +152,7 @@ def response_pair_data(cfg: StepDPOConfig, problems, prompt_tokens, completions,
     stats.update(samples_correct_rate=float(correct.mean()),
                  prompts_with_correct_sample=int(correct.any(axis=1).sum()))
     data = ArrayDataset(arrays)
-    arith_dpo.save_dataset(path, data, stats)
+    kit.save_dataset(path, data, stats)
     return data, stats
 
 
@@ -175,40 +176,40 @@ def first_rows(data: ArrayDataset, n: int) -> ArrayDataset:
     return ArrayDataset({k: v[:n] for k, v in data.arrays.items()})
 
 
-def train_method(cfg: StepDPOConfig, name: str, mesh, sft_params, param_shardings, data: ArrayDataset, problems,
+def train_method(cfg: StepDPOConfig, name: str, mesh, sft_params, data: ArrayDataset, problems,
                  workdir: str, extra: dict) -> dict:
     """The main job's DPO phase on `data` from the SFT policy, in workdir/<name>; its held-out evaluation record."""
     method_dir = os.path.join(workdir, name)
     os.makedirs(method_dir, exist_ok=True)
-    selected, _, guard = arith_dpo.train_dpo(cfg.base, mesh, sft_params, param_shardings, data, problems, method_dir,
+    selected, _, guard = kit.train_dpo(cfg.base, mesh, sft_params, data, problems, method_dir,
                                              MetricsLog(os.path.join(method_dir, "metrics.jsonl")))
     # Without base.dpo.select_best train_dpo returns the last step, whatever the guard would have chosen.
     evaluated = guard["selected_step"] if cfg.base.dpo.select_best else cfg.base.dpo.steps
     info = dict(extra, pairs=len(data), steps=cfg.base.dpo.steps, evaluated_step=evaluated,
                 selected_val_accuracy=guard["selected_val_accuracy"], last_val_accuracy=guard["last_val_accuracy"],
                 validation_history=guard["validation_history"])
-    return arith_dpo.cached_greedy_eval(selected, cfg.base, problems.test, os.path.join(method_dir, "eval.json"), info)
+    return kit.cached_greedy_eval(selected, cfg.base, problems.test, os.path.join(method_dir, "eval.json"), info)
 
 
 def run(cfg: StepDPOConfig, workdir: str) -> dict:
     """Run (or resume) Step-DPO and its response-level baseline in `workdir`; returns and writes results.json."""
     clock = time.perf_counter()
     base = cfg.base
-    start = arith_dpo.start_experiment(cfg, base, workdir)
-    mesh, problems, sft_params, param_shardings = start.mesh, start.problems, start.sft_params, start.param_shardings
+    start = kit.start_experiment(cfg, base, workdir)
+    mesh, problems, sft_params = start.mesh, start.problems, start.sft_params
     prompts, prompt_tokens, completions, masks = graded_samples(cfg, sft_params, problems.train, workdir)
     step_data, step_stats = step_pair_data(cfg, sft_params, prompts, completions, masks, workdir)
     response_data, response_stats = response_pair_data(cfg, prompts, prompt_tokens, completions, masks, workdir)
     n = equal_pairs(cfg, step_data, response_data)
-    sft_eval = arith_dpo.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
+    sft_eval = kit.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
                                             {"method": "sft"})
 
     step_data = first_rows(step_data, n)
     records = {
-        "step_dpo": train_method(cfg, "step_dpo", mesh, sft_params, param_shardings, step_data, problems, workdir,
+        "step_dpo": train_method(cfg, "step_dpo", mesh, sft_params, step_data, problems, workdir,
                                  {"mean_step_tokens": {side: float(step_data.arrays[f"{side}_step_lengths"].mean())
                                                        for side in ("chosen", "rejected")}}),
-        "response_dpo": train_method(cfg, "response_dpo", mesh, sft_params, param_shardings,
+        "response_dpo": train_method(cfg, "response_dpo", mesh, sft_params,
                                      first_rows(response_data, n), problems, workdir, {}),
     }
     sft_accuracy = sft_eval["test_accuracy"]
@@ -233,9 +234,9 @@ def run(cfg: StepDPOConfig, workdir: str) -> dict:
         "steps": {"sft": base.sft.steps, "dpo_per_method": base.dpo.steps},
         "num_params": count_params(sft_params),
         "wall_seconds": time.perf_counter() - clock,
-        "config": arith_dpo.config_to_dict(cfg),
+        "config": config_to_dict(cfg),
     }
-    return arith_dpo.finish_experiment(workdir, results, lambda path: plot(results, path), "step_dpo.png")
+    return kit.finish_experiment(workdir, results, lambda path: plot(results, path), "step_dpo.png")
 
 
 def plot(results: dict, path: str) -> None:

@@ -10,7 +10,7 @@ from jaxalign.losses.registry import PairwiseInputs, register
 
 
 def implicit_reward_metrics(z_chosen: jax.Array, z_rejected: jax.Array, beta: float) -> dict[str, jax.Array]:
-    """The metrics logged for every pairwise loss (METHODS.md section 0): beta*z for chosen and rejected,
+    """The metrics logged for every pairwise loss (docs/objectives.md, "Conventions"): beta*z for chosen and rejected,
     their margin and the pair accuracy mean(z_w > z_l)."""
     chosen, rejected = beta * z_chosen, beta * z_rejected
     return {

@@ -1,13 +1,14 @@
-"""Objectives of the iterative and online algorithms (METHODS.md section 6) as pure, jit-able functions.
+"""Objectives of the iterative and online algorithms (docs/algorithms.md) as pure, jit-able functions.
 
 Each function maps per-token log-probs and completion masks (float or bool; a token counts where mask > 0) to
 (loss, metrics), like the registered objectives, but these are NOT registered in the objective registry: they need
 the iteration loops of their algorithms (two frozen checkpoints for APO, K graded samples and a frozen initial model
 for TRPA, proposal samples for BRAIn, reference samples for DDO, step-level pairs for Step-DPO), and those loops
-come later (DESIGN.md: iterative algorithms compose loops and steps). Registering them now would make `loss=NAME`
-and the objectives benchmark, which iterate over every registered name, call them with inputs they cannot use.
+come later (iterative algorithms compose loops and steps: docs/architecture.md). Registering them now would make
+`loss=NAME` and the objectives benchmark, which iterate over every registered name, call them with inputs they
+cannot use.
 
-Conventions (METHODS.md section 0): L(y) = sum_t m_t logp_t over the completion, |y| = number of completion tokens.
+Conventions (docs/objectives.md): L(y) = sum_t m_t logp_t over the completion, |y| = number of completion tokens.
 Log-probs outside the masks never reach a loss, a metric or a gradient (they are selected away with `where`, so even
 NaN or inf padding is harmless). Hyper-parameters given as Python numbers are validated eagerly with one ValueError
 naming the function, the parameter and the value; traced values are not checked. Shape mismatches raise one
@@ -87,7 +88,8 @@ def _is_concrete(x: Any) -> bool:
 def apo_reference_logratio(ref_next_logps: jax.Array, ref_prev_logps: jax.Array, alpha: Any) -> jax.Array:
     """APO's extrapolated reference: (1 + a) * ref_next_logps - a * ref_prev_logps, elementwise, any shape.
 
-    APO (He et al., 2024, "Accelerated Preference Optimization"; METHODS.md section 6, tagged [unverified]): the
+    APO (He et al., 2024, "Accelerated Preference Optimization"; docs/algorithms.md, not checked against the
+    paper): the
     Nesterov step log pi_{t+1} = (1 + a) log pihat_{t+1} - a log pihat_t - log Z; in the loss the reference log-ratio
     becomes (1 + a) Deltahat_{t+1} - a Deltahat_t from two frozen checkpoints pihat_{t+1} (next) and pihat_t (prev).
     The map is linear, so it can be applied at any level: to the log-ratios Deltahat_s = L_hat_s(y_w) - L_hat_s(y_l)
@@ -122,13 +124,13 @@ def apo_dpo(inputs: PairwiseInputs, previous_chosen: jax.Array, previous_rejecte
             alpha: Any = 0.0) -> tuple[jax.Array, Metrics]:
     """APO with the DPO loss: -logsig(beta * (L_theta(y_w) - L_theta(y_l) - [(1 + a) Deltahat_{t+1} - a Deltahat_t])).
 
-    He et al. (2024), "Accelerated Preference Optimization"; METHODS.md section 6: in the loss the reference log-ratio
+    He et al. (2024), "Accelerated Preference Optimization"; docs/algorithms.md: in the loss the reference log-ratio
     of DPO (Rafailov et al. 2023, eq. 7) becomes (1 + a) Deltahat_{t+1} - a Deltahat_t from two frozen checkpoints.
     `inputs.reference_*` are the newer checkpoint pihat_{t+1} (the previous iterate, as in iterative DPO);
     `previous_chosen` / `previous_rejected` [pairs, T] the older one, pihat_t. a = 0 is exactly sigmoid DPO against
-    pihat_{t+1} (iterative DPO); 0 <= a < 1 (Nesterov momentum). Metrics: the implicit rewards beta*z of METHODS.md
-    section 0 with z measured against the extrapolated reference, and "apo/reference_margin", the mean extrapolated
-    reference log-ratio.
+    pihat_{t+1} (iterative DPO); 0 <= a < 1 (Nesterov momentum). Metrics: the implicit rewards beta*z of every
+    pairwise objective with z measured against the extrapolated reference, and "apo/reference_margin", the mean
+    extrapolated reference log-ratio.
     """
     check_objective_beta("apo_dpo", beta)
     z_w, z_l = _apo_log_ratios("apo_dpo", inputs, previous_chosen, previous_rejected, alpha)
@@ -144,8 +146,8 @@ def apo_sppo(inputs: PairwiseInputs, previous_chosen: jax.Array, previous_reject
              alpha: Any = 0.0) -> tuple[jax.Array, Metrics]:
     """APO with SPPO's squared loss: (z_w - 1/(2b))^2 + (z_l + 1/(2b))^2, z against the extrapolated reference.
 
-    He et al. (2024), "Accelerated Preference Optimization" (METHODS.md section 6: "works with SPPO's squared loss
-    too"), with the hard-label SPPO loss of Wu et al. (2024), eq. 4.7 (the `sppo_hard` objective). The extrapolated
+    He et al. (2024), "Accelerated Preference Optimization" (the extrapolation applies to SPPO's squared loss
+    too), with the hard-label SPPO loss of Wu et al. (2024), eq. 4.7 (the `sppo_hard` objective). The extrapolated
     reference of each completion is (1 + a) L_hat_{t+1}(y) - a L_hat_t(y) WITHOUT the -log Z term. SPPO regresses
     each log-ratio on its own, so log Z does not cancel here; SPPO approximates its own log Z by a constant folded into
     the +-1/(2b) targets, and the extrapolation's log Z is treated the same way (left out): that is the form
@@ -158,13 +160,13 @@ def apo_sppo(inputs: PairwiseInputs, previous_chosen: jax.Array, previous_reject
 
 
 def extrapolate_logits(l_next: jax.Array, l_prev: jax.Array, alpha: Any) -> jax.Array:
-    """APO sampling with token-level extrapolated logits (1 + a) l_{t+1} - a l_t (METHODS.md section 6).
+    """APO sampling with token-level extrapolated logits (1 + a) l_{t+1} - a l_t (docs/algorithms.md, "APO").
 
     He et al. (2024): sampling from pi_{t+1} proportional to pihat_{t+1}^(1+a) / pihat_t^a, done per next-token
     distribution; softmax of the result is the extrapolated next-token distribution (a softmax is shift-invariant, so
-    logits and log-probs give the same distribution). Renormalising at every token is the token-level form METHODS.md
-    asks for, not the sequence-level step (whose single log Z differs from the product of per-token normalisers).
-    Any shape, both arrays alike.
+    logits and log-probs give the same distribution). Renormalising at every token is the token-level form
+    implemented here, not the sequence-level step (whose single log Z differs from the product of per-token
+    normalisers). Any shape, both arrays alike.
     """
     _check_alpha_momentum("extrapolate_logits", alpha)
     _check_shapes("extrapolate_logits", l_next=l_next, l_prev=l_prev)
@@ -172,7 +174,7 @@ def extrapolate_logits(l_next: jax.Array, l_prev: jax.Array, alpha: Any) -> jax.
 
 
 def extrapolate_params(theta_next: Any, theta_prev: Any, alpha: Any) -> Any:
-    """APO sampling by weight extrapolation theta_{t+1} + a (theta_{t+1} - theta_t) (METHODS.md section 6).
+    """APO sampling by weight extrapolation theta_{t+1} + a (theta_{t+1} - theta_t) (docs/algorithms.md, "APO").
 
     He et al. (2024), the parameter-space Nesterov step. `theta_next` / `theta_prev` are pytrees of the same
     structure and leaf shapes (e.g. two checkpoints' params); a = 0 returns theta_next's values exactly.
@@ -198,7 +200,7 @@ def extrapolate_params(theta_next: Any, theta_prev: Any, alpha: Any) -> Any:
 def trpa(policy: jax.Array, reference: jax.Array, old: jax.Array, mask: jax.Array, levels: jax.Array,
          valid: jax.Array | None = None, beta: Any = 0.1, kl_coef: Any = 0.001,
          kappa: Any = 2.5) -> tuple[jax.Array, Metrics]:
-    """TRPA (Trust Region Preference Approximation; METHODS.md section 6, from the authors' code [code]).
+    """TRPA (Su et al. 2025, "Trust Region Preference Approximation"; docs/algorithms.md, from the authors' code).
 
     K graded responses per prompt: per-token log-probs [B, K, T] of the policy, of the frozen initial model
     (`reference`) and of the sampling policy pi_old (`old`, no gradient), completion mask [B, K, T], rule-based
@@ -261,8 +263,8 @@ def trpa(policy: jax.Array, reference: jax.Array, old: jax.Array, mask: jax.Arra
 
 def brain(policy: jax.Array, sft: jax.Array, proposal: jax.Array, mask: jax.Array, rewards: jax.Array,
           beta: Any = 0.1) -> tuple[jax.Array, Metrics]:
-    """BRAIn (Pandey et al., 2024, "BRAIn: Bayesian Reward-conditioned Amortized Inference"; METHODS.md section 6,
-    tagged [unverified]; the form implemented is the one written there, without the paper's baseline term).
+    """BRAIn (Pandey et al., 2024, "BRAIn: Bayesian Reward-conditioned Amortized Inference"; docs/algorithms.md;
+    not checked against the paper: the form implemented is the one below, without the paper's baseline term).
 
     n samples y_i per prompt from a proposal q: per-token log-probs [B, n, T] of the policy, of pi_SFT and of q,
     completion mask [B, n, T], rewards [B, n]. With sequence log-probs L:
@@ -301,12 +303,12 @@ def brain(policy: jax.Array, sft: jax.Array, proposal: jax.Array, mask: jax.Arra
 def ddo(data_policy: jax.Array, data_reference: jax.Array, data_mask: jax.Array, sample_policy: jax.Array,
         sample_reference: jax.Array, sample_mask: jax.Array, beta: Any = 0.1,
         alpha: Any = 1.0) -> tuple[jax.Array, Metrics]:
-    """DDO (Zheng et al., 2025, "Direct Discriminative Optimization"; METHODS.md section 6, [paper]).
+    """DDO (Zheng et al., 2025, "Direct Discriminative Optimization"; docs/algorithms.md, from the paper).
 
     Delta(x) = log p_theta(x) - log p_ref(x) (sequence level, summed over the mask); the implicit discriminator is
     sig(beta Delta). Loss = -E_{x~data} logsig(beta Delta) - alpha E_{x~p_ref} log(1 - sig(beta Delta)), with
     log(1 - sig(u)) = logsig(-u). Two batches: data sequences (data_* [N, T]) and samples of the reference model
-    (sample_* [M, T]); each expectation is the batch mean. Defaults beta = 0.1 (METHODS.md section 0) and alpha = 1
+    (sample_* [M, T]); each expectation is the batch mean. Defaults beta = 0.1 (the library's usual) and alpha = 1
     are not the paper's tuned values. Multi-round DDO (ref <- theta) is a loop that comes later.
     """
     name = "ddo"
@@ -358,13 +360,13 @@ def step_dpo(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_cho
              reference_rejected: jax.Array, prefix_lengths: Any, chosen_step_lengths: Any,
              rejected_step_lengths: Any, beta: Any = 0.4) -> tuple[jax.Array, Metrics]:
     """Step-DPO (Lai et al., 2024, "Step-DPO: Step-wise Preference Optimization for Long-chain Reasoning";
-    METHODS.md section 6, [code]): sigmoid DPO (Rafailov et al. 2023, eq. 7) on the step tokens only.
+    docs/algorithms.md, from the authors' code): sigmoid DPO (Rafailov et al. 2023, eq. 7) on the step tokens only.
 
     The prompt is x + the correct prefix steps (shared by both sides, `prefix_lengths` [B] positions); chosen is a
     correct next step, rejected the first wrong step, of `chosen_step_lengths` / `rejected_step_lengths` [B] tokens
     right after the prefix. Per-token log-probs [B, T] (per side; T may differ between sides). The masks are built by
     `step_mask`; tokens outside the step (prefix, padding, anything after the step) reach neither loss nor gradient.
-    Default beta 0.4 (METHODS.md: 0.4-0.5).
+    Default beta 0.4 (the authors' code uses 0.4 to 0.5).
     """
     name = "step_dpo"
     check_objective_beta(name, beta)

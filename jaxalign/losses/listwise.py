@@ -1,11 +1,11 @@
-"""Listwise and ranked preference objectives over K scored candidates per prompt (METHODS.md section 5).
+"""Listwise and ranked preference objectives over K scored candidates per prompt (docs/objectives.md, "Listwise").
 
 Every objective here takes `ListwiseInputs`: per-token log-probs `policy`/`reference` [P, K, T], completion masks
 [P, K, T], `scores` [P, K] (higher is better, e.g. ARITH's graded `score`) and `valid` [P, K].
 
 Conventions shared by all four objectives (written once here, relied on by the tests):
 
-- z_k = L_theta(y_k) - L_ref(y_k), the summed completion log-ratio (METHODS.md section 0).
+- z_k = L_theta(y_k) - L_ref(y_k), the summed completion log-ratio (docs/objectives.md, "Conventions").
 - A candidate with valid = 0 is removed before anything is computed: its log-probs, mask and score (even NaN or
   inf) never reach the loss, the metrics or the gradients.
 - Only strict preferences carry signal: the pairs (i, j) with score_i > score_j among valid candidates. Tied
@@ -241,7 +241,7 @@ def step_ids_from_separators(tokens: jax.Array, mask: jax.Array, separator_id: i
 def tpo(inputs: ListwiseInputs, beta: float = 0.5, adaptive_weights: bool = True, released_code_form: bool = False,
         max_steps: int | None = None):
     """TPO, Tree Preference Optimization (Liao et al., 2025, "TPO: Aligning Large Language Models with
-    Multi-branch & Multi-step Preference Trees"; METHODS.md section 5), the paper's form by default:
+    Multi-branch & Multi-step Preference Trees"), the paper's form by default:
 
       r_k(y)  = mean of the token log-ratios log pi_theta - log pi_ref over the tokens of step k of y;
       w_k(y)  = 1 + cos(hbar_k(y), hbar_k(y_0))   (Adaptive Step Reward), hbar_k the mean hidden state of step k,
@@ -340,10 +340,11 @@ def tpo(inputs: ListwiseInputs, beta: float = 0.5, adaptive_weights: bool = True
     return loss, metrics
 
 
-@register("adpo", family="listwise")
+# beta reaches ADPO as its temperature tau = 1/beta: its K = 2 case is cDPO with beta = 1/tau.
+@register("adpo", family="listwise", beta_aliases={"tau": lambda beta: 1.0 / beta})
 def adpo(inputs: ListwiseInputs, tau: float = 10.0, target: str = "smoothed", label_smoothing: float = 0.0,
          target_temperature: float = 1.0):
-    """ADPO, Anchored DPO ("ADPO: Anchored Direct Preference Optimization", 2025; METHODS.md section 5): minimise
+    """ADPO, Anchored DPO ("ADPO: Anchored Direct Preference Optimization", 2025): minimise
     KL(q || p) with p = softmax((l - l_ref)/tau) = softmax(z/tau) over a prompt's valid candidates, q a target
     distribution built from the scores. [paper form from the abstract; the target recipes are this module's choices]
 

@@ -1,4 +1,4 @@
-"""The three loss modifiers of TRL 1.16.0's DPOTrainer, as small pure functions (METHODS.md section 1, "Modifiers").
+"""The three loss modifiers of TRL 1.16.0's DPOTrainer, as small pure functions (docs/objectives.md, "Loss modifiers").
 
 - f-divergence scores (f-DPO): the summed log-ratio z = L_theta(y) - L_ref(y) of each completion is replaced by a
   score s(z) before the chosen-minus-rejected difference is taken (`f_divergence_score`).

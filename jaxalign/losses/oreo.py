@@ -1,10 +1,10 @@
 """OREO objectives as pure functions: Wang et al. (2024), "Offline Reinforcement Learning for LLM Multi-Step
-Reasoning" (OREO, arXiv:2412.16145), METHODS.md section 7.
+Reasoning" (OREO, arXiv:2412.16145); docs/algorithms.md, "OREO".
 
 OREO learns a policy pi_theta and a critic V_phi from offline trajectories (x, y, R) with a sparse terminal reward R
 by enforcing the soft Bellman equation of KL-regularised RL with the SFT model pi_ref as reference. With the
 per-token log-ratio lr_t = log pi_theta(y_t | s_t) - log pi_ref(y_t | s_t) and a completion mask m, the two
-objectives of METHODS.md section 7 are
+objectives are
 
     A_t   = sum_{i >= t} m_i lr_i                                        (soft-Bellman advantage, no gradient)
     L_V   = mean_b [ sum_t s_t (beta A_t + V(s_t) - R)^2 / sum_t s_t ]                     (critic / value loss)
@@ -86,7 +86,7 @@ def _reverse_cumsum(logratio: jax.Array, mask: jax.Array) -> jax.Array:
 def soft_bellman_advantage(logratio: jax.Array, mask: jax.Array) -> jax.Array:
     """A_t = sum_{i >= t} m_i lr_i, the reverse cumulative sum of the masked log-ratios, under stop-gradient.
 
-    OREO (Wang et al. 2024), METHODS.md section 7: with a sparse terminal reward the soft Bellman equation unrolled from
+    OREO (Wang et al. 2024): with a sparse terminal reward the soft Bellman equation unrolled from
     s_t to the end of the trajectory reads V*(s_t) = R - beta sum_{i >= t} log pi*/pi_ref(a_i | s_i), so beta A_t is
     the KL-regularised "cost to go" that the critic must offset. Defined at every position t (a prompt position reads
     L(y) = sum_i m_i lr_i, a position after the completion reads 0); the losses read it only at states. [B, T] fp32.
@@ -97,7 +97,7 @@ def soft_bellman_advantage(logratio: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def state_mask(completion_mask: jax.Array, level: str, step_starts: jax.Array | None = None) -> jax.Array:
-    """s_t: 1 at the states whose Bellman residual OREO penalises, 0 elsewhere; [B, T] fp32 (METHODS.md section 7).
+    """s_t: 1 at the states whose Bellman residual OREO penalises, 0 elsewhere; [B, T] fp32 (Wang et al. 2024).
 
     Positions index the state *before* token t (the alignment of `heads.state_values`, whose V(s_t) is the critic's
     output at the token before t):
@@ -142,7 +142,7 @@ def _next_state_index(states: jax.Array) -> jax.Array:
 def policy_residuals(logratio: jax.Array, values: jax.Array, mask: jax.Array, state_mask: jax.Array,
                      reward: jax.Array, beta: Any, level: str) -> jax.Array:
     """delta_t = beta (C_t + sg F_t) + sg V(s_t) - R at every state (0 elsewhere), [B, T] fp32: OREO's policy-side
-    soft-Bellman residual (Wang et al. 2024, METHODS.md section 7). C_t carries the gradient, F_t does not:
+    soft-Bellman residual (Wang et al. 2024). C_t carries the gradient, F_t does not:
     - "token": C_t = m_t lr_t and F_t = sum_{i > t} m_i lr_i (the token-level policy objective);
     - "step": C_t = sum_{t <= i < n(t)} m_i lr_i, the log-ratios of the current step, where n(t) is the next state
       after t (or the end), and F_t = sum_{i >= n(t)} m_i lr_i. So d delta_t / d lr_i = beta exactly when token i is
@@ -196,7 +196,7 @@ def _first_state_values(values: jax.Array, states: jax.Array) -> jax.Array:
 
 def oreo_value_loss(values: jax.Array, logratio: jax.Array, mask: jax.Array, state_mask: jax.Array,
                     reward: jax.Array, beta: Any) -> tuple[jax.Array, Metrics]:
-    """OREO's critic objective (Wang et al. 2024, value loss; METHODS.md section 7):
+    """OREO's critic objective (Wang et al. 2024, value loss):
 
         L_V = mean_b [ sum_t s_t (beta A_t + V(s_t) - R)^2 / sum_t s_t ],   A_t = sg sum_{i >= t} m_i lr_i.
 
@@ -229,7 +229,7 @@ def token_kl(policy_logits: jax.Array, reference_logits: jax.Array) -> jax.Array
     """KL(pi_theta || pi_ref) over the full vocabulary for the distribution that chooses token t, aligned to the
     tokens like `jaxalign.logprobs.token_logprobs`: kl[:, t] = sum_v p_v (log p_v - log q_v) with p, q the softmaxes
     of policy_logits[:, t-1] and reference_logits[:, t-1]; kl[:, 0] = 0. fp32, >= 0; the reference is frozen (no
-    gradient). [B, T]. OREO's regulariser (Wang et al. 2024; METHODS.md section 7)."""
+    gradient). [B, T]. OREO's regulariser (Wang et al. 2024)."""
     if jnp.ndim(policy_logits) != 3 or jnp.shape(policy_logits) != jnp.shape(reference_logits):
         raise ValueError("token_kl: policy_logits and reference_logits must have the same shape [batch, time, vocab], "
                          f"got {jnp.shape(policy_logits)} and {jnp.shape(reference_logits)}")
@@ -247,7 +247,7 @@ def _masked_token_mean(per_token: jax.Array, mask: jax.Array) -> jax.Array:
 
 def full_vocab_kl(policy_logits: jax.Array, reference_logits: jax.Array, mask: jax.Array) -> jax.Array:
     """KL(pi_theta || pi_ref): `token_kl` averaged over all response tokens of the batch (sum over masked tokens /
-    their number; 0 when there are none). OREO's alpha-weighted regulariser (Wang et al. 2024; METHODS.md section 7)."""
+    their number; 0 when there are none). OREO's alpha-weighted regulariser (Wang et al. 2024)."""
     kl = token_kl(policy_logits, reference_logits)
     _check_2d("full_vocab_kl", kl.shape, mask=mask)
     return _masked_token_mean(kl, mask)
@@ -256,8 +256,8 @@ def full_vocab_kl(policy_logits: jax.Array, reference_logits: jax.Array, mask: j
 def oreo_policy_loss(logratio: jax.Array, values: jax.Array, mask: jax.Array, state_mask: jax.Array,
                      reward: jax.Array, beta: Any, alpha: Any = 0.0, kl_per_token: jax.Array | None = None,
                      level: str = "token") -> tuple[jax.Array, Metrics]:
-    """OREO's actor objective (Wang et al. 2024, policy loss and its step-/response-level variants; METHODS.md
-    section 7):
+    """OREO's actor objective (Wang et al. 2024, policy loss and its step-/response-level variants;
+    docs/algorithms.md):
 
         L_pi = mean_b [ sum_t s_t delta_t^2 / sum_t s_t ] + alpha KL(pi_theta || pi_ref),
 

@@ -1,13 +1,13 @@
-"""Reference-based pairwise preference objectives (METHODS.md section 1).
+"""Reference-based pairwise preference objectives (docs/objectives.md, "Reference-based pairwise objectives").
 
 Every objective here has the semantics of the `loss_type` of the same name in TRL 1.16.0's `DPOTrainer`
 (`trl/trainer/dpo_trainer.py`, `_compute_loss`), except `cdpo`, which TRL 1.16.0 no longer has as a loss_type
-(its `sigmoid` ignores `label_smoothing`); `cdpo` is the conservative-DPO form of METHODS.md.
+(its `sigmoid` ignores `label_smoothing`); `cdpo` is conservative DPO (Mitchell 2023).
 
-Notation (METHODS.md section 0): L(y) = sum_t m_t logp_t over the completion, z = L_theta(y) - L_ref(y) (summed),
-Delta = z_w - z_l, |y| = number of completion tokens (clamped to >= 1, as TRL does). All losses are batch means of a
-per-pair loss. Hyper-parameters given as Python numbers are validated eagerly with one ValueError that names the
-objective, the parameter and the value; traced values (e.g. a beta swept under jit) are not checked.
+Notation (docs/objectives.md, "Conventions"): L(y) = sum_t m_t logp_t over the completion, z = L_theta(y) - L_ref(y)
+(summed), Delta = z_w - z_l, |y| = number of completion tokens (clamped to >= 1, as TRL does). All losses are batch
+means of a per-pair loss. Hyper-parameters given as Python numbers are validated eagerly with one ValueError that
+names the objective, the parameter and the value; traced values (e.g. a beta swept under jit) are not checked.
 
 Loss modifiers (TRL 1.16.0 semantics, math in `jaxalign.losses.modifiers`) are keyword-only arguments, declared in
 each registry entry and routed by `compute_objective(..., f_divergence=, f_alpha=, ld_alpha=, wpo=)`:
@@ -313,8 +313,8 @@ def combine(
     ld_alpha: Any = None,
     wpo: bool = False,
 ) -> tuple[jax.Array, Metrics]:
-    """sum_k w_k * loss_k over registered objectives (METHODS.md section 0: "Multiple losses combine as
-    sum_k w_k * mean(loss_k)", e.g. DPO + lambda*SFT = RPO; TRL's list-valued loss_type with loss_weights).
+    """sum_k w_k * loss_k over registered objectives, each loss_k a batch mean (docs/objectives.md, "Conventions"),
+    e.g. DPO + lambda*SFT = RPO (Pang et al. 2024); TRL's list-valued loss_type with loss_weights.
 
     `terms` is [(name, weight, kwargs), ...]. Metrics are namespaced "<name>/<metric>" plus "<name>/loss" (the
     unweighted term); a name used twice gets "<name>#<k>" (k = its position) for its later occurrences.

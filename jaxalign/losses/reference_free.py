@@ -1,4 +1,4 @@
-"""Reference-free preference objectives: SimPO, CPO, AlphaPO, ORPO and ASFT (METHODS.md section 2).
+"""Reference-free preference objectives: SimPO, CPO, AlphaPO, ORPO and ASFT (docs/objectives.md, "Reference-free").
 
 None of these uses a reference model: the `reference_*` fields of `PairwiseInputs` are ignored.
 
@@ -34,7 +34,7 @@ MAX_AVG_LOGP = -1e-12
 
 
 def _check(objective: str, name: str, value, ok: bool, expected: str) -> None:
-    """One clear error per bad hyper-parameter (DESIGN.md principle 7). Traced values are not checked."""
+    """One clear error per bad hyper-parameter (docs/architecture.md, "Principles"). Traced values are not checked."""
     if isinstance(value, bool) or (isinstance(value, (int, float)) and not ok):
         raise ValueError(f"{objective}.{name} must be {expected}, got {value!r}")
 
@@ -196,7 +196,7 @@ def orpo(inputs: PairwiseInputs, beta: float = 0.1):
 
 @register("asft", family="reference_free", batch_coupled=True)
 def asft(inputs: PairwiseInputs, beta: float = 0.1, lam: float = 1.0):
-    """ASFT (Aligned Supervised Fine-Tuning through Absolute Likelihood), in METHODS.md's [unverified] form:
+    """ASFT (Aligned Supervised Fine-Tuning through Absolute Likelihood), in a form not checked against the paper:
     mean over pairs of -Lbar(y_w) + lam * [-log sigmoid(beta * logit p_w) - log sigmoid(-beta * logit p_l)],
     p = exp(Lbar(y)), logit p = Lbar - log1mexp(Lbar).
 

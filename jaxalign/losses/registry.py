@@ -1,6 +1,6 @@
 """The objective registry and the inputs objectives receive.
 
-Every objective is a pure function `fn(inputs, **hyper_parameters) -> (loss, metrics)` (DESIGN.md principle 2).
+Every objective is a pure function `fn(inputs, **hyper_parameters) -> (loss, metrics)` that never sees a model.
 What `inputs` is depends on the objective's family:
 
 - "pairwise" and "reference_free": `PairwiseInputs` (one chosen and one rejected completion per prompt);
@@ -10,11 +10,17 @@ What `inputs` is depends on the objective's family:
 Objectives that read more than log-probs (rewards, embeddings, values, hidden states, a guidance policy's
 log-probs) take them from `inputs.extras` under the names they declare in `register(..., extras=...)`, so a trainer
 can ask the registry what to compute before calling the objective.
+
+A registration is the only place an objective is described: besides its family and extras it may declare a state
+carried across steps (`StateHooks`, e.g. BCO's running baseline) and the names under which the usual KL strength
+beta reaches it (`beta_aliases`, e.g. ADPO's temperature tau = 1/beta). `objective_kwargs` turns (beta,
+label_smoothing, "name=value,...") into the keyword arguments of any registered objective from those declarations.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import inspect
+from typing import Any, Callable, Mapping
 
 import flax.struct
 import jax
@@ -24,6 +30,30 @@ from jaxalign.losses import modifiers as _modifiers
 
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 FAMILIES = ("pairwise", "reference_free", "unpaired", "listwise")
+# Extras a loss modifier reads when it is switched on (WPO's per-token normaliser log sum_v p_v^2 of each side).
+MODIFIER_EXTRAS: dict[str, tuple[str, ...]] = {"wpo": _modifiers.WPO_EXTRAS}
+# The keyword arguments of TRL's loss modifiers, accepted by `objective_kwargs` for objectives declaring any modifier.
+MODIFIER_ARGUMENTS = ("f_divergence", "f_alpha", "ld_alpha", "wpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class StateHooks:
+    """A state an objective carries from one training step to the next (in `TrainState.objective_state`).
+
+    init: () -> the initial state, a pytree of arrays (e.g. `unpaired.RunningMoments.init`).
+    update: (state, inputs, **hyper) -> (new state, extras). A trainer calls it once per step on the inputs the
+        objective is about to see, then adds `extras` to `inputs.extras` and keeps the new state for the next step.
+        It receives those of the objective's hyper-parameters its signature names (all of them with **kwargs).
+        Pure and jit-able, like the objective.
+    extras: the names of the extras `update` returns; each must also be declared in the objective's `extras`, and a
+        trainer never looks for them in the batch.
+    description: what the state is, for error messages (e.g. "a running baseline").
+    """
+
+    init: Callable[[], Any]
+    update: Callable[..., tuple[Any, dict[str, jax.Array]]]
+    extras: tuple[str, ...] = ()
+    description: str = "a state across steps"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +67,9 @@ class ObjectiveSpec:
     modifiers: the TRL-style loss modifiers the objective accepts through `compute_objective` (a subset of
         `modifiers.MODIFIERS`): "f_divergence" (fn takes keyword arguments f_divergence, f_alpha), "ld_alpha" (fn
         takes ld_alpha), "wpo" (fn takes pair_weights, multiplying each pair's loss before the batch mean).
+    state: the `StateHooks` of an objective that carries a state across steps, else None.
+    beta_aliases: (hyper-parameter, function of beta) pairs: the names under which the usual KL strength beta reaches
+        an objective whose own parameter is not called beta (`objective_kwargs`).
     """
 
     name: str
@@ -46,6 +79,13 @@ class ObjectiveSpec:
     extras: tuple[str, ...] = ()
     batch_coupled: bool = False
     modifiers: tuple[str, ...] = ()
+    state: StateHooks | None = None
+    beta_aliases: tuple[tuple[str, Callable[[float], Any]], ...] = ()
+
+    @property
+    def hyperparameters(self) -> frozenset[str]:
+        """The keyword arguments of `fn` a caller may set (the inputs and WPO's per-pair weights excluded)."""
+        return _keyword_parameters(self.fn) - {"inputs", "pair_weights"}
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -125,11 +165,13 @@ def unpair(inputs: PairwiseInputs) -> UnpairedInputs:
 
 
 def register(name: str, family: str = "pairwise", needs_reference: bool | None = None, extras: tuple[str, ...] = (),
-             batch_coupled: bool = False, modifiers: tuple[str, ...] = ()) -> Callable[[Objective], Objective]:
+             batch_coupled: bool = False, modifiers: tuple[str, ...] = (), state: StateHooks | None = None,
+             beta_aliases: Mapping[str, Callable[[float], Any]] | None = None) -> Callable[[Objective], Objective]:
     """Add an objective to the registry under `name` (a clear error on a duplicate name or unknown family).
 
     needs_reference defaults to False for the "reference_free" family and True otherwise. `modifiers` lists the
-    loss modifiers (`modifiers.MODIFIERS`) the objective implements; see `ObjectiveSpec`."""
+    loss modifiers (`modifiers.MODIFIERS`) the objective implements; `state` its `StateHooks` if it carries a state
+    across steps; `beta_aliases` maps its own KL-strength parameters to functions of beta. See `ObjectiveSpec`."""
     if family not in FAMILIES:
         raise ValueError(f"objective {name!r}: family must be one of {FAMILIES}, got {family!r}")
     unknown = [m for m in modifiers if m not in _modifiers.MODIFIERS]
@@ -137,17 +179,33 @@ def register(name: str, family: str = "pairwise", needs_reference: bool | None =
         raise ValueError(
             f"objective {name!r}: unknown modifiers {unknown}; expected a subset of {_modifiers.MODIFIERS}"
         )
+    if state is not None and not set(state.extras) <= set(extras):
+        raise ValueError(f"objective {name!r}: its state provides extras {state.extras}, which must all be declared "
+                         f"in extras={tuple(extras)}")
     if needs_reference is None:
         needs_reference = family != "reference_free"
+    aliases = tuple((beta_aliases or {}).items())
 
     def add(fn: Objective) -> Objective:
         if name in OBJECTIVES:
             raise ValueError(f"objective {name!r} is already registered by {OBJECTIVES[name].__module__}")
+        spec = ObjectiveSpec(name, fn, family, needs_reference, tuple(extras), batch_coupled, tuple(modifiers),
+                             state, aliases)
+        stray = [alias for alias, _ in aliases if alias not in spec.hyperparameters]
+        if stray:
+            raise ValueError(f"objective {name!r}: beta_aliases {stray} are not hyper-parameters of "
+                             f"{fn.__name__} (it takes {', '.join(sorted(spec.hyperparameters)) or 'none'})")
         OBJECTIVES[name] = fn
-        SPECS[name] = ObjectiveSpec(name, fn, family, needs_reference, tuple(extras), batch_coupled, tuple(modifiers))
+        SPECS[name] = spec
         return fn
 
     return add
+
+
+def unregister(name: str) -> None:
+    """Remove `name` from the registry (a test or a notebook cleaning up an objective it registered)."""
+    get_spec(name)  # the usual error for an unknown name
+    del OBJECTIVES[name], SPECS[name]
 
 
 def get_objective(name: str) -> Objective:
@@ -191,7 +249,7 @@ def compute_objective(
     **hyper: Any,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Evaluate the registered objective `name` on `inputs` with hyper-parameters `**hyper` and, optionally, the
-    loss modifiers of TRL 1.16.0's DPOTrainer (METHODS.md section 1; math in `jaxalign.losses.modifiers`):
+    loss modifiers of TRL 1.16.0's DPOTrainer (the math is in `jaxalign.losses.modifiers`):
 
     f_divergence: None or "reverse_kl" (standard DPO), "forward_kl", "js_divergence" or "alpha_divergence" (TRL's
         f_divergence_type): each side's summed log-ratio z is replaced by the f-DPO score s(z).
@@ -225,3 +283,96 @@ def compute_objective(
             inputs.policy_chosen, inputs.policy_rejected, inputs.chosen_mask, inputs.rejected_mask, inputs.extras, name
         )
     return spec.fn(inputs, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a trainer derives from a registration
+
+
+def _keyword_parameters(fn: Callable) -> frozenset[str]:
+    return frozenset(name for name, p in inspect.signature(fn).parameters.items()
+                     if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def needed_extras(name: str, *, wpo: bool = False) -> tuple[str, ...]:
+    """Every extra `name` reads in training: its declared extras, then those of the modifiers switched on (with
+    wpo=True, WPO's normalisers `modifiers.WPO_EXTRAS`). A trainer computes the ones it knows how to compute and
+    reads the rest from the batch."""
+    spec = get_spec(name)
+    return spec.extras + tuple(e for e in (MODIFIER_EXTRAS["wpo"] if wpo else ()) if e not in spec.extras)
+
+
+def initial_state(name: str) -> Any:
+    """The state objective `name` starts training with (`StateHooks.init`), or None when it keeps none."""
+    spec = get_spec(name)
+    return None if spec.state is None else spec.state.init()
+
+
+def update_state(name: str, state: Any, inputs: Any, hyper: Mapping[str, Any]) -> tuple[Any, Any]:
+    """One step of objective `name`'s state: (new state, `inputs` with the extras its `StateHooks.update` returns).
+
+    `hyper` are the objective's hyper-parameters; the update receives those its signature names (all of them when
+    it takes **kwargs). An update returning other extras than it declares is one ValueError."""
+    spec = get_spec(name)
+    if spec.state is None:
+        raise ValueError(f"objective {name!r} keeps no state across steps")
+    parameters = inspect.signature(spec.state.update).parameters
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+    kwargs = {k: v for k, v in hyper.items() if takes_all or (k in parameters and k not in ("state", "inputs"))}
+    new_state, extras = spec.state.update(state, inputs, **kwargs)
+    if set(extras) != set(spec.state.extras):
+        raise ValueError(f"objective {name!r}: its state update returned extras {sorted(extras)}, but declares "
+                         f"{sorted(spec.state.extras)}")
+    return new_state, inputs.replace(extras={**inputs.extras, **extras})
+
+
+def _parse_scalar(text: str) -> Any:
+    """int, then float, then true/false/none (any case), else the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_objective_args(text: str, setting: str = "dpo") -> dict[str, Any]:
+    """"name=value,name=value" -> {name: value}, each value an int, a float, a bool, None or else a string.
+    Empty items are skipped; an item without "=" is one ValueError naming `setting`.objective_args."""
+    parsed: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if "=" not in item:
+            raise ValueError(f"{setting}.objective_args: {item!r} is not of the form name=value")
+        key, value = (part.strip() for part in item.split("=", 1))
+        parsed[key] = _parse_scalar(value)
+    return parsed
+
+
+def objective_kwargs(name: str, beta: float, label_smoothing: float | None = None, objective_args: str = "", *,
+                     setting: str = "dpo") -> dict[str, Any]:
+    """The keyword arguments a trainer passes to objective `name`: beta when the objective takes one, each of its
+    `beta_aliases` as a function of beta (ADPO: tau = 1/beta; DRO: tau = beta; Flex-DPO: beta_chosen =
+    beta_rejected = beta), label_smoothing when not None, and `objective_args` ("name=value,name=value",
+    `parse_objective_args`), which win. TRL's loss modifiers (f_divergence, f_alpha, ld_alpha, wpo) are accepted
+    by every objective that declares a modifier; `compute_objective` rejects the ones it does not support.
+
+    Pure. Unknown names are one ValueError listing the accepted ones; `setting` names the config section the
+    arguments come from in the messages (e.g. "dpo.objective='sigmoid' takes no gamma; it accepts: beta, ...").
+    """
+    spec = get_spec(name)
+    accepted = set(spec.hyperparameters)
+    if spec.modifiers:
+        accepted |= set(MODIFIER_ARGUMENTS)
+    kwargs: dict[str, Any] = {}
+    if "beta" in accepted:
+        kwargs["beta"] = beta
+    for alias, from_beta in spec.beta_aliases:
+        kwargs[alias] = from_beta(beta)
+    if label_smoothing is not None:
+        kwargs["label_smoothing"] = label_smoothing
+    kwargs.update(parse_objective_args(objective_args, setting))
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"{setting}.objective={name!r} takes no {', '.join(unknown)}; it accepts: "
+                         f"{', '.join(sorted(accepted)) or 'nothing'}")
+    return kwargs

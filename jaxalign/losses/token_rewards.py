@@ -1,7 +1,8 @@
 """Dense (per-token) implicit rewards of a DPO-trained policy: an analysis utility, not a training objective.
 
-Rafailov et al. (2024), "From r to Q*: Your Language Model is Secretly a Q-Function" (METHODS.md section 4,
-[unverified]): in the token-level MDP, DPO's implicit reward decomposes over tokens,
+Rafailov et al. (2024), "From r to Q*: Your Language Model is Secretly a Q-Function" (docs/objectives.md,
+"Token-level rewards"; recalled, not checked against the paper): in the token-level MDP, DPO's implicit reward
+decomposes over tokens,
 
     rhat_t = beta * (log pi_theta(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)),
 

@@ -1,4 +1,4 @@
-"""Unpaired (pointwise) objectives: KTO, BCO and DRO (METHODS.md section 3).
+"""Unpaired (pointwise) objectives: KTO, BCO and DRO (docs/objectives.md, "Unpaired objectives").
 
 Inputs are `UnpairedInputs`: single completions with per-token log-probs [n, time] of policy and reference, a
 completion mask and a `desirable` label [n] (1 desirable / chosen, 0 undesirable / rejected; values > 0.5 count as
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.losses.common import check_hyperparameter, check_objective_beta
-from jaxalign.losses.registry import UnpairedInputs, register
+from jaxalign.losses.registry import StateHooks, UnpairedInputs, register
 from jaxalign.losses.weighted import check_extra_values, require_extra
 
 Metrics = dict[str, jax.Array]
@@ -172,7 +172,14 @@ def bco_baseline(state: RunningMoments, inputs: UnpairedInputs, beta: float = 0.
     return new_state, new_state.mean
 
 
-@register("bco", family="unpaired", extras=("reward_baseline",), batch_coupled=True)
+def bco_state_update(state: RunningMoments, inputs: UnpairedInputs, beta: float = 0.1):
+    """BCO's `StateHooks.update`: `bco_baseline`, its delta handed to the objective as extra "reward_baseline"."""
+    new_state, delta = bco_baseline(state, inputs, beta)
+    return new_state, {"reward_baseline": delta}
+
+
+@register("bco", family="unpaired", extras=("reward_baseline",), batch_coupled=True,
+          state=StateHooks(RunningMoments.init, bco_state_update, ("reward_baseline",), "a running baseline"))
 def bco(inputs: UnpairedInputs, beta: float = 0.1):
     """BCO, binary classifier optimisation (Jung et al., 2024, "Binary Classifier Optimization for Large Language
     Model Alignment", the reward-shift loss) with the semantics of TRL's former `BCOTrainer.bco_loss` (no longer in
@@ -207,20 +214,20 @@ def bco(inputs: UnpairedInputs, beta: float = 0.1):
 # DRO
 
 
-@register("dro", family="unpaired", extras=("reward", "value"))
+# beta reaches DRO as tau, which multiplies the log-ratio as beta does.
+@register("dro", family="unpaired", extras=("reward", "value"), beta_aliases={"tau": lambda beta: beta})
 def dro(inputs: UnpairedInputs, tau: float = 0.1):
     """DRO, direct reward optimisation (Richemond et al., 2024, "Offline Regularised Reinforcement Learning for
-    Large Language Models Alignment", arXiv 2405.19107; METHODS.md section 3, [unverified]):
+    Large Language Models Alignment", arXiv 2405.19107; docs/objectives.md; not checked against the paper):
 
         loss = mean_i 0.5 * (r_i - V(x_i) - tau * z_i)^2,   z_i = log pi_theta(y_i|x_i) - log pi_ref(y_i|x_i),
 
     for single trajectories (x, y, r) with a scalar reward (no preference pairs: `desirable` is ignored).
 
-    Provenance: the paper's abstract is not among ../shared/seeds (only DSO's DRO and Diffusion-DRO are) and its
-    body was not read. The abstract (read elsewhere) only says "a simple mean-squared objective"; the form above is
-    METHODS.md's, and secondary descriptions agree with it (the RPO paper, arXiv 2506.13702, summarises DRO as the
-    squared error of r - V = tau log(pi/pi_ref) over pi_theta and V_phi; Tinker's DRO loss uses the policy term
-    log pi * A - (beta/2) (log pi/q)^2, the same gradient as below divided by tau).
+    Provenance: the paper's body was not read. Its abstract only says "a simple mean-squared objective"; the form
+    above is the one commonly attributed to it, and secondary descriptions agree (the RPO paper, arXiv 2506.13702,
+    summarises DRO as the squared error of r - V = tau log(pi/pi_ref) over pi_theta and V_phi; Tinker's DRO loss
+    uses the policy term log pi * A - (beta/2) (log pi/q)^2, the same gradient as below divided by tau).
 
     Implemented form: ONE joint squared loss, differentiated with respect to both the policy (through z) and the
     value V_phi (through extra "value", which must carry its gradient). No stop-gradient anywhere: for the policy,

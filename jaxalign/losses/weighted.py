@@ -1,9 +1,9 @@
-"""Weighted and regularised pairwise DPO variants from the seed papers (METHODS.md section 4).
+"""Weighted and regularised pairwise DPO variants (docs/objectives.md, "Weighted and regularised objectives").
 
 Every objective here is DPO's Bradley-Terry logistic loss (Rafailov et al., 2023, eq. 7) with one change: a
 per-pair weight read from a declared extra (MADPO, Sem-DPO), a smoothed preference probability (SmPO), an SFT
 regulariser (SFT-DPO), separate temperatures for the two log-ratios (Flex-DPO) or token-level reward guidance
-(TGDPO). Notation as in METHODS.md section 0: z = L_theta(y) - L_ref(y) summed over the completion tokens,
+(TGDPO). Notation of docs/objectives.md: z = L_theta(y) - L_ref(y) summed over the completion tokens,
 Delta = z_w - z_l, beta the KL strength (default 0.1). Losses are batch means of per-pair losses.
 
 Extras (declared in the registry, so a trainer can ask `get_spec(name).extras` what to compute) are read with
@@ -81,7 +81,7 @@ def madpo(inputs: PairwiseInputs, beta: float = 0.1, temperature: float = 1.0):
 
         loss = w(h) * -logsig(beta * Delta),   w(h) = 2 * sigmoid(-h / T),  no gradient through w.
 
-    The paper (abstract; METHODS.md section 4 [paper]; the loss -w(h) logsig(beta Delta) with h from a fixed,
+    The paper (abstract; the loss -w(h) logsig(beta Delta) with h from a fixed,
     separately trained reward model is confirmed by a secondary summary of the paper) requires a continuous weight
     that is larger for hard (small- or negative-margin) pairs and smaller for easy ones; its exact w was not
     retrieved, so this smooth,
@@ -108,7 +108,7 @@ def madpo(inputs: PairwiseInputs, beta: float = 0.1, temperature: float = 1.0):
 @register("sem_dpo", extras=("semantic_distance",))
 def sem_dpo(inputs: PairwiseInputs, beta: float = 0.1, alpha: float = 1.0):
     """Sem-DPO ("Sem-DPO: Mitigating Semantic Inconsistency in Preference Optimization for Prompt Engineering",
-    2025; METHODS.md section 4 [paper]): DPO weighted per pair by the semantic closeness of the winning completion
+    2025; from the paper): DPO weighted per pair by the semantic closeness of the winning completion
     to the original input,
 
         loss = exp(-alpha * d) * -logsig(beta * Delta),   d = d_cos(e(x), e(y_w)) = 1 - cos(e(x), e(y_w)),
@@ -134,7 +134,7 @@ def sem_dpo(inputs: PairwiseInputs, beta: float = 0.1, alpha: float = 1.0):
 @register("smpo", extras=("preference_probability",))
 def smpo(inputs: PairwiseInputs, beta: float = 0.1, gamma: float = 1.0):
     """SmPO, smoothed preference optimisation ("Smoothed Preference Optimization via ReNoise Inversion for Aligning
-    Diffusion Models with Varied Human Preferences", Lu et al., 2025; METHODS.md section 4 [paper]):
+    Diffusion Models with Varied Human Preferences", Lu et al., 2025; from the paper):
 
         loss = -logsig((2 * alpha - gamma) * beta * Delta),
 
@@ -164,7 +164,7 @@ def smpo(inputs: PairwiseInputs, beta: float = 0.1, gamma: float = 1.0):
 @register("sft_dpo")
 def sft_dpo(inputs: PairwiseInputs, beta: float = 0.1, sft_weight: float = 1.0):
     """SFT-DPO ("3D-Properties: Identifying Challenges in DPO and Charting a Path Forward", Yan et al., 2024;
-    METHODS.md section 4 [paper]): L_DPO + lambda * NLL(y_w), a regulariser against the drastic drop of the chosen
+    from the paper): L_DPO + lambda * NLL(y_w), a regulariser against the drastic drop of the chosen
     (and rejected) likelihoods.
 
     NLL(y_w) here is, per pair, the chosen completion's token-mean negative log-likelihood -L(y_w)/|y_w| (0 for an
@@ -182,9 +182,9 @@ def sft_dpo(inputs: PairwiseInputs, beta: float = 0.1, sft_weight: float = 1.0):
     return jnp.mean(preference + sft_weight * nll), metrics
 
 
-@register("flex_dpo")
+@register("flex_dpo", beta_aliases={"beta_chosen": lambda beta: beta, "beta_rejected": lambda beta: beta})
 def flex_dpo(inputs: PairwiseInputs, beta_chosen: float = 0.1, beta_rejected: float = 0.1):
-    """Flex-DPO ("3D-Properties", Yan et al., 2024; METHODS.md section 4 [paper]): separate KL strengths for the
+    """Flex-DPO ("3D-Properties", Yan et al., 2024; from the paper): separate KL strengths for the
     chosen and the rejected log-ratio, -logsig(beta_w * z_w - beta_l * z_l).
 
     With beta_w = beta_l = beta it is DPO exactly (the defaults, 0.1 each). A larger beta_l than beta_w makes the
@@ -210,7 +210,7 @@ def flex_dpo(inputs: PairwiseInputs, beta_chosen: float = 0.1, beta_rejected: fl
 @register("tgdpo", extras=("guidance_chosen", "guidance_rejected"))
 def tgdpo(inputs: PairwiseInputs, beta: float = 0.1, alpha: float = 0.5, guidance_beta: Any = None):
     """TGDPO, DPO with token-level reward guidance (Zhu et al., 2025, "TGDPO: Harnessing Token-Level Reward
-    Guidance for Enhancing Direct Preference Optimization"; METHODS.md section 4 [paper], the practical guidance
+    Guidance for Enhancing Direct Preference Optimization"; from the paper, the practical guidance
     from an induced DPO reward):
 
         loss = -logsig( sum_t beta (1 + a rhat_w,t) rho_w,t  -  sum_t beta (1 - a rhat_l,t) rho_l,t ),
@@ -218,7 +218,7 @@ def tgdpo(inputs: PairwiseInputs, beta: float = 0.1, alpha: float = 0.5, guidanc
     rho_t = logp_theta(y_t) - logp_ref(y_t) per completion token, rhat_t = beta_g * (logp_guide(y_t) - logp_ref(y_t))
     the dense implicit reward of a previously trained DPO policy (the guide), no gradient. Tokens the guide rewards
     get a larger KL-strength on the chosen side and a smaller one on the rejected side. beta = 0.1, a = `alpha` =
-    0.5 (the paper's settings per METHODS.md); beta_g = `guidance_beta` defaults to beta. With the guide equal to
+    0.5 (the paper's settings); beta_g = `guidance_beta` defaults to beta. With the guide equal to
     the reference (rhat = 0) or a = 0 it is DPO (`sigmoid`) exactly.
 
     Extras: "guidance_chosen" and "guidance_rejected", the guide policy's per-token log-probs [pairs, time] of the

@@ -3,7 +3,7 @@
 `ScalarHeadLM(cfg)` is `DecoderLM` (submodule "backbone", the same parameter tree as a plain `DecoderLM`, so an
 SFT checkpoint can be dropped in with `with_backbone`) plus a linear head "head" on the final (normed) hidden state
 that gives one scalar per position. The head is zero-initialised (kernel and bias), so a fresh model predicts 0
-everywhere: a neutral value / reward at the start of training, as in OREO's critic (METHODS.md section 7) and the
+everywhere: a neutral value / reward at the start of training, as in OREO's critic (Wang et al. 2024) and the
 usual reward-model recipe.
 
 Uses:

@@ -44,7 +44,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxalign.models.llama import ModelConfig, init_params
+from jaxalign.models.llama import ModelConfig, check_model_fits_mesh, init_params
+from jaxalign.sharding import logical_shardings
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -410,15 +411,13 @@ def read_shard(reader: SafetensorsReader, spec: TensorSpec, index: tuple, dtype)
 
 def _target_shardings(cfg: ModelConfig, mesh) -> dict:
     """{path: Sharding} of every parameter: from the logical axis rules on a mesh, else the first local device."""
-    from jaxalign import sharding as shd  # late: jaxalign.sharding imports jaxalign.models
-
     abstract = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         tree = jax.tree_util.tree_map(lambda _: device, _unbox(abstract))
     else:
-        shd.check_model_fits_mesh(cfg, mesh)
-        tree = shd.logical_shardings(abstract, mesh)
+        check_model_fits_mesh(cfg, mesh)
+        tree = logical_shardings(abstract, mesh)
     return _flatten(tree)
 
 

@@ -13,8 +13,9 @@ section 2). `DecoderLM.__call__` also takes `segment_ids` for packed rows: atten
 positions restart at each one.
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`); `jaxalign.sharding` maps them to mesh
-axes with one rules table. Parameters are stored in `param_dtype` (fp32) and matmuls run in `dtype` (bf16 or fp32);
-logits are always returned in fp32 so that log-softmax is computed at full precision.
+axes with one rules table, and `check_model_fits_mesh` says which config field a mesh cannot split evenly.
+Parameters are stored in `param_dtype` (fp32) and matmuls run in `dtype` (bf16 or fp32); logits are always
+returned in fp32 so that log-softmax is computed at full precision.
 
 Decoding uses an explicit key/value cache pytree passed in and returned (no mutable collections), see
 `init_cache` and `jaxalign.sampling`.
@@ -22,11 +23,15 @@ Decoding uses an explicit key/value cache pytree passed in and returned (no muta
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxalign.sharding import LOGICAL_AXIS_RULES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Gate activations of the gated MLP. "gelu_tanh" is the tanh approximation of GELU (Hendrycks & Gimpel, 2016,
@@ -367,3 +372,27 @@ def init_params(cfg: ModelConfig, rng: jax.Array):
 
 def count_params(params) -> int:
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(nn.meta.unbox(params)))
+
+
+# The config field that sizes each logical axis of the parameters, in the order the fit check reports them; the
+# rules table (jaxalign.sharding) says which of these axes a mesh splits.
+SHARDED_SIZES = (("n_heads", "heads"), ("n_kv_heads", "kv_heads"), ("mlp_dim", "mlp"), ("vocab_size", "vocab"),
+                 ("d_model", "embed"))
+
+
+def check_model_fits_mesh(cfg: ModelConfig, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> None:
+    """Every dimension the rules shard must divide evenly by its mesh axes; say which one does not."""
+    mesh_axes = dict(rules)
+    for name, logical in SHARDED_SIZES:
+        axes = mesh_axes.get(logical)
+        if axes is None:
+            continue
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        shards = math.prod(mesh.shape[a] for a in axes)
+        size = getattr(cfg, name)
+        if size % shards:
+            axis = " x ".join(axes)
+            raise ValueError(
+                f"model.{name}={size} is not divisible by the mesh's {axis} axis of size {shards}; "
+                f"expected a multiple of {shards} (or a smaller mesh.{axis})"
+            )

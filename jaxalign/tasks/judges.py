@@ -2,7 +2,7 @@
 
 Every judge reads the oracle's `arith.Grade` of a completion (exact string matching against the true chain, so no
 judge can be fooled by a plausible-looking answer) and turns it into the signal one family of algorithms needs
-(METHODS.md section 6):
+(docs/algorithms.md):
 
 - `binary_correctness`: 1 if the completion is exactly right, else 0 (online DPO's and OREO's sparse reward R,
   rejection sampling).

@@ -1,4 +1,4 @@
-"""TRPA's rule-based preference levels for ARITH completions (METHODS.md section 6, TRPA [code]).
+"""TRPA's rule-based preference levels for ARITH completions (docs/algorithms.md, "TRPA"; from the authors' code).
 
 TRPA (Su et al. 2025, "Trust Region Preference Approximation") ranks K responses per prompt by rules, not by a
 reward model: level 1 = correct, 2 = wrong, 3 = incomplete, 4 = malformed (the authors' reward function: format and

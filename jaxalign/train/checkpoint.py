@@ -1,25 +1,39 @@
-"""Checkpointing of a `TrainState`: a thin wrapper around orbax's `CheckpointManager`.
+"""Checkpoints of any pytree (an RL runner state, a `TrainState`) plus a JSON record: one thin wrapper around orbax.
 
 Why a wrapper: orbax does the hard parts (atomic writes, sharded array I/O, pruning), but it restores silently
 into whatever it is given and fails deep inside tensorstore when shapes disagree. Here every restore is first
-checked against the current run (its metadata and the template's shapes/dtypes), so resuming the wrong run fails
-with one readable `CheckpointMismatchError` instead.
+checked against the current run (its metadata, the template's shapes, dtypes and PRNG key implementations), so
+resuming the wrong run fails with one readable `CheckpointMismatchError` naming the first difference instead.
+
+Two front ends share one implementation:
+
+- `PytreeCheckpointer` stores any pytree of arrays (struct dataclasses, NamedTuples, dicts, lists; typed PRNG keys
+  anywhere in it) under an explicit step, with an optional JSON `record` (e.g. an RL run's metric history). The
+  run harness `rl.harness` checkpoints the whole runner state with it after every chunk of updates.
+- `Checkpointer` stores a `TrainState` at `state.step`, every `CheckpointConfig.every_steps` steps.
 
 Layout on disk (one orbax step directory per saved step)::
 
-    <directory>/<step>/state/   params, opt_state, step, rng (as raw key data), data position (orbax PyTree)
-    <directory>/<step>/meta/    JSON: the run's metadata (e.g. the model config) and the PRNG implementation
+    <directory>/<step>/state/   the tree as Flax's state dict (`flax.serialization.to_state_dict`: field, key and
+                                index names as nested dict keys), typed PRNG keys as their raw uint32 key data
+    <directory>/<step>/meta/    JSON: {"run": the run's metadata, "key_impls": {path: PRNG implementation},
+                                "record": the caller's record (absent when None)}
+
+For a `TrainState` the state item is exactly what earlier versions wrote (params, opt_state, step, rng, data
+position); their meta item named the one key implementation `"rng_impl"` and is still read.
 
 Atomicity: orbax writes a step into `<directory>/<step>.orbax-checkpoint-tmp` and renames it to `<step>` only
 once every item is written (on file systems with atomic rename; on GCS it uses a commit file instead). A save
 killed half-way therefore leaves only a temporary directory, which `latest_step`/`restore_latest` never see and
-which is deleted when the next `Checkpointer` on that directory is opened. Saves are synchronous, so when
-`save()` has returned the step directory has been renamed into place and a SIGKILL cannot lose it.
+which is deleted when the next checkpointer on that directory is opened. Saves are synchronous, so when `save()`
+has returned the step directory has been renamed into place and a SIGKILL cannot lose it.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
+import itertools
+import math
 from typing import Any
 
 import flax.serialization
@@ -28,6 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxalign.rundir import ABSENT, first_json_difference, json_normalise, show_json_value
 from jaxalign.train.state import TrainState
 
 _STATE = "state"
@@ -39,7 +54,7 @@ class CheckpointMismatchError(ValueError):
 
 
 class UnreadableCheckpointError(ValueError):
-    """The directory holds something that is not a readable checkpoint written by `Checkpointer`."""
+    """The directory holds something that is not a readable checkpoint written by this module."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +72,7 @@ class CheckpointConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Conversions between a TrainState and the plain nested dict that orbax stores.
+# Conversions between a pytree and the nested dict of plain arrays that orbax stores.
 
 
 def _path_str(path: tuple) -> str:
@@ -74,10 +89,10 @@ def _path_str(path: tuple) -> str:
     return "/".join(parts)
 
 
-def _key_impl(rng: Any) -> str:
+def _key_impl(key: Any) -> str:
     """Name of the PRNG implementation of a (concrete or abstract) typed key; tracing works for both."""
     found: list[Any] = []
-    jax.eval_shape(lambda k: found.append(jax.random.key_impl(k)), rng)
+    jax.eval_shape(lambda k: found.append(jax.random.key_impl(k)), key)
     return str(found[0])
 
 
@@ -85,12 +100,30 @@ def _is_typed_key(x: Any) -> bool:
     return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
 
 
-def _to_saveable(state: TrainState) -> dict:
-    """Nested dict of arrays; orbax cannot store typed PRNG keys, so the key is stored as its raw uint32 data."""
-    tree = flax.serialization.to_state_dict(state)
-    if _is_typed_key(state.rng):
-        tree["rng"] = jax.random.key_data(state.rng)
-    return tree
+def _state_dict(tree: Any) -> Any:
+    """Flax's state dict of `tree`: nested dicts down to the arrays. Anything else left in it is a node Flax cannot
+    name (a custom pytree not registered with flax.serialization), which the restore could not rebuild."""
+    state = flax.serialization.to_state_dict(tree)
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        named = list(itertools.takewhile(lambda k: isinstance(k, jax.tree_util.DictKey), path))
+        if len(named) < len(path) or not hasattr(x, "dtype"):
+            node = functools.reduce(lambda d, k: d[k.key], named, state)
+            raise TypeError(
+                f"cannot checkpoint {_path_str(tuple(named)) or 'the tree'} ({type(node).__name__}): every node must "
+                "be a dict, list, tuple, NamedTuple or flax.struct dataclass (or registered with flax.serialization), "
+                "every leaf an array")
+    return state
+
+
+def key_impls(tree: Any) -> dict[str, str]:
+    """{state-dict path: PRNG implementation} of every typed key in `tree` (concrete or abstract)."""
+    leaves = jax.tree_util.tree_flatten_with_path(_state_dict(tree))[0]
+    return {_path_str(p): _key_impl(x) for p, x in leaves if _is_typed_key(x)}
+
+
+def _to_saveable(tree: Any) -> Any:
+    """The state dict with typed PRNG keys as their raw uint32 key data (orbax cannot store typed keys)."""
+    return jax.tree_util.tree_map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, _state_dict(tree))
 
 
 def _default_sharding() -> jax.sharding.Sharding:
@@ -99,27 +132,17 @@ def _default_sharding() -> jax.sharding.Sharding:
 
 
 def _abstract_leaf(x: Any) -> jax.ShapeDtypeStruct:
-    sharding = getattr(x, "sharding", None) or _default_sharding()
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
-
-
-def _abstract_target(template: TrainState) -> dict:
-    """The restore target: the template's tree with each leaf as ShapeDtypeStruct carrying the template's sharding."""
-    tree = flax.serialization.to_state_dict(template)
-    rng = tree.pop("rng")
-    tree = jax.tree_util.tree_map(_abstract_leaf, tree)
-    if _is_typed_key(rng):
-        data = jax.eval_shape(jax.random.key_data, rng)
-        sharding = getattr(rng, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            # The key data has one trailing dim more than the key; a shorter PartitionSpec leaves it replicated.
-            sharding = jax.sharding.NamedSharding(sharding.mesh, sharding.spec)
-        elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
-            sharding = getattr(jax.random.key_data(rng), "sharding", None) if isinstance(rng, jax.Array) else None
-        tree["rng"] = jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding or _default_sharding())
-    else:
-        tree["rng"] = _abstract_leaf(rng)
-    return tree
+    """The restore target of one leaf: its shape, dtype (key data for a typed key) and the template's sharding."""
+    sharding = getattr(x, "sharding", None)
+    if not _is_typed_key(x):
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding or _default_sharding())
+    data = jax.eval_shape(jax.random.key_data, x)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        # The key data has one trailing dim more than the key; a shorter PartitionSpec leaves it replicated.
+        sharding = jax.sharding.NamedSharding(sharding.mesh, sharding.spec)
+    elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        sharding = getattr(jax.random.key_data(x), "sharding", None) if isinstance(x, jax.Array) else None
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding or _default_sharding())
 
 
 def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -127,60 +150,34 @@ def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     return {_path_str(p): (tuple(int(d) for d in leaf.shape), str(np.dtype(leaf.dtype))) for p, leaf in leaves}
 
 
-def json_normalise(metadata: Any) -> Any:
-    """What the metadata reads back as after a JSON round trip (tuples become lists, keys become strings)."""
-    try:
-        return json.loads(json.dumps(metadata))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint metadata must be JSON-serialisable: {e}") from e
-
-
-_ABSENT = object()
-
-
-def first_json_difference(saved: Any, expected: Any, path: str = "") -> tuple[str, Any, Any] | None:
-    """First (path, saved, expected) where two JSON values differ, depth first in key order; None if equal."""
-    if isinstance(saved, dict) and isinstance(expected, dict):
-        for key in sorted(set(saved) | set(expected)):
-            sub = f"{path}/{key}" if path else str(key)
-            found = first_json_difference(saved.get(key, _ABSENT), expected.get(key, _ABSENT), sub)
-            if found:
-                return found
-        return None
-    if isinstance(saved, list) and isinstance(expected, list) and len(saved) == len(expected):
-        for i, (s, e) in enumerate(zip(saved, expected)):
-            found = first_json_difference(s, e, f"{path}/{i}" if path else str(i))
-            if found:
-                return found
-        return None
-    if type(saved) is type(expected) and saved == expected:
-        return None
-    if isinstance(saved, (int, float)) and isinstance(expected, (int, float)) and not isinstance(saved, bool) \
-            and not isinstance(expected, bool) and saved == expected:
-        return None
-    return path or "<root>", saved, expected
-
-
-def show_json_value(value: Any) -> str:
-    return "absent" if value is _ABSENT else repr(value)
+def _saved_key_impls(meta: dict) -> dict[str, str]:
+    """The key implementations a step's meta records; earlier TrainState checkpoints name only "rng_impl"."""
+    if "key_impls" in meta:
+        return meta["key_impls"]
+    return {"rng": meta["rng_impl"]} if meta.get("rng_impl") is not None else {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class Checkpointer:
-    """Saves and restores `TrainState`s under one directory, keeping the newest `config.keep_last` steps.
+class PytreeCheckpointer:
+    """Saves and restores (pytree, JSON record) pairs under one directory, keeping the newest `keep_last` steps.
 
-    `metadata` describes the run (JSON-serialisable, e.g. the model config as a dict). It is written with every
-    checkpoint and must equal the saved one on restore: resuming with a different configuration is an error
-    rather than a silent mix. Put only what must not change across a resume into it.
+    `metadata` describes the run (JSON-serialisable, e.g. its config as a dict). It is written with every step and
+    must equal the saved one on restore: resuming with a different configuration is an error rather than a silent
+    mix. Put only what must not change across a resume into it.
     Use as a context manager (or call `close()`) so orbax's background threads are shut down.
     """
 
-    def __init__(self, directory: str | epath.PathLike, config: CheckpointConfig, metadata: dict) -> None:
+    def __init__(self, directory: str | epath.PathLike, metadata: Any, keep_last: int = 2) -> None:
+        if isinstance(keep_last, bool) or not isinstance(keep_last, (int, np.integer)) or keep_last < 1:
+            raise ValueError(f"keep_last must be a positive int, got {keep_last!r}")
         self.directory = epath.Path(directory).absolute()
-        self.config = config
-        self.metadata = json_normalise(metadata)
+        self.keep_last = int(keep_last)
+        try:
+            self.metadata = json_normalise(metadata)
+        except ValueError as e:
+            raise ValueError(f"checkpoint metadata must be JSON-serialisable: {e.__cause__ or e}") from e
         if self.directory.exists() and not self.directory.is_dir():
             raise UnreadableCheckpointError(f"checkpoint directory {self.directory} exists but is not a directory")
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -193,14 +190,14 @@ class Checkpointer:
             create=True,
             # Synchronous: save() returns only after the step directory has been renamed into place.
             enable_async_checkpointing=False,
-            preservation_policy=ocp.checkpoint_managers.LatestN(n=config.keep_last),
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=self.keep_last),
             # Temporaries of saves killed half-way are never restored from; removing them frees the disk.
             cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
 
     # -- context manager -------------------------------------------------------------------------------------
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> "PytreeCheckpointer":
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -216,88 +213,87 @@ class Checkpointer:
 
     # -- queries -----------------------------------------------------------------------------------------------
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step; temporaries of interrupted saves are not counted."""
+        """The newest complete step; temporaries of interrupted saves are not counted."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
     # -- save --------------------------------------------------------------------------------------------------
-    def save(self, state: TrainState, *, force: bool = False) -> bool:
-        """Save `state` if its step is a multiple of `every_steps` (or `force`); returns whether it saved.
+    def save(self, step: int, tree: Any, record: Any = None) -> bool:
+        """Save `tree` and the JSON `record` as `step`, synchronously; returns whether it saved.
 
         A step that is not newer than the latest saved one is skipped (returns False): that checkpoint already
-        exists, and orbax never overwrites.
+        exists, and orbax never overwrites. A record float that is not finite is stored as null (strict JSON).
         """
-        step = int(jax.device_get(state.step))
-        if not force and step % self.config.every_steps != 0:
-            return False
+        step = int(step)
         latest = self.latest_step()
         if latest is not None and step <= latest:
             return False
+        meta = {"run": self.metadata, "key_impls": key_impls(tree)}
+        if record is not None:
+            meta["record"] = json_normalise(strict_json(record))
         saved = self._manager.save(
             step,
-            args=ocp.args.Composite(
-                **{
-                    _STATE: ocp.args.StandardSave(_to_saveable(state)),
-                    _META: ocp.args.JsonSave({"run": self.metadata, "rng_impl": _rng_impl_or_none(state.rng)}),
-                }
-            ),
-            force=True,  # The decision was made above; orbax's own policy would also skip non-interval steps.
+            args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(_to_saveable(tree)),
+                                       _META: ocp.args.JsonSave(meta)}),
+            force=True,  # the decision was made above; orbax's own policy would also skip non-interval steps
         )
         self._manager.wait_until_finished()
         return bool(saved)
 
     # -- restore -----------------------------------------------------------------------------------------------
-    def restore_latest(self, template: TrainState) -> TrainState | None:
-        """Restore the newest checkpoint into `template`'s structure, shardings and dtypes; None if there is none.
-
-        `template` may be concrete or abstract (e.g. from `jax.eval_shape`, with shardings set); its `tx` is kept.
-        Raises CheckpointMismatchError if the checkpoint belongs to a different run, UnreadableCheckpointError if
-        the step directory is not a readable checkpoint.
-        """
+    def restore_latest(self, template: Any) -> tuple[int, Any, Any] | None:
+        """(step, tree shaped like `template`, record) of the newest step, or None when there is none."""
         step = self.latest_step()
         if step is None:
             return None
-        return self.restore(step, template)
+        tree, record = self.restore(step, template)
+        return step, tree, record
 
-    def restore(self, step: int, template: TrainState) -> TrainState:
-        """Restore a given step (see `restore_latest`)."""
+    def restore(self, step: int, template: Any) -> tuple[Any, Any]:
+        """(tree, record) of `step`, restored into `template`'s structure, shardings and dtypes.
+
+        `template` may be concrete or abstract (e.g. from `jax.eval_shape`, with shardings set); its structure and
+        static fields (e.g. a TrainState's `tx`) are kept, its leaves replaced. Raises CheckpointMismatchError if
+        the step belongs to a different run, UnreadableCheckpointError if it is not a readable checkpoint.
+        """
         where = f"checkpoint {self.directory} step {step}"
-        target = _abstract_target(template)
+        template_dict = _state_dict(template)
+        target = jax.tree_util.tree_map(_abstract_leaf, template_dict)
         saved_meta, saved_specs = self._read_step_metadata(step, where)
 
-        diff = first_json_difference(saved_meta.get("run", _ABSENT), self.metadata)
+        diff = first_json_difference(saved_meta.get("run", ABSENT), self.metadata)
         if diff is not None:
             path, saved, expected = diff
             raise CheckpointMismatchError(
                 f"{where} was written for a different run: "
                 f"metadata {path} is {show_json_value(saved)}, expected {show_json_value(expected)}"
             )
-        expected_impl = _rng_impl_or_none(template.rng)
-        if saved_meta.get("rng_impl") != expected_impl:
-            raise CheckpointMismatchError(
-                f"{where} was written for a different run: rng key implementation is "
-                f"{saved_meta.get('rng_impl')!r}, expected {expected_impl!r}"
-            )
+        saved_impls, expected_impls = _saved_key_impls(saved_meta), key_impls(template)
+        for path in sorted(set(saved_impls) | set(expected_impls)):
+            if saved_impls.get(path) != expected_impls.get(path):
+                raise CheckpointMismatchError(
+                    f"{where} was written for a different run: {path} key implementation is "
+                    f"{saved_impls.get(path)!r}, expected {expected_impls.get(path)!r}"
+                )
         _check_specs(where, saved_specs, _leaf_specs(target))
 
         try:
             restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}),
-            )[_STATE]
+                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))[_STATE]
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types; report them as one.
             raise UnreadableCheckpointError(f"{where} could not be read: {_brief(e)}") from e
 
-        if expected_impl is not None:
-            data = restored["rng"]
-            key = jax.random.wrap_key_data(data, impl=expected_impl)
-            sharding = getattr(template.rng, "sharding", None)
-            if sharding is not None and key.sharding != sharding:
-                key = jax.device_put(key, sharding)
-            restored["rng"] = key
-        return flax.serialization.from_state_dict(template, restored)
+        def rewrap(x, data):
+            if not _is_typed_key(x):
+                return data
+            key = jax.random.wrap_key_data(data, impl=_key_impl(x))
+            sharding = getattr(x, "sharding", None)
+            return key if sharding is None or key.sharding == sharding else jax.device_put(key, sharding)
+
+        restored = jax.tree_util.tree_map(rewrap, template_dict, restored)
+        return flax.serialization.from_state_dict(template, restored), saved_meta.get("record")
 
     def _read_step_metadata(self, step: int, where: str) -> tuple[dict, dict[str, tuple[tuple[int, ...], str]]]:
         """The saved JSON metadata and {path: (shape, dtype)} of the saved arrays, read without loading arrays."""
@@ -306,7 +302,7 @@ class Checkpointer:
         if missing:
             raise UnreadableCheckpointError(
                 f"{where} is not a readable checkpoint: {step_dir} lacks the item(s) {missing} "
-                "(was it written by jaxalign's Checkpointer?)"
+                "(was it written by jaxalign's checkpointer?)"
             )
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
@@ -325,21 +321,106 @@ class Checkpointer:
         return meta, specs
 
 
+class Checkpointer:
+    """Saves and restores `TrainState`s under one directory (a `PytreeCheckpointer` keyed by `state.step`),
+    every `config.every_steps` steps, keeping the newest `config.keep_last`.
+
+    `metadata` describes the run (JSON-serialisable, e.g. the model config as a dict); see `PytreeCheckpointer`.
+    Use as a context manager (or call `close()`) so orbax's background threads are shut down.
+    """
+
+    def __init__(self, directory: str | epath.PathLike, config: CheckpointConfig, metadata: dict) -> None:
+        self.config = config
+        self._trees = PytreeCheckpointer(directory, metadata, keep_last=config.keep_last)
+
+    @property
+    def directory(self) -> epath.Path:
+        return self._trees.directory
+
+    @property
+    def metadata(self) -> Any:
+        return self._trees.metadata
+
+    # -- context manager -------------------------------------------------------------------------------------
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Wait for pending work and release orbax's threads."""
+        self._trees.close()
+
+    def wait(self) -> None:
+        """Block until every save has been finalized (saves are synchronous, so this only guards future changes)."""
+        self._trees.wait()
+
+    # -- queries -----------------------------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step; temporaries of interrupted saves are not counted."""
+        return self._trees.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return self._trees.all_steps()
+
+    # -- save / restore ------------------------------------------------------------------------------------------
+    def save(self, state: TrainState, *, force: bool = False) -> bool:
+        """Save `state` if its step is a multiple of `every_steps` (or `force`); returns whether it saved.
+
+        A step that is not newer than the latest saved one is skipped (returns False): that checkpoint already
+        exists, and orbax never overwrites.
+        """
+        step = int(jax.device_get(state.step))
+        if not force and step % self.config.every_steps != 0:
+            return False
+        return self._trees.save(step, state)
+
+    def restore_latest(self, template: TrainState) -> TrainState | None:
+        """Restore the newest checkpoint into `template`'s structure, shardings and dtypes; None if there is none.
+
+        `template` may be concrete or abstract (e.g. from `jax.eval_shape`, with shardings set); its `tx` is kept.
+        Raises CheckpointMismatchError if the checkpoint belongs to a different run, UnreadableCheckpointError if
+        the step directory is not a readable checkpoint.
+        """
+        step = self.latest_step()
+        if step is None:
+            return None
+        return self.restore(step, template)
+
+    def restore(self, step: int, template: TrainState) -> TrainState:
+        """Restore a given step (see `restore_latest`)."""
+        return self._trees.restore(step, template)[0]
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every non-finite float (e.g. the NaN mean return of a rollout in which no episode finished)
+    replaced by None, so it is strict JSON and reads back equal to itself."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def _brief(e: Exception, limit: int = 300) -> str:
     """First part of an orbax/tensorstore error (they append kilobytes of spec); the full one stays chained."""
     text = f"{type(e).__name__}: {e}"
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _rng_impl_or_none(rng: Any) -> str | None:
-    return _key_impl(rng) if _is_typed_key(rng) else None
+def _params_first(path: str) -> tuple:
+    """Sort key: leaves under a `params` node first (the shallower the node, the earlier), because a changed
+    parameter is the root cause of every matching optimizer-state difference."""
+    parts = path.split("/")
+    return (parts.index("params") if "params" in parts else len(parts) + 1_000, path)
 
 
 def _check_specs(where: str, saved: dict, expected: dict) -> None:
-    """Raise on the first leaf whose presence, shape or dtype differs; parameters are reported before optimizer
-    state, because a changed parameter is the root cause of every matching optimizer-state difference."""
-    order = sorted(expected, key=lambda p: (not p.startswith("params/"), p))
-    for path in order:
+    """Raise on the first leaf whose presence, shape or dtype differs, parameters first."""
+    for path in sorted(expected, key=_params_first):
         if path not in saved:
             exp_shape, exp_dtype = expected[path]
             raise CheckpointMismatchError(
@@ -354,7 +435,7 @@ def _check_specs(where: str, saved: dict, expected: dict) -> None:
             raise CheckpointMismatchError(
                 f"{where} was written for a different model: {path} has dtype {s_dtype}, expected {e_dtype}"
             )
-    extra = sorted((p for p in saved if p not in expected), key=lambda p: (not p.startswith("params/"), p))
+    extra = sorted((p for p in saved if p not in expected), key=_params_first)
     if extra:
         s_shape, s_dtype = saved[extra[0]]
         raise CheckpointMismatchError(
@@ -367,5 +448,8 @@ __all__ = [
     "CheckpointConfig",
     "CheckpointMismatchError",
     "Checkpointer",
+    "PytreeCheckpointer",
     "UnreadableCheckpointError",
+    "key_impls",
+    "strict_json",
 ]

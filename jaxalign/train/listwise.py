@@ -1,4 +1,4 @@
-"""Training on ranked lists: the model side of the listwise objectives (METHODS.md section 5).
+"""Training on ranked lists: the model side of the listwise objectives.
 
 A batch holds P prompts with K scored candidate completions each, every array with a [P, K] prefix:
 
@@ -10,8 +10,8 @@ A batch holds P prompts with K scored candidate completions each, every array wi
 `listwise_loss_fn` runs ONE forward pass of the policy over the P*K flattened sequences (as `dpo_loss_fn` runs one
 over chosen and rejected), turns the logits into masked per-token log-probs (`jaxalign.logprobs`), reshapes them
 back to [P, K, T] and evaluates a registered "listwise" objective on `ListwiseInputs`. The objective never sees the
-model (DESIGN.md principle 2); the extras it declares are computed here (TPO's step ids and hidden states) or read
-from the batch under their names.
+model; the extras it declares are computed here (TPO's step ids and hidden states) or read from the batch under
+their names.
 """
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.logprobs import masked_token_logprobs, sequence_logprobs
-from jaxalign.losses import ListwiseInputs, get_spec
+from jaxalign.losses import ListwiseInputs, get_spec, update_state
 from jaxalign.losses.listwise import step_ids_from_separators
 from jaxalign.models.llama import DecoderLM
 from jaxalign.train.reference import cached_arrays, content_key
+from jaxalign.train.step import objective_state_of
 
 LossFn = Callable[[Any, Any, dict], tuple[jax.Array, tuple[jax.Array, dict]]]
 
@@ -107,6 +108,8 @@ def listwise_loss_fn(model: DecoderLM, objective: str, sft_weight: float = 0.0, 
         flow through them into the adaptive step weights, as in the objective's default and the authors' released
         code; stop_hidden_gradient=True treats the step weights as constants (`jax.lax.stop_gradient`).
     objective_kwargs: the objective's hyper-parameters (beta, tau, target, ...).
+    An objective declaring a state (`jaxalign.losses.StateHooks`) gets it as in `dpo_loss_fn`: from
+    batch["objective_state"], updated once per step and returned as metrics["objective_state"].
 
     A non-listwise objective, or TPO without separator_id, is one ValueError at construction.
     """
@@ -121,7 +124,8 @@ def listwise_loss_fn(model: DecoderLM, objective: str, sft_weight: float = 0.0, 
         raise ValueError(f"objective {objective!r} needs step ids: pass separator_id, the token that closes a step "
                          f"(ARITH: CharTokenizer().encode(';')[0])")
     wants_hidden = "hidden" in spec.extras and objective_kwargs.get("adaptive_weights", True)
-    batch_extras = [name for name in spec.extras if name not in _COMPUTED_EXTRAS]
+    produced = spec.state.extras if spec.state is not None else ()
+    batch_extras = [name for name in spec.extras if name not in _COMPUTED_EXTRAS and name not in produced]
     apply = lambda p, tokens, attention: model.apply({"params": p}, tokens, attention)[0]  # noqa: E731
 
     def loss_fn(params, frozen, batch):
@@ -148,7 +152,11 @@ def listwise_loss_fn(model: DecoderLM, objective: str, sft_weight: float = 0.0, 
             extras["hidden"] = jax.lax.stop_gradient(hidden) if stop_hidden_gradient else hidden
         inputs = ListwiseInputs(policy=policy, reference=reference, mask=batch["list_completion_mask"],
                                 scores=batch["list_scores"], valid=batch["list_valid"], extras=extras)
+        if spec.state is not None:  # a declared state, as in `dpo_loss_fn`
+            new_state, inputs = update_state(objective, objective_state_of(spec, batch), inputs, objective_kwargs)
         loss, metrics = spec.fn(inputs, **objective_kwargs)
+        if spec.state is not None:
+            metrics = dict(metrics, objective_state=new_state)
         prompts = jnp.asarray(policy.shape[0], jnp.float32)
         if sft_weight:
             valid = batch["list_valid"] > 0

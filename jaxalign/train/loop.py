@@ -1,7 +1,7 @@
 """The thin training loop: for each batch, state, metrics = step(state, batch); plus checkpoint, log and hooks.
 
-Design principle 4 (DESIGN.md). Everything a resumed run needs is in the `TrainState` (the data position
-included), so resuming is: restore the latest checkpoint, then run this same loop from `state.step`.
+The loop is thin (docs/architecture.md, "Principles"). Everything a resumed run needs is in the `TrainState` (the
+data position included), so resuming is: restore the latest checkpoint, then run this same loop from `state.step`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reference-model strategies for preference training (METHODS.md section 1, "Reference modes").
+"""Reference-model strategies for preference training (docs/objectives.md, "Reference modes").
 
 - online: a frozen copy of the initial policy runs one extra forward pass per step (`dpo_loss_fn` with `frozen`);
 - precomputed: the reference's per-token log-probs are computed once, stored on disk under a content hash of

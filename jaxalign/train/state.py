@@ -1,7 +1,8 @@
 """The training state: one explicit pytree holding everything a resumed run needs.
 
-Design principle 1 (DESIGN.md): state is an explicit pytree (params, optimizer state, step, rng, data position);
-nothing mutates itself. A checkpoint of a `TrainState` is therefore a complete description of a run in progress.
+State is an explicit pytree (params, optimizer state, step, rng, data position); nothing mutates itself. A
+checkpoint of a `TrainState` is therefore a complete description of a run in progress. The data position is the
+data layer's (`jaxalign.data.position`): the iterators produce it, the state only stores it.
 """
 from __future__ import annotations
 
@@ -12,17 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-@flax.struct.dataclass
-class DataPosition:
-    """Where the deterministic data iterator stands: the epoch and the next example's offset in that epoch."""
-
-    epoch: jax.Array
-    offset: jax.Array
-
-    @classmethod
-    def start(cls) -> "DataPosition":
-        return cls(epoch=jnp.zeros((), jnp.int32), offset=jnp.zeros((), jnp.int32))
+from jaxalign.data.position import DataPosition
 
 
 @flax.struct.dataclass

@@ -4,9 +4,15 @@ A loss function here has the signature `loss_fn(params, frozen, microbatch) -> (
 SUM of per-item losses and the number of items (tokens for SFT, pairs for DPO). Summing both over microbatches and
 dividing once at the end makes the accumulated update equal to the large-batch update exactly, whatever the number
 of tokens in each microbatch (a mean of microbatch means would not be).
+
+Preference losses know no objective by name: what an objective needs is read from its registration
+(`jaxalign.losses.register`). The extras it declares are computed here when `MODEL_EXTRAS` names them (they need the
+model: its logits, hidden states, extra parameters or further forward passes) and read from the batch otherwise; a
+declared state (`StateHooks`) is initialised by `initial_objective_state` and updated once per step.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -15,17 +21,18 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from jaxalign.data.position import DataPosition
 from jaxalign.logprobs import concatenated_pairs, masked_token_logprobs, pair_token_logprobs, sequence_logprobs
-from jaxalign.losses import ObjectiveSpec, PairwiseInputs, compute_objective, get_spec, unpair
+from jaxalign.losses import ObjectiveSpec, PairwiseInputs, compute_objective, get_spec, needed_extras, unpair
+from jaxalign.losses import initial_state, update_state
 from jaxalign.losses.modifiers import WPO_EXTRAS, wpo_token_log_norm
-from jaxalign.losses.unpaired import RunningMoments, bco_baseline
 from jaxalign.losses.dpo import nll_per_token
-from jaxalign.models.heads import VALUE_HEAD, apply_value_head, prompt_values
-from jaxalign.models.llama import DecoderLM
+from jaxalign.models.heads import VALUE_HEAD, apply_value_head, init_value_head, prompt_values
+from jaxalign.models.llama import DecoderLM, ModelConfig
 from jaxalign.models.lora import LoraConfig, apply_lora
 from jaxalign.sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
 from jaxalign.train.reference import ReferenceSync, sync_reference
-from jaxalign.train.state import DataPosition, TrainState
+from jaxalign.train.state import TrainState
 
 LossFn = Callable[[Any, Any, dict], tuple[jax.Array, tuple[jax.Array, dict]]]
 
@@ -49,27 +56,30 @@ def sft_loss_fn(model: DecoderLM) -> LossFn:
     return loss_fn
 
 
-def _pair_forward(model: DecoderLM, params, batch: dict, with_log_norm: bool, with_value: bool):
-    """(chosen, rejected) masked per-token log-probs from ONE concatenated forward pass, plus extras: the WPO
-    normaliser log sum_v p_v^2 per token (no gradient) when `with_log_norm`; DRO's V(x) from the value head on the
-    policy's stop-gradient hidden state before the first completion token, for both halves, when `with_value`."""
-    pairs = batch["chosen_tokens"].shape[0]
+@dataclasses.dataclass(frozen=True)
+class PairPass:
+    """What a model-side extra is computed from: the policy's ONE concatenated forward pass over [chosen; rejected]
+    (`concatenated_pairs`: tokens, attention and completion masks [2 * pairs, time], logits, last hidden states),
+    the parameters it ran with, the frozen reference (or None) and the batch."""
+
+    objective: str
+    apply: Callable
+    params: Any
+    frozen: Any
+    batch: dict
+    pairs: int
+    tokens: jax.Array
+    attention: jax.Array
+    completion: jax.Array
+    logits: jax.Array
+    hidden: jax.Array
+
+
+def _policy_pass(model: DecoderLM, objective: str, params, frozen, batch: dict) -> PairPass:
     tokens, attention, completion = concatenated_pairs(batch)
     logits, _, hidden = model.apply({"params": params}, tokens, attention, return_hidden=True)
-    logps = masked_token_logprobs(logits, tokens, completion)
-    extras = {}
-    if with_log_norm:
-        log_norm = wpo_token_log_norm(logits)
-        extras = {WPO_EXTRAS[0]: log_norm[:pairs], WPO_EXTRAS[1]: log_norm[pairs:]}
-    if with_value:
-        if VALUE_HEAD not in params:
-            raise ValueError(f"objective 'dro' needs a value head: create the train state with "
-                             f"extra_params={{{VALUE_HEAD!r}: init_value_head(cfg)}}")
-        # Stop-gradient features: the value loss trains the head only, and V(x) is a baseline that does not depend
-        # on the policy parameters (DRO's separate value function, here a linear probe of the policy's state).
-        values = apply_value_head(params[VALUE_HEAD], jax.lax.stop_gradient(hidden))
-        extras["value"] = prompt_values(values, completion, attention)
-    return logps[:pairs], logps[pairs:], extras
+    return PairPass(objective, logits_fn(model), params, frozen, batch, batch["chosen_tokens"].shape[0], tokens,
+                    attention, completion, logits, hidden)
 
 
 def _reference_logprobs(apply, frozen, batch: dict, spec: ObjectiveSpec, like: jax.Array):
@@ -85,13 +95,13 @@ def _reference_logprobs(apply, frozen, batch: dict, spec: ObjectiveSpec, like: j
     return pair_token_logprobs(apply, jax.lax.stop_gradient(frozen), batch)
 
 
-def mismatched_kl_logprobs(apply, params, frozen, batch: dict) -> dict:
+def mismatched_kl_logprobs(apply, params, frozen, batch: dict, objective: str) -> dict:
     """KTO's reference point inputs (Ethayarajh et al. 2024, sec. 4.1): summed completion log-probs of MISMATCHED
     (prompt, completion) sequences `kl_tokens` / `kl_attention_mask` / `kl_completion_mask` under the policy (no
     gradient, as in TRL) and the reference (`kl_reference` precomputed in the batch, or a forward pass of `frozen`)."""
     if "kl_tokens" not in batch:
-        raise ValueError("objective 'kto' needs mismatched prompt/completion sequences in every batch (kl_tokens, "
-                         f"kl_attention_mask, kl_completion_mask); the batch has {sorted(batch)}")
+        raise ValueError(f"objective {objective!r} needs mismatched prompt/completion sequences in every batch "
+                         f"(kl_tokens, kl_attention_mask, kl_completion_mask); the batch has {sorted(batch)}")
 
     def summed(p):
         logits = apply(p, batch["kl_tokens"], batch["kl_attention_mask"])
@@ -102,29 +112,119 @@ def mismatched_kl_logprobs(apply, params, frozen, batch: dict) -> dict:
     if "kl_reference" in batch:
         return {"kl_policy": kl_policy, "kl_reference": batch["kl_reference"]}
     if frozen is None:
-        raise ValueError("objective 'kto' needs the reference's log-probs of the mismatched sequences: pass frozen "
-                         "reference parameters or batches carrying kl_reference")
+        raise ValueError(f"objective {objective!r} needs the reference's log-probs of the mismatched sequences: pass "
+                         f"frozen reference parameters or batches carrying kl_reference")
     return {"kl_policy": kl_policy, "kl_reference": summed(jax.lax.stop_gradient(frozen))}
 
 
-# Extras the loss function computes itself (from the model) rather than reading from the batch.
-_MODEL_EXTRAS = {"kl_policy", "kl_reference", "reward_baseline", "value", "reward", *WPO_EXTRAS}
+def _wpo_log_norm(forward: PairPass) -> dict:
+    """WPO's per-token normaliser log sum_v p_v^2 of each side (no gradient; Zhou et al. 2024, `modifiers`)."""
+    log_norm = wpo_token_log_norm(forward.logits)
+    return {WPO_EXTRAS[0]: log_norm[: forward.pairs], WPO_EXTRAS[1]: log_norm[forward.pairs :]}
 
 
-def _batch_extras(spec: ObjectiveSpec, batch: dict) -> dict:
-    """The extras an objective declares, taken from the batch, with one clear error when one is missing."""
-    wanted = [name for name in spec.extras if name not in _MODEL_EXTRAS]
-    missing = [name for name in wanted if name not in batch]
+def _prompt_value(forward: PairPass) -> dict:
+    """V(x) for both halves: a linear value head on the policy's stop-gradient hidden state before the first
+    completion token (DRO's value function, Richemond et al. 2024, here a linear probe of the policy's state)."""
+    if VALUE_HEAD not in forward.params:
+        raise ValueError(f"objective {forward.objective!r} needs a value head: create the train state with "
+                         f"extra_params=objective_extra_params({forward.objective!r}, cfg) (i.e. "
+                         f"{{{VALUE_HEAD!r}: init_value_head(cfg)}})")
+    # Stop-gradient features: the value loss trains the head only, and V(x) is a baseline that does not depend
+    # on the policy parameters.
+    values = apply_value_head(forward.params[VALUE_HEAD], jax.lax.stop_gradient(forward.hidden))
+    return {"value": prompt_values(values, forward.completion, forward.attention)}
+
+
+def _mismatched_kl(forward: PairPass) -> dict:
+    return mismatched_kl_logprobs(forward.apply, forward.params, forward.frozen, forward.batch, forward.objective)
+
+
+def _completion_reward(forward: PairPass) -> dict:
+    """The judged score of every completion, [chosen; rejected] as `unpair` orders them."""
+    batch = forward.batch
+    if "chosen_score" not in batch or "rejected_score" not in batch:
+        raise ValueError(f"objective {forward.objective!r} needs per-completion rewards chosen_score and "
+                         f"rejected_score in every batch; the batch has {sorted(batch)}")
+    return {"reward": jnp.concatenate([batch["chosen_score"], batch["rejected_score"]]).astype(jnp.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelExtra:
+    """How the loss function computes one or more extras: `compute(PairPass) -> {name: array}`, and, when it needs
+    parameters of its own trained beside the policy's, `init_params` (ModelConfig -> boxed parameters) and
+    `params_description` (what they are, in words, for trainers that cannot add them)."""
+
+    compute: Callable[[PairPass], dict]
+    init_params: Callable[[ModelConfig], dict] | None = None
+    params_description: str = ""
+
+
+_WPO = ModelExtra(_wpo_log_norm)
+_KL = ModelExtra(_mismatched_kl)
+# THE table of extras computed here rather than read from the batch (objectives cannot import models). An entry
+# shared by several names runs once and returns all of them.
+MODEL_EXTRAS: dict[str, ModelExtra] = {
+    WPO_EXTRAS[0]: _WPO,
+    WPO_EXTRAS[1]: _WPO,
+    "kl_policy": _KL,
+    "kl_reference": _KL,
+    "value": ModelExtra(_prompt_value, lambda cfg: {VALUE_HEAD: init_value_head(cfg)}, "a value head"),
+    "reward": ModelExtra(_completion_reward),
+}
+_MODEL_EXTRAS = frozenset(MODEL_EXTRAS)
+
+
+def _model_extras(wanted: tuple[str, ...]) -> list[ModelExtra]:
+    """The distinct `MODEL_EXTRAS` entries computing the wanted extras, in declaration order."""
+    entries: list[ModelExtra] = []
+    for name in wanted:
+        if name in MODEL_EXTRAS and all(MODEL_EXTRAS[name] is not e for e in entries):
+            entries.append(MODEL_EXTRAS[name])
+    return entries
+
+
+def _batch_extras(spec: ObjectiveSpec, wanted: tuple[str, ...], batch: dict) -> dict:
+    """The wanted extras neither computed here nor produced by the objective's state, taken from the batch, with one
+    clear error when one is missing."""
+    produced = set(spec.state.extras) if spec.state is not None else set()
+    from_batch = [name for name in wanted if name not in _MODEL_EXTRAS and name not in produced]
+    missing = [name for name in from_batch if name not in batch]
     if missing:
         raise ValueError(f"objective {spec.name!r} needs {', '.join(map(repr, missing))} in every batch (declared "
                          f"extras {spec.extras}); the batch has {sorted(batch)}")
-    return {name: batch[name] for name in wanted}
+    return {name: batch[name] for name in from_batch}
+
+
+def extra_params_needed(objective: str) -> tuple[str, ...]:
+    """What parameters objective `objective` trains beside the policy, in words (e.g. ("a value head",)); empty when
+    it trains none."""
+    return tuple(e.params_description for e in _model_extras(needed_extras(objective)) if e.init_params is not None)
+
+
+def objective_extra_params(objective: str, cfg: ModelConfig) -> dict | None:
+    """Parameters objective `objective` trains beside the policy (boxed, for `sharded_train_state(...,
+    extra_params=...)`), e.g. a value head for an objective declaring extra "value"; None when it needs none."""
+    params: dict = {}
+    for entry in _model_extras(needed_extras(objective)):
+        if entry.init_params is not None:
+            params.update(entry.init_params(cfg))
+    return params or None
+
+
+def objective_state_of(spec: ObjectiveSpec, batch: dict) -> Any:
+    """The state a stateful objective's loss receives as batch["objective_state"] (`make_train_step`), or one clear
+    error when the train state was created without it."""
+    if "objective_state" not in batch:
+        raise ValueError(f"objective {spec.name!r} keeps {spec.state.description}: start the train state with "
+                         f"objective_state=initial_objective_state({spec.name!r})")
+    return batch["objective_state"]
 
 
 def initial_objective_state(objective: str):
-    """The state a stateful objective carries across steps in `TrainState.objective_state` (None if stateless):
-    BCO's running mean of batch rewards (Jung et al. 2024, the reward-shift baseline delta)."""
-    return RunningMoments.init() if objective == "bco" else None
+    """The state objective `objective` carries across steps in `TrainState.objective_state`, from its registration
+    (`StateHooks.init`; e.g. BCO's running mean of batch rewards, Jung et al. 2024), or None if it keeps none."""
+    return initial_state(objective)
 
 
 def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float = 0.0, *,
@@ -140,45 +240,39 @@ def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float 
 
     `frozen` is the reference: either frozen reference parameters (online reference: one extra forward pass, no
     gradient) or None when the batch carries precomputed `reference_chosen`/`reference_rejected` log-probs or the
-    objective is reference-free. Extras the objective declares are read from the batch under their names, except
-    those computed here: KTO's mismatched-pair log-probs and BCO's running baseline (whose state arrives as
-    batch["objective_state"] and leaves, updated, as metrics["objective_state"]; see `make_train_step`).
+    objective is reference-free. The extras the objective needs (`needed_extras`) are computed here when
+    `MODEL_EXTRAS` names them, produced by its state when it declares one, and read from the batch under their names
+    otherwise. A state arrives as batch["objective_state"] and leaves, updated, as metrics["objective_state"] (see
+    `make_train_step`).
     """
     apply = logits_fn(model)
     spec = get_spec(objective)
     if spec.family == "listwise":
         raise ValueError(f"objective {objective!r} is listwise: it trains on ranked lists, not pairs")
     modifiers = dict(f_divergence=f_divergence, f_alpha=f_alpha, ld_alpha=ld_alpha, wpo=wpo)
-    beta = objective_kwargs.get("beta", 0.1)
+    wanted = needed_extras(objective, wpo=wpo)
+    computed = _model_extras(wanted)
 
     def loss_fn(params, frozen, batch):
-        policy_chosen, policy_rejected, extras = _pair_forward(model, params, batch, with_log_norm=wpo,
-                                                               with_value="value" in spec.extras)
+        forward = _policy_pass(model, objective, params, frozen, batch)
+        logps = masked_token_logprobs(forward.logits, forward.tokens, forward.completion)
+        policy_chosen, policy_rejected = logps[: forward.pairs], logps[forward.pairs :]
         reference_chosen, reference_rejected = _reference_logprobs(apply, frozen, batch, spec, policy_chosen)
-        if "kl_policy" in spec.extras:
-            extras.update(mismatched_kl_logprobs(apply, params, frozen, batch))
+        extras = _batch_extras(spec, wanted, batch)
+        for entry in computed:
+            extras.update(entry.compute(forward))
         inputs = PairwiseInputs(
             policy_chosen=policy_chosen, policy_rejected=policy_rejected,
             reference_chosen=reference_chosen, reference_rejected=reference_rejected,
             chosen_mask=batch["chosen_completion_mask"], rejected_mask=batch["rejected_completion_mask"],
-            extras={**_batch_extras(spec, batch), **extras},
+            extras=extras,
         )
-        if "reward" in spec.extras:  # DRO's per-completion reward: the judged score of each side
-            for key in ("chosen_score", "rejected_score"):
-                if key not in batch:
-                    raise ValueError(f"objective {objective!r} needs per-completion rewards chosen_score and "
-                                     f"rejected_score in every batch; the batch has {sorted(batch)}")
-            inputs = inputs.replace(extras={**inputs.extras, "reward": jnp.concatenate(
-                [batch["chosen_score"], batch["rejected_score"]]).astype(jnp.float32)})
         if spec.family == "unpaired":
             inputs = unpair(inputs)
         new_objective_state = None
-        if "reward_baseline" in spec.extras:
-            if "objective_state" not in batch:
-                raise ValueError(f"objective {objective!r} keeps a running baseline: start the train state with "
-                                 f"objective_state=initial_objective_state({objective!r})")
-            new_objective_state, baseline = bco_baseline(batch["objective_state"], inputs, beta)
-            inputs = inputs.replace(extras={**inputs.extras, "reward_baseline": baseline})
+        if spec.state is not None:
+            new_objective_state, inputs = update_state(objective, objective_state_of(spec, batch), inputs,
+                                                       objective_kwargs)
         loss, metrics = compute_objective(objective, inputs, **modifiers, **objective_kwargs)
         if new_objective_state is not None:
             metrics = dict(metrics, objective_state=new_objective_state)
@@ -254,7 +348,7 @@ def make_train_step(loss_fn: LossFn, accum_steps: int = 1, reference_sync: Refer
 
     When the state tracks its own reference (`state.reference` is not None) that reference is used instead of
     `frozen`, and after the update `reference_sync` (TR-DPO) may move it towards the new parameters. A state with an
-    `objective_state` (BCO's running baseline) passes it to the loss as batch["objective_state"] and stores the
+    `objective_state` (`initial_objective_state`) passes it to the loss as batch["objective_state"] and stores the
     updated one the loss returns as metrics["objective_state"].
     """
 
@@ -262,8 +356,8 @@ def make_train_step(loss_fn: LossFn, accum_steps: int = 1, reference_sync: Refer
         reference = frozen if state.reference is None else state.reference
         if state.objective_state is not None:
             if accum_steps != 1:
-                raise ValueError("an objective with a running state (e.g. bco's baseline) folds in one batch per "
-                                 f"step; use grad_accum_steps=1, got {accum_steps}")
+                raise ValueError("an objective with a state across steps (`initial_objective_state`) folds in one "
+                                 f"batch per step; use grad_accum_steps=1, got {accum_steps}")
             batch = dict(batch, objective_state=state.objective_state)
         loss, grads, metrics = accumulated_gradients(loss_fn, state.params, reference, batch, accum_steps)
         new_state = state.apply_gradients(grads, data=next_position)

@@ -1,1 +1,1 @@
-"""Reference runs of the RL core (registered in launch/experiments.py)."""
+"""Reference runs of the RL core (registered in jaxalign/registry.py)."""

@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from jaxalign.data.position import DataPosition  # noqa: E402
 from jaxalign.distributed import host_local, initialize_from_env  # noqa: E402
 
 initialize_from_env()
@@ -28,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 import sharding_equivalence as se  # noqa: E402
 from jaxalign.models.llama import DecoderLM, init_params  # noqa: E402
 from jaxalign.sharding import MeshConfig, logical_shardings, make_mesh, process_batch_block, put_batch  # noqa: E402
-from jaxalign.train.state import DataPosition, TrainState  # noqa: E402
+from jaxalign.train.state import TrainState  # noqa: E402
 from jaxalign.train.step import dpo_loss_fn, jit_train_step, make_train_step, sft_loss_fn  # noqa: E402
 
 

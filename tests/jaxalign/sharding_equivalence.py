@@ -29,10 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxalign.models.llama import DecoderLM, ModelConfig, init_params
-from jaxalign.sharding import MeshConfig, check_model_fits_mesh, logical_shardings, make_mesh, put_batch
+from jaxalign.data.position import DataPosition
+from jaxalign.models.llama import DecoderLM, ModelConfig, check_model_fits_mesh, init_params
+from jaxalign.sharding import MeshConfig, logical_shardings, make_mesh, put_batch
 from jaxalign.train.optim import OptimConfig, make_optimizer
-from jaxalign.train.state import DataPosition, TrainState
+from jaxalign.train.state import TrainState
 from jaxalign.train.step import dpo_loss_fn, jit_train_step, make_train_step, sft_loss_fn
 
 # Every dimension the rules shard (heads, kv_heads, mlp, vocab over tensor; embed over fsdp) divides by 8.

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
-from jaxalign.models.llama import ModelConfig
-from jaxalign.sharding import MeshConfig, check_batch_fits_mesh, check_model_fits_mesh, make_mesh
+from jaxalign.sharding import MeshConfig, check_batch_fits_mesh, make_mesh
 
 SCRIPT = Path(__file__).with_name("sharding_equivalence.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -195,15 +194,8 @@ def test_mesh_config_rejects_non_positive_sizes(bad):
         MeshConfig(**bad)
 
 
-def test_model_that_does_not_fit_the_tensor_axis_names_the_field_and_size():
-    """Heads (or kv heads, MLP units, vocabulary) not divisible by the tensor axis, or d_model by fsdp, fail with
-    the model field, its value and the axis size."""
-    mesh = AbstractMesh((1, 1, 8), ("data", "fsdp", "tensor"))
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=4, head_dim=8, mlp_dim=64)
-    with pytest.raises(ValueError, match=r"model\.n_heads=4 is not divisible by the mesh's tensor axis of size 8"):
-        check_model_fits_mesh(cfg, mesh)
-    with pytest.raises(ValueError, match=r"model\.d_model=32 .* fsdp axis of size 3"):
-        check_model_fits_mesh(cfg, AbstractMesh((1, 3, 1), ("data", "fsdp", "tensor")))
+def test_batch_that_does_not_fit_the_batch_axes_names_the_shard_count():
+    """A batch not divisible by data x fsdp fails with the batch size and the number of batch shards."""
     with pytest.raises(ValueError, match=r"batch size 6 is not divisible by data x fsdp = 4"):
         check_batch_fits_mesh(6, AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor")))
 

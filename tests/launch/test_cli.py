@@ -2,6 +2,8 @@
 
 Most cases run the real console script in a subprocess, because what is pinned is what a user sees: the exit
 code and stderr. Cases that fail while parsing overrides also run in-process (fast) through `launch.cli.main`.
+What `jaxalign run` shares with `python -m jaxalign.registry` (the run log, the error handling) is tested in
+tests/jaxalign/test_registry.py.
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from jaxalign.experiments.arith_dpo import ArithDPOConfig
+from jaxalign.experiments.arith_kit import ArithDPOConfig
+from jaxalign.overrides import valid_keys
 from launch.cli import main
-from launch.overrides import valid_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 240
@@ -66,7 +68,7 @@ def test_list_prints_each_experiment_with_its_description():
     """`jaxalign list` prints one line per experiment: its name, then its description."""
     proc = jaxalign("list")
     assert proc.returncode == 0, proc.stderr
-    from launch.experiments import EXPERIMENTS
+    from jaxalign.registry import EXPERIMENTS
 
     printed = dict(line.split(None, 1) for line in proc.stdout.splitlines())
     assert printed == {name: description for name, (description, _) in EXPERIMENTS.items()}
@@ -85,9 +87,12 @@ def test_objectives_prints_every_registered_objective_one_per_line():
 
 
 def test_list_does_not_import_jax():
-    """Listing stays cheap: it imports no JAX, Flax or orbax module."""
+    """Listing stays cheap: it imports no JAX, Flax or orbax module, and of jaxalign only the registry and the
+    overrides (no experiment, model or training module)."""
     code = ("import sys; from launch.cli import main; rc = main(['list']); "
-            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'orbax', 'jaxalign')); "
+            "light = {'jaxalign', 'jaxalign.overrides', 'jaxalign.registry'}; "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'orbax', 'jaxalign') "
+            "and m not in light); "
             "print(rc, heavy)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=TIMEOUT_S)
@@ -142,7 +147,7 @@ def test_bad_override_from_the_console_script(override, fragments, tmp_path):
 def test_unknown_experiment_lists_the_available_ones(tmp_path, capsys):
     """`jaxalign run NAME` with an unregistered name: exit 2, naming it and the available experiments."""
     assert main(["run", "nosuch", "--workdir", str(tmp_path)]) == 2
-    from launch.experiments import EXPERIMENTS
+    from jaxalign.registry import EXPERIMENTS
 
     assert capsys.readouterr().err.strip() == (f"jaxalign: error: unknown experiment 'nosuch'; available: "
                                                f"{', '.join(sorted(EXPERIMENTS))}")

@@ -10,9 +10,9 @@ import shlex
 
 import pytest
 
+from jaxalign.overrides import ConfigError
 from launch import sweep
 from launch.cli import main
-from launch.overrides import ConfigError
 
 # ppo_cartpole on a budget that trains in a few seconds (plus compilation): one update of 4 x 16 steps.
 TINY_PPO = ["ppo.num_envs=4", "ppo.num_steps=16", "ppo.total_timesteps=64", "ppo.num_minibatches=1",

@@ -4,9 +4,10 @@ import json
 import os
 
 
+from jaxalign.registry import EXPERIMENTS, get_experiment
 from launch.cli import BENCHMARKS, main
-from launch.experiments import EXPERIMENTS, get_experiment
-from rl.experiments.ppo_cartpole import PPOCartPoleConfig, chunk_sizes
+from rl.experiments.ppo_cartpole import PPOCartPoleConfig
+from rl.harness import chunk_sizes
 
 TINY = ["ppo.num_envs=4", "ppo.num_steps=32", "ppo.total_timesteps=512", "ppo.num_minibatches=2",
         "ppo.update_epochs=1", "num_chunks=2", "eval_episodes=3", "show_progress=false", "seed=7"]

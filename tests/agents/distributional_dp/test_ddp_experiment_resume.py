@@ -2,10 +2,10 @@
 
 Run A goes through uninterrupted. Run B is the same command in a fresh directory, SIGKILLed right after its second
 chunk's checkpoint was saved and before that chunk's metrics line was written (the child wraps
-`PytreeCheckpointer.save` to kill itself there: a real SIGKILL at a deterministic point, no race with the run); then
-the same command is re-run to completion. The final checkpoint (the three agents'
-params, optimizer states, target params, replay buffers, env states, observations, keys, counters), results.json
-(timings aside) and metrics.jsonl must equal A's. The subprocesses share a persistent XLA compilation cache.
+`jaxalign.train.checkpoint.PytreeCheckpointer.save` to kill itself there: a real SIGKILL at a deterministic point, no
+race with the run); then the same command is re-run to completion. The final checkpoint (the three agents' params,
+optimizer states, target params, replay buffers, env states, observations, keys, counters), results.json (timings
+aside) and metrics.jsonl must equal A's. The subprocesses share a persistent XLA compilation cache.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from launch.cli import main
-from rl.testing import checkpoint_arrays, run_cli, run_differences
+from rl.testing import checkpoint_arrays, run_registered, run_differences
 
 # 100 iterations of 8 envs in four chunks of 25; learning starts after 8 iterations, so chunks 2-4 train for real.
 # A short horizon, one homeostatic target and few evaluation episodes keep the (re-run) evaluation cheap.
@@ -26,7 +26,7 @@ TIMING = {"train_seconds", "wall_seconds"}
 
 
 def _run(workdir: Path, cache: Path, kill_after: int | None = None, overrides: list[str] = TINY):
-    return run_cli("ddp_gridworld", workdir, overrides, cache, kill_after)
+    return run_registered("ddp_gridworld", workdir, overrides, cache, kill_after)
 
 
 def _differences(a: Path, b: Path) -> list[str]:

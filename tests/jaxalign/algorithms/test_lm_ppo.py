@@ -1,4 +1,4 @@
-"""Token-level PPO with DR-PO's dataset resets (jaxalign.algorithms.lm_ppo; METHODS.md section 6).
+"""Token-level PPO with DR-PO's dataset resets (jaxalign.algorithms.lm_ppo; Chang et al. 2024, docs/algorithms.md).
 
 1. returns: GAE over action tokens against a Python loop; the per-token KL penalty and terminal reward;
 2. resets: h = 0 without resets and U{1..len-1} with them; the sampler prompt and the training row hold exactly the

@@ -1,4 +1,4 @@
-"""The OREO trainer and value-guided beam search (jaxalign.algorithms.oreo; METHODS.md section 7).
+"""The OREO trainer and value-guided beam search (jaxalign.algorithms.oreo; Wang et al. 2024, docs/algorithms.md).
 
 1. data: step starts against a hand-built ARITH trajectory; rewards from the oracle;
 2. the update order: the actor is trained against V(s_t) from BEFORE the critic's step (a test that fails if it

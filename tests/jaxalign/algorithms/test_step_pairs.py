@@ -28,6 +28,7 @@ from jaxalign.models.llama import DecoderLM, ModelConfig, init_params
 from jaxalign.tasks import arith, judges
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.step import dpo_loss_fn, logits_fn
+from jaxalign.experiments import arith_kit as kit
 
 TOK = CharTokenizer()
 EOS, SEP = TOK.EOS_ID, TOK.encode(";")[0]
@@ -226,7 +227,7 @@ def test_sigmoid_dpo_on_step_pairs_is_step_dpo_on_the_same_logprobs():
 
 
 def test_the_dpo_trainers_loss_on_step_pairs_is_step_dpo():
-    """What `arith_dpo.train_dpo` trains with dpo.objective=sigmoid, beta 0.4, sft_weight 0 (`dpo_loss_fn`, the
+    """What `kit.train_dpo` trains with dpo.objective=sigmoid, beta 0.4, sft_weight 0 (`dpo_loss_fn`, the
     reference log-probs precomputed in the batch) is `step_dpo` on the model's per-token log-probs (and with the
     previous test, whose gradients agree in the log-probs, the parameter gradients agree by the chain rule)."""
     cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, mlp_dim=64,

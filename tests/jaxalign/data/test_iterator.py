@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxalign.data.iterator import ArrayDataset, batch_at, dropped_per_epoch, epoch_permutation
-from jaxalign.train.state import DataPosition
+from jaxalign.data.position import DataPosition
 
 N = 10
 

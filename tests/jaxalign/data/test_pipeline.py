@@ -10,9 +10,10 @@ import pytest
 from jaxalign.data import iterator
 from jaxalign.data.iterator import ArrayDataset
 from jaxalign.data.pipeline import BucketedDataset, batches, epoch_plan, fingerprint
+from jaxalign.data.position import DataPosition
 from jaxalign.data.tokenize import TokenizeConfig, char_tokenizer, tokenize_records
 from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer, CheckpointMismatchError
-from jaxalign.train.state import DataPosition, TrainState
+from jaxalign.train.state import TrainState
 
 N, WIDTH, BOUNDS = 41, 32, (12, 18)  # buckets of 12, 20 and 9 rows: 10 batches of 4 per epoch
 

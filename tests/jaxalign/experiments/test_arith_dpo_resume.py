@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxalign.experiments.arith_dpo import PairConfig
+from jaxalign.experiments.arith_kit import PairConfig
 
 SFT_STEPS, DPO_STEPS, EVERY = 80, 30, 10
 

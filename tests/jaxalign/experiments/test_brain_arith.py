@@ -12,17 +12,20 @@ import numpy as np
 import pytest
 
 from jaxalign.distributed import host_local
-from jaxalign.experiments import arith_dpo, brain_arith, trpa_arith
+from jaxalign.experiments import brain_arith
 from jaxalign.models.llama import DecoderLM, ModelConfig, init_params
+from jaxalign.overrides import apply_overrides
 from jaxalign.sharding import make_mesh
 from jaxalign.tasks import arith
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.loop import MetricsLog
 from jaxalign.train.step import dpo_loss_fn
-from launch.overrides import apply_overrides
+from jaxalign.rundir import params_sha256
+from jaxalign.experiments import arith_kit as kit
+from jaxalign.experiments.arith_kit import comparison
 
 TOK = CharTokenizer()
-PL, C = arith_dpo.PROMPT_LEN, arith_dpo.COMPLETION_LEN
+PL, C = kit.PROMPT_LEN, kit.COMPLETION_LEN
 MODEL = ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, mlp_dim=32,
                     max_len=PL + C)
 
@@ -69,15 +72,15 @@ def test_at_n2_with_one_hot_targets_the_training_loss_is_dpo_with_beta_one():
     weights are exactly one-hot, and the experiment's loss function equals `dpo_loss_fn`'s sigmoid DPO at beta 1
     against the proposal, chosen = the better-rewarded sample: the same total, count and gradients."""
     sft, latest, policy = _params(0), _params(1), _params(2)
-    cfg = brain_arith.BRAInConfig(base=arith_dpo.ArithDPOConfig(model=MODEL, eval_batch_size=4), beta=1e-3)
+    cfg = brain_arith.BRAInConfig(base=kit.ArithDPOConfig(model=MODEL, eval_batch_size=4), beta=1e-3)
     prompts, completions, masks = _samples(PROBLEMS, TEXTS)
     data, stats = brain_arith.brain_method(cfg, sft).make_data(1, latest, PROBLEMS, prompts, completions, masks)
     assert stats["lists"] == 3 and stats["dropped_tied"] == 1
     a = data.arrays
     np.testing.assert_allclose(a[brain_arith.REWARDS_KEY], [[1, 0], [0, 1], [3 / 6, 1]], rtol=1e-6)
-    sft_logps = trpa_arith.frozen_list_logprobs(MODEL, sft, a, 4)
+    sft_logps = comparison.frozen_list_logprobs(MODEL, sft, a, 4)
     np.testing.assert_allclose(a[brain_arith.SFT_KEY], sft_logps, atol=1e-6)
-    np.testing.assert_allclose(a[brain_arith.PROPOSAL_KEY], trpa_arith.frozen_list_logprobs(MODEL, latest, a, 4),
+    np.testing.assert_allclose(a[brain_arith.PROPOSAL_KEY], comparison.frozen_list_logprobs(MODEL, latest, a, 4),
                                atol=1e-6)
     assert not np.allclose(a[brain_arith.PROPOSAL_KEY], sft_logps, atol=1e-2)  # q is not the SFT model here
 
@@ -126,17 +129,17 @@ OVERRIDES = [
 def test_the_second_iteration_samples_the_first_iterate_and_uses_it_as_the_proposal(tmp_path):
     cfg = apply_overrides(brain_arith.BRAInConfig(), OVERRIDES)
     base = cfg.base
-    mesh, problems = make_mesh(base.mesh), arith_dpo.split(base)
-    sft, shardings = arith_dpo.train_sft(base, mesh, problems, str(tmp_path), MetricsLog(str(tmp_path / "m.jsonl")))
+    mesh, problems = make_mesh(base.mesh), kit.split(base)
+    sft, _ = kit.train_sft(base, mesh, problems, str(tmp_path), MetricsLog(str(tmp_path / "m.jsonl")))
     sft = host_local(sft)
-    records = trpa_arith.train_method(cfg, brain_arith.brain_method(cfg, sft), mesh, sft, shardings, problems,
+    records = comparison.train_method(cfg, brain_arith.brain_method(cfg, sft), mesh, sft, problems,
                                       str(tmp_path))
     first, second = records
-    assert first["sampling_sha256"] == arith_dpo.params_sha256(sft)
+    assert first["sampling_sha256"] == params_sha256(sft)
     assert second["sampling_sha256"] == first["params_sha256"] != second["params_sha256"]
     assert first["kl_to_old"] == first["kl_to_sft"] and second["kl_to_old"] != second["kl_to_sft"]
     assert (tmp_path / "samples_sft.npz").exists() and (tmp_path / "brain" / "iter_1" / "samples.npz").exists()
-    data = [arith_dpo.load_dataset(str(tmp_path / "brain" / f"iter_{t}" / "data.npz"))[0].arrays for t in (0, 1)]
+    data = [kit.load_dataset(str(tmp_path / "brain" / f"iter_{t}" / "data.npz"))[0].arrays for t in (0, 1)]
     np.testing.assert_array_equal(data[0][brain_arith.PROPOSAL_KEY], data[0][brain_arith.SFT_KEY])
     assert not np.allclose(data[1][brain_arith.PROPOSAL_KEY], data[1][brain_arith.SFT_KEY])
     for t, record in enumerate(records):

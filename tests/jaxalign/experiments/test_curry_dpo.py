@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from jaxalign.algorithms.curriculum import CurriculumPairs
-from jaxalign.experiments import arith_dpo, curry_dpo
+from jaxalign.experiments import curry_dpo
 from jaxalign.models.llama import DecoderLM
+from jaxalign.overrides import apply_overrides
 from jaxalign.train.reference import compute_reference_logprobs
 from jaxalign.train.step import logits_fn
-from launch.overrides import apply_overrides
+from jaxalign.experiments import arith_kit as kit
 
 STEPS = 6
 OVERRIDES = [
@@ -40,15 +41,15 @@ def _flat(params) -> list[np.ndarray]:
 def test_two_stages_hand_over_the_reference_and_a_rerun_changes_nothing(tmp_path, monkeypatch):
     cfg = apply_overrides(curry_dpo.CurryDPOConfig(), OVERRIDES)
     calls = []
-    train_dpo = arith_dpo.train_dpo
+    train_dpo = kit.train_dpo
 
-    def recording_train_dpo(stage_cfg, mesh, start_params, shardings, pairs, problems, workdir, log):
-        out = train_dpo(stage_cfg, mesh, start_params, shardings, pairs, problems, workdir, log)
+    def recording_train_dpo(stage_cfg, mesh, start_params, pairs, problems, workdir, log):
+        out = train_dpo(stage_cfg, mesh, start_params, pairs, problems, workdir, log)
         calls.append({"start": start_params, "pairs": pairs, "workdir": workdir, "out": out[0],
                       "steps": stage_cfg.dpo.steps})
         return out
 
-    monkeypatch.setattr(arith_dpo, "train_dpo", recording_train_dpo)
+    monkeypatch.setattr(kit, "train_dpo", recording_train_dpo)
     results = curry_dpo.run(cfg, str(tmp_path))
 
     assert [c["steps"] for c in calls] == [STEPS, STEPS]
@@ -82,7 +83,7 @@ def test_two_stages_hand_over_the_reference_and_a_rerun_changes_nothing(tmp_path
     # Re-running the finished run trains and evaluates nothing and returns the same results.
     calls.clear()
     evaluations = []
-    monkeypatch.setattr(arith_dpo, "greedy_eval", lambda *a, **k: evaluations.append(a) or pytest.fail("evaluated"))
+    monkeypatch.setattr(kit.evaluation, "greedy_eval", lambda *a, **k: evaluations.append(a) or pytest.fail("evaluated"))
     again = curry_dpo.run(cfg, str(tmp_path))
     assert evaluations == [] and len(calls) == 2
     for a, b in zip(_flat(calls[1]["start"]), _flat(stage0["out"])):
@@ -117,11 +118,11 @@ def test_orchestration_stages_baseline_and_resume_without_training(tmp_path, mon
         "list_completion_mask": np.ones((n, k, t), np.int32),
         "list_scores": np.tile(np.array([[1.0, 4.0, 0.0]], np.float32), (n, 1)) + np.arange(n)[:, None],
         "list_valid": np.ones((n, k), np.int32)})
-    monkeypatch.setattr(arith_dpo, "train_sft", lambda *a: ({"w": np.zeros(3, np.float32)}, None))
+    monkeypatch.setattr(kit.phases, "train_sft", lambda *a: ({"w": np.zeros(3, np.float32)}, None))
     monkeypatch.setattr(curry_dpo, "on_policy_lists", lambda *a: (lists, {"lists": n, "lists_dropped_tied": 2}))
     calls, evaluations = [], []
 
-    def fake_train_dpo(stage_cfg, mesh, start, shardings, pairs, problems, workdir, log):
+    def fake_train_dpo(stage_cfg, mesh, start, pairs, problems, workdir, log):
         calls.append({"start": start["w"].copy(), "pairs": pairs, "steps": stage_cfg.dpo.steps, "workdir": workdir})
         out = {"w": start["w"] + np.float32(len(pairs))}
         guard = {"selected_step": stage_cfg.dpo.steps, "selected_val_accuracy": 0.5, "last_val_accuracy": 0.5,
@@ -132,8 +133,8 @@ def test_orchestration_stages_baseline_and_resume_without_training(tmp_path, mon
         evaluations.append(params["w"].copy())
         return {"accuracy": float(params["w"][0]) / 100, "mean_length": 3.0}, None
 
-    monkeypatch.setattr(arith_dpo, "train_dpo", fake_train_dpo)
-    monkeypatch.setattr(arith_dpo, "greedy_eval", fake_eval)
+    monkeypatch.setattr(kit, "train_dpo", fake_train_dpo)
+    monkeypatch.setattr(kit.evaluation, "greedy_eval", fake_eval)
     cfg = apply_overrides(curry_dpo.CurryDPOConfig(), ["base.dpo.batch_size=4", "steps_per_stage=5",
                                                        "curriculum.num_iterations=3", "base.show_progress=false"])
     results = curry_dpo.run(cfg, str(tmp_path))

@@ -10,14 +10,15 @@ import jax
 import numpy as np
 import pytest
 
-from jaxalign.experiments import arith_dpo, ddo_arith
+from jaxalign.experiments import ddo_arith
 from jaxalign.losses.iterative import ddo
 from jaxalign.models.llama import DecoderLM, init_params
+from jaxalign.overrides import apply_overrides
 from jaxalign.tasks import arith
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.reference import compute_reference_logprobs
 from jaxalign.train.step import logits_fn
-from launch.overrides import apply_overrides
+from jaxalign.experiments import arith_kit as kit
 
 STEPS = 4
 OVERRIDES = [
@@ -45,10 +46,10 @@ def tiny(tmp_path_factory):
 
 def _rows(cfg, num=6, seed=0):
     """(problems, (gold, random sample) rows of `num` training problems, their statistics)."""
-    problems = arith_dpo.split(cfg.base).train[:num]
-    width = arith_dpo.completion_budget(cfg.base.model)
+    problems = kit.split(cfg.base).train[:num]
+    width = kit.completion_budget(cfg.base.model)
     prompts, _ = arith.encode_prompts(CharTokenizer(), [arith.prompt_text(p) for p in problems],
-                                      pad_to=arith_dpo.PROMPT_LEN)
+                                      pad_to=kit.PROMPT_LEN)
     rng = np.random.default_rng(seed)
     samples = np.zeros((num, width), np.int32)
     masks = np.zeros((num, width), np.int32)
@@ -140,7 +141,7 @@ def test_a_rerun_samples_and_trains_nothing_again(tiny, monkeypatch):
     workdir, expected = tiny
     def refuse(*args, **kwargs):
         raise AssertionError("a finished round sampled again")
-    monkeypatch.setattr(arith_dpo, "sample_completions", refuse)
+    monkeypatch.setattr(kit.data, "sample_completions", refuse)
     results = ddo_arith.run(config(), str(workdir))
     assert results["params_sha256"] == expected["params_sha256"]
     assert results["comparison"] == expected["comparison"]

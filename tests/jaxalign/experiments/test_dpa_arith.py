@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from jaxalign.experiments import arith_dpo, dpa_arith
+from jaxalign.experiments import dpa_arith
+from jaxalign.overrides import apply_overrides
 from jaxalign.tasks import arith, judges
 from jaxalign.tasks.tokenizer import CharTokenizer
-from launch.overrides import apply_overrides
+from jaxalign.experiments import arith_kit as kit
 
 OVERRIDES = [
     "base.task.num_operands=3",
@@ -72,7 +73,7 @@ def test_select_best_maximises_the_directional_reward():
 
 def test_conditioned_sft_data_prefixes_every_demonstration_with_a_direction():
     cfg = config()
-    problems = arith_dpo.split(cfg.base).train[:200]
+    problems = kit.split(cfg.base).train[:200]
     data = dpa_arith.conditioned_sft_dataset(cfg.base, problems, 3).arrays
     tok = CharTokenizer()
     demos = arith.make_sft_examples(problems, np.random.default_rng([cfg.base.seed, 2]), cfg.base.task.carry_drop_prob,
@@ -98,7 +99,7 @@ def test_rejection_sampling_keeps_the_argmax_of_the_recorded_samples(tiny):
     for t, call in enumerate(training):
         problems, buckets, k = call["problems"], call["buckets"], cfg.samples_per_prompt
         _, completions, masks = call["out"]
-        prompts, expected_buckets = dpa_arith.iteration_problems(cfg, arith_dpo.split(cfg.base).train, t)
+        prompts, expected_buckets = dpa_arith.iteration_problems(cfg, kit.split(cfg.base).train, t)
         np.testing.assert_array_equal(problems, np.repeat(prompts, k, axis=0))
         np.testing.assert_array_equal(buckets, np.repeat(expected_buckets, k))
         scores = []
@@ -107,7 +108,7 @@ def test_rejection_sampling_keeps_the_argmax_of_the_recorded_samples(tiny):
             r = judges.reward_vector(grade, int(masks[i].sum()), budget)
             scores.append(r @ dpa_arith.direction_vectors(3)[buckets[i]])
         best = np.argmax(np.reshape(scores, (-1, k)), axis=1)
-        kept = arith_dpo.load_dataset(str(workdir / "iterations" / f"iter_{t}" / "selected.npz"))[0].arrays
+        kept = kit.load_dataset(str(workdir / "iterations" / f"iter_{t}" / "selected.npz"))[0].arrays
         for j, b in enumerate(best):
             row = j * k + b
             text = tok.decode(kept["tokens"][j][kept["completion_mask"][j] > 0])

@@ -25,7 +25,8 @@ import transformers
 
 from jaxalign.experiments import dpo_files  # noqa: E402
 from jaxalign.models import hf  # noqa: E402
-from launch.overrides import ConfigError, apply_overrides  # noqa: E402
+from jaxalign.overrides import ConfigError, apply_overrides  # noqa: E402
+from jaxalign.train import preference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 DATA = REPO / "tests" / "data"
@@ -155,7 +156,7 @@ def test_export_loads_in_transformers_with_our_logits(files, full_run):
     params, cfg = hf.from_pretrained(export)
     ours = np.asarray(DecoderLM(cfg).apply({"params": params}, tokens, np.ones_like(tokens))[0])
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
-    from jaxalign.experiments.arith_dpo import params_sha256
+    from jaxalign.rundir import params_sha256
 
     assert params_sha256(params) == results["params_sha256"]  # the export is the trained policy, bit for bit
     assert params_sha256(params) != params_sha256(hf.from_pretrained(files[0])[0])  # ... which has moved
@@ -166,16 +167,16 @@ def test_resume_after_an_interruption_gives_the_same_params(files, full_run, tmp
     with the same command ends with bit-identical parameters to the uninterrupted run."""
     hf_dir, _, data = files
     cfg = config(f"model.path={hf_dir}", f"data.path={data}", "export.enabled=true")
-    real_loop = dpo_files.train_loop
+    real_loop = preference.train_loop
 
     def interrupted(**kwargs):
         real_loop(**dict(kwargs, num_steps=4))
         raise KeyboardInterrupt("killed after step 4")
 
-    monkeypatch.setattr(dpo_files, "train_loop", interrupted)
+    monkeypatch.setattr(preference, "train_loop", interrupted)
     with pytest.raises(KeyboardInterrupt):
         dpo_files.run(cfg, str(tmp_path))
-    monkeypatch.setattr(dpo_files, "train_loop", real_loop)
+    monkeypatch.setattr(preference, "train_loop", real_loop)
     assert not (tmp_path / "results.json").exists()
     results = dpo_files.run(cfg, str(tmp_path))
     assert results["params_sha256"] == full_run[1]["params_sha256"]
@@ -231,9 +232,11 @@ def test_a_different_config_is_refused_in_the_same_workdir(files, full_run):
 
 def test_config_errors_name_the_key(files, tmp_path):
     with pytest.raises(ConfigError, match="dpo.reference must be one of"):
-        config("dpo.reference=sync")
-    with pytest.raises(ConfigError, match="listwise"):
-        config("loss=plackett_luce")
+        config("dpo.reference=frozen")
+    with pytest.raises(ValueError, match="listwise"):  # refused before the work directory exists
+        dpo_files.run(config(f"model.path={files[0]}", f"data.path={files[2]}", "loss=plackett_luce"),
+                      str(tmp_path / "lists"))
+    assert not (tmp_path / "lists").exists()
     with pytest.raises(ConfigError, match="data.eval_fraction"):
         config("data.eval_fraction=0")
     with pytest.raises(ValueError, match="model.path is required"):

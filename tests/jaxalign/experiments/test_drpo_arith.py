@@ -13,9 +13,9 @@ import pytest
 
 from jaxalign.algorithms import lm_ppo
 from jaxalign.experiments import drpo_arith
+from jaxalign.overrides import apply_overrides
 from jaxalign.tasks import arith, judges
 from jaxalign.tasks.tokenizer import CharTokenizer
-from launch.overrides import apply_overrides
 
 UPDATES = 4
 OVERRIDES = [

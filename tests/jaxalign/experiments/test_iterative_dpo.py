@@ -10,11 +10,13 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxalign.experiments import arith_dpo, iterative_dpo
+from jaxalign.experiments import iterative_dpo
 from jaxalign.models.llama import DecoderLM
+from jaxalign.overrides import apply_overrides
 from jaxalign.train.reference import compute_reference_logprobs
 from jaxalign.train.step import logits_fn
-from launch.overrides import apply_overrides
+from jaxalign.rundir import params_sha256
+from jaxalign.experiments import arith_kit as kit
 
 STEPS = 4
 OVERRIDES = [
@@ -74,14 +76,14 @@ def test_apo_with_momentum_trains_against_the_extrapolated_reference(online, tmp
     online_dir, expected = online
     cfg = config("apo", "alpha=0.5")
     calls = []
-    train_dpo = arith_dpo.train_dpo
+    train_dpo = kit.train_dpo
 
-    def recording_train_dpo(it_cfg, mesh, start_params, shardings, pairs, problems, workdir, log):
-        out = train_dpo(it_cfg, mesh, start_params, shardings, pairs, problems, workdir, log)
+    def recording_train_dpo(it_cfg, mesh, start_params, pairs, problems, workdir, log):
+        out = train_dpo(it_cfg, mesh, start_params, pairs, problems, workdir, log)
         calls.append({"start": start_params, "pairs": pairs, "out": out[0]})
         return out
 
-    monkeypatch.setattr(arith_dpo, "train_dpo", recording_train_dpo)
+    monkeypatch.setattr(kit, "train_dpo", recording_train_dpo)
     results = run_from_same_sft(online_dir, tmp_path, cfg)
     first, second = results["iterations"]
     # Iteration 1 has no older checkpoint: it is online DPO's first iteration exactly.
@@ -89,7 +91,7 @@ def test_apo_with_momentum_trains_against_the_extrapolated_reference(online, tmp
     assert second["params_sha256"] != expected["iterations"][1]["params_sha256"]
     # Iteration 2 starts from pihat_1 and trains against (1 + a) log pihat_1 - a log pihat_0 (pihat_0 = SFT).
     sft, iterate_1 = calls[0]["start"], calls[0]["out"]
-    assert arith_dpo.params_sha256(calls[1]["start"]) == arith_dpo.params_sha256(iterate_1)
+    assert params_sha256(calls[1]["start"]) == params_sha256(iterate_1)
     data = calls[1]["pairs"].arrays
     apply = logits_fn(DecoderLM(cfg.base.model))
     pair_keys = [k for k in data if k.startswith(("chosen_", "rejected_"))]
@@ -118,7 +120,7 @@ def test_a_rerun_trains_and_samples_nothing_again(online, monkeypatch):
     workdir, expected = online
     def refuse(*args, **kwargs):
         raise AssertionError("a finished iteration sampled again")
-    monkeypatch.setattr(arith_dpo, "sample_completions", refuse)
+    monkeypatch.setattr(kit.data, "sample_completions", refuse)
     results = iterative_dpo.run(config("online_dpo"), str(workdir))
     assert results["params_sha256"] == expected["params_sha256"]
     assert results["accuracy_per_iteration"] == expected["accuracy_per_iteration"]
@@ -139,9 +141,9 @@ def test_bad_configs_fail_before_training(overrides, message, tmp_path):
     assert not (tmp_path / "config.json").exists()  # the corrected re-run is not refused as "another config"
 
 
-def test_offline_config_has_the_same_budget():
+def test_offline_variant_has_the_same_budget():
     cfg = config("dno")
-    offline = iterative_dpo.offline_config(cfg)
+    offline = cfg.offline()
     assert offline.iterations == 1 and not offline.teacher and not offline.replay and not offline.apo
     assert offline.prompts_per_iteration == 2 * 64 and offline.steps_per_iteration == 2 * STEPS
     assert dataclasses.replace(offline, iterations=2) != cfg

@@ -9,7 +9,7 @@ import pytest
 
 from jaxalign.algorithms import oreo
 from jaxalign.experiments import oreo_arith
-from launch.overrides import apply_overrides
+from jaxalign.overrides import apply_overrides
 
 OVERRIDES = [
     "base.task.num_operands=3",

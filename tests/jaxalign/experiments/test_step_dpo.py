@@ -15,9 +15,13 @@ from jaxalign.algorithms.step_pairs import (
     masked_ids,
 )
 from jaxalign.data.iterator import ArrayDataset
-from jaxalign.experiments import arith_dpo, step_dpo
+from jaxalign.experiments import step_dpo
+from jaxalign.overrides import apply_overrides
 from jaxalign.tasks.tokenizer import CharTokenizer
-from launch.overrides import apply_overrides
+from jaxalign.rundir import params_sha256
+from jaxalign.train.preference import objective_kwargs
+from jaxalign.experiments import arith_kit as kit
+from jaxalign.train import preference
 
 STEPS = 4
 OVERRIDES = [
@@ -44,16 +48,16 @@ def finished(tmp_path_factory):
     """(workdir, results, the train_dpo calls) of one tiny run."""
     workdir = tmp_path_factory.mktemp("step_dpo")
     calls = []
-    train_dpo = arith_dpo.train_dpo
+    train_dpo = kit.train_dpo
 
-    def recording_train_dpo(cfg, mesh, start, shardings, data, problems, method_dir, log):
-        out = train_dpo(cfg, mesh, start, shardings, data, problems, method_dir, log)
-        calls.append({"start": arith_dpo.params_sha256(start), "data": data, "steps": cfg.dpo.steps,
-                      "out": arith_dpo.params_sha256(out[0]), "dir": method_dir})
+    def recording_train_dpo(cfg, mesh, start, data, problems, method_dir, log):
+        out = train_dpo(cfg, mesh, start, data, problems, method_dir, log)
+        calls.append({"start": params_sha256(start), "data": data, "steps": cfg.dpo.steps,
+                      "out": params_sha256(out[0]), "dir": method_dir})
         return out
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(arith_dpo, "train_dpo", recording_train_dpo)
+        patch.setattr(kit, "train_dpo", recording_train_dpo)
         results = step_dpo.run(config(), str(workdir))
     return workdir, results, calls
 
@@ -61,7 +65,7 @@ def finished(tmp_path_factory):
 def test_default_dpo_phase_is_exactly_step_dpo():
     dpo = step_dpo.StepDPOConfig().base.dpo
     assert dpo.objective == "sigmoid" and dpo.sft_weight == 0.0 and dpo.reference == "cached"
-    assert arith_dpo.objective_kwargs(dpo) == {"beta": 0.4}
+    assert objective_kwargs(dpo) == {"beta": 0.4}
 
 
 def test_both_methods_train_the_same_number_of_pairs_from_the_sft_policy(finished):
@@ -100,7 +104,7 @@ def test_step_pairs_hold_the_first_wrong_step_against_a_correct_one(finished):
         assert TOK.decode(a["chosen_tokens"][b, :start]).endswith("=" if j == 0 else ";")
     # The response pairs are whole completions after the prompt.
     r = calls[1]["data"].arrays
-    assert np.all(r["chosen_completion_mask"][:, :arith_dpo.PROMPT_LEN] == 0)
+    assert np.all(r["chosen_completion_mask"][:, :kit.PROMPT_LEN] == 0)
     assert np.all(r["chosen_score"] > r["rejected_score"])
 
 
@@ -128,10 +132,10 @@ def test_a_rerun_samples_trains_and_evaluates_nothing_again(finished, monkeypatc
             raise AssertionError(f"a finished run {what} again")
         return fail
 
-    monkeypatch.setattr(arith_dpo, "sample_completions", refuse("sampled"))
+    monkeypatch.setattr(kit.data, "sample_completions", refuse("sampled"))
     monkeypatch.setattr(step_pairs, "sample_steps", refuse("sampled steps"))
-    monkeypatch.setattr(arith_dpo, "greedy_eval", refuse("evaluated"))
-    monkeypatch.setattr(arith_dpo, "jit_train_step", lambda *a, **k: refuse("trained"))
+    monkeypatch.setattr(kit.evaluation, "greedy_eval", refuse("evaluated"))
+    monkeypatch.setattr(preference, "jit_train_step", lambda *a, **k: refuse("trained"))
     again = step_dpo.run(config(), str(workdir))
     assert again["comparison"] == expected["comparison"]
     assert again["step_pairs"] == expected["step_pairs"] and again["response_pairs"] == expected["response_pairs"]

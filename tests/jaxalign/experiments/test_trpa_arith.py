@@ -9,15 +9,17 @@ import jax
 import numpy as np
 import pytest
 
-from jaxalign.experiments import arith_dpo, trpa_arith
+from jaxalign.experiments import trpa_arith
 from jaxalign.logprobs import masked_token_logprobs
 from jaxalign.models.llama import DecoderLM, ModelConfig, init_params
+from jaxalign.overrides import apply_overrides
 from jaxalign.tasks import arith, levels
 from jaxalign.tasks.tokenizer import CharTokenizer
-from launch.overrides import apply_overrides
+from jaxalign.train.loop import MetricsLog
+from jaxalign.experiments import arith_kit as kit
 
 TOK = CharTokenizer()
-PL, C = arith_dpo.PROMPT_LEN, arith_dpo.COMPLETION_LEN
+PL, C = kit.PROMPT_LEN, kit.COMPLETION_LEN
 OPS = np.array([7, 5, 3, 9])  # 7+5=12;12+3=15;15+9=24
 
 
@@ -102,7 +104,7 @@ def test_trpa_rows_of_a_later_iteration_and_the_loss_against_separate_forward_pa
     """At t > 0 the lists carry the frozen SFT model's log-probs as reference and the sampling policy's as pi_old;
     the loss function (one forward pass over the batch) equals TRPA computed by hand from per-sequence passes."""
     sft, latest, policy = _params(0), _params(1), _params(2)
-    cfg = trpa_arith.TRPAConfig(base=arith_dpo.ArithDPOConfig(model=MODEL, eval_batch_size=4), beta=3.0, kappa=2.5,
+    cfg = trpa_arith.TRPAConfig(base=kit.ArithDPOConfig(model=MODEL, eval_batch_size=4), beta=3.0, kappa=2.5,
                                 kl_coef=0.5)
     completions, masks = _encode(TEXTS)
     prompts, _ = arith.encode_prompts(TOK, [arith.prompt_text(p) for p in PROBLEMS], PL)
@@ -193,7 +195,7 @@ def test_trpa_and_dpo_train_on_the_same_samples_and_the_claim_follows_the_number
     assert results["claim_holds"] is expected and "TRPA" in results["claim"]
     assert results["methods"]["trpa"]["accuracy_per_iteration"][0] == results["sft_accuracy"]
     assert (workdir / "trpa_arith.png").stat().st_size > 0
-    losses = [r for r in arith_dpo.MetricsLog(str(workdir / "trpa" / "iter_0" / "metrics.jsonl")).records("dpo")
+    losses = [r for r in MetricsLog(str(workdir / "trpa" / "iter_0" / "metrics.jsonl")).records("dpo")
               if "trpa/pairs" in r]
     assert losses and all(r["trpa/pairs"] > 0 for r in losses)
 
@@ -204,7 +206,7 @@ def test_a_rerun_trains_and_samples_nothing_again(finished, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run sampled again")
 
-    monkeypatch.setattr(arith_dpo, "sample_completions", refuse)
+    monkeypatch.setattr(kit.data, "sample_completions", refuse)
     results = trpa_arith.run(apply_overrides(trpa_arith.TRPAConfig(), OVERRIDES), str(workdir))
     assert results["comparison"] == expected["comparison"] and results["claim_holds"] == expected["claim_holds"]
 

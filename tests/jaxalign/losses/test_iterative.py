@@ -1,7 +1,7 @@
-"""Objectives of the iterative algorithms (jaxalign.losses.iterative, METHODS.md section 6).
+"""Objectives of the iterative algorithms (jaxalign.losses.iterative; docs/algorithms.md).
 
-Every function is checked against an independent float64 NumPy implementation written here from METHODS.md's
-formulas, on random inputs with padding (filled with garbage, even NaN, that must never leak), unequal lengths and
+Every function is checked against an independent float64 NumPy implementation written here from the papers'
+formulas (the DPO and SPPO losses they reduce to are `reference_numpy`'s), on random inputs with padding (filled with garbage, even NaN, that must never leak), unequal lengths and
 ties; gradients are checked to be finite, zero on padding and of the sign each paper intends; and the reductions:
 APO at alpha = 0 is DPO / sppo_hard against the newer checkpoint, BRAIn with n = 2 and one-hot weights is DPO with
 beta = 1 against the proposal.
@@ -20,21 +20,7 @@ from jaxalign.losses import iterative as it
 from jaxalign.losses.dpo import sigmoid
 from jaxalign.losses.pairwise import sppo_hard
 from jaxalign.losses.registry import PairwiseInputs
-
-
-def logsig(x):
-    return -np.logaddexp(0.0, -x)
-
-
-def np_softmax(x):
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def masks_from(lengths, starts, width):
-    lengths, starts = np.asarray(lengths), np.asarray(starts)
-    t = np.arange(width)
-    return ((t >= starts[..., None]) & (t < (starts + lengths)[..., None])).astype(np.float64)
+from reference_numpy import dpo, logsig, sig, softmax, span_masks, sppo_hard as np_sppo_hard
 
 
 def garbage_pad(x, mask, value=np.nan):
@@ -76,8 +62,8 @@ WIDTH = 8
 def apo_arrays(seed):
     """Six pairs, unequal lengths, padding, and an exact tie in pair 4 (rejected == chosen in all three models)."""
     rng = np.random.default_rng(seed)
-    mc = masks_from(CHOSEN_LENGTHS, [0, 0, 1, 0, 2, 0], WIDTH)
-    mr = masks_from(REJECTED_LENGTHS, [0, 2, 0, 0, 2, 1], WIDTH)
+    mc = span_masks(CHOSEN_LENGTHS, [0, 0, 1, 0, 2, 0], WIDTH)
+    mr = span_masks(REJECTED_LENGTHS, [0, 2, 0, 0, 2, 1], WIDTH)
     a = {}
     for side, mask in (("chosen", mc), ("rejected", mr)):
         nxt = -rng.uniform(0.05, 3.0, mask.shape)
@@ -107,10 +93,7 @@ def numpy_apo(a, beta, alpha, kind):
     S = {k: np.sum(v * a[f"{k.split('_')[1]}_mask"], axis=1) for k, v in a.items() if not k.endswith("mask")}
     zw = S["policy_chosen"] - ((1 + alpha) * S["reference_chosen"] - alpha * S["previous_chosen"])
     zl = S["policy_rejected"] - ((1 + alpha) * S["reference_rejected"] - alpha * S["previous_rejected"])
-    if kind == "dpo":
-        loss = np.mean(-logsig(beta * (zw - zl)))
-    else:
-        loss = np.mean((zw - 0.5 / beta) ** 2 + (zl + 0.5 / beta) ** 2)
+    loss = np.mean(dpo(zw - zl, beta) if kind == "dpo" else np_sppo_hard(zw, zl, beta))
     return loss, zw, zl
 
 
@@ -203,7 +186,7 @@ def test_extrapolate_logits_and_params():
     # the sampling distribution is pihat_{t+1}^(1+a) / pihat_t^a, normalised: logits and log-probs agree
     log_n = ln - np.log(np.exp(ln).sum(-1, keepdims=True))
     log_p = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
-    np.testing.assert_allclose(np.asarray(jax.nn.softmax(got)), np_softmax(1.25 * log_n - 0.25 * log_p), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.nn.softmax(got)), softmax(1.25 * log_n - 0.25 * log_p), atol=1e-5)
 
     nxt = {"w": rng.normal(size=(4, 3)), "b": [rng.normal(size=(3,)), np.float64(rng.normal())]}
     prv = jax.tree_util.tree_map(lambda x: x + rng.normal(size=np.shape(x)), nxt)
@@ -254,7 +237,7 @@ def trpa_arrays(seed, K=4, T=9):
     lengths = rng.integers(1, T - 1, size=(B, K))
     lengths[0, 0] = 1  # a one-token response
     starts = rng.integers(0, 2, size=(B, K))
-    mask = masks_from(lengths, starts, T)
+    mask = span_masks(lengths, starts, T)
     ref = -rng.uniform(0.05, 3.0, (B, K, T))
     policy = ref + rng.normal(0.0, 0.4, (B, K, T))
     old = policy + rng.normal(0.0, 0.3, (B, K, T))
@@ -388,7 +371,7 @@ def test_trpa_bad_inputs_raise():
 def brain_arrays(seed, B=4, n=3, T=7):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, T, size=(B, n))
-    mask = masks_from(lengths, rng.integers(0, 2, size=(B, n)), T)
+    mask = span_masks(lengths, rng.integers(0, 2, size=(B, n)), T)
     out = {k: -rng.uniform(0.05, 2.0, (B, n, T)) for k in ("policy", "sft", "proposal")}
     rewards = rng.normal(size=(B, n))
     rewards[0, 1] = rewards[0, 0]  # a tie
@@ -397,8 +380,8 @@ def brain_arrays(seed, B=4, n=3, T=7):
 
 def numpy_brain(a, mask, rewards, beta):
     S = {k: np.sum(v * mask, axis=-1) for k, v in a.items()}
-    alpha = np_softmax(S["sft"] + rewards / beta - S["proposal"])
-    log_b = np.log(np_softmax(S["policy"] - S["proposal"]))
+    alpha = softmax(S["sft"] + rewards / beta - S["proposal"])
+    log_b = np.log(softmax(S["policy"] - S["proposal"]))
     return np.mean(-np.sum(alpha * log_b, axis=-1)), alpha, np.exp(log_b)
 
 
@@ -468,7 +451,7 @@ def ddo_arrays(seed, N=5, M=7, Td=8, Ts=6):
     rng = np.random.default_rng(seed)
     out = {}
     for who, n, T in (("data", N, Td), ("sample", M, Ts)):
-        mask = masks_from(rng.integers(1, T, size=n), rng.integers(0, 2, size=n), T)
+        mask = span_masks(rng.integers(1, T, size=n), rng.integers(0, 2, size=n), T)
         ref = -rng.uniform(0.05, 3.0, (n, T))
         out[f"{who}_reference"], out[f"{who}_policy"], out[f"{who}_mask"] = ref, ref + rng.normal(0, .5, (n, T)), mask
     out["sample_policy"][0] = out["sample_reference"][0]  # Delta exactly 0 (a tie with the reference)
@@ -477,8 +460,7 @@ def ddo_arrays(seed, N=5, M=7, Td=8, Ts=6):
 
 def numpy_ddo(a, beta, alpha):
     d = {w: np.sum((a[f"{w}_policy"] - a[f"{w}_reference"]) * a[f"{w}_mask"], -1) for w in ("data", "sample")}
-    sig = 1 / (1 + np.exp(-beta * d["sample"]))
-    return -np.mean(logsig(beta * d["data"])) - alpha * np.mean(np.log(1 - sig))
+    return -np.mean(logsig(beta * d["data"])) - alpha * np.mean(np.log(1 - sig(beta * d["sample"])))
 
 
 def ddo_call(a, pad=np.nan, **kw):
@@ -545,7 +527,7 @@ def step_arrays(seed, Tw=10, Tl=9):
 
 def test_step_mask_marks_exactly_the_step():
     m = np.asarray(it.step_mask(PREFIX, STEP_W, 10))
-    np.testing.assert_array_equal(m, masks_from(STEP_W, PREFIX, 10))
+    np.testing.assert_array_equal(m, span_masks(STEP_W, PREFIX, 10))
     with pytest.raises(ValueError, match="prefix_length \\+ step_length"):
         it.step_mask(PREFIX, STEP_W, 6)
     with pytest.raises(ValueError, match="step_length >= 1"):
@@ -560,12 +542,12 @@ def step_call(a, **kw):
 @pytest.mark.parametrize("beta", [0.4, 0.5, 2.0])
 def test_step_dpo_matches_numpy(beta):
     a = step_arrays(15)
-    mw, ml = masks_from(STEP_W, PREFIX, 10), masks_from(STEP_L, PREFIX, 9)
+    mw, ml = span_masks(STEP_W, PREFIX, 10), span_masks(STEP_L, PREFIX, 9)
     zw = np.sum((a["policy_chosen"] - a["reference_chosen"]) * mw, 1)
     zl = np.sum((a["policy_rejected"] - a["reference_rejected"]) * ml, 1)
     assert zw[2] == zl[2]  # the tie
     loss, metrics = step_call(a, beta=beta)
-    np.testing.assert_allclose(float(loss), np.mean(-logsig(beta * (zw - zl))), rtol=2e-5)
+    np.testing.assert_allclose(float(loss), np.mean(dpo(zw - zl, beta)), rtol=2e-5)
     np.testing.assert_allclose(float(metrics["rewards/accuracy"]), np.mean(zw > zl))
 
 
@@ -573,7 +555,7 @@ def test_step_dpo_ignores_tokens_outside_the_step():
     a = step_arrays(16)
     b = {k: v.copy() for k, v in a.items()}
     for side, lengths, T in (("chosen", STEP_W, 10), ("rejected", STEP_L, 9)):
-        outside = masks_from(lengths, PREFIX, T) == 0
+        outside = span_masks(lengths, PREFIX, T) == 0
         for k in ("policy", "reference"):
             b[f"{k}_{side}"][outside] = np.nan if k == "reference" else 1e4
     assert float(step_call(a)[0]) == float(step_call(b)[0])
@@ -586,8 +568,8 @@ def test_step_dpo_ignores_tokens_outside_the_step():
         gc, gr = (np.asarray(g) for g in jax.jit(jax.grad(loss, argnums=(0, 1)))(
             f32(arrays["policy_chosen"]), f32(arrays["policy_rejected"]), arrays))
         assert np.all(np.isfinite(gc)) and np.all(np.isfinite(gr))
-        assert np.all(gc[masks_from(STEP_W, PREFIX, 10) == 0] == 0)
-        assert np.all(gr[masks_from(STEP_L, PREFIX, 9) == 0] == 0)
+        assert np.all(gc[span_masks(STEP_W, PREFIX, 10) == 0] == 0)
+        assert np.all(gr[span_masks(STEP_L, PREFIX, 9) == 0] == 0)
         assert np.all(gc.sum(1) < 0) and np.all(gr.sum(1) > 0)  # step DPO raises the correct step
 
 

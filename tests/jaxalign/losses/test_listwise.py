@@ -1,4 +1,4 @@
-"""Listwise objectives (jaxalign.losses.listwise, METHODS.md section 5).
+"""Listwise objectives (jaxalign.losses.listwise; docs/objectives.md, "Listwise and ranked objectives").
 
 1. values and metrics against float64 NumPy loop implementations written here from the docstrings' formulas, on
    inputs with invalid candidates (NaN log-probs, scores and hidden states), unequal lengths, padding garbage, ties,
@@ -20,6 +20,7 @@ import pytest
 from jaxalign.losses import listwise, pairwise
 from jaxalign.losses.dpo import sigmoid
 from jaxalign.losses.registry import OBJECTIVES, SPECS, ListwiseInputs, PairwiseInputs
+from reference_numpy import assert_names_parameter, logsig, logsumexp as lse
 
 P, K, T, D = 7, 4, 8, 5
 NAMES = ["plackett_luce", "rankdpo", "tpo", "adpo"]
@@ -75,16 +76,6 @@ def to_inputs(a: dict[str, np.ndarray], extras=("step_ids", "hidden")) -> Listwi
 # float64 NumPy references (loops over prompts, candidates, pairs)
 
 
-def logsig(x):
-    return -np.logaddexp(0.0, -x)
-
-
-def lse(x):
-    x = np.asarray(x, np.float64)
-    m = x.max()
-    return m + np.log(np.exp(x - m).sum())
-
-
 def prompt_view(a, p):
     """(valid indices, z over them, scores over them) for prompt p."""
     idx = [k for k in range(K) if a["valid"][p, k] > 0]
@@ -95,6 +86,16 @@ def prompt_view(a, p):
 
 def strict_pairs(s):
     return [(i, j) for i in range(len(s)) for j in range(len(s)) if s[i] > s[j]]
+
+
+def used_prompts(a):
+    """(p, valid indices, z, scores, strict pairs) of every prompt with at least one strict pair: the prompts an
+    objective learns from (the others count as "prompts/tied")."""
+    for p in range(P):
+        idx, z, s = prompt_view(a, p)
+        pairs = strict_pairs(s)
+        if pairs:
+            yield p, idx, z, s, pairs
 
 
 def gains(s):
@@ -111,11 +112,7 @@ def inv_disc_by(values):
 
 def np_metrics(a, reward_fn):
     best, worst, correct, strict, means, used = [], [], 0, 0, [], 0
-    for p in range(P):
-        idx, z, s = prompt_view(a, p)
-        pairs = strict_pairs(s)
-        if not pairs:
-            continue
+    for p, idx, z, s, pairs in used_prompts(a):
         used += 1
         r = reward_fn(p, idx, z)
         b = max(range(len(s)), key=lambda i: (s[i], -i))
@@ -132,10 +129,7 @@ def np_metrics(a, reward_fn):
 
 def np_plackett_luce(a, beta=0.1, top_k=None):
     losses = []
-    for p in range(P):
-        idx, z, s = prompt_view(a, p)
-        if not strict_pairs(s):
-            continue
+    for _, _, z, s, _ in used_prompts(a):
         r, total = beta * z, 0.0
         for k in range(len(s)):
             worse = [j for j in range(len(s)) if s[j] < s[k]]
@@ -148,11 +142,7 @@ def np_plackett_luce(a, beta=0.1, top_k=None):
 
 def np_rankdpo(a, beta=0.1, rank_by="policy"):
     losses = []
-    for p in range(P):
-        idx, z, s = prompt_view(a, p)
-        pairs = strict_pairs(s)
-        if not pairs:
-            continue
+    for _, _, z, s, pairs in used_prompts(a):
         r, g = beta * z, gains(s)
         inv = inv_disc_by(r if rank_by == "policy" else s)
         w = {(i, j): abs(g[i] - g[j]) * abs(inv[i] - inv[j]) for i, j in pairs}
@@ -188,11 +178,7 @@ def np_tpo_rewards(a, p, idx, adaptive=True, released=False):
 
 def np_tpo(a, beta=0.5, adaptive_weights=True, released_code_form=False):
     per = []
-    for p in range(P):
-        idx, _, s = prompt_view(a, p)
-        pairs = strict_pairs(s)
-        if not pairs:
-            continue
+    for p, idx, _, s, pairs in used_prompts(a):
         R = np_tpo_rewards(a, p, idx, adaptive_weights, released_code_form)
         if released_code_form:
             n = len(s)
@@ -221,11 +207,7 @@ def np_kl(q, logits):
 
 def np_adpo(a, tau=10.0, target="smoothed", label_smoothing=0.0, target_temperature=1.0):
     eps, kls, ces = label_smoothing, [], []
-    for p in range(P):
-        idx, z, s = prompt_view(a, p)
-        pairs = strict_pairs(s)
-        if not pairs:
-            continue
+    for _, _, z, s, pairs in used_prompts(a):
         x = z / tau
         if target == "top1":
             q0 = (s == s.max()) / np.sum(s == s.max())
@@ -523,12 +505,10 @@ def test_gradient_descent_puts_the_best_candidate_first(name, kwargs):
     start, end, metrics = float(objective(jnp.zeros((P, K)))[0]), *objective(theta)
     assert float(end) < start
     theta = np.asarray(theta)
-    for p in range(P):
-        idx, _, s = prompt_view(a, p)
-        if strict_pairs(s):
-            best = [idx[i] for i in range(len(s)) if s[i] == s.max()]
-            rest = [idx[i] for i in range(len(s)) if s[i] < s.max()]
-            assert theta[p, best].min() > theta[p, rest].max(), (name, p, theta[p])
+    for p, idx, _, s, _ in used_prompts(a):
+        best = [idx[i] for i in range(len(s)) if s[i] == s.max()]
+        rest = [idx[i] for i in range(len(s)) if s[i] < s.max()]
+        assert theta[p, best].min() > theta[p, rest].max(), (name, p, theta[p])
     if not (name == "tpo" or kwargs.get("target") == "top1"):
         assert float(metrics["rewards/accuracy"]) == 1.0, (name, metrics)
 
@@ -623,10 +603,7 @@ BAD = [
 
 @pytest.mark.parametrize("name,kwargs,param,value", BAD, ids=[f"{b[0]}-{b[2]}={b[3]}" for b in BAD])
 def test_bad_hyper_parameters_raise_a_clear_error(name, kwargs, param, value):
-    with pytest.raises(ValueError) as err:
-        OBJECTIVES[name](to_inputs(make_arrays(0)), **kwargs)
-    message = str(err.value)
-    assert f"{name}.{param}" in message and value in message, message
+    assert_names_parameter(lambda: OBJECTIVES[name](to_inputs(make_arrays(0)), **kwargs), name, param, value)
 
 
 @pytest.mark.parametrize(

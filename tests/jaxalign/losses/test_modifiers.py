@@ -1,7 +1,7 @@
 """Loss modifiers (jaxalign.losses.modifiers): f-divergence scores (f-DPO), LD-DPO's ld_alpha and WPO weighting.
 
 1. every allowed (objective, modifier) combination against TRL 1.16.0's own DPOTrainer loss code (float32, 1e-6)
-   and against float64 NumPy references written here from the formulas (METHODS.md section 1, "Modifiers");
+   and against the float64 NumPy references of `reference_numpy` (docs/objectives.md, "Loss modifiers");
 2. `wpo_token_log_norm` against TRL 1.16.0's chunked log-prob kernel on a random LM head;
 3. invariances (ld_alpha=1 and a->1 are the identity, ld_alpha=0 truncates to the shared prefix, ...);
 4. gradients: finite, zero on padding, none through the WPO weights, zero beyond the alpha-divergence clamp;
@@ -23,6 +23,7 @@ import pytest
 from jaxalign.losses import PairwiseInputs, compute_objective, get_objective, get_spec, modifiers, register
 from jaxalign.losses.pairwise import combine
 from jaxalign.logprobs import token_logprobs
+from reference_numpy import REWARD_METRICS, f_score, ld_weights, pairwise_loss, span_masks, wpo_weights
 
 TRL_NAMES = [
     "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
@@ -56,10 +57,8 @@ WIDTH_CHOSEN, WIDTH_REJECTED = 9, 8
 
 
 def _mask(spans, width):
-    mask = np.zeros((len(spans), width))
-    for i, (start, length) in enumerate(spans):
-        mask[i, start : start + length] = 1.0
-    return mask
+    starts, lengths = zip(*spans)
+    return span_masks(lengths, starts, width)
 
 
 def make_arrays(seed: int, scale: float = 0.4) -> dict[str, np.ndarray]:
@@ -88,152 +87,34 @@ def to_inputs(a: dict[str, np.ndarray], dtype=jnp.float32) -> PairwiseInputs:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# float64 NumPy references, written from METHODS.md section 1
-
-
-def logsig(x):
-    return -np.logaddexp(0.0, -x)
-
-
-def sig(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def ld_weights_np(a, ld_alpha):
-    """Loop form: the k-th completion token (k counted in mask order) weighs 1 if k <= min(|y_w|, |y_l|), else alpha."""
-    shared = np.minimum(a["chosen_mask"].sum(1), a["rejected_mask"].sum(1))
-    out = {}
-    for side in ("chosen", "rejected"):
-        mask = a[f"{side}_mask"]
-        w = np.zeros_like(mask)
-        for i in range(mask.shape[0]):
-            k = 0
-            for t in range(mask.shape[1]):
-                if mask[i, t]:
-                    k += 1
-                    w[i, t] = 1.0 if (ld_alpha is None or k <= shared[i]) else ld_alpha
-        out[side] = w
-    return out
-
-
-def score_np(z, f_divergence, a):
-    if f_divergence in (None, "reverse_kl"):
-        return z
-    if f_divergence == "forward_kl":
-        return 1.0 - np.exp(-z)
-    if f_divergence == "js_divergence":
-        return np.log(2.0) + logsig(z)
-    if abs(a - 1.0) < 1e-6:
-        return z
-    return (np.exp(np.minimum((a - 1.0) * z, 80.0)) - 1.0) / (a - 1.0)
-
-
-def wpo_np(a):
-    w = {}
-    for side in ("chosen", "rejected"):
-        mask = a[f"{side}_mask"]
-        mean = ((a[f"policy_{side}"] - a[f"wpo_{side}"]) * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
-        w[side] = np.exp(mean)
-    return w["chosen"] * w["rejected"]
-
-
-def reference_loss(name, a, f_divergence=None, f_alpha=0.5, ld_alpha=None, wpo=False, beta=0.1, label_smoothing=None,
-                   tau=0.05):  # fmt: skip
-    """(loss, metrics) in float64 from the formulas, with the modifiers applied as METHODS.md states them."""
-    weights = ld_weights_np(a, ld_alpha)
-    L = {f"{who}_{side}": (a[f"{who}_{side}"] * weights[side]).sum(1)
-         for who in ("policy", "reference") for side in ("chosen", "rejected")}  # fmt: skip
-    zw, zl = L["policy_chosen"] - L["reference_chosen"], L["policy_rejected"] - L["reference_rejected"]
-    sw, sl = score_np(zw, f_divergence, f_alpha), score_np(zl, f_divergence, f_alpha)
-    nw, nl = np.maximum(a["chosen_mask"].sum(1), 1.0), np.maximum(a["rejected_mask"].sum(1), 1.0)  # full |y|
-    b, D = beta, sw - sl
-    eps = {"cdpo": 0.1, "exo_pair": 1e-3}.get(name, 0.0) if label_smoothing is None else label_smoothing
-    if name == "sigmoid":
-        per = -logsig(b * D)
-    elif name == "cdpo":
-        per = -(1 - eps) * logsig(b * D) - eps * logsig(-b * D)
-    elif name == "robust":
-        per = (-(1 - eps) * logsig(b * D) + eps * logsig(-b * D)) / (1 - 2 * eps)
-    elif name == "hinge":
-        per = np.maximum(0.0, 1 - b * D)
-    elif name == "ipo":
-        per = (sw / nw - sl / nl - 1 / (2 * b)) ** 2
-    elif name == "exo_pair":
-        per = sig(b * D) * (logsig(b * D) - np.log(1 - eps)) + sig(-b * D) * (logsig(-b * D) - np.log(eps))
-    elif name == "nca_pair":
-        per = -logsig(b * zw) - 0.5 * logsig(-b * zw) - 0.5 * logsig(-b * zl)
-    elif name == "bco_pair":
-        per = -logsig(b * zw) - logsig(-b * zl)
-    elif name == "sppo_hard":
-        per = (zw - 1 / (2 * b)) ** 2 + (zl + 1 / (2 * b)) ** 2
-    elif name == "aot":
-        policy_margin = L["policy_chosen"] - L["policy_rejected"]
-        d = np.sort(policy_margin) - np.sort(L["reference_chosen"] - L["reference_rejected"])
-        per = -(1 - eps) * logsig(b * d) - eps * logsig(-b * d)
-    elif name == "aot_unpaired":
-        d = np.sort(zw) - np.sort(zl)
-        per = -(1 - eps) * logsig(b * d) - eps * logsig(-b * d)
-    elif name == "apo_zero":
-        per = 1 - sig(b * zw) + sig(b * zl)
-    elif name == "apo_down":
-        per = sig(b * zw) + 1 - sig(b * (zw - zl))
-    elif name == "discopop":
-        x = b * D
-        m = sig(x / tau)
-        per = (1 - m) * (-logsig(x)) + m * np.exp(-x)
-    elif name == "sft":  # unweighted tokens, whatever ld_alpha
-        per = np.full(zw.shape, -a["policy_chosen"][a["chosen_mask"] > 0].mean())
-    elif name == "sigmoid_norm":
-        per = -logsig(b * (sw / nw - sl / nl))
-    else:
-        raise KeyError(name)
-    if wpo:
-        per = per * wpo_np(a)
-    metrics = {"rewards/chosen": np.mean(b * zw), "rewards/rejected": np.mean(b * zl),
-               "rewards/margin": np.mean(b * (zw - zl)), "rewards/accuracy": np.mean(zw > zl)}  # fmt: skip
-    return per.mean(), metrics
-
-
-# ------------------------------------------------------------------------------------------------------------------
 # TRL 1.16.0
 
 
 @pytest.fixture(scope="module")
 def trl_loss():
     importlib.import_module("trl")  # the test extra includes the bench extra: never skipped
-    from trl_reference import trl_loss as fn  # noqa: PLC0415
+    from trl_reference import trl_pairwise as fn  # noqa: PLC0415
 
     return fn
 
 
-LOGPS = ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected", "chosen_mask", "rejected_mask")
-RENAMED = {"rewards/chosen": "rewards/chosen", "rewards/rejected": "rewards/rejected",
-           "rewards/margin": "rewards/margins", "rewards/accuracy": "rewards/accuracies"}  # fmt: skip
-
-
 def run_trl(trl_loss, a, loss_type, hyper, f_divergence=None, f_alpha=0.5, ld_alpha=None, wpo=False, weights=None):
-    hyper = dict(hyper)
-    if "tau" in hyper:
-        hyper["discopop_tau"] = hyper.pop("tau")
-    return trl_loss(
-        *(a[k] for k in LOGPS), loss_type=loss_type, loss_weights=weights, **hyper,
-        f_divergence_type=f_divergence or "reverse_kl", f_alpha_divergence_coef=f_alpha, ld_alpha=ld_alpha,
-        use_weighting=wpo, wpo_log_norm_chosen=a["wpo_chosen"], wpo_log_norm_rejected=a["wpo_rejected"],
-    )  # fmt: skip
+    return trl_loss(a, loss_type, loss_weights=weights, **hyper, f_divergence_type=f_divergence or "reverse_kl",
+                    f_alpha_divergence_coef=f_alpha, ld_alpha=ld_alpha, use_weighting=wpo)
 
 
 def check(name, a, trl_loss=None, **mods):
     """compute_objective vs the float64 reference (1e-5) and, when given, vs TRL 1.16.0 (1e-6), metrics included."""
     loss, metrics = compute_objective(name, to_inputs(a), **mods, **HYPER[name])
-    expected, expected_metrics = reference_loss(name, a, **mods, **HYPER[name])
+    expected, expected_metrics = pairwise_loss(name, a, **mods, **HYPER[name])
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5, atol=1e-6, err_msg=f"{name} {mods} vs float64")
     for key, value in expected_metrics.items():
         np.testing.assert_allclose(float(metrics[key]), value, rtol=1e-5, atol=1e-6, err_msg=f"{name} {key}")
     if trl_loss is not None:
         trl_value, trl_metrics = run_trl(trl_loss, a, name, HYPER[name], **mods)
         np.testing.assert_allclose(float(loss), trl_value, rtol=1e-6, atol=1e-6, err_msg=f"{name} {mods} vs TRL")
-        for ours, theirs in RENAMED.items():
-            np.testing.assert_allclose(float(metrics[ours]), trl_metrics[theirs], rtol=1e-6, atol=1e-6)
+        for key in REWARD_METRICS:
+            np.testing.assert_allclose(float(metrics[key]), trl_metrics[key], rtol=1e-6, atol=1e-6)
     return float(loss)
 
 
@@ -302,7 +183,7 @@ def test_sft_with_wpo_is_the_weighted_mean_of_the_broadcast_loss():
     a = make_arrays(3)
     loss = compute_objective("sft", to_inputs(a), wpo=True, ld_alpha=0.2)[0]
     plain = -a["policy_chosen"][a["chosen_mask"] > 0].mean()
-    np.testing.assert_allclose(float(loss), plain * wpo_np(a).mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), plain * wpo_weights(a).mean(), rtol=1e-5)
 
 
 def test_trl_sft_with_wpo_raises(trl_loss):
@@ -322,7 +203,7 @@ def test_alpha_divergence_clamp_matches_trl(trl_loss):
         assert np.isfinite(loss)
     z = jnp.array([-300.0, -170.0, -150.0, 0.0, 3.0])
     s = modifiers.f_divergence_score(z, "alpha_divergence", 0.5)
-    np.testing.assert_allclose(np.asarray(s), score_np(np.asarray(z, np.float64), "alpha_divergence", 0.5), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(s), f_score(np.asarray(z, np.float64), "alpha_divergence", 0.5), rtol=1e-6)
     assert s[0] == s[1]  # both clamped
 
 
@@ -330,7 +211,7 @@ def test_scores_in_float64_match_the_formulas():
     z = np.linspace(-6.0, 6.0, 25)
     for f_divergence, f_alpha in [("reverse_kl", 0.5), *F_DIVERGENCES]:
         s = modifiers.f_divergence_score(jnp.asarray(z, jnp.float32), f_divergence, f_alpha)
-        np.testing.assert_allclose(np.asarray(s), score_np(z, f_divergence, f_alpha), rtol=2e-6, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(s), f_score(z, f_divergence, f_alpha), rtol=2e-6, atol=2e-6)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -463,7 +344,7 @@ def test_ld_alpha_scales_the_gradient_of_tail_tokens():
     """d loss / d logp_t is alpha times the shared-token gradient on the tail (sigmoid: same dloss/dz per pair)."""
     a = make_arrays(12)
     gc, gr = policy_grads("sigmoid", a, ld_alpha=0.25)
-    w = ld_weights_np(a, 0.25)
+    w = ld_weights(a, 0.25)
     for g, side in ((gc, "chosen"), (gr, "rejected")):
         for i in range(g.shape[0]):
             head = g[i][w[side][i] == 1.0]
@@ -476,7 +357,7 @@ def test_wpo_weights_carry_no_gradient():
     inputs = to_inputs(a)
     weights = np.asarray(modifiers.wpo_pair_weights(inputs.policy_chosen, inputs.policy_rejected, inputs.chosen_mask,
                                                     inputs.rejected_mask, inputs.extras))  # fmt: skip
-    np.testing.assert_allclose(weights, wpo_np(a), rtol=1e-5)
+    np.testing.assert_allclose(weights, wpo_weights(a), rtol=1e-5)
     gc, gr = policy_grads("sigmoid", a, wpo=True)
 
     def constant(pc, pr):
@@ -514,7 +395,7 @@ def test_combine_with_modifiers_matches_trl_list_loss(trl_loss, terms, mods):
     expected, _ = run_trl(trl_loss, a, [n for n, _ in terms], {"beta": 0.5}, weights=[w for _, w in terms], **mods)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6, atol=1e-6)
     for name, _ in terms:
-        term = reference_loss(name, a, beta=0.5, **mods)[0]
+        term = pairwise_loss(name, a, beta=0.5, **mods)[0]
         np.testing.assert_allclose(float(metrics[f"{name}/loss"]), term, rtol=1e-5, atol=1e-6)
 
 
@@ -523,7 +404,7 @@ def test_combine_term_kwargs_override_the_shared_modifiers():
     inputs = to_inputs(a)
     loss, _ = combine(inputs, [("sigmoid", 1.0, {}), ("sft", 0.3, {"wpo": False, "ld_alpha": None})], wpo=True,
                       ld_alpha=0.5)  # fmt: skip
-    expected = reference_loss("sigmoid", a, wpo=True, ld_alpha=0.5)[0] + 0.3 * reference_loss("sft", a)[0]
+    expected = pairwise_loss("sigmoid", a, wpo=True, ld_alpha=0.5)[0] + 0.3 * pairwise_loss("sft", a)[0]
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 

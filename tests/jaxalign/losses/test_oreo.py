@@ -1,6 +1,6 @@
-"""OREO objectives (jaxalign.losses.oreo, METHODS.md section 7).
+"""OREO objectives (jaxalign.losses.oreo; Wang et al. 2024, docs/algorithms.md, "OREO").
 
-1. every function against an independent float64 NumPy loop written here from METHODS.md's formulas, on random
+1. every function against an independent float64 NumPy loop written here from the paper's formulas, on random
    inputs with right padding, left-padded prompts, unequal lengths, a one-token completion and an all-padding row;
 2. gradients: the value loss gives nothing to the log-ratios, the policy loss nothing to the values; the policy
    gradient itself against a NumPy loop; the step-level credit structure (the Jacobian of each step's residual);
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxalign.losses import oreo
+from reference_numpy import softmax
 
 WIDTH = 12
 # (left padding, prompt length, completion length) per row: right padding, left-padded prompts ending at WIDTH,
@@ -90,10 +91,7 @@ def np_kl(policy_logits, reference_logits, m):
         for t in range(1, m.shape[1]):
             if not m[b, t]:
                 continue
-            p = np.exp(policy_logits[b, t - 1] - np.max(policy_logits[b, t - 1]))
-            p /= p.sum()
-            q = np.exp(reference_logits[b, t - 1] - np.max(reference_logits[b, t - 1]))
-            q /= q.sum()
+            p, q = softmax(policy_logits[b, t - 1]), softmax(reference_logits[b, t - 1])
             total += float(np.sum(p * np.log(p / q)))
             count += 1
     return total / max(count, 1)

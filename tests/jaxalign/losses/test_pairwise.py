@@ -1,6 +1,6 @@
-"""Reference-based pairwise objectives (jaxalign.losses.pairwise, METHODS.md section 1).
+"""Reference-based pairwise objectives (jaxalign.losses.pairwise; docs/objectives.md, "Reference-based pairwise").
 
-1. values against independent float64 NumPy implementations written here from METHODS.md's formulas;
+1. values against the independent float64 NumPy implementations of `reference_numpy`, written from the formulas;
 2. values and reward metrics against TRL 1.16.0's own `DPOTrainer` loss code on the same per-token log-probs;
 3. gradient signs (and where an objective legitimately flips them);
 4. hyper-parameter validation.
@@ -17,6 +17,7 @@ import pytest
 from jaxalign.losses import pairwise
 from jaxalign.losses.dpo import sigmoid
 from jaxalign.losses.registry import OBJECTIVES, PairwiseInputs
+from reference_numpy import REWARD_METRICS, pairwise_loss, span_masks
 
 
 NEW = [
@@ -45,17 +46,10 @@ REJECTED_LENGTHS = [3, 6, 7, 1, 4, 2]
 WIDTH = 8
 
 
-def _masks(lengths, start):
-    mask = np.zeros((len(lengths), WIDTH))
-    for i, n in enumerate(lengths):
-        mask[i, start[i] : start[i] + n] = 1.0
-    return mask
-
-
 def make_arrays(seed: int, scale: float = 0.4) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    mc = _masks(CHOSEN_LENGTHS, [0, 0, 1, 0, 2, 0])  # some completions start after a prompt-like gap
-    mr = _masks(REJECTED_LENGTHS, [0, 2, 0, 0, 2, 1])
+    mc = span_masks(CHOSEN_LENGTHS, [0, 0, 1, 0, 2, 0], WIDTH)  # some completions start after a prompt-like gap
+    mr = span_masks(REJECTED_LENGTHS, [0, 2, 0, 0, 2, 1], WIDTH)
     out = {}
     for side, mask in (("chosen", mc), ("rejected", mr)):
         ref = -rng.uniform(0.05, 3.0, mask.shape)
@@ -73,74 +67,7 @@ def to_inputs(arrays: dict[str, np.ndarray]) -> PairwiseInputs:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# independent float64 NumPy references (METHODS.md section 1)
-
-
-def logsig(x):
-    return -np.logaddexp(0.0, -x)
-
-
-def sig(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def numpy_loss(name: str, a: dict[str, np.ndarray], beta: float = 0.1, label_smoothing=None, tau: float = 0.05):
-    side_mask = {"chosen": a["chosen_mask"], "rejected": a["rejected_mask"]}
-    L = {f"{who}_{side}": np.sum(a[f"{who}_{side}"] * side_mask[side], axis=1)
-         for who in ("policy", "reference") for side in ("chosen", "rejected")}  # fmt: skip
-    zw = L["policy_chosen"] - L["reference_chosen"]
-    zl = L["policy_rejected"] - L["reference_rejected"]
-    nw = np.maximum(a["chosen_mask"].sum(1), 1.0)
-    nl = np.maximum(a["rejected_mask"].sum(1), 1.0)
-    b, D = beta, zw - zl
-    eps = {"cdpo": 0.1, "exo_pair": 1e-3}.get(name, 0.0) if label_smoothing is None else label_smoothing
-    if name == "sigmoid":
-        per = -logsig(b * D)
-    elif name == "cdpo":
-        per = -(1 - eps) * logsig(b * D) - eps * logsig(-b * D)
-    elif name == "robust":
-        per = (-(1 - eps) * logsig(b * D) + eps * logsig(-b * D)) / (1 - 2 * eps)
-    elif name == "hinge":
-        per = np.maximum(0.0, 1 - b * D)
-    elif name == "ipo":
-        per = (zw / nw - zl / nl - 1 / (2 * b)) ** 2
-    elif name == "exo_pair":
-        per = sig(b * D) * (logsig(b * D) - np.log(1 - eps)) + sig(-b * D) * (logsig(-b * D) - np.log(eps))
-    elif name == "nca_pair":
-        per = -logsig(b * zw) - 0.5 * logsig(-b * zw) - 0.5 * logsig(-b * zl)
-    elif name == "bco_pair":
-        per = -logsig(b * zw) - logsig(-b * zl)
-    elif name == "sppo_hard":
-        per = (zw - 1 / (2 * b)) ** 2 + (zl + 1 / (2 * b)) ** 2
-    elif name in ("aot", "aot_unpaired"):
-        if name == "aot":
-            policy_margin = L["policy_chosen"] - L["policy_rejected"]
-            d = np.sort(policy_margin) - np.sort(L["reference_chosen"] - L["reference_rejected"])
-        else:
-            d = np.sort(zw) - np.sort(zl)
-        per = -(1 - eps) * logsig(b * d) - eps * logsig(-b * d)
-    elif name == "apo_zero":
-        per = 1 - sig(b * zw) + sig(b * zl)
-    elif name == "apo_down":
-        per = sig(b * zw) + 1 - sig(b * (zw - zl))
-    elif name == "discopop":
-        x = b * D
-        m = sig(x / tau)
-        per = (1 - m) * (-logsig(x)) + m * np.exp(-x)
-    elif name == "sft":
-        tokens = a["policy_chosen"][a["chosen_mask"] > 0]
-        per = np.full(zw.shape, -tokens.mean())
-    elif name == "sigmoid_norm":
-        per = -logsig(b * (zw / nw - zl / nl))
-    else:
-        raise KeyError(name)
-    metrics = {
-        "rewards/chosen": np.mean(b * zw),
-        "rewards/rejected": np.mean(b * zl),
-        "rewards/margin": np.mean(b * D),
-        "rewards/accuracy": np.mean(zw > zl),
-    }
-    return per.mean(), metrics
+# independent float64 NumPy references: reference_numpy.pairwise_loss (docs/objectives.md)
 
 
 def jax_objective(name):
@@ -193,7 +120,7 @@ def test_value_and_metrics_match_numpy_reference(name, kwargs):
     for seed in (0, 1):
         a = make_arrays(seed)
         loss, metrics = jitted(name, kwargs)(to_inputs(a))
-        expected, expected_metrics = numpy_loss(name, a, **kwargs)
+        expected, expected_metrics = pairwise_loss(name, a, **kwargs)
         np.testing.assert_allclose(float(loss), expected, rtol=1e-5, atol=1e-6, err_msg=name)
         assert set(metrics) == set(expected_metrics)
         for key, value in expected_metrics.items():
@@ -215,16 +142,9 @@ def test_reference_is_sensitive_to_what_distinguishes_objectives():
 @pytest.fixture(scope="module")
 def trl_loss():
     importlib.import_module("trl")  # the test extra includes the bench extra: never skipped
-    from trl_reference import trl_loss as fn  # noqa: PLC0415  (TRL is slow to import: once per module)
+    from trl_reference import trl_pairwise as fn  # noqa: PLC0415  (TRL is slow to import: once per module)
 
     return fn
-
-
-def _trl_kwargs(kwargs):
-    out = dict(kwargs)
-    if "tau" in out:
-        out["discopop_tau"] = out.pop("tau")
-    return out
 
 
 @pytest.mark.parametrize("name,kwargs", [c for c in cases() if c.values[0] in TRL_NAMES])
@@ -234,23 +154,17 @@ def test_value_and_metrics_match_trl(trl_loss, name, kwargs):
     if name == "exo_pair":
         kwargs.setdefault("label_smoothing", 1e-3)  # TRL's default 0 is rejected by TRL itself
     loss, metrics = jax_objective(name)(to_inputs(a), **kwargs)
-    expected, trl_metrics = trl_loss(*(a[k] for k in (
-        "policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected", "chosen_mask", "rejected_mask"
-    )), loss_type=name, **_trl_kwargs(kwargs))  # fmt: skip
+    expected, trl_metrics = trl_loss(a, name, **kwargs)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6, atol=1e-6, err_msg=name)
-    renamed = {"rewards/chosen": "rewards/chosen", "rewards/rejected": "rewards/rejected",
-               "rewards/margin": "rewards/margins", "rewards/accuracy": "rewards/accuracies"}  # fmt: skip
-    for ours, theirs in renamed.items():
-        np.testing.assert_allclose(float(metrics[ours]), trl_metrics[theirs], rtol=1e-6, atol=1e-6)
+    for key in REWARD_METRICS:
+        np.testing.assert_allclose(float(metrics[key]), trl_metrics[key], rtol=1e-6, atol=1e-6)
 
 
 def test_combine_matches_trl_multi_loss(trl_loss):
     a = make_arrays(5)
     terms = [("sigmoid", 1.0, {"beta": 0.5}), ("sft", 0.3, {"beta": 0.5}), ("ipo", 2.0, {"beta": 0.5})]
     loss, metrics = pairwise.combine(to_inputs(a), terms)
-    expected, _ = trl_loss(*(a[k] for k in (
-        "policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected", "chosen_mask", "rejected_mask"
-    )), loss_type=["sigmoid", "sft", "ipo"], loss_weights=[1.0, 0.3, 2.0], beta=0.5)  # fmt: skip
+    expected, _ = trl_loss(a, ["sigmoid", "sft", "ipo"], loss_weights=[1.0, 0.3, 2.0], beta=0.5)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -265,7 +179,7 @@ Z_REJECTED = np.array([-0.5, 0.8, 0.5, -1.2, 0.5, 1.2])
 def point(z_chosen, z_rejected, seed=7):
     """Arrays whose summed log-ratios are exactly z_chosen / z_rejected (spread evenly over the completion)."""
     a = make_arrays(seed)
-    a["rejected_mask"][4] = _masks([REJECTED_LENGTHS[4]], [2])[0]
+    a["rejected_mask"][4] = span_masks([REJECTED_LENGTHS[4]], [2], WIDTH)[0]
     for side, z in (("chosen", z_chosen), ("rejected", z_rejected)):
         mask = a[f"{side}_mask"]
         a[f"policy_{side}"] = (a[f"reference_{side}"] + np.asarray(z)[:, None] / mask.sum(1, keepdims=True)) * mask
@@ -367,7 +281,7 @@ def test_sigmoid_with_label_smoothing_is_cdpo():
     inputs = to_inputs(make_arrays(0))
     np.testing.assert_allclose(
         float(sigmoid(inputs, beta=1.0, label_smoothing=0.2)[0]),
-        numpy_loss("cdpo", make_arrays(0), 1.0, 0.2)[0],
+        pairwise_loss("cdpo", make_arrays(0), beta=1.0, label_smoothing=0.2)[0],
         rtol=1e-5,
     )
 
@@ -375,7 +289,8 @@ def test_sigmoid_with_label_smoothing_is_cdpo():
 def test_traced_hyper_parameters_pass_validation_under_jit():
     inputs = to_inputs(make_arrays(0))
     loss = jax.jit(lambda b, e: pairwise.robust(inputs, beta=b, label_smoothing=e)[0])(0.1, 0.2)
-    np.testing.assert_allclose(float(loss), numpy_loss("robust", make_arrays(0), 0.1, 0.2)[0], rtol=1e-5)
+    expected = pairwise_loss("robust", make_arrays(0), beta=0.1, label_smoothing=0.2)[0]
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -387,11 +302,12 @@ def test_combine_is_the_weighted_sum_with_namespaced_metrics():
     inputs = to_inputs(a)
     terms = [("sigmoid", 1.0, {}), ("sft", 0.5, {}), ("sigmoid", 0.25, {"beta": 1.0})]
     loss, metrics = pairwise.combine(inputs, terms)
-    expected = numpy_loss("sigmoid", a)[0] + 0.5 * numpy_loss("sft", a)[0] + 0.25 * numpy_loss("sigmoid", a, 1.0)[0]
+    expected = (pairwise_loss("sigmoid", a)[0] + 0.5 * pairwise_loss("sft", a)[0]
+                + 0.25 * pairwise_loss("sigmoid", a, beta=1.0)[0])
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["sft/loss"]), numpy_loss("sft", a)[0], rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["sigmoid#2/loss"]), numpy_loss("sigmoid", a, 1.0)[0], rtol=1e-5)
-    margin = numpy_loss("sigmoid", a, 1.0)[1]["rewards/margin"]
+    np.testing.assert_allclose(float(metrics["sft/loss"]), pairwise_loss("sft", a)[0], rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["sigmoid#2/loss"]), pairwise_loss("sigmoid", a, beta=1.0)[0], rtol=1e-5)
+    margin = pairwise_loss("sigmoid", a, beta=1.0)[1]["rewards/margin"]
     np.testing.assert_allclose(float(metrics["sigmoid#2/rewards/margin"]), margin, rtol=1e-5)
     assert "sigmoid/rewards/accuracy" in metrics
 

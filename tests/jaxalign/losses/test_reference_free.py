@@ -13,6 +13,7 @@ import pytest
 
 from jaxalign.losses import PairwiseInputs, compute_objective, get_objective
 from jaxalign.losses import reference_free  # noqa: F401  (registers the objectives)
+from reference_numpy import logsig as np_logsig
 
 NAMES = ["simpo", "cpo", "alphapo", "orpo", "asft"]
 CLAMP = -1e-12  # documented Lbar clamp for ORPO / ASFT
@@ -58,10 +59,6 @@ def to_inputs(lw, ll, mw, ml, dtype=jnp.float32) -> PairwiseInputs:
 
 
 # ----------------------------------------------------------------------------------- float64 NumPy reference
-def np_logsig(x):
-    return -np.logaddexp(0.0, -x)
-
-
 def np_avg(lp, m):
     n = m.sum(-1)
     return np.where(n > 0, (lp * m).sum(-1) / np.where(n > 0, n, 1.0), 0.0)
@@ -84,7 +81,7 @@ def np_alphapo_r(avg, a):
 
 
 def reference(name, lw, ll, mw, ml, **hp):
-    """(loss, rewards_w, rewards_l) from the METHODS.md formulas, float64."""
+    """(loss, rewards_w, rewards_l) from the formulas of docs/objectives.md ("Reference-free objectives"), float64."""
     aw, al = np_avg(lw, mw), np_avg(ll, ml)
     if name == "simpo":
         beta, ratio, eps = hp.get("beta", 2.0), hp.get("gamma_beta_ratio", 0.5), hp.get("label_smoothing", 0.0)

@@ -1,7 +1,7 @@
-"""Weighted / regularised pairwise objectives (jaxalign.losses.weighted, METHODS.md section 4).
+"""Weighted / regularised pairwise objectives (jaxalign.losses.weighted; docs/objectives.md, "Weighted ...").
 
 1. values and metrics against float64 NumPy implementations written here from the formulas (padding, unequal
-   lengths, one-token completions, an exact tie);
+   lengths, one-token completions, an exact tie), on the shared DPO reference of `reference_numpy`;
 2. the reductions each paper states (alpha = 0, guide = reference, equal betas, ... give DPO exactly), SmPO's flat
    loss at 2 alpha = gamma;
 3. gradient signs, and no gradient through the extras;
@@ -17,6 +17,15 @@ import pytest
 from jaxalign.losses import weighted
 from jaxalign.losses.dpo import sigmoid
 from jaxalign.losses.registry import SPECS, PairwiseInputs
+from reference_numpy import (
+    assert_names_field,
+    assert_names_parameter,
+    dpo,
+    implicit_reward_metrics,
+    logsig,
+    sig,
+    span_masks,
+)
 
 NAMES = ["madpo", "sem_dpo", "smpo", "sft_dpo", "flex_dpo", "tgdpo"]
 CHOSEN_LENGTHS = [5, 1, 7, 3, 4, 6]
@@ -27,16 +36,9 @@ WIDTH = 8
 TIE = 4  # pair 4: rejected == chosen, so z_w == z_l exactly
 
 
-def _mask(lengths, starts):
-    m = np.zeros((len(lengths), WIDTH))
-    for i, (n, s) in enumerate(zip(lengths, starts)):
-        m[i, s : s + n] = 1.0
-    return m
-
-
 def make_arrays(seed: int, scale: float = 0.4) -> dict:
     rng = np.random.default_rng(seed)
-    mc, mr = _mask(CHOSEN_LENGTHS, CHOSEN_START), _mask(REJECTED_LENGTHS, REJECTED_START)
+    mc, mr = span_masks(CHOSEN_LENGTHS, CHOSEN_START, WIDTH), span_masks(REJECTED_LENGTHS, REJECTED_START, WIDTH)
     a = {}
     for side, m in (("chosen", mc), ("rejected", mr)):
         ref = -rng.uniform(0.05, 3.0, m.shape)
@@ -63,14 +65,6 @@ def to_inputs(a: dict, extras=EXTRA_KEYS) -> PairwiseInputs:
                           extras={k: jnp.asarray(a[k], jnp.float32) for k in extras})
 
 
-def logsig(x):
-    return -np.logaddexp(0.0, -x)
-
-
-def sig(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def numpy_loss(name: str, a: dict, **kw):
     mc, mr = a["chosen_mask"], a["rejected_mask"]
     rho_w = (a["policy_chosen"] - a["reference_chosen"]) * mc
@@ -80,19 +74,19 @@ def numpy_loss(name: str, a: dict, **kw):
     extra = {}
     if name == "madpo":
         w = 2.0 * sig(-a["reward_margin"] / kw.get("temperature", 1.0))
-        per = -w * logsig(b * (zw - zl))
+        per = w * dpo(zw - zl, b)
         extra = {"weight/mean": w.mean(), "weight/min": w.min(), "weight/max": w.max()}
     elif name == "sem_dpo":
         w = np.exp(-kw.get("alpha", 1.0) * a["semantic_distance"])
-        per = -w * logsig(b * (zw - zl))
+        per = w * dpo(zw - zl, b)
         extra = {"weight/mean": w.mean()}
     elif name == "smpo":
         s = 2.0 * a["preference_probability"] - kw.get("gamma", 1.0)
-        per = -logsig(s * b * (zw - zl))
+        per = dpo(zw - zl, s * b)
         extra = {"scale/mean": s.mean()}
     elif name == "sft_dpo":
         nll = -(a["policy_chosen"] * mc).sum(1) / np.maximum(mc.sum(1), 1.0)
-        pref = -logsig(b * (zw - zl))
+        pref = dpo(zw - zl, b)
         per = pref + kw.get("sft_weight", 1.0) * nll
         extra = {"nll": nll.mean(), "loss/preference": pref.mean()}
     elif name == "flex_dpo":
@@ -110,9 +104,7 @@ def numpy_loss(name: str, a: dict, **kw):
         extra = {"guidance/chosen": rw.sum() / mc.sum(), "guidance/rejected": rl.sum() / mr.sum()}
     else:
         raise KeyError(name)
-    metrics = {"rewards/chosen": np.mean(b * zw), "rewards/rejected": np.mean(b * zl),
-               "rewards/margin": np.mean(b * (zw - zl)), "rewards/accuracy": np.mean(zw > zl)}
-    return per.mean(), metrics | extra
+    return per.mean(), implicit_reward_metrics(zw, zl, b) | extra
 
 
 CASES = [
@@ -235,7 +227,7 @@ Z_REJECTED = np.array([-0.5, 0.8, 0.5, -1.2, 0.5, 1.2])
 def point(seed=7):
     """Arrays with summed log-ratios exactly Z_CHOSEN / Z_REJECTED (no tie), spread evenly over the completion."""
     a = make_arrays(seed)
-    a["rejected_mask"][TIE] = _mask([REJECTED_LENGTHS[TIE]], [2])[0]
+    a["rejected_mask"][TIE] = span_masks([REJECTED_LENGTHS[TIE]], [2], WIDTH)[0]
     for side, z in (("chosen", Z_CHOSEN), ("rejected", Z_REJECTED)):
         m = a[f"{side}_mask"]
         a[f"policy_{side}"] = (a[f"reference_{side}"] + z[:, None] / m.sum(1, keepdims=True)) * m
@@ -328,20 +320,14 @@ BAD = [
 
 @pytest.mark.parametrize("name,kwargs,param,value", BAD, ids=[f"{b[0]}-{b[2]}={b[3]}" for b in BAD])
 def test_bad_hyper_parameters_raise_a_clear_error(name, kwargs, param, value):
-    with pytest.raises(ValueError) as err:
-        getattr(weighted, name)(to_inputs(make_arrays(0)), **kwargs)
-    message = str(err.value)
-    assert f"{name}.{param}" in message and value in message, message
+    assert_names_parameter(lambda: getattr(weighted, name)(to_inputs(make_arrays(0)), **kwargs), name, param, value)
 
 
 @pytest.mark.parametrize("name", ["madpo", "sem_dpo", "smpo", "tgdpo"])
 def test_missing_extras_raise_a_clear_error(name):
     for field in SPECS[name].extras:
         kept = tuple(k for k in EXTRA_KEYS if k != field)
-        with pytest.raises(ValueError) as err:
-            getattr(weighted, name)(to_inputs(make_arrays(0), kept))
-        message = str(err.value)
-        assert message.startswith(f"{name}:") and f"'{field}'" in message and "missing" in message, message
+        assert_names_field(lambda: getattr(weighted, name)(to_inputs(make_arrays(0), kept)), name, field, "missing")
 
 
 BAD_EXTRAS = [
@@ -359,10 +345,7 @@ BAD_EXTRAS = [
 def test_bad_extras_raise_a_clear_error(name, field, value, expected):
     a = make_arrays(0)
     a[field] = value
-    with pytest.raises(ValueError) as err:
-        getattr(weighted, name)(to_inputs(a))
-    message = str(err.value)
-    assert message.startswith(f"{name}:") and f"'{field}'" in message and expected in message, message
+    assert_names_field(lambda: getattr(weighted, name)(to_inputs(a)), name, field, expected)
 
 
 def test_traced_extras_and_hyper_parameters_work_under_jit():

@@ -4,7 +4,8 @@
 attributes the method reads. Its `model` and `ref_model` are stand-ins that return the given per-token log-probs
 (as TRL's fused LM head would: [2*pairs, time], chosen rows then rejected rows, zero outside the completion), so
 TRL itself reduces them to sequence log-probs (its sums, its ipo/sigmoid_norm lengths from `completion_mask`, its
-`sft` mean over chosen tokens, its aot sorting) and evaluates the loss formulas. Used only by the tests.
+`sft` mean over chosen tokens, its aot sorting) and evaluates the loss formulas. Used only by the tests, through
+`trl_pairwise` (the arrays by name, jaxalign's metric names) or `trl_loss` itself.
 """
 from __future__ import annotations
 
@@ -116,3 +117,22 @@ def trl_loss(
         loss = trainer.compute_loss(trainer.model, inputs)
     metrics = {key: values[-1] for key, values in trainer._metrics["train"].items() if key.startswith("rewards/")}
     return float(loss), metrics
+
+
+PAIRWISE_ARRAYS = ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected", "chosen_mask",
+                   "rejected_mask")
+# jaxalign's implicit-reward metric -> TRL 1.16.0's name for it
+TRL_METRIC_NAMES = {"rewards/chosen": "rewards/chosen", "rewards/rejected": "rewards/rejected",
+                    "rewards/margin": "rewards/margins", "rewards/accuracy": "rewards/accuracies"}
+
+
+def trl_pairwise(a: dict, loss_type: str | list[str], *, tau: float | None = None, **config) -> tuple[float, dict]:
+    """`trl_loss` on the arrays of `a`, named like the fields of `PairwiseInputs` (and, for use_weighting=True, WPO's
+    normalisers "wpo_chosen" / "wpo_rejected"); `tau` is DiscoPOP's discopop_tau, `config` the rest of `trl_loss`'s
+    keywords. The logged metrics come back under jaxalign's names (those TRL logged)."""
+    if tau is not None:
+        config["discopop_tau"] = tau
+    if config.get("use_weighting"):
+        config.update(wpo_log_norm_chosen=a["wpo_chosen"], wpo_log_norm_rejected=a["wpo_rejected"])
+    loss, metrics = trl_loss(*(a[k] for k in PAIRWISE_ARRAYS), loss_type=loss_type, **config)
+    return loss, {ours: metrics[theirs] for ours, theirs in TRL_METRIC_NAMES.items() if theirs in metrics}

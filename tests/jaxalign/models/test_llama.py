@@ -1,6 +1,6 @@
 """Tests for jaxalign.models.llama: logical axis annotations, KV-cache decoding, scan/remat equivalence, bf16
-numerics, tied/untied heads, grouped-query attention against an independent float64 NumPy implementation, and
-config validation."""
+numerics, tied/untied heads, grouped-query attention against an independent float64 NumPy implementation, config
+validation, and the model/mesh fit check."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AbstractMesh
 
-from jaxalign.models.llama import Attention, DecoderLM, ModelConfig, init_cache, init_params
+from jaxalign.models.llama import (
+    Attention,
+    DecoderLM,
+    ModelConfig,
+    check_model_fits_mesh,
+    init_cache,
+    init_params,
+)
 from jaxalign.sharding import LOGICAL_AXIS_RULES
 
 # Tiny grouped-query config: 4 query heads share 2 key/value heads.
@@ -323,3 +331,55 @@ def test_invalid_config_raises_value_error_naming_the_field(overrides, field):
     """A bad config fails at construction with a ValueError that names the offending field."""
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         dataclasses.replace(CFG, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Does a model fit a mesh.
+
+
+def abstract_mesh(data: int, fsdp: int, tensor: int) -> AbstractMesh:
+    return AbstractMesh((data, fsdp, tensor), ("data", "fsdp", "tensor"))
+
+
+def test_model_that_does_not_fit_the_mesh_names_the_field_and_size():
+    """Heads (or kv heads, MLP units, vocabulary) not divisible by the tensor axis, or d_model by fsdp, fail with
+    the model field, its value and the axis size."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=4, head_dim=8, mlp_dim=64)
+    with pytest.raises(ValueError, match=r"model\.n_heads=4 is not divisible by the mesh's tensor axis of size 8"):
+        check_model_fits_mesh(cfg, abstract_mesh(1, 1, 8))
+    with pytest.raises(ValueError, match=r"model\.d_model=32 .* fsdp axis of size 3"):
+        check_model_fits_mesh(cfg, abstract_mesh(1, 3, 1))
+
+
+def divisible_under_rules(cfg: ModelConfig, mesh: AbstractMesh) -> bool:
+    """Whether every dimension of every parameter divides by the mesh axes the rules give its logical name: what
+    the fit check promises, read off the parameters themselves rather than off the config fields."""
+    rules = dict(LOGICAL_AXIS_RULES)
+    boxed = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))
+    leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    for leaf in leaves:
+        for size, name in zip(leaf.value.shape, leaf.names):
+            axes = rules[name]
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            if size % int(np.prod([mesh.shape[a] for a in axes])):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64),
+    ModelConfig(vocab_size=30, d_model=24, n_layers=1, n_heads=6, n_kv_heads=6, head_dim=4, mlp_dim=36,
+                tie_embeddings=False),
+])
+def test_fit_check_accepts_exactly_the_meshes_that_split_every_parameter_evenly(cfg):
+    """Over a grid of fsdp x tensor sizes, the config-level check passes iff every sharded parameter dimension
+    divides by its mesh axes (so its field-to-axis table agrees with the parameters the model creates)."""
+    for fsdp in (1, 2, 3, 4):
+        for tensor in (1, 2, 3, 4, 5, 6, 8):
+            mesh = abstract_mesh(1, fsdp, tensor)
+            try:
+                check_model_fits_mesh(cfg, mesh)
+                fits = True
+            except ValueError:
+                fits = False
+            assert fits == divisible_under_rules(cfg, mesh), f"fsdp={fsdp} tensor={tensor}"

@@ -1,27 +1,33 @@
-"""Tests for jaxalign.train.checkpoint: round trip, pruning, cadence, mismatch errors, crash leftovers, sharding."""
+"""Tests for jaxalign.train.checkpoint: round trip, pruning, cadence, mismatch errors, crash leftovers, sharding;
+for `TrainState`s (`Checkpointer`) and for any pytree with a JSON record (`PytreeCheckpointer`, RL runner states)."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxalign.data.position import DataPosition
 from jaxalign.train.checkpoint import (
     CheckpointConfig,
     Checkpointer,
     CheckpointMismatchError,
+    PytreeCheckpointer,
     UnreadableCheckpointError,
 )
-from jaxalign.train.state import DataPosition, TrainState
+from jaxalign.train.state import TrainState
 
 TX = optax.adamw(1e-2)  # one shared instance, so the jitted step below compiles once per shape
 META = {"model": {"d_model": 16, "n_heads": 4, "layers": [1, 2]}, "seed": 0}
@@ -311,3 +317,111 @@ def test_restore_with_eight_cpu_devices(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Any pytree: typed PRNG keys anywhere, NamedTuples, struct dataclasses, and a JSON record (an RL runner state).
+
+
+class Inner(NamedTuple):
+    obs: jax.Array
+    done: jax.Array
+
+
+@struct.dataclass
+class RunnerState:
+    params: dict
+    inner: Inner
+    key: jax.Array
+    step: jax.Array
+
+
+def _runner_state(seed: int, width: int = 3) -> RunnerState:
+    key = jax.random.key(seed)
+    return RunnerState({"w": jax.random.normal(key, (width, 2)), "b": jnp.arange(2, dtype=jnp.int32)},
+                       Inner(jax.random.uniform(jax.random.fold_in(key, 1), (4,)), jnp.array([True, False])),
+                       jax.random.split(jax.random.fold_in(key, 2), 3), jnp.asarray(seed, jnp.int32))
+
+
+def _same(x: RunnerState, y: RunnerState) -> bool:
+    lx, ly = jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)
+
+    def raw(v):
+        return np.asarray(jax.random.key_data(v) if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) else v)
+
+    return len(lx) == len(ly) and all(raw(a).dtype == raw(b).dtype and raw(a).tobytes() == raw(b).tobytes()
+                                      for a, b in zip(lx, ly))
+
+
+def test_pytree_round_trip_keeps_every_leaf_the_keys_and_the_record(tmp_path):
+    saved = _runner_state(7)
+    with PytreeCheckpointer(str(tmp_path), {"lr": 0.1}, keep_last=2) as ckpt:
+        assert ckpt.restore_latest(_runner_state(0)) is None
+        assert ckpt.save(1, _runner_state(1), [{"loss": 1.0}])
+        assert ckpt.save(2, saved, [{"loss": 1.0}, {"loss": float("nan")}])
+        assert ckpt.save(3, saved, [])
+        assert not ckpt.save(3, _runner_state(1), [])  # an existing step is never overwritten
+        assert ckpt.latest_step() == 3
+    (tmp_path / "4.orbax-checkpoint-tmp").mkdir()  # what a save killed half-way leaves behind
+    with PytreeCheckpointer(str(tmp_path), {"lr": 0.1}, keep_last=2) as ckpt:
+        step, restored, record = ckpt.restore_latest(_runner_state(0))
+        # A non-finite record value reads back as null: the record is strict JSON.
+        assert ckpt.restore(2, _runner_state(0))[1] == [{"loss": 1.0}, {"loss": None}]
+    assert step == 3 and record == [] and sorted(p.name for p in tmp_path.iterdir()) == ["2", "3"]
+    assert isinstance(restored, RunnerState) and isinstance(restored.inner, Inner)
+    assert _same(restored, saved) and not _same(restored, _runner_state(0))
+    assert jax.random.key_impl(restored.key) == jax.random.key_impl(saved.key)
+    # The restored key draws what the saved one draws.
+    assert np.array_equal(jax.random.uniform(restored.key[1], (3,)), jax.random.uniform(saved.key[1], (3,)))
+
+
+def test_pytree_of_another_run_or_another_state_is_refused_naming_the_difference(tmp_path):
+    with PytreeCheckpointer(str(tmp_path), {"lr": 0.1, "net": {"width": 3}}) as ckpt:
+        ckpt.save(5, _runner_state(5), None)
+    with PytreeCheckpointer(str(tmp_path), {"lr": 0.1, "net": {"width": 4}}) as ckpt:
+        with pytest.raises(CheckpointMismatchError, match=r"step 5 was written for a different run: "
+                                                          r"metadata net/width is 3, expected 4"):
+            ckpt.restore_latest(_runner_state(0))
+    with PytreeCheckpointer(str(tmp_path), {"lr": 0.1, "net": {"width": 3}}) as ckpt:
+        with pytest.raises(CheckpointMismatchError, match=r"params/w has shape \(3, 2\), expected \(4, 2\)"):
+            ckpt.restore_latest(_runner_state(0, width=4))
+        unkeyed = _runner_state(0).replace(key=jax.random.key_data(_runner_state(0).key))
+        with pytest.raises(CheckpointMismatchError, match="key key implementation is 'threefry2x32', expected None"):
+            ckpt.restore_latest(unkeyed)
+        with pytest.raises(ValueError, match="keep_last must be a positive int"):
+            PytreeCheckpointer(str(tmp_path), {}, keep_last=0)
+
+
+def test_an_unnameable_pytree_node_is_a_clear_error(tmp_path):
+    @jax.tree_util.register_pytree_node_class
+    class Opaque:
+        def __init__(self, x):
+            self.x = x
+
+        def tree_flatten(self):
+            return (self.x,), None
+
+        @classmethod
+        def tree_unflatten(cls, aux, children):
+            return cls(*children)
+
+    with PytreeCheckpointer(str(tmp_path), {}) as ckpt:
+        with pytest.raises(TypeError, match=r"cannot checkpoint a \(Opaque\): every node must be"):
+            ckpt.save(1, {"a": Opaque(jnp.zeros(2))})
+        assert ckpt.latest_step() is None
+
+
+def test_reads_the_earlier_trainstate_meta_layout(tmp_path):
+    """TrainState checkpoints written before the two checkpointers were merged name their one key implementation
+    "rng_impl" (and hold no "key_impls"); they still restore, and still refuse another implementation."""
+    state = advance(make_state(), 2)
+    with Checkpointer(tmp_path, CheckpointConfig(every_steps=1, keep_last=1), META) as ckpt:
+        ckpt.save(state)
+    meta_file = tmp_path / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert meta == {"run": META, "key_impls": {"rng": "threefry2x32"}}
+    meta_file.write_text(json.dumps({"run": META, "rng_impl": "threefry2x32"}))
+    with Checkpointer(tmp_path, CheckpointConfig(every_steps=1, keep_last=1), META) as ckpt:
+        assert_states_identical(state, ckpt.restore_latest(make_state()))
+        with pytest.raises(CheckpointMismatchError, match="rng key implementation is 'threefry2x32', expected 'rbg'"):
+            ckpt.restore_latest(make_state().replace(rng=jax.random.key(0, impl="rbg")))

@@ -14,13 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxalign.data.position import DataPosition
 from jaxalign.models.llama import DecoderLM, ModelConfig, init_params
 from jaxalign.models.lora import LoraConfig, adapter_paths, apply_lora, merge_lora, param_paths
 from jaxalign.sharding import MeshConfig, make_mesh
 from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer
 from jaxalign.train.optim import OptimConfig, make_optimizer
 from jaxalign.train.setup import sharded_lora_train_state
-from jaxalign.train.state import DataPosition, TrainState
+from jaxalign.train.state import TrainState
 from jaxalign.train.reference import compute_reference_logprobs
 from jaxalign.train.step import dpo_loss_fn, jit_train_step, logits_fn, lora_loss_fn, make_train_step
 
@@ -217,8 +218,8 @@ def test_cached_reference_logprobs_of_the_base_give_the_online_loss():
 
 
 def test_arith_dpo_lora_section_parses_from_the_command_line():
-    from jaxalign.experiments.arith_dpo import ArithDPOConfig
-    from launch.overrides import ConfigError, apply_overrides
+    from jaxalign.experiments.arith_kit import ArithDPOConfig
+    from jaxalign.overrides import ConfigError, apply_overrides
 
     assert ArithDPOConfig().lora.config() is None  # rank 0: full fine-tuning, the default
     cfg = apply_overrides(ArithDPOConfig(), ["lora.rank=4", "lora.alpha=8", "lora.targets=attn/(q|v), mlp/up"])

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxalign.data.position import DataPosition
 from jaxalign.logprobs import pair_token_logprobs
 from jaxalign.models.llama import DecoderLM, ModelConfig, init_params
 from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer
@@ -21,7 +22,7 @@ from jaxalign.train.reference import (
     reference_cache_key,
     sync_reference,
 )
-from jaxalign.train.state import DataPosition, TrainState
+from jaxalign.train.state import TrainState
 from jaxalign.train.step import dpo_loss_fn, logits_fn, make_train_step
 
 CFG = ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, mlp_dim=32, max_len=8)

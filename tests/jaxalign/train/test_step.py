@@ -13,10 +13,11 @@ import numpy as np
 import optax
 import pytest
 
+from jaxalign.data.position import DataPosition
 from jaxalign.logprobs import pair_token_logprobs
 from jaxalign.models.llama import DecoderLM, ModelConfig, init_params
 from jaxalign.train.optim import OptimConfig, learning_rate_schedule, make_optimizer
-from jaxalign.train.state import DataPosition, TrainState
+from jaxalign.train.state import TrainState
 from jaxalign.train.step import accumulated_gradients, dpo_loss_fn, logits_fn, make_train_step, sft_loss_fn
 
 # One layer: the step logic is independent of depth (model numerics are pinned in models/test_llama.py), and a

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxalign.data.position import DataPosition
 from jaxalign.logprobs import masked_token_logprobs, pair_token_logprobs, sequence_logprobs
 from jaxalign.losses import SPECS, PairwiseInputs, compute_objective, unpair
 from jaxalign.losses.modifiers import wpo_token_log_norm
@@ -18,7 +19,7 @@ from jaxalign.losses.unpaired import RunningMoments, update_running_mean
 from jaxalign.models.heads import VALUE_HEAD, apply_value_head, init_value_head, prompt_values
 from jaxalign.models.llama import DecoderLM, ModelConfig, init_params
 from jaxalign.train.optim import OptimConfig, make_optimizer
-from jaxalign.train.state import DataPosition, TrainState
+from jaxalign.train.state import TrainState
 from jaxalign.train.step import dpo_loss_fn, initial_objective_state, logits_fn, make_train_step
 
 CFG = ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, mlp_dim=32, max_len=8)

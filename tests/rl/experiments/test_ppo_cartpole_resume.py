@@ -2,10 +2,10 @@
 
 Run A goes through uninterrupted. Run B is the same command in a fresh directory, SIGKILLed right after its second
 chunk's checkpoint was saved and before that chunk's metrics line was written (the child wraps
-`PytreeCheckpointer.save` to kill itself there: a real SIGKILL at a deterministic point, so the test cannot race the
-run); then the same command is re-run to completion, and once more after it finished. Final checkpoint arrays (params,
-optimizer state, env states, observations, key, counter), results.json (timings aside) and metrics.jsonl must equal
-A's. The subprocesses share a persistent XLA compilation cache, so only run A compiles.
+`jaxalign.train.checkpoint.PytreeCheckpointer.save` to kill itself there: a real SIGKILL at a deterministic point, so
+the test cannot race the run); then the same command is re-run to completion, and once more after it finished. Final
+checkpoint arrays (params, optimizer state, env states, observations, key, counter), results.json (timings aside) and
+metrics.jsonl must equal A's. The subprocesses share a persistent XLA compilation cache, so only run A compiles.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from launch.cli import main
-from rl.testing import checkpoint_arrays, run_cli, run_differences
+from rl.testing import checkpoint_arrays, run_registered, run_differences
 
 TINY = ["ppo.num_envs=4", "ppo.num_steps=32", "ppo.total_timesteps=512", "ppo.num_minibatches=2",
         "ppo.update_epochs=1", "num_chunks=4", "eval_episodes=3", "show_progress=false", "seed=3"]
@@ -23,7 +23,7 @@ TIMING = {"train_seconds", "wall_seconds", "env_steps_per_second", "env_steps_pe
 
 
 def _run(workdir: Path, cache: Path, kill_after: int | None = None, overrides: list[str] = TINY):
-    return run_cli("ppo_cartpole", workdir, overrides, cache, kill_after)
+    return run_registered("ppo_cartpole", workdir, overrides, cache, kill_after)
 
 
 def _differences(a: Path, b: Path) -> list[str]:

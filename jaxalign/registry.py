@@ -1,9 +1,34 @@
-"""The experiment registry: a name, a one-line description, a config dataclass and a run function."""
+"""The experiment registry, and running one registered experiment in a work directory.
+
+An experiment is a name, a one-line description, a config dataclass and a run function. `run_command` is what
+`jaxalign run NAME --workdir DIR [key=value ...]` does (launch/cli.py calls it), and this module is also its own
+entry point, so a child process can run an experiment without the command line package:
+
+    python -m jaxalign.registry NAME --workdir DIR [key=value ...]
+
+Both join a multi-process run from the environment first (`jaxalign.distributed.initialize_from_env`), apply the
+overrides (`jaxalign.overrides`), append everything the run prints to DIR/logs/run.log, print the scalar results
+as JSON, and turn a bad command line or configuration into one `jaxalign: error: ...` line and exit code 2.
+
+Importing this module imports no JAX: the experiments are loaded by name only when one is asked for, so listing
+them stays cheap.
+"""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import importlib
+import io
+import json
+import os
+import shlex
+import sys
+import time
+import traceback
 from typing import Any, Callable
+
+from jaxalign.overrides import ConfigError, apply_overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +75,7 @@ def _module_experiment(name: str, module: str, config: str) -> Callable[[], Expe
     return load
 
 
-# (description, loader): importing the CLI stays cheap and `jaxalign list` does not import JAX models.
+# (description, loader): importing the registry stays cheap and `jaxalign list` does not import JAX models.
 EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
     "arith_dpo": (
         "SFT on noisy ARITH demonstrations, then DPO on on-policy oracle-labelled pairs (the main job)",
@@ -150,3 +175,107 @@ def get_experiment(name: str) -> Experiment:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
     return EXPERIMENTS[name][1]()
+
+
+def configure(name: str, overrides: list[str]) -> tuple[Experiment, Any]:
+    """The experiment and its default config with `overrides` applied: every command-line mistake (an unknown
+    experiment, key or value) surfaces here, before anything runs or is written."""
+    experiment = get_experiment(name)
+    return experiment, apply_overrides(experiment.default_config(), list(overrides))
+
+
+# ------------------------------------------------------------------------------------------------- running one
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that writes to several streams (the terminal and the run's log file)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def isatty(self) -> bool:
+        return self.streams[0].isatty()
+
+
+@contextlib.contextmanager
+def run_log(workdir: str, argv: list[str]):
+    """Append everything a run prints (stdout and stderr: progress, warnings, the summary, an error's traceback) to
+    WORKDIR/logs/run.log as well as the terminal, so a run directory keeps its own log across resumes. Process N > 0
+    of a multi-process run writes logs/run.process_N.log."""
+    process = os.environ.get("JAXALIGN_PROCESS_ID", "0")
+    name = "run.log" if process == "0" else f"run.process_{process}.log"
+    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+    with open(os.path.join(workdir, "logs", name), "a", buffering=1) as log:
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} jaxalign {shlex.join(argv)}\n")
+        stdout, stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(stdout, log), _Tee(stderr, log)
+        try:
+            yield
+        except BaseException:
+            log.write(traceback.format_exc())
+            raise
+        finally:
+            sys.stdout, sys.stderr = stdout, stderr
+
+
+def run_experiment(name: str, workdir: str, overrides: list[str]) -> dict:
+    """Run (or resume) experiment `name` in `workdir` with `overrides`; print its scalar results and return all.
+
+    A rejected command line (unknown experiment, key or value) raises before the work directory is created; once
+    the run starts, everything it prints, an error's traceback included, also goes to WORKDIR/logs/run.log under
+    a header naming the equivalent `jaxalign run` command.
+    """
+    from jaxalign.distributed import initialize_from_env
+
+    initialize_from_env()  # before anything touches JAX devices: a multi-process run joins its peers here
+    experiment, cfg = configure(name, overrides)
+    with run_log(workdir, ["run", name, "--workdir", workdir, *overrides]):
+        results = experiment.run(cfg, workdir)
+        summary = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    return results
+
+
+def report_errors(command: Callable[[], Any]) -> int:
+    """Run `command`; a bad configuration or value (ConfigError, ValueError) becomes one 'jaxalign: error:' line
+    on stderr and exit code 2 (the traceback is in the run's log, not on the terminal), success exit code 0."""
+    try:
+        command()
+    except (ConfigError, ValueError) as e:
+        print(f"jaxalign: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_command(name: str, workdir: str, overrides: list[str]) -> int:
+    """`jaxalign run NAME --workdir DIR [key=value ...]`: `run_experiment` with its errors reported; the exit code."""
+    return report_errors(lambda: run_experiment(name, workdir, overrides))
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of a run: NAME, --workdir DIR and key=value overrides (shared with `jaxalign run`)."""
+    parser.add_argument("name")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value (dotted keys for nested fields)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jaxalign.registry NAME --workdir DIR [key=value ...]`: exactly `jaxalign run`'s behaviour."""
+    parser = add_run_arguments(argparse.ArgumentParser(
+        prog="python -m jaxalign.registry", description="run (or resume) a registered experiment in a work directory"))
+    args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    return run_command(args.name, args.workdir, list(args.overrides) + extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,12 +1,12 @@
-"""Tests for launch.overrides: typed key=value overrides of nested frozen config dataclasses."""
+"""Tests for jaxalign.overrides: typed key=value overrides of nested frozen config dataclasses."""
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
 
-from jaxalign.experiments.arith_dpo import ArithDPOConfig
-from launch.overrides import ConfigError, apply_overrides, valid_keys
+from jaxalign.experiments.arith_kit import ArithDPOConfig
+from jaxalign.overrides import ConfigError, apply_overrides, valid_keys
 
 
 @dataclasses.dataclass(frozen=True)

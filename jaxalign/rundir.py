@@ -1,0 +1,208 @@
+"""The run directory: its layout, named once, and the few operations every run performs on it.
+
+A run (an LM experiment, an RL agent, a benchmark point) owns one work directory. Its layout:
+
+    WORKDIR/
+      config.json             the resolved config; a resumed run must match it (`claim`)
+      results.json            the run's final numbers (strict JSON, written atomically)
+      metrics.jsonl           one record per logged step, every phase
+      logs/run.log            the command line's log
+      checkpoints/<phase>/    orbax checkpoints of one phase (sft, dpo, rl, ...)
+      samples.npz             on-policy samples (cached, so a resumed run reuses the same samples)
+      pairs.npz, lists.npz    preference pairs / ranked lists built from them
+      reference_cache/        precomputed reference log-probs and objective extras, keyed by content hash
+      <name>.png              plots
+      <sub>/                  nested runs (an iteration, a stage, a seed) with the same layout
+
+Everything here is host-side Python: no JAX tracing, no model. Writes are atomic (temporary file + rename) so a
+reader, or a resumed run after SIGKILL, never sees a half-written file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxalign.distributed import host_local
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory (`root`); nested runs are `RunDir(root).sub(name)`."""
+
+    root: str
+
+    @property
+    def config(self) -> str:
+        return os.path.join(self.root, "config.json")
+
+    @property
+    def results(self) -> str:
+        return os.path.join(self.root, "results.json")
+
+    @property
+    def metrics(self) -> str:
+        return os.path.join(self.root, "metrics.jsonl")
+
+    @property
+    def logs(self) -> str:
+        return os.path.join(self.root, "logs")
+
+    @property
+    def samples(self) -> str:
+        return os.path.join(self.root, "samples.npz")
+
+    @property
+    def pairs(self) -> str:
+        return os.path.join(self.root, "pairs.npz")
+
+    @property
+    def lists(self) -> str:
+        return os.path.join(self.root, "lists.npz")
+
+    @property
+    def reference_cache(self) -> str:
+        return os.path.join(self.root, "reference_cache")
+
+    def checkpoints(self, phase: str) -> str:
+        return os.path.join(self.root, "checkpoints", phase)
+
+    def file(self, name: str) -> str:
+        """Any other file of the run (a plot, a per-phase evaluation record, ...)."""
+        return os.path.join(self.root, name)
+
+    def sub(self, *names: str) -> "RunDir":
+        """A nested run (an iteration, a curriculum stage, a seed), laid out like this one."""
+        return RunDir(os.path.join(self.root, *names))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSON: normalised, compared field by field, written atomically.
+
+
+def json_normalise(value: Any) -> Any:
+    """What `value` reads back as after a JSON round trip (tuples become lists, keys become strings)."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"not JSON-serialisable: {e}") from e
+
+
+ABSENT = object()  # a key missing on one side of `first_json_difference`
+
+
+def first_json_difference(saved: Any, expected: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """First (path, saved, expected) where two JSON values differ, depth first in key order; None if equal."""
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        for key in sorted(set(saved) | set(expected)):
+            sub = f"{path}/{key}" if path else str(key)
+            found = first_json_difference(saved.get(key, ABSENT), expected.get(key, ABSENT), sub)
+            if found:
+                return found
+        return None
+    if isinstance(saved, list) and isinstance(expected, list) and len(saved) == len(expected):
+        for i, (s, e) in enumerate(zip(saved, expected)):
+            found = first_json_difference(s, e, f"{path}/{i}" if path else str(i))
+            if found:
+                return found
+        return None
+    if type(saved) is type(expected) and saved == expected:
+        return None
+    if isinstance(saved, (int, float)) and isinstance(expected, (int, float)) and not isinstance(saved, bool) \
+            and not isinstance(expected, bool) and saved == expected:
+        return None
+    return path or "<root>", saved, expected
+
+
+def show_json_value(value: Any) -> str:
+    return "absent" if value is ABSENT else repr(value)
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+    """Write to a per-process temporary file and rename, so readers never see a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def load_json(path: str) -> Any | None:
+    """The JSON value at `path`, or None when the file does not exist."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Claiming a directory for a config.
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# Fields that change how a run reports, not what it computes: they may differ when a run is resumed (at any depth,
+# so configs that embed another one, e.g. Curry-DPO's `base`, resume alike).
+PRESENTATION_FIELDS = ("show_progress", "eval_batch_size", "log_every")
+
+
+def without_presentation_fields(config: Any) -> Any:
+    """A JSON config without its presentation fields, at every level."""
+    if isinstance(config, dict):
+        return {k: without_presentation_fields(v) for k, v in config.items() if k not in PRESENTATION_FIELDS}
+    return config
+
+
+def claim(cfg: Any, workdir: str) -> None:
+    """Write workdir/config.json, or check that a resumed run uses the same config as the run that started it.
+
+    Every phase's cached output (checkpoints, samples, pairs) was produced under that config; resuming with another
+    one would silently mix two runs, so a difference is one clear error naming the first differing field.
+    `cfg` is a config dataclass or an already JSON-like dict.
+    """
+    path = RunDir(workdir).config
+    current = json_normalise(cfg if isinstance(cfg, dict) else config_to_dict(cfg))
+    saved = load_json(path)
+    if saved is not None:
+        difference = first_json_difference(without_presentation_fields(saved), without_presentation_fields(current))
+        if difference:
+            field, before, now = difference
+            raise ValueError(
+                f"{path} records a run with {field.replace('/', '.')}={show_json_value(before)}, but this run has "
+                f"{show_json_value(now)}; resume with the same overrides or use a new --workdir"
+            )
+    write_json_atomic(path, current)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameters and arrays.
+
+
+def params_sha256(params: Any) -> str:
+    """A hash of the parameters' bytes (leaves in tree order), to compare runs bit for bit."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(jax.device_get(host_local(params))):
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()
+
+
+def save_arrays(path: str, arrays: dict[str, np.ndarray], stats: dict) -> None:
+    """Atomically (per-process temporary file + rename) store named arrays and a JSON dict of their statistics."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"  # per process: processes sharing a workdir may save the same file
+    np.savez(tmp, stats=json.dumps(stats), **arrays)
+    os.replace(tmp, path)
+
+
+def load_arrays(path: str) -> tuple[dict[str, np.ndarray], dict] | None:
+    """(arrays, stats) from an .npz written by `save_arrays`, or None when the file does not exist."""
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files if k != "stats"}, json.loads(str(f["stats"]))

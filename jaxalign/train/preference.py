@@ -1,0 +1,323 @@
+"""The preference-training phase: one config, one function, used by every experiment that trains on preferences.
+
+A phase takes an initial policy (an SFT model, a loaded Hugging Face checkpoint, the previous iterate of an
+iterative algorithm) and preference data (pairs, ranked lists, or anything a custom loss reads), and:
+
+1. builds the train state: full parameters (plus a value head when the objective declares one), or LoRA adapters
+   over the frozen initial policy (Hu et al. 2021);
+2. resolves the reference (`PreferenceConfig.reference`): "cached" per-token reference log-probs computed once and
+   stored under a content hash, "online" a frozen copy run every step, "sync" TR-DPO's periodic soft update
+   (Gorbatovski et al. 2024, ref <- alpha * policy + (1 - alpha) * ref every k steps), or none for reference-free
+   objectives;
+3. assembles the loss: the registered objective (pairwise, reference-free, unpaired or listwise) with its
+   hyper-parameters and the chosen-NLL regulariser (RPO, Pang et al. 2024), or a caller's `CustomLoss`;
+4. trains with the thin loop (`jaxalign.train.loop.train_loop`), checkpointed and resumable bit for bit;
+5. calls the caller's `evaluate(policy_params) -> metrics` at step 0 and every `eval_every` steps;
+6. with `select_best`, returns the evaluated checkpoint with the best `select_metric` (earliest on ties: it stays
+   closest to the reference), the guard against over-optimisation that a fixed-reference DPO needs.
+
+This module knows nothing about tasks or files: what to evaluate and which data to train on are the caller's.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from jaxalign.distributed import host_local
+from jaxalign.losses import get_spec
+from jaxalign.losses import objective_kwargs as registry_objective_kwargs
+from jaxalign.losses.dpo import check_beta
+from jaxalign.models.llama import DecoderLM, ModelConfig
+from jaxalign.models.lora import LoraConfig, merge_lora
+from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer
+from jaxalign.train.listwise import cached_list_reference_logprobs, listwise_loss_fn
+from jaxalign.train.loop import MetricsLog, train_loop
+from jaxalign.train.optim import OptimConfig, make_optimizer
+from jaxalign.train.reference import ReferenceSync, cached_reference_logprobs
+from jaxalign.train.setup import sharded_lora_train_state, sharded_train_state
+from jaxalign.train.step import (
+    dpo_loss_fn,
+    initial_objective_state,
+    jit_train_step,
+    logits_fn,
+    lora_loss_fn,
+    make_train_step,
+    objective_extra_params,
+)
+
+REFERENCE_MODES = ("online", "cached", "sync")
+PAIR_TOKEN_KEYS = ("chosen_attention_mask", "rejected_attention_mask")
+LIST_TOKEN_KEYS = ("list_attention_mask",)
+
+
+def _positive_int(section: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{section}.{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+    """How a preference phase trains (every field can be overridden from the command line as dpo.FIELD=VALUE).
+
+    objective: any registered objective (`jaxalign objectives`). Listwise objectives train on ranked lists,
+        `list_batch_size` lists per step; every other family on pairs, `batch_size` pairs per step.
+    beta: the KL strength (Rafailov et al. 2023, eq. 7), passed to every objective that takes one (or its
+        registered equivalent, e.g. ADPO's tau = 1/beta); 0.1 is the paper's and TRL's default. label_smoothing only
+        when set; `objective_args` sets any other hyper-parameter or TRL's loss modifiers, e.g. "tau=0.1" or
+        "ld_alpha=0.5,wpo=true".
+    sft_weight: weight of the chosen-NLL regulariser (RPO, Pang et al. 2024); 0 disables it.
+    reference: "cached" (per-token log-probs of the initial policy, computed once and cached on disk under a content
+        hash in `reference_cache_dir`, default WORKDIR/reference_cache), "online" (a frozen copy runs a forward pass
+        every step) or "sync" (TR-DPO: every `sync_every` steps ref <- sync_alpha * policy + (1 - sync_alpha) * ref).
+    eval_every: the caller's evaluation runs (and, with select_best, a checkpoint is kept) every this many steps.
+    select_best: return the evaluated checkpoint with the best metric instead of the last one.
+    """
+
+    steps: int = 100
+    batch_size: int = 64
+    list_batch_size: int = 16
+    grad_accum_steps: int = 1
+    beta: float = 0.1
+    label_smoothing: float | None = None
+    objective: str = "sigmoid"
+    objective_args: str = ""
+    sft_weight: float = 0.0
+    optim: OptimConfig = OptimConfig(learning_rate=5e-6, warmup_steps=10)
+    eval_every: int = 25
+    select_best: bool = True
+    reference: str = "cached"
+    reference_cache_dir: str = ""
+    sync_every: int = 50
+    sync_alpha: float = 0.6
+
+    def __post_init__(self):
+        check_beta(self.beta)
+        for name in ("steps", "batch_size", "list_batch_size", "grad_accum_steps", "eval_every"):
+            _positive_int("dpo", name, getattr(self, name))
+        if self.reference not in REFERENCE_MODES:
+            raise ValueError(f"dpo.reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+        if self.reference == "sync":
+            ReferenceSync(self.sync_every, self.sync_alpha)  # validates both
+        objective_kwargs(self)  # validates the objective name and its arguments now, not after an SFT phase
+
+    @property
+    def reference_sync(self) -> ReferenceSync | None:
+        return ReferenceSync(self.sync_every, self.sync_alpha) if self.reference == "sync" else None
+
+    @property
+    def listwise(self) -> bool:
+        return get_spec(self.objective).family == "listwise"
+
+
+def objective_kwargs(dpo: PreferenceConfig) -> dict[str, Any]:
+    """The hyper-parameters `dpo.objective` receives (`jaxalign.losses.objective_kwargs`: beta or its registered
+    alias, label_smoothing when set, then `objective_args`); unknown names are one clear error."""
+    return registry_objective_kwargs(dpo.objective, dpo.beta, dpo.label_smoothing, dpo.objective_args)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """LoRA for a preference phase (Hu et al. 2021, `jaxalign.models.lora`). rank 0 (the default) trains every
+    parameter; rank > 0 trains adapters on the kernels `targets` selects (comma-separated path patterns) and nothing
+    else, the initial policy being both their frozen base and the reference (one copy of its weights). The phase
+    returns, evaluates and checkpoints-for-selection the merged policy W0 + (alpha / rank) A B."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: str = "attn/q,attn/v"
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"lora.rank must be a non-negative integer (0 = no LoRA), got {self.rank!r}")
+        self.config()  # LoraConfig's own checks of alpha and the patterns
+
+    def config(self) -> LoraConfig | None:
+        if not self.rank:
+            return None
+        targets = tuple(part.strip() for part in self.targets.split(",") if part.strip())
+        return LoraConfig(rank=self.rank, alpha=self.alpha, targets=targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomLoss:
+    """A loss the phase trains instead of `dpo.objective` (objectives that are not registered, e.g. TRPA, BRAIn,
+    DDO), with everything else unchanged (optimizer, checkpoints, evaluation, selection, resume).
+
+    loss_fn: `jaxalign.train.step` signature, (params, frozen, batch) -> (sum of per-item losses, (items, metrics)).
+    batch_size: items per step (rows of `data`). token_keys: attention-mask keys counted for tokens/s.
+    frozen: frozen parameters passed to every step (None: everything frozen is precomputed in the batch)."""
+
+    loss_fn: Callable
+    batch_size: int
+    token_keys: tuple[str, ...]
+    frozen: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """The caller's evaluation of a policy: `fn(policy_params) -> {metric: value}`, run at step 0 (the initial
+    policy) and every `dpo.eval_every` steps. `keys`: the metrics `fn` returns (they identify its records in
+    metrics.jsonl on resume). `select`: the metric `select_best` maximises (or minimises, `maximize=False`)."""
+
+    fn: Callable[[Any], dict]
+    keys: tuple[str, ...]
+    select: str | None = None
+    maximize: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceResult:
+    """selected: the returned policy (the best evaluated checkpoint under select_best, else the last step); last:
+    the last step's policy (adapters merged under LoRA); state_params: the trained parameters as stored (the adapters
+    under LoRA); history: every evaluation record (step + metrics), step 0 first; selected_step."""
+
+    selected: Any
+    last: Any
+    state_params: Any
+    history: list[dict]
+    selected_step: int
+
+
+def select_checkpoint(history: list[dict], metric: str, maximize: bool = True) -> dict:
+    """The evaluated step with the best `metric`, the earliest one on ties (it stays closest to the reference)."""
+    sign = 1.0 if maximize else -1.0
+    return max(history, key=lambda r: (sign * r[metric], -r["step"]))
+
+
+def with_arrays(data: Any, arrays: dict) -> Any:
+    """`data` (an ArrayDataset or a BucketedDataset) with its arrays replaced, everything else kept."""
+    return dataclasses.replace(data, arrays=arrays)
+
+
+def resolve_reference(cfg: PreferenceConfig, model: DecoderLM, init_params: Any, data: Any, cache_dir: str,
+                      tokenization: dict, batch_size: int) -> tuple[Any, Any]:
+    """(frozen reference params or None, data) for `cfg.reference`: "online" passes the initial policy as the
+    frozen reference; "cached" adds its per-token log-probs to every pair or list (computed once, cached on disk
+    under a content hash of the parameters, the data and `tokenization`); "sync" keeps the reference in the train
+    state; reference-free objectives get neither. Data that already carries reference_chosen / reference_rejected
+    keeps them (a reference the caller built, e.g. APO's extrapolation of two checkpoints)."""
+    spec = get_spec(cfg.objective)
+    if not spec.needs_reference or cfg.reference == "sync" or "reference_chosen" in data.arrays:
+        return None, data
+    if cfg.reference == "online":
+        return init_params, data
+    cached = cached_list_reference_logprobs if spec.family == "listwise" else cached_reference_logprobs
+    # One local copy: every process computes the same cache from the same bytes.
+    arrays, _ = cached(cache_dir, logits_fn(model), host_local(init_params), data.arrays, tokenization, batch_size)
+    return None, with_arrays(data, {**data.arrays, **arrays})
+
+
+def _loss(cfg: PreferenceConfig, model: DecoderLM, custom: CustomLoss | None, separator_id: int | None):
+    """(loss_fn, items per step, token keys) of the phase."""
+    if custom is not None:
+        return custom.loss_fn, custom.batch_size, custom.token_keys
+    if cfg.listwise:
+        loss = listwise_loss_fn(model, cfg.objective, sft_weight=cfg.sft_weight, separator_id=separator_id,
+                                **objective_kwargs(cfg))
+        return loss, cfg.list_batch_size, LIST_TOKEN_KEYS
+    loss = dpo_loss_fn(model, cfg.objective, sft_weight=cfg.sft_weight, **objective_kwargs(cfg))
+    return loss, cfg.batch_size, PAIR_TOKEN_KEYS
+
+
+def selection_checkpoints(cfg: PreferenceConfig, checkpoint: CheckpointConfig) -> CheckpointConfig:
+    """The checkpoint cadence selection needs: one at every evaluation, all of them kept."""
+    return dataclasses.replace(checkpoint, every_steps=cfg.eval_every, keep_last=max(cfg.steps // cfg.eval_every + 1,
+                                                                                      1))
+
+
+def train_preference(cfg: PreferenceConfig, *, model_cfg: ModelConfig, mesh, init_params: Any, data: Any,
+                     directory: str, log: MetricsLog, evaluation: Evaluation, seed: int,
+                     checkpoint: CheckpointConfig, metadata: dict, cache_dir: str, tokenization: dict,
+                     lora: LoraSection = LoraSection(), custom: CustomLoss | None = None,
+                     separator_id: int | None = None, eval_batch_size: int = 256, show_progress: bool = True,
+                     log_every: int = 10, phase: str = "dpo") -> PreferenceResult:
+    """Train `cfg.objective` (or `custom`) from `init_params` on `data`, checkpointed in `directory` and resumed from
+    there; see the module docstring. `data`: an ArrayDataset or BucketedDataset of pairs, lists, or whatever `custom`
+    reads; objective extras the caller built are already in it. `checkpoint`: the cadence without selection (with
+    `cfg.select_best` there is one checkpoint per evaluation, all kept, `selection_checkpoints`). `metadata`: stored
+    with every checkpoint and checked on resume. `cache_dir` / `tokenization`: where the cached reference lives and
+    what, beyond parameters and tokens, its content hash covers. `separator_id`: listwise objectives' step
+    separator token. Metrics go to `log` under `phase`."""
+    lora_cfg = lora.config()
+    if custom is not None and (lora_cfg is not None or cfg.reference == "sync"):
+        raise ValueError("a custom loss trains full parameters against a precomputed or frozen reference: set "
+                         "lora.rank=0 and dpo.reference to online or cached")
+    if cfg.select_best and evaluation.select is None:
+        raise ValueError("dpo.select_best needs an evaluation metric to select by")
+    model = DecoderLM(model_cfg)
+    tx = make_optimizer(cfg.optim, cfg.steps)
+    key = jax.random.key(seed + 1)
+    objective_state = initial_objective_state(cfg.objective) if custom is None else None
+    if lora_cfg is None:
+        extra = None if custom is not None else objective_extra_params(cfg.objective, model_cfg)
+        state, shardings = sharded_train_state(model_cfg, tx, mesh, key, params=init_params,
+                                               track_reference=cfg.reference == "sync",
+                                               objective_state=objective_state, extra_params=extra)
+        # The frozen reference is the model alone, without the objective's extra parameters (a value head).
+        frozen_shardings = {k: v for k, v in shardings.params.items() if k not in (extra or {})}
+    else:
+        if cfg.reference == "sync" or objective_extra_params(cfg.objective, model_cfg):
+            raise ValueError(f"lora.rank={lora.rank}: LoRA keeps the initial policy as the frozen base and reference; "
+                             f"it cannot train with dpo.reference=sync or an objective with a value head (dro)")
+        state, shardings, frozen_shardings = sharded_lora_train_state(model_cfg, lora_cfg, tx, mesh, key,
+                                                                      objective_state=objective_state)
+
+    def policy(params):
+        """The policy's plain parameters: the adapters merged into the initial policy under LoRA."""
+        return params if lora_cfg is None else merge_lora(init_params, params, lora_cfg)
+
+    if custom is not None:
+        frozen = custom.frozen
+    else:
+        frozen, data = resolve_reference(cfg, model, init_params, data, cache_dir, tokenization, eval_batch_size)
+    if lora_cfg is not None:
+        frozen = init_params  # the adapters' frozen base, and the reference unless its log-probs are cached
+    if cfg.select_best:
+        checkpoint = selection_checkpoints(cfg, checkpoint)
+    with Checkpointer(directory, checkpoint, metadata=metadata) as ckpt:
+        state = ckpt.restore_latest(state) or state
+        log.truncate(phase, int(state.step))
+        history = [{"step": r["step"], **{k: r[k] for k in evaluation.keys}}
+                   for r in log.records(phase) if evaluation.keys[0] in r]
+        if not history or history[0]["step"] != 0:  # step 0: the initial policy, a candidate for selection
+            record = {"step": 0, **evaluation.fn(init_params)}
+            log.write(dict(record, phase=phase))
+            history.insert(0, record)
+
+        def evaluate_hook(state, metrics):
+            step = int(state.step)
+            if step % cfg.eval_every and step != cfg.steps:
+                return None
+            record = evaluation.fn(policy(state.params))
+            history.append({"step": step, **record})
+            return record
+
+        loss, batch_size, token_keys = _loss(cfg, model, custom, separator_id)
+        if lora_cfg is not None:
+            loss = lora_loss_fn(loss, lora_cfg)
+        step = make_train_step(loss, cfg.grad_accum_steps, reference_sync=cfg.reference_sync)
+        step_fn = jit_train_step(step, mesh, shardings, None if frozen is None else frozen_shardings)
+        state = train_loop(
+            state=state, step_fn=step_fn, frozen=frozen, dataset=data, batch_size=batch_size, num_steps=cfg.steps,
+            seed=seed + 1, mesh=mesh, checkpointer=ckpt, metrics_log=log, desc=phase, log_every=log_every,
+            hooks=(evaluate_hook,), token_keys=token_keys, show_progress=show_progress,
+        )
+        last = policy(state.params)
+        if history[-1]["step"] != cfg.steps:  # a finished run re-run whose last evaluation was not logged
+            history.append({"step": cfg.steps, **evaluation.fn(last)})
+        if not cfg.select_best:
+            return PreferenceResult(last, last, state.params, history, cfg.steps)
+        best = select_checkpoint(history, evaluation.select, evaluation.maximize)["step"]
+        if best == cfg.steps:
+            selected = last
+        elif best == 0:
+            selected = init_params
+        else:
+            selected = policy(ckpt.restore(best, state).params)
+    return PreferenceResult(selected, last, state.params, history, best)
+
+
+__all__ = ["CustomLoss", "Evaluation", "LoraSection", "PreferenceConfig", "PreferenceResult",
+           "objective_kwargs", "resolve_reference", "select_checkpoint", "train_preference"]
