@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import numpy as np
+from jaxalign.rundir import RunDir
 
 COLUMNS = (
     "sft_accuracy", "dpo_accuracy", "dpo_accuracy_on_sft_correct", "dpo_last_step_accuracy",
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> list[dict]:
                    "show_progress=false", *overrides]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        with open(os.path.join(workdir, "results.json")) as f:
+        with open(RunDir(workdir).results) as f:
             rows.append(row_from_results(seed, json.load(f)))
     table = markdown_table(rows)
     print(table)

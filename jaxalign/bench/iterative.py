@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxalign.bench.report import text_table, write_csv, write_csv_and_markdown
 from jaxalign.overrides import apply_overrides
+from jaxalign.rundir import RunDir
 
 # name -> (preset, overrides on top of it); "offline_dpo" is online DPO's config `.offline()`.
 ALGORITHMS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -75,14 +76,13 @@ def arith_rows(workdir: str, names: list[str], seeds: list[int], overrides: list
         base = algorithm_config(names[0], overrides, seed).base
         # One SFT policy per seed: every algorithm's run starts from a copy of its final checkpoint.
         kit.train_sft(base, make_mesh(base.mesh), kit.split(base), sft_dir,
-                      MetricsLog(os.path.join(sft_dir, "metrics.jsonl")))
+                      MetricsLog(RunDir(sft_dir).metrics))
         results = {}
         for name in names:
             cfg = algorithm_config(name, overrides, seed)
             run_dir = os.path.join(seed_dir, name)
-            if not os.path.exists(os.path.join(run_dir, "checkpoints", "sft")):
-                shutil.copytree(os.path.join(sft_dir, "checkpoints", "sft"),
-                                os.path.join(run_dir, "checkpoints", "sft"))
+            if not os.path.exists(RunDir(run_dir).checkpoints("sft")):
+                shutil.copytree(RunDir(sft_dir).checkpoints("sft"), RunDir(run_dir).checkpoints("sft"))
             print(f"[iterative] seed {seed}: {name} ...", file=sys.stderr, flush=True)
             results[name] = get_experiment(ALGORITHMS[name][0]).run(cfg, run_dir)
         target = results[BASELINE]["accuracy_per_iteration"][-1] if BASELINE in results else None
@@ -167,7 +167,7 @@ def bandit_section(workdir: str, seeds: list[int]) -> list[dict]:
     rows = []
     for method in apo_bandit.BANDIT_METHODS:
         rows += apo_bandit.bandit_demo(seeds=tuple(seeds), method=method)
-    apo_bandit.plot_bandit(rows, os.path.join(workdir, "apo_bandit.png"))
+    apo_bandit.plot_bandit(rows, RunDir(workdir).file("apo_bandit.png"))
     summary = []
     for method in apo_bandit.BANDIT_METHODS:
         for alpha in sorted({r["alpha"] for r in rows}):
@@ -217,8 +217,8 @@ def claim_rows(workdir: str, names: list[str], seeds: list[int]) -> list[dict]:
             run_dir = os.path.join(workdir, f"seed{seed}", name)
             shared = os.path.join(workdir, f"seed{seed}", "sft", "checkpoints", "sft")
             if CLAIM_EXPERIMENTS[name] and os.path.exists(shared) and \
-                    not os.path.exists(os.path.join(run_dir, "checkpoints", "sft")):
-                shutil.copytree(shared, os.path.join(run_dir, "checkpoints", "sft"))
+                    not os.path.exists(RunDir(run_dir).checkpoints("sft")):
+                shutil.copytree(shared, RunDir(run_dir).checkpoints("sft"))
             print(f"[iterative] seed {seed}: {name} ...", file=sys.stderr, flush=True)
             results = experiment.run(cfg, run_dir)
             for method, numbers in results["comparison"].items():

@@ -34,6 +34,7 @@ import numpy as np
 from jaxalign.experiments.arith_kit import TASK_VARIANTS as TASKS
 from jaxalign.losses import SPECS
 from jaxalign.overrides import apply_overrides
+from jaxalign.rundir import RunDir
 
 # The fixed budget every objective gets (on top of the main job's defaults and the user's overrides).
 BUDGET: tuple[str, ...] = ("dpo.select_best=false",)
@@ -137,7 +138,7 @@ def plot(summary: list[dict], path: str) -> None:
 def run_objective(cfg, mesh, problems, sft, pairs, workdir: str, data=None) -> dict:
     """Train one objective from the shared SFT policy on `data` (default: the pairs); evaluate its last step."""
     from jaxalign.experiments import arith_kit as kit
-    from jaxalign.rundir import RunDir, claim
+    from jaxalign.rundir import claim
     from jaxalign.train.loop import MetricsLog
 
     clock = time.perf_counter()
@@ -201,13 +202,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             # Tasks with the same demonstrations and model share one SFT policy (the main job's in seed_dir).
             sft_dir = os.path.join(seed_dir, kit.sft_variant(task)).rstrip(os.sep)
             if sft_dir not in sft_policies:
-                trained = kit.train_sft(task_cfg, mesh, problems, sft_dir,
-                                              MetricsLog(os.path.join(sft_dir, "metrics.jsonl")))
+                trained = kit.train_sft(task_cfg, mesh, problems, sft_dir, MetricsLog(RunDir(sft_dir).metrics))
                 sft_policies[sft_dir] = trained, kit.greedy_eval(trained[0], task_cfg.model, problems.test,
-                                                                       base.eval_batch_size)[0]
+                                                                 base.eval_batch_size)[0]
             sft, sft_eval = sft_policies[sft_dir]
             pairs, pair_stats = kit.on_policy_pairs(task_cfg, sft[0], problems.train, task_dir)
-            cache = os.path.join(task_dir, "reference_cache")
+            cache = RunDir(task_dir).reference_cache
             for objective in todo:
                 print(f"[objectives] seed {seed} task {task} objective {objective} ...", file=sys.stderr, flush=True)
                 name, objective_args = parse_entry(objective)

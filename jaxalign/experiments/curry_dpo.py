@@ -44,7 +44,7 @@ from jaxalign.experiments.arith_kit import on_policy_lists
 from jaxalign.models.llama import count_params
 from jaxalign.tasks import arith
 from jaxalign.train.loop import MetricsLog
-from jaxalign.rundir import config_to_dict, params_sha256, write_json_atomic
+from jaxalign.rundir import RunDir, config_to_dict, params_sha256, write_json_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
                                                 cfg.curriculum)
     stages = [staged.take(staged.stage == s) for s in range(cfg.curriculum.num_iterations)]
     _check_stages(stages, base.dpo.batch_size, curriculum_stats)
-    sft_eval = kit.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
+    sft_eval = kit.cached_greedy_eval(sft_params, base, problems.test, RunDir(workdir).file("sft_eval.json"),
                                             {"stage": "sft"})
 
     params, records = sft_params, []
@@ -115,14 +115,14 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
         reference_sha = params_sha256(params)  # Curry-DPO: the stage's reference is its starting policy
         selected, _, guard = kit.train_dpo(stage_config(cfg), mesh, params,
                                                  pair_dataset(lists, pairs), problems, stage_dir,
-                                                 MetricsLog(os.path.join(stage_dir, "metrics.jsonl")))
+                                                 MetricsLog(RunDir(stage_dir).metrics))
         info = {"stage": i, "pairs": len(pairs), "prompts": int(np.unique(pairs.prompt).size),
                 "gap_mean": float(pairs.gap.mean()), "gap_min": float(pairs.gap.min()),
                 "gap_max": float(pairs.gap.max()), "reference_sha256": reference_sha,
                 "selected_step": guard["selected_step"], "selected_val_accuracy": guard["selected_val_accuracy"],
                 "last_val_accuracy": guard["last_val_accuracy"], "validation_history": guard["validation_history"]}
         records.append(kit.cached_greedy_eval(selected, base, problems.test,
-                                                    os.path.join(stage_dir, "stage.json"), info))
+                                                    RunDir(stage_dir).file("stage.json"), info))
         params = selected
 
     baseline = None
@@ -131,12 +131,12 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
         baseline_dir = os.path.join(workdir, "baseline")
         selected, _, guard = kit.train_dpo(stage_config(cfg, total), mesh, sft_params,
                                                  pair_dataset(lists, staged), problems, baseline_dir,
-                                                 MetricsLog(os.path.join(baseline_dir, "metrics.jsonl")))
+                                                 MetricsLog(RunDir(baseline_dir).metrics))
         info = {"pairs": len(staged), "steps": total, "reference_sha256": params_sha256(sft_params),
                 "selected_step": guard["selected_step"], "selected_val_accuracy": guard["selected_val_accuracy"],
                 "last_val_accuracy": guard["last_val_accuracy"], "validation_history": guard["validation_history"]}
         baseline = kit.cached_greedy_eval(selected, base, problems.test,
-                                                os.path.join(baseline_dir, "baseline.json"), info)
+                                                RunDir(baseline_dir).file("baseline.json"), info)
 
     accuracy = [sft_eval["test_accuracy"]] + [r["test_accuracy"] for r in records]
     results = {
@@ -158,8 +158,8 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
         "params_sha256": params_sha256(params),
         "config": config_to_dict(cfg),
     }
-    write_json_atomic(os.path.join(workdir, "results.json"), results)
-    _plot(results, os.path.join(workdir, "curry_dpo_accuracy.png"))
+    write_json_atomic(RunDir(workdir).results, results)
+    _plot(results, RunDir(workdir).file("curry_dpo_accuracy.png"))
     return results
 
 

@@ -70,7 +70,7 @@ from jaxalign.train.loop import MetricsLog
 from jaxalign.train.optim import OptimConfig
 from jaxalign.train.reference import cached_reference_logprobs
 from jaxalign.train.step import LossFn, logits_fn, sft_loss_fn
-from jaxalign.rundir import config_to_dict, params_sha256, write_json_atomic
+from jaxalign.rundir import RunDir, config_to_dict, params_sha256, write_json_atomic
 from jaxalign.train.preference import CustomLoss
 
 # The main job with a preference phase sized for one round: validation every 20 steps, the last step kept.
@@ -259,17 +259,17 @@ def train_rounds(cfg: DDOArithConfig, mesh, sft_params, problems: kit.Problems,
         round_dir = os.path.join(rounds_dir, f"round_{t}")
         os.makedirs(round_dir, exist_ok=True)
         prompt_tokens, samples, masks = reference_samples(cfg, reference, data, t,
-                                                          os.path.join(round_dir, "samples.npz"))
+                                                          RunDir(round_dir).samples)
         arrays, stats = ddo_rows(data, prompt_tokens, samples, masks)
         rows = ArrayDataset(with_reference_logprobs(cfg, reference, arrays,
-                                                    os.path.join(round_dir, "reference_cache")))
+                                                    RunDir(round_dir).reference_cache))
         selected, _, guard = kit.train_dpo(round_cfg, mesh, reference, rows, problems,
-                                                 round_dir, MetricsLog(os.path.join(round_dir, "metrics.jsonl")),
+                                                 round_dir, MetricsLog(RunDir(round_dir).metrics),
                                                  custom=loss)
         info = {"round": t + 1, **stats, "rows": len(rows), "reference_sha256": params_sha256(reference),
                 "selected_step": guard["selected_step"], "val_accuracy": guard["selected_val_accuracy"],
                 "validation_history": guard["validation_history"]}
-        records.append(evaluate(selected, cfg.base, problems.test, os.path.join(round_dir, "round.json"), info))
+        records.append(evaluate(selected, cfg.base, problems.test, RunDir(round_dir).file("round.json"), info))
         return selected
 
     return run_iterations(sft_params, cfg.rounds, one_round), records
@@ -284,10 +284,10 @@ def continued_sft(cfg: DDOArithConfig, mesh, sft_params, problems: kit.Problems,
     loss = CustomLoss(sft_loss_fn(DecoderLM(cfg.base.model)), cfg.base.dpo.batch_size, ("attention_mask",))
     selected, _, guard = kit.train_dpo(round_config(cfg, steps), mesh, sft_params,
                                              ArrayDataset(rows), problems, baseline_dir,
-                                             MetricsLog(os.path.join(baseline_dir, "metrics.jsonl")), custom=loss)
+                                             MetricsLog(RunDir(baseline_dir).metrics), custom=loss)
     info = {"steps": steps, "rows": len(rows["tokens"]), "selected_step": guard["selected_step"],
             "val_accuracy": guard["selected_val_accuracy"], "validation_history": guard["validation_history"]}
-    return evaluate(selected, cfg.base, problems.test, os.path.join(baseline_dir, "eval.json"), info)
+    return evaluate(selected, cfg.base, problems.test, RunDir(baseline_dir).file("eval.json"), info)
 
 
 def claim_check(round_accuracy: list[float], baseline_accuracy: float, tolerance: float) -> dict:
@@ -308,7 +308,7 @@ def run(cfg: DDOArithConfig, workdir: str) -> dict:
                                        check=lambda problems: data_problems(cfg, problems.train))
     mesh, problems, sft_params = start.mesh, start.problems, start.sft_params
     data = data_problems(cfg, problems.train)
-    sft_eval = evaluate(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"), {"round": 0})
+    sft_eval = evaluate(sft_params, base, problems.test, RunDir(workdir).file("sft_eval.json"), {"round": 0})
 
     width = kit.completion_budget(base.model)
     prompt_tokens, _ = arith.encode_prompts(CharTokenizer(), [arith.prompt_text(p) for p in data],

@@ -57,7 +57,7 @@ from jaxalign.tasks import arith, judges
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.loop import MetricsLog
 from jaxalign.train.optim import OptimConfig
-from jaxalign.rundir import claim, config_to_dict, load_json, params_sha256, write_json_atomic
+from jaxalign.rundir import RunDir, claim, config_to_dict, load_json, params_sha256, write_json_atomic
 
 PREFIX_LEN = 2  # the direction bucket's digit and ';'
 DPA_PROMPT_LEN = kit.PROMPT_LEN + PREFIX_LEN  # "3;7+5+3+9="
@@ -272,9 +272,9 @@ def train_iterations(cfg: DPAArithConfig, mesh, sft_params, problems: kit.Proble
         it_dir = os.path.join(workdir, "iterations", f"iter_{t}")
         os.makedirs(it_dir, exist_ok=True)
         prompts, buckets = iteration_problems(cfg, problems.train, t)
-        rows, stats = rejection_sample(cfg, latest, prompts, buckets, t, os.path.join(it_dir, "selected.npz"))
+        rows, stats = rejection_sample(cfg, latest, prompts, buckets, t, RunDir(it_dir).file("selected.npz"))
         params, _ = kit.train_supervised(cfg.base, cfg.rsf, mesh, ArrayDataset(rows), it_dir,
-                                               MetricsLog(os.path.join(it_dir, "metrics.jsonl")), params=latest,
+                                               MetricsLog(RunDir(it_dir).metrics), params=latest,
                                                phase="rsf")
         records.append({"iteration": t + 1, **stats, "params_sha256": params_sha256(params)})
         return host_local(params)
@@ -364,15 +364,15 @@ def run(cfg: DPAArithConfig, workdir: str) -> dict:
     claim(cfg, workdir)
     problems = kit.split(base)
     iteration_problems(cfg, problems.train, 0)  # too many prompts asked for: fail before SFT
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    log = MetricsLog(RunDir(workdir).metrics)
     sft_params, _ = kit.train_supervised(base, base.sft, mesh,
                                                conditioned_sft_dataset(base, problems.train, cfg.num_directions),
                                                workdir, log, phase="dpa_sft")
     sft_params = host_local(sft_params)
     held_out = problems.test[: cfg.num_eval_prompts]
-    sft_table = cached_steering_table(cfg, sft_params, held_out, os.path.join(workdir, "sft_steering.json"))
+    sft_table = cached_steering_table(cfg, sft_params, held_out, RunDir(workdir).file("sft_steering.json"))
     iterates, records = train_iterations(cfg, mesh, sft_params, problems, workdir)
-    dpa_table = cached_steering_table(cfg, iterates[-1], held_out, os.path.join(workdir, "steering.json"))
+    dpa_table = cached_steering_table(cfg, iterates[-1], held_out, RunDir(workdir).file("steering.json"))
 
     results = {
         "comparison": comparison(dpa_table, sft_table),

@@ -50,7 +50,7 @@ from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer
 from jaxalign.train.loop import MetricsLog
 from jaxalign.train.optim import OptimConfig
-from jaxalign.rundir import config_to_dict, params_sha256
+from jaxalign.rundir import RunDir, config_to_dict, params_sha256
 
 JUDGES = ("binary", "graded")
 METHODS = ("drpo", "ppo")
@@ -129,7 +129,7 @@ def train_method(cfg: DRPOArithConfig, ppo: LMPPOConfig, seed: int, sft_params, 
     last update's record)."""
     base, tok = cfg.base, CharTokenizer()
     os.makedirs(run_dir, exist_ok=True)
-    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
+    log = MetricsLog(RunDir(run_dir).metrics)
     phase = "drpo" if ppo.beta_reset else "ppo"
 
     def validate(updates: int, policy):
@@ -174,10 +174,10 @@ def run(cfg: DRPOArithConfig, workdir: str) -> dict:
 
     start = kit.start_experiment(cfg, base, workdir, check=check)
     problems, sft_params = start.problems, start.sft_params
-    sft_eval = kit.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
+    sft_eval = kit.cached_greedy_eval(sft_params, base, problems.test, RunDir(workdir).file("sft_eval.json"),
                                             {"method": "sft"})
     sft_val = kit.cached_greedy_eval(sft_params, base, problems.validation,
-                                           os.path.join(workdir, "sft_val.json"), {"method": "sft"}, "val")
+                                           RunDir(workdir).file("sft_val.json"), {"method": "sft"}, "val")
     data = prompt_dataset(problems.train, kit.completion_budget(base.model))
 
     comparison = {"sft": {"accuracy": sft_eval["test_accuracy"], "mean_length": sft_eval["test_mean_length"]}}
@@ -188,7 +188,7 @@ def run(cfg: DRPOArithConfig, workdir: str) -> dict:
             seed, run_dir = rl_seed(cfg, index), os.path.join(workdir, name, f"seed_{index}")
             policy, history, last = train_method(cfg, ppo, seed, sft_params, problems, data, sft_val["val_accuracy"],
                                                  run_dir)
-            evaluation = kit.cached_greedy_eval(policy, base, problems.test, os.path.join(run_dir, "eval.json"),
+            evaluation = kit.cached_greedy_eval(policy, base, problems.test, RunDir(run_dir).file("eval.json"),
                                                       {"method": name, "seed": seed})
             final_params[name] = policy
             runs[name].append({"seed": seed, "accuracy": evaluation["test_accuracy"],

@@ -54,7 +54,7 @@ from jaxalign.train.loop import MetricsLog
 from jaxalign.train.optim import OptimConfig
 from jaxalign.train.reference import cached_reference_logprobs
 from jaxalign.train.step import logits_fn
-from jaxalign.rundir import config_to_dict, params_sha256
+from jaxalign.rundir import RunDir, config_to_dict, params_sha256
 
 APO_SAMPLING = ("latest", "logits", "weights")
 
@@ -238,8 +238,8 @@ def train_iterations(cfg: IterativeConfig, mesh, sft_params, problems: kit.Probl
         os.makedirs(it_dir, exist_ok=True)
         prompts = iteration_prompts(cfg, problems.train, t)
         prompt_tokens, completions, masks = sample_candidates(cfg, latest, previous, prompts, t,
-                                                              os.path.join(it_dir, "samples.npz"))
-        pairs_path = os.path.join(it_dir, "pairs.npz")
+                                                              RunDir(it_dir).samples)
+        pairs_path = RunDir(it_dir).pairs
         cached = kit.load_dataset(pairs_path)
         if cached is None:
             arrays, stats = judged_pairs(cfg, prompts, prompt_tokens, completions, masks)
@@ -255,18 +255,18 @@ def train_iterations(cfg: IterativeConfig, mesh, sft_params, problems: kit.Probl
                 f"{stats['prompts']} prompts tied, {stats['dropped_low_chosen_score']} below min_chosen_score, "
                 f"{stats['dropped_small_margin']} below the margin; raise prompts_per_iteration or relax the filters")
         if cfg.apo and previous is not None:  # APO: the reference is the extrapolated iterate
-            cache = os.path.join(it_dir, "reference_cache")
+            cache = RunDir(it_dir).reference_cache
             data = ArrayDataset({**data.arrays, **extrapolated_reference(
                 _reference_logprobs(cfg, latest, data, cache), _reference_logprobs(cfg, previous, data, cache),
                 cfg.alpha)})
         selected, _, guard = kit.train_dpo(iteration_config(cfg), mesh, latest, data,
-                                                 problems, it_dir, MetricsLog(os.path.join(it_dir, "metrics.jsonl")))
+                                                 problems, it_dir, MetricsLog(RunDir(it_dir).metrics))
         info = {"iteration": t + 1, **stats, **replay_stats, "train_pairs": len(data),
                 "reference": "extrapolated" if cfg.apo and previous is not None else "previous iterate",
                 "reference_sha256": params_sha256(latest), "selected_step": guard["selected_step"],
                 "val_accuracy": guard["selected_val_accuracy"], "validation_history": guard["validation_history"]}
         records.append(kit.cached_greedy_eval(selected, cfg.base, problems.test,
-                                                    os.path.join(it_dir, "iteration.json"), info))
+                                                    RunDir(it_dir).file("iteration.json"), info))
         return selected
 
     iterates = run_iterations(sft_params, cfg.iterations, iterate)
@@ -280,10 +280,10 @@ def run(cfg: IterativeConfig, workdir: str) -> dict:
     start = kit.start_experiment(cfg, base, workdir, iteration_config(cfg),
                                        check=lambda problems: iteration_prompts(cfg, problems.train, 0))
     mesh, problems, sft_params = start.mesh, start.problems, start.sft_params
-    sft_eval = kit.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
+    sft_eval = kit.cached_greedy_eval(sft_params, base, problems.test, RunDir(workdir).file("sft_eval.json"),
                                             {"iteration": 0})
     sft_val = kit.cached_greedy_eval(sft_params, base, problems.validation,
-                                           os.path.join(workdir, "sft_val.json"), {"iteration": 0}, "val")
+                                           RunDir(workdir).file("sft_val.json"), {"iteration": 0}, "val")
     iterates, records = train_iterations(cfg, mesh, sft_params, problems, workdir)
     chosen = best_iterate(records) if cfg.select_iterate else len(records) - 1
     accuracy = [sft_eval["test_accuracy"]] + [r["test_accuracy"] for r in records]

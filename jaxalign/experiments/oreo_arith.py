@@ -57,7 +57,7 @@ from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.checkpoint import Checkpointer
 from jaxalign.train.loop import MetricsLog
 from jaxalign.train.optim import OptimConfig
-from jaxalign.rundir import config_to_dict, params_sha256
+from jaxalign.rundir import RunDir, config_to_dict, params_sha256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,13 +245,13 @@ def baselines(cfg: OreoArithConfig, mesh, sft_params, data: ArrayDataset, proble
     rs_params, _ = kit.train_supervised(base, cfg.rs_sft, mesh, rs_data, workdir, log, params=sft_params,
                                               phase="rs_sft")
     out["rs_sft"] = kit.cached_greedy_eval(rs_params, base, problems.test,
-                                                 os.path.join(workdir, "rs_sft_eval.json"),
+                                                 RunDir(workdir).file("rs_sft_eval.json"),
                                                  {"sequences": int(len(rs_data))})
     pairs, pair_stats = kit.on_policy_pairs(base, sft_params, problems.train, workdir)  # the same samples.npz
     dpo_dir = os.path.join(workdir, "dpo")
     dpo_params, _, _ = kit.train_dpo(base, mesh, sft_params, pairs, problems, dpo_dir,
-                                           MetricsLog(os.path.join(dpo_dir, "metrics.jsonl")))
-    out["dpo"] = kit.cached_greedy_eval(dpo_params, base, problems.test, os.path.join(workdir, "dpo_eval.json"),
+                                           MetricsLog(RunDir(dpo_dir).metrics))
+    out["dpo"] = kit.cached_greedy_eval(dpo_params, base, problems.test, RunDir(workdir).file("dpo_eval.json"),
                                               {"pairs": pair_stats["pairs"]})
     return out
 
@@ -269,7 +269,7 @@ def run(cfg: OreoArithConfig, workdir: str) -> dict:
         it_dir = os.path.join(workdir, "iterations", f"iter_{iteration}")
         it_data = trajectories(cfg, policy, problems, it_dir)
         policy, critic, last_metrics = train_phase(cfg, sft_params, it_data, it_dir,
-                                                   MetricsLog(os.path.join(it_dir, "metrics.jsonl")), (policy, critic))
+                                                   MetricsLog(RunDir(it_dir).metrics), (policy, critic))
         success_per_iteration.append(float(it_data.arrays["reward"].mean()))
 
     sft_eval, _ = kit.greedy_eval(sft_params, base.model, problems.test, base.eval_batch_size)

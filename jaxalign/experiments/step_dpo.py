@@ -46,7 +46,7 @@ from jaxalign.tasks import arith, judges
 from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.loop import MetricsLog
 from jaxalign.train.optim import OptimConfig
-from jaxalign.rundir import config_to_dict
+from jaxalign.rundir import RunDir, config_to_dict
 
 METHODS = ("step_dpo", "response_dpo")
 
@@ -118,7 +118,7 @@ def graded_samples(cfg: StepDPOConfig, sft_params, train: np.ndarray, workdir: s
 def step_pair_data(cfg: StepDPOConfig, sft_params, problems, completions, masks,
                    workdir: str) -> tuple[ArrayDataset, dict]:
     """Step-DPO's pairs from the graded samples, chosen steps sampled from the SFT policy; cached in step_pairs.npz."""
-    path = os.path.join(workdir, "step_pairs.npz")
+    path = RunDir(workdir).file("step_pairs.npz")
     cached = kit.load_dataset(path)
     if cached is not None:
         return cached
@@ -136,7 +136,7 @@ def response_pair_data(cfg: StepDPOConfig, problems, prompt_tokens, completions,
                        workdir: str) -> tuple[ArrayDataset, dict]:
     """The baseline's best-vs-worst full-response pairs of the same samples (`select_pairs` on the judge's scores);
     cached in response_pairs.npz."""
-    path = os.path.join(workdir, "response_pairs.npz")
+    path = RunDir(workdir).file("response_pairs.npz")
     cached = kit.load_dataset(path)
     if cached is not None:
         return cached
@@ -182,13 +182,13 @@ def train_method(cfg: StepDPOConfig, name: str, mesh, sft_params, data: ArrayDat
     method_dir = os.path.join(workdir, name)
     os.makedirs(method_dir, exist_ok=True)
     selected, _, guard = kit.train_dpo(cfg.base, mesh, sft_params, data, problems, method_dir,
-                                             MetricsLog(os.path.join(method_dir, "metrics.jsonl")))
+                                             MetricsLog(RunDir(method_dir).metrics))
     # Without base.dpo.select_best train_dpo returns the last step, whatever the guard would have chosen.
     evaluated = guard["selected_step"] if cfg.base.dpo.select_best else cfg.base.dpo.steps
     info = dict(extra, pairs=len(data), steps=cfg.base.dpo.steps, evaluated_step=evaluated,
                 selected_val_accuracy=guard["selected_val_accuracy"], last_val_accuracy=guard["last_val_accuracy"],
                 validation_history=guard["validation_history"])
-    return kit.cached_greedy_eval(selected, cfg.base, problems.test, os.path.join(method_dir, "eval.json"), info)
+    return kit.cached_greedy_eval(selected, cfg.base, problems.test, RunDir(method_dir).file("eval.json"), info)
 
 
 def run(cfg: StepDPOConfig, workdir: str) -> dict:
@@ -201,7 +201,7 @@ def run(cfg: StepDPOConfig, workdir: str) -> dict:
     step_data, step_stats = step_pair_data(cfg, sft_params, prompts, completions, masks, workdir)
     response_data, response_stats = response_pair_data(cfg, prompts, prompt_tokens, completions, masks, workdir)
     n = equal_pairs(cfg, step_data, response_data)
-    sft_eval = kit.cached_greedy_eval(sft_params, base, problems.test, os.path.join(workdir, "sft_eval.json"),
+    sft_eval = kit.cached_greedy_eval(sft_params, base, problems.test, RunDir(workdir).file("sft_eval.json"),
                                             {"method": "sft"})
 
     step_data = first_rows(step_data, n)

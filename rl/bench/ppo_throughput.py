@@ -32,6 +32,7 @@ import jax
 
 from rl.envs import CartPole
 from rl.ppo import PPOConfig, make_ppo
+from jaxalign.rundir import RunDir
 
 MISSING_EXTRA = "the Stable-Baselines3 baseline needs the benchmark extra: pip install -e '.[bench]'"
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _save(summary: dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "ppo_throughput.json"), "w") as f:
+    with open(RunDir(out).file("ppo_throughput.json"), "w") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(out, "ppo_throughput.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary["rows"][0]))
@@ -164,6 +165,6 @@ def _save(summary: dict, out: str) -> None:
     ax.barh(names, [r["env_steps_per_second"] for r in summary["rows"]])
     ax.set(xscale="log", xlabel="training env-steps/s (log scale)", title="PPO on CartPole-v1")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "ppo_throughput.png"), dpi=120)
+    fig.savefig(RunDir(out).file("ppo_throughput.png"), dpi=120)
     plt.close(fig)
     print(f"saved {out}/ppo_throughput.{{json,csv,png}}")
