@@ -1,15 +1,19 @@
 """key=value overrides of frozen config dataclasses, typed and validated against the dataclass fields.
 
 `apply_overrides(cfg, ["dpo.beta=0.2", "model.dtype=bfloat16"])` returns a new config. A config class may declare
-short names in a class attribute `OVERRIDE_ALIASES` (e.g. {"loss": "dpo.objective"}). An unknown key or a value
-that does not parse as the field's type is one clear error listing the valid keys; the dataclasses' own
-__post_init__ checks then reject values of the right type but the wrong range.
+short names in a class attribute `OVERRIDE_ALIASES` (e.g. {"loss": "dpo.objective"}). Every mistake is one line:
+an unknown key names the closest valid keys ("did you mean"), a value that does not parse names the key, the value
+and the type; the dataclasses' own __post_init__ checks (`jaxalign.validation`) then reject values of the right
+type but the wrong range, re-worded here with the key's full dotted path (sft.optim.learning_rate, not optim.).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from typing import Any
+
+from jaxalign.validation import FieldError
 
 
 class ConfigError(ValueError):
@@ -82,14 +86,56 @@ def _parse_into(cfg: Any, path: list[str], raw: str, full_key: str, changes: dic
         _parse_into(current, path[1:], raw, full_key, changes.setdefault(head, {}))
 
 
-def _build(cfg: Any, changes: dict) -> Any:
-    """Rebuild each changed dataclass ONCE with all its new values, so related fields may change together."""
-    values = {k: _build(getattr(cfg, k), v) if isinstance(v, dict) else v for k, v in changes.items()}
-    return dataclasses.replace(cfg, **values) if values else cfg
+def _build(cfg: Any, changes: dict, path: str = "") -> Any:
+    """Rebuild each changed dataclass ONCE with all its new values, so related fields may change together. A field
+    check's error is re-worded with `path`, where this config sits in the whole one."""
+    values = {k: _build(getattr(cfg, k), v, f"{path}.{k}" if path else k) if isinstance(v, dict) else v
+              for k, v in changes.items()}
+    if not values:
+        return cfg
+    try:
+        return dataclasses.replace(cfg, **values)
+    except FieldError as e:
+        raise ConfigError(e.message(path)) from None
+
+
+def unknown_key_message(cfg: Any, key: str) -> str:
+    """One line for an unknown `key`: the closest valid dotted keys, or else the valid names at its deepest
+    existing section (a full list of every key is ~90 lines that hide the mistake)."""
+    keys = valid_keys(cfg)
+    section, names = _deepest_section(cfg, key.split("."))
+    rest = key[len(section) + 1:] if section else key
+    prefix = f"{section}." if section else ""
+    # A typo in the field's name, matched among its section's names only: the shared section prefix would make
+    # every key of the section look close. Then a typo in a section's name ('dpp.beta'), then the same field name
+    # in another section.
+    close = [prefix + name for name in difflib.get_close_matches(rest, names, n=3, cutoff=0.6)]
+    if not close:
+        elsewhere = [k for k in keys if not k.startswith(prefix)] if prefix else keys
+        close = difflib.get_close_matches(key, elsewhere, n=3, cutoff=0.8)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:3]
+    head = f"unknown config key {key!r}"
+    if close:
+        return f"{head}; did you mean {' or '.join(repr(k) for k in close)}?"
+    where = f"{section} has" if section else "valid top-level keys are"
+    return f"{head}; {where}: {', '.join(names)}"
+
+
+def _deepest_section(cfg: Any, path: list[str]) -> tuple[str, list[str]]:
+    """The longest prefix of `path` that names a nested config, and the field names of that config."""
+    done: list[str] = []
+    for name in path[:-1]:
+        value = getattr(cfg, name, None)
+        if not dataclasses.is_dataclass(value):
+            break
+        cfg, done = value, done + [name]
+    return ".".join(done), [f.name for f in dataclasses.fields(cfg)]
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """Apply key=value strings (later ones win); errors name the key/value and list the valid keys."""
+    """Apply key=value strings (later ones win); each error is one line naming the key and the value."""
     changes: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -99,10 +145,13 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         try:
             _parse_into(cfg, key.split("."), raw, key, changes)
         except KeyError as e:
-            keys = "\n  ".join(valid_keys(cfg))
-            why = e.args[0] if " " in str(e.args[0]) else f"is not a config key of {type(cfg).__name__}"
-            raise ConfigError(f"unknown config key {key!r}: {key} {why}; valid keys:\n  {keys}") from None
+            if " " in str(e.args[0]):  # a whole section: say so and name its keys
+                section = [k for k in valid_keys(cfg) if k.startswith(key + ".")]
+                raise ConfigError(f"{key!r} {e.args[0]}: {', '.join(section)}") from None
+            raise ConfigError(unknown_key_message(cfg, key)) from None
     try:
         return _build(cfg, changes)
+    except ConfigError:  # already worded with the key's full path
+        raise
     except (ValueError, TypeError) as e:  # a dataclass __post_init__ rejected a value
         raise ConfigError(f"{' '.join(overrides)}: {e}") from None

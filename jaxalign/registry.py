@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import importlib
 import io
-import json
 import os
 import shlex
 import sys
@@ -235,30 +234,50 @@ def run_experiment(name: str, workdir: str, overrides: list[str]) -> dict:
     a header naming the equivalent `jaxalign run` command.
     """
     from jaxalign.distributed import initialize_from_env
+    from jaxalign.rundir import strict_json_text
 
     initialize_from_env()  # before anything touches JAX devices: a multi-process run joins its peers here
     experiment, cfg = configure(name, overrides)
+    check_mesh_fits(cfg)
     with run_log(workdir, ["run", name, "--workdir", workdir, *overrides]):
         results = experiment.run(cfg, workdir)
         summary = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}
-        print(json.dumps(summary, indent=2, sort_keys=True))
+        print(strict_json_text(summary, indent=2, sort_keys=True))
     return results
 
 
-def report_errors(command: Callable[[], Any]) -> int:
+def check_mesh_fits(cfg: Any) -> None:
+    """A config's `mesh` section that does not fit this machine's devices is refused here, before the work
+    directory exists, rather than by the experiment once it has been created."""
+    shape = getattr(getattr(cfg, "mesh", None), "shape", None)
+    if callable(shape):
+        import jax
+
+        shape(jax.device_count())
+
+
+def report_errors(command: Callable[[], Any], debug: bool = False) -> int:
     """Run `command`; a bad configuration or value (ConfigError, ValueError) becomes one 'jaxalign: error:' line
-    on stderr and exit code 2 (the traceback is in the run's log, not on the terminal), success exit code 0."""
+    on stderr and exit code 2 (the traceback is in the run's log, not on the terminal, unless `debug`), success
+    exit code 0."""
     try:
         command()
     except (ConfigError, ValueError) as e:
-        print(f"jaxalign: error: {e}", file=sys.stderr)
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        print(f"jaxalign: error: {error_line(e)}", file=sys.stderr)
         return 2
     return 0
 
 
-def run_command(name: str, workdir: str, overrides: list[str]) -> int:
+def error_line(error: BaseException) -> str:
+    """The error's message on one line: a terminal refusal is one line whatever the message's own layout."""
+    return " ".join(str(error).split())
+
+
+def run_command(name: str, workdir: str, overrides: list[str], debug: bool = False) -> int:
     """`jaxalign run NAME --workdir DIR [key=value ...]`: `run_experiment` with its errors reported; the exit code."""
-    return report_errors(lambda: run_experiment(name, workdir, overrides))
+    return report_errors(lambda: run_experiment(name, workdir, overrides), debug)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -269,12 +288,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+def add_debug_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print its full traceback too (otherwise only in WORKDIR/logs/run.log)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m jaxalign.registry NAME --workdir DIR [key=value ...]`: exactly `jaxalign run`'s behaviour."""
-    parser = add_run_arguments(argparse.ArgumentParser(
-        prog="python -m jaxalign.registry", description="run (or resume) a registered experiment in a work directory"))
+    parser = add_debug_argument(add_run_arguments(argparse.ArgumentParser(
+        prog="python -m jaxalign.registry", description="run (or resume) a registered experiment in a work directory")))
     args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    return run_command(args.name, args.workdir, list(args.overrides) + extra)
+    return run_command(args.name, args.workdir, list(args.overrides) + extra, args.debug)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,13 @@ A run (an LM experiment, an RL agent, a benchmark point) owns one work directory
 
 Everything here is host-side Python: no JAX tracing, no model. Writes are atomic (temporary file + rename) so a
 reader, or a resumed run after SIGKILL, never sees a half-written file.
+
+Strict JSON: every JSON file the project writes (results.json, config.json, metrics.jsonl, checkpoint records) is
+strict JSON (RFC 8259 has no NaN or Infinity), so any reader parses it. A non-finite float (a diverged loss, the
+accuracy of an empty subset) is written as null, and the record (the top-level object) gains a key "nonfinite"
+listing the keys that were non-finite, nested ones joined by "." (e.g. {"eval/loss": null, "nonfinite":
+["eval/loss"]}), so a null that was NaN is told apart from a value that is absent. `strict_json_text` is the one
+serialiser; it dumps with allow_nan=False after sanitising, so nothing non-strict can slip out.
 """
 from __future__ import annotations
 
@@ -123,11 +130,54 @@ def show_json_value(value: Any) -> str:
     return "absent" if value is ABSENT else repr(value)
 
 
+NONFINITE_KEY = "nonfinite"
+
+
+def _is_nonfinite(value: Any) -> bool:
+    return isinstance(value, (float, np.floating)) and not np.isfinite(value)
+
+
+def sanitise_json(value: Any, path: str = "") -> tuple[Any, list[str]]:
+    """(`value` with every non-finite float replaced by None, the "."-joined paths of those floats)."""
+    if _is_nonfinite(value):
+        return None, [path]
+    if isinstance(value, dict):
+        out, found = {}, []
+        for k, v in value.items():
+            out[k], sub = sanitise_json(v, f"{path}.{k}" if path else str(k))
+            found += sub
+        return out, found
+    if isinstance(value, (list, tuple)):
+        pairs = [sanitise_json(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(value)]
+        return [v for v, _ in pairs], [p for _, sub in pairs for p in sub]
+    return value, []
+
+
+def strict_record(value: Any) -> Any:
+    """`value` as strict JSON data (module docstring): non-finite floats as None and, on a dict, their keys under
+    "nonfinite" (added to any list already there)."""
+    clean, found = sanitise_json(value)
+    if found and isinstance(clean, dict):
+        clean[NONFINITE_KEY] = sorted(set(clean.get(NONFINITE_KEY) or []) | set(found))
+    return clean
+
+
+def strict_json_text(payload: Any, **dumps_kwargs: Any) -> str:
+    """json.dumps of `strict_record(payload)` with allow_nan=False: strict JSON whatever the floats."""
+    return json.dumps(strict_record(payload), allow_nan=False, **dumps_kwargs)
+
+
+def strict_json_line(record: Any) -> str:
+    """One JSONL line (no newline) of `record`, keys sorted."""
+    return strict_json_text(record, sort_keys=True)
+
+
 def write_json_atomic(path: str, payload: Any) -> None:
-    """Write to a per-process temporary file and rename, so readers never see a half-written file."""
+    """Write strict JSON (module docstring) to a per-process temporary file and rename, so readers never see a
+    half-written file."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+        f.write(strict_json_text(payload, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
 
 
@@ -196,7 +246,7 @@ def save_arrays(path: str, arrays: dict[str, np.ndarray], stats: dict) -> None:
     """Atomically (per-process temporary file + rename) store named arrays and a JSON dict of their statistics."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.npz"  # per process: processes sharing a workdir may save the same file
-    np.savez(tmp, stats=json.dumps(stats), **arrays)
+    np.savez(tmp, stats=strict_json_text(stats), **arrays)
     os.replace(tmp, path)
 
 

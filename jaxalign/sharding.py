@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxalign.validation import FieldError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -52,9 +54,11 @@ class MeshConfig:
     def __post_init__(self):
         for name in MESH_AXES:
             value = getattr(self, name)
-            if not isinstance(value, int) or (value <= 0 and not (name == "data" and value == -1)):
-                expected = "a positive integer or -1 (all remaining devices)" if name == "data" else "a positive integer"
-                raise ValueError(f"mesh.{name} must be {expected}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or (
+                    value <= 0 and not (name == "data" and value == -1)):
+                expected = ("a positive integer or -1 (all remaining devices)" if name == "data"
+                            else "a positive integer")
+                raise FieldError("mesh", name, value, expected)
 
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         """The (data, fsdp, tensor) sizes on `num_devices` devices; a clear error when they do not multiply up."""

@@ -2,7 +2,7 @@
 
     jaxalign list
     jaxalign objectives
-    jaxalign run NAME --workdir DIR [key=value ...]
+    jaxalign [--debug] run NAME --workdir DIR [key=value ...]     (--debug: an error's traceback on the terminal too)
     jaxalign local --processes N [--devices-per-process M] [--port P] run NAME --workdir DIR [key=value ...]
     jaxalign sweep NAME --workdir DIR [--print] key=v1,v2 [other=a,b ...]
     jaxalign bench dpo-throughput [--sizes tiny,small] [--steps N] [--no-trl]
@@ -22,15 +22,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 from jaxalign.overrides import ConfigError
-from jaxalign.registry import EXPERIMENTS, add_run_arguments, configure, run_command
+from jaxalign.registry import EXPERIMENTS, add_debug_argument, add_run_arguments, configure, error_line, run_command
 from launch.sweep import add_arguments as add_sweep_arguments
 from launch.sweep import command as sweep_command
 
 
 def _run(args) -> int:
-    return run_command(args.name, args.workdir, args.overrides)
+    return run_command(args.name, args.workdir, args.overrides, args.debug)
 
 
 def _local(args) -> int:
@@ -77,7 +78,7 @@ def _launch(command: str, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxalign", description=__doc__.split("\n\n")[0])
+    parser = add_debug_argument(argparse.ArgumentParser(prog="jaxalign", description=__doc__.split("\n\n")[0]))
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the registered experiments")
     sub.add_parser("objectives", help="print every registered objective, one per line")
@@ -145,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             return data_command(args)
         return _bench(args)
     except (ConfigError, ValueError) as e:
-        print(f"jaxalign: error: {e}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc(file=sys.stderr)
+        print(f"jaxalign: error: {error_line(e)}", file=sys.stderr)
         return 2
 
 

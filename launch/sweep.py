@@ -26,6 +26,11 @@ name and the last line of its error) and the sweep goes on; the command exits no
 launchers are only printed for, never driven from here. The results are aggregated into DIR/sweep.csv (every
 point: its name, its axes' values, status, error and every scalar of its results.json, nested ones with dotted
 keys) and DIR/sweep.md (the same as a markdown table, the fixed overrides in a line above it).
+
+A later sweep in the same DIR adds to these files instead of replacing them: DIR/sweep.json lists every point the
+directory's sweeps have had (name and overrides), and the rows of points this sweep does not have are kept (re-read
+from their results.json where it still exists). A point of this sweep that has the name of an earlier point with
+other overrides is refused before anything runs.
 """
 from __future__ import annotations
 
@@ -364,6 +369,40 @@ def collect_rows(outcomes: list[Outcome], workdir: str) -> list[dict]:
     return rows
 
 
+def read_csv_rows(path: str) -> dict[str, dict]:
+    """The rows of an earlier sweep.csv by point name ({} when there is none)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, newline="") as f:
+        return {row["point"]: row for row in csv.DictReader(f) if row.get("point")}
+
+
+def earlier_row(name: str, overrides: list[str], row: dict | None, workdir: str) -> dict | None:
+    """The row of a point an earlier sweep had and this one does not: rebuilt like `collect_rows` from its
+    results.json (so numbers keep their types) with its earlier status and error, else the earlier CSV row as
+    it was; None for a point that has neither (a sweep stopped before writing it)."""
+    path = os.path.join(workdir, name, "results.json")
+    status = (row or {}).get("status") or "done"
+    if status != "failed" and overrides and os.path.exists(path):
+        rebuilt: dict[str, Any] = {"point": name, **dict(o.split("=", 1) for o in overrides), "status": status,
+                                   "error": (row or {}).get("error", "")}
+        with open(path) as f:
+            rebuilt.update(scalars(json.load(f)))
+        return rebuilt
+    return row
+
+
+def merge_order(old: list, new: list, key: Callable[[Any], str], earlier) -> list:
+    """Earlier entries in their earlier order, each replaced by this sweep's entry of the same name, then this
+    sweep's other entries in grid order: re-running a sweep leaves its rows where they were."""
+    fresh = {key(item): item for item in new}
+    by_name = {key(item): item for item in old}
+    ordered = [fresh.get(name, by_name.get(name)) for name in dict.fromkeys(earlier)]
+    ordered = [item for item in ordered if item is not None]
+    seen = {key(item) for item in ordered}
+    return ordered + [item for item in new if key(item) not in seen]
+
+
 def columns(rows: list[dict]) -> list[str]:
     """The union of the rows' keys, in order of first appearance."""
     return list(dict.fromkeys(key for row in rows for key in row))
@@ -382,17 +421,22 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(rows: list[dict], axes: list[Axis], title: str) -> str:
+def markdown_table(rows: list[dict], axes: list[Axis], title: str, earlier: int = 0) -> str:
     """The same rows as the CSV, minus what does not vary: the fixed overrides go into a line above the table,
     the point name (the varying axes already say it) and the error column (kept only if a point failed)."""
-    fixed = [f"{a.key}={a.values[0]}" for a in axes if len(a.values) == 1]
-    hidden = {"point"} | {a.key for a in axes if len(a.values) == 1}
+    # A key fixed in this sweep is shown as a column if rows kept from earlier sweeps have other values for it.
+    same = {a.key for a in axes if len(a.values) == 1 and all(str(r.get(a.key, "")) == a.values[0] for r in rows)}
+    fixed = [f"{a.key}={a.values[0]}" for a in axes if a.key in same]
+    hidden = {"point"} | same
     if not any(row.get("error") for row in rows):
         hidden.add("error")
     shown = [c for c in columns(rows) if c not in hidden]
     lines = [f"# {title}", ""]
     if fixed:
         lines += [f"fixed overrides: `{' '.join(fixed)}`", ""]
+    if earlier:
+        lines += [f"{earlier} of the {len(rows)} rows are from earlier sweeps in this directory "
+                  f"(their overrides: {SWEEP_FILE})", ""]
     lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in shown) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -421,6 +465,35 @@ def add_arguments(parser) -> None:
                              "value whole, [] is the empty string, \\, a literal comma")
 
 
+SWEEP_FILE = "sweep.json"
+
+
+def previous_points(workdir: str) -> tuple[str | None, dict[str, list[str]]]:
+    """(experiment, {point name: overrides}) of the earlier sweeps in `workdir`, from its sweep.json."""
+    path = os.path.join(workdir, SWEEP_FILE)
+    if not os.path.exists(path):
+        return None, {}
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+        return recorded["experiment"], {p["name"]: list(p["overrides"]) for p in recorded["points"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a sweep record ({e}); move it away or use a new --workdir") from None
+
+
+def check_previous(experiment_name: str, points: list[Point], workdir: str) -> None:
+    """Refuse merging into the rows of another experiment, and a point named like an earlier one with other
+    overrides: its row would replace that point's row under the same name."""
+    recorded, earlier = previous_points(workdir)
+    path = os.path.join(workdir, SWEEP_FILE)
+    if recorded is not None and recorded != experiment_name:
+        raise ConfigError(f"{path} records a sweep of {recorded}, not {experiment_name}; use a new --workdir")
+    for point in points:
+        if point.name in earlier and earlier[point.name] != point.overrides:
+            raise ConfigError(f"{path} has point {point.name} with {' '.join(earlier[point.name])}, but this sweep's "
+                              f"point {point.name} is {' '.join(point.overrides)}; use a new --workdir")
+
+
 def plan(experiment_name: str, arguments: list[str], workdir: str) -> tuple[list[Axis], list[Point]]:
     """Parse and expand the axes and validate every point (and the existing point directories); raises
     ConfigError before anything has run or been written."""
@@ -429,6 +502,7 @@ def plan(experiment_name: str, arguments: list[str], workdir: str) -> tuple[list
     points = expand(axes)
     validate(experiment_name, points)
     check_point_dirs(experiment_name, points, workdir)
+    check_previous(experiment_name, points, workdir)
     return axes, points
 
 
@@ -437,15 +511,26 @@ def sweep(experiment_name: str, arguments: list[str], workdir: str, runner: Runn
     """Validate, run (skipping finished points), and write WORKDIR/sweep.json, sweep.csv and sweep.md."""
     axes, points = plan(experiment_name, arguments, workdir)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "sweep.json"), "w") as f:
+    _, earlier = previous_points(workdir)
+    earlier_rows = read_csv_rows(os.path.join(workdir, "sweep.csv"))
+    names = {p.name for p in points}
+    kept = {name: overrides for name, overrides in earlier.items() if name not in names}
+    kept.update({name: [] for name in earlier_rows if name not in names and name not in kept})
+    with open(os.path.join(workdir, SWEEP_FILE), "w") as f:
         json.dump({"experiment": experiment_name, "axes": {a.key: list(a.values) for a in axes},
-                   "points": [{"name": p.name, "overrides": p.overrides} for p in points]}, f, indent=2)
+                   "points": merge_order([{"name": n, "overrides": o} for n, o in earlier.items() if n in kept],
+                                         [{"name": p.name, "overrides": p.overrides} for p in points],
+                                         key=lambda p: p["name"], earlier=earlier)}, f, indent=2)
     outcomes = run_points(experiment_name, points, workdir, runner, show_progress)
-    rows = collect_rows(outcomes, workdir)
+    new_rows = collect_rows(outcomes, workdir)
+    old_rows = [row for row in (earlier_row(name, overrides, earlier_rows.get(name), workdir)
+                                for name, overrides in kept.items()) if row is not None]
+    rows = merge_order(old_rows, new_rows, key=lambda row: row["point"],
+                       earlier=list(earlier) + [n for n in earlier_rows if n not in earlier])
     write_csv(rows, os.path.join(workdir, "sweep.csv"))
     title = f"Sweep: {shlex.join(['jaxalign', 'sweep', experiment_name, '--workdir', workdir, *arguments])}"
     with open(os.path.join(workdir, "sweep.md"), "w") as f:
-        f.write(markdown_table(rows, axes, title))
+        f.write(markdown_table(rows, axes, title, earlier=len(old_rows)))
     return outcomes
 
 

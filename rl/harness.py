@@ -12,7 +12,10 @@ remainder, so at most two compilations). Between chunks, and only there, it
   exactly what the uninterrupted run computes: the same chunk sizes, the same keys, a bit-identical final state;
 - appends the chunk's records to metrics.jsonl (rewritten from the checkpointed history on resume, so no record
   is lost or doubled whatever a killed run had appended after its last checkpoint);
-- reports progress in environment steps (tqdm: rate and ETA).
+- reports progress in environment steps (tqdm: rate and ETA);
+- stops with one `jaxalign.train.loop.DivergenceError` when the chunk's losses or gradient norms (metrics named
+  `loss`, `*_loss`, `grad_norm`) or any floating-point leaf of the runner state are non-finite, before that chunk
+  is checkpointed or logged, so the checkpoints already written stay the last good ones.
 
 Devices: the runner state is placed on a mesh (`jaxalign.sharding.make_mesh`, every device on the `data` axis)
 with the environment batch split over `data` (the agent names that axis of each part of its state, `Trainer.env_axes`)
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -39,9 +41,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxalign.rundir import RunDir, claim, config_to_dict, without_presentation_fields, write_json_atomic
+from jaxalign.rundir import RunDir, claim, config_to_dict, strict_json_text, without_presentation_fields
+from jaxalign.rundir import write_json_atomic
 from jaxalign.sharding import MeshConfig, make_mesh
 from jaxalign.train.checkpoint import PytreeCheckpointer, strict_json
+from jaxalign.train.loop import DivergenceError, all_finite, divergence_message
 
 DATA_AXIS = "data"
 REPLICATED = P()
@@ -50,6 +54,39 @@ REPLICATED = P()
 def env_batch(axis: int = 0) -> P:
     """The PartitionSpec of a state part whose `axis` is the environment batch: split over the mesh's data axis."""
     return P(*([None] * axis), DATA_AXIS)
+
+
+def is_watched_metric(name: str) -> bool:
+    """The metrics whose non-finite value means the run diverged (a NaN mean return may only mean no episode
+    finished)."""
+    return name == "loss" or name.endswith("_loss") or name == "grad_norm"
+
+
+def first_nonfinite_update(metrics: dict[str, np.ndarray], done: int) -> tuple[str, float, int] | None:
+    """(metric, value, update number) of the first non-finite watched metric of a chunk ([n, ...] per key, the
+    chunk starting after update `done`), or None."""
+    found = None
+    for name in sorted(filter(is_watched_metric, metrics)):
+        values = np.asarray(metrics[name], dtype=np.float64).reshape(len(metrics[name]), -1)
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        if bad.size and (found is None or done + int(bad[0]) + 1 < found[2]):
+            row = values[bad[0]]
+            found = (name, float(row[~np.isfinite(row)][0]), done + int(bad[0]) + 1)
+    return found
+
+
+def check_chunk(desc: str, metrics: dict[str, np.ndarray], state: Any, done: int, size: int,
+                checkpoints: PytreeCheckpointer) -> None:
+    """Raise `DivergenceError` when the chunk after update `done` diverged (module docstring)."""
+    bad = first_nonfinite_update(metrics, done)
+    if bad is not None:
+        what, update = f"{bad[0]} = {bad[1]}", bad[2]
+    elif not all_finite(state):
+        what, update = "the runner state is non-finite", done + size
+    else:
+        return
+    raise DivergenceError(divergence_message(desc, update, what, checkpoints, unit="update",
+                                             checked="checked after every chunk, before its checkpoint"))
 
 
 def per_update_records(metrics: dict[str, np.ndarray], done: int) -> list[dict]:
@@ -171,6 +208,7 @@ def train(trainer: Trainer, cfg: Any, workdir: str, key: jax.Array, num_chunks: 
                 metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}  # waits for the chunk
                 if trained == 0:
                     first_chunk_seconds, first_chunk_updates = time.perf_counter() - chunk_start, size
+                check_chunk(desc, metrics, state, done, size, checkpoints)
                 records = [strict_json(r) for r in trainer.records(metrics, done)]
                 done, trained = done + size, trained + size
                 history.extend(records)
@@ -189,13 +227,13 @@ def write_metrics(path: str, history: list[dict]) -> None:
     """Replace metrics.jsonl by `history`, atomically."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in history)
+        f.writelines(strict_json_text(r) + "\n" for r in history)
     os.replace(tmp, path)
 
 
 def append_metrics(path: str, records: list[dict]) -> None:
     with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.writelines(strict_json_text(r) + "\n" for r in records)
 
 
 def write_results(workdir: str, results: dict) -> None:

@@ -33,7 +33,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("jaxalign", "rl", "agents", "launch")
-LAYER_1 = ("jaxalign.sharding", "jaxalign.distributed", "jaxalign.logprobs", "jaxalign.rundir")
+LAYER_1 = ("jaxalign.sharding", "jaxalign.distributed", "jaxalign.logprobs", "jaxalign.rundir", "jaxalign.validation")
 EXPERIMENTS = "jaxalign.experiments"
 REGISTRY = "jaxalign.registry"
 

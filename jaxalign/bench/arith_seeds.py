@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import numpy as np
-from jaxalign.rundir import RunDir
+from jaxalign.rundir import RunDir, strict_json_text
 
 COLUMNS = (
     "sft_accuracy", "dpo_accuracy", "dpo_accuracy_on_sft_correct", "dpo_last_step_accuracy",
@@ -62,5 +62,5 @@ def main(argv: list[str]) -> list[dict]:
     with open(os.path.join(args.workdir, "summary.md"), "w") as f:
         f.write(f"overrides: {' '.join(overrides) or '(defaults)'}\n\n{table}\n")
     with open(os.path.join(args.workdir, "summary.json"), "w") as f:
-        json.dump({"overrides": overrides, "rows": rows}, f, indent=2)
+        f.write(strict_json_text({"overrides": overrides, "rows": rows}, indent=2))
     return rows

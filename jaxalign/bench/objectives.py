@@ -11,20 +11,23 @@ Tasks (`arith_kit.TASK_VARIANTS`): ARITH as in the main job; `length_bias`, whos
 number of recaps of the answer (neutral for the oracle, so length and correctness are independent) and whose judge
 adds a bonus per completion token, so longer responses win more often than their quality warrants (length-normalised
 objectives such as LD-DPO's ld_alpha and SimPO should lengthen responses less); `verbose`, its control: the same
-verbose demonstrations judged by the oracle alone (these two share an SFT policy of their own); `noisy_labels`, where a stated fraction of
-pairs is flipped (robust, cdpo and adpo should lose less accuracy than sigmoid).
+verbose demonstrations judged by the oracle alone (these two share an SFT policy of their own); `noisy_labels`,
+where a stated fraction of pairs is flipped (robust, cdpo and adpo should lose less accuracy than sigmoid).
 
 Columns: objective, task, seed, accuracy (greedy exact match on held-out problems), kl_to_ref (Monte-Carlo
 KL(pi || ref) per response), chosen_logp_change and rejected_logp_change (mean L_pi - L_ref on training pairs),
-mean_length (greedy response tokens), and the run's wall time. Listwise objectives train on ranked lists of the
-same samples (all K graded completions of a prompt), `dpo.list_batch_size` lists per step (the tokens of
-`dpo.batch_size` pairs). DIR/objectives.md holds the per-objective mean and standard deviation over seeds for
+mean_length (greedy response tokens), the run's wall time, and config: a short sha256 of the run's resolved config
+(`config_key`), so that a rerun with other overrides adds rows instead of taking another config's rows for its
+own. Listwise objectives train on ranked lists of the same samples (all K graded completions of a prompt),
+`dpo.list_batch_size` lists per step (the tokens of `dpo.batch_size` pairs). DIR/objectives.md holds the per-objective mean and standard deviation over seeds for
 every task, DIR/objectives.png the accuracy and length per task.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
 import os
 import sys
 import time
@@ -34,12 +37,12 @@ import numpy as np
 from jaxalign.experiments.arith_kit import TASK_VARIANTS as TASKS
 from jaxalign.losses import SPECS
 from jaxalign.overrides import apply_overrides
-from jaxalign.rundir import RunDir
+from jaxalign.rundir import RunDir, config_to_dict, json_normalise, without_presentation_fields
 
 # The fixed budget every objective gets (on top of the main job's defaults and the user's overrides).
 BUDGET: tuple[str, ...] = ("dpo.select_best=false",)
 COLUMNS = ("objective", "task", "seed", "accuracy", "kl_to_ref", "chosen_logp_change", "rejected_logp_change",
-           "mean_length", "sft_accuracy", "pairs", "wall_seconds")
+           "mean_length", "sft_accuracy", "pairs", "wall_seconds", "config")
 FILE_STEM = "objectives"
 
 
@@ -75,7 +78,51 @@ def read_rows(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def config_key(cfg) -> str:
+    """A short sha256 of a run's resolved config (what it computes: presentation fields such as show_progress
+    are left out, as when a run is resumed), the `config` column that tells rows of different overrides apart."""
+    payload = without_presentation_fields(json_normalise(config_to_dict(cfg)))
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def row_key(row: dict) -> tuple[str, str, int, str]:
+    """(objective, task, seed, config) of a CSV row; a row written before the config column has config ''."""
+    return row["objective"], row["task"], int(row["seed"]), row.get("config") or ""
+
+
+def is_done(done: set, objective: str, task: str, seed: int, key: str) -> bool:
+    """Whether a row for this run exists: one with its config, or a row from before the config column (whose
+    config is unknown; it is taken as this run's, as it always was)."""
+    return (objective, task, seed, key) in done or (objective, task, seed, "") in done
+
+
+def of_command(key: tuple[str, str, int, str], planned: set) -> bool:
+    """Whether a row belongs to this command's runs (and so to the summary labelled with its command line): the
+    same config, or a row from before the config column for one of its (objective, task, seed)."""
+    if key[3]:
+        return key in planned
+    return any(p[:3] == key[:3] for p in planned)
+
+
+def upgrade_csv(path: str) -> None:
+    """Give a CSV written before the config column that column (empty in its rows), so rows can be appended."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    if "config" in header:
+        return
+    rows = read_rows(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys([*header, *COLUMNS])), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
 def append_row(path: str, row: dict) -> None:
+    upgrade_csv(path)
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -135,6 +182,13 @@ def plot(summary: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def objective_config(task_cfg, objective: str):
+    """A task's config for one benchmark entry ('name' or 'name[k=v,...]'): what its `config` key is made of (the
+    reference cache directory, a location rather than a setting, is added after)."""
+    name, objective_args = parse_entry(objective)
+    return apply_overrides(task_cfg, [f"dpo.objective={name}", f"dpo.objective_args={objective_args}"])
+
+
 def run_objective(cfg, mesh, problems, sft, pairs, workdir: str, data=None) -> dict:
     """Train one objective from the shared SFT policy on `data` (default: the pairs); evaluate its last step."""
     from jaxalign.experiments import arith_kit as kit
@@ -183,7 +237,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     os.makedirs(args.workdir, exist_ok=True)
     csv_path = os.path.join(args.workdir, f"{FILE_STEM}.csv")
-    done = {(r["objective"], r["task"], int(r["seed"])) for r in read_rows(csv_path)}
+    done = {row_key(r) for r in read_rows(csv_path)}
+    planned: set[tuple[str, str, int, str]] = set()  # this command's runs: the ones its summary is made of
     clock = time.perf_counter()
     for seed in seeds:
         base = apply_overrides(kit.ArithDPOConfig(), [*args.overrides, *BUDGET, f"seed={seed}"])
@@ -193,10 +248,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         seed_dir = os.path.join(args.workdir, f"seed{seed}")
         sft_policies: dict[str, tuple] = {}  # SFT directory -> (train_sft's result, its greedy evaluation)
         for task in tasks:
-            todo = [o for o in objectives if (o, task, seed) not in done]
+            task_cfg = kit.task_config(base, task)
+            keys = {o: config_key(objective_config(task_cfg, o)) for o in objectives}
+            planned.update((o, task, seed, keys[o]) for o in objectives)
+            todo = [o for o in objectives if not is_done(done, o, task, seed, keys[o])]
             if not todo:
                 continue
-            task_cfg = kit.task_config(base, task)
             task_dir = os.path.join(seed_dir, task)
             os.makedirs(task_dir, exist_ok=True)
             # Tasks with the same demonstrations and model share one SFT policy (the main job's in seed_dir).
@@ -210,9 +267,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cache = RunDir(task_dir).reference_cache
             for objective in todo:
                 print(f"[objectives] seed {seed} task {task} objective {objective} ...", file=sys.stderr, flush=True)
-                name, objective_args = parse_entry(objective)
-                cfg = apply_overrides(task_cfg, [f"dpo.objective={name}", f"dpo.objective_args={objective_args}",
-                                                 f"dpo.reference_cache_dir={cache}"])
+                name, _ = parse_entry(objective)
+                cfg = apply_overrides(objective_config(task_cfg, objective), [f"dpo.reference_cache_dir={cache}"])
                 run_dir = os.path.join(task_dir, objective.replace("[", "_").replace("]", "").replace(",", "_")
                                        .replace("=", "-"))
                 lists = None
@@ -220,8 +276,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     lists, _ = kit.on_policy_lists(task_cfg, sft[0], problems.train, task_dir)
                 result = run_objective(cfg, mesh, problems, sft, pairs, run_dir, data=lists)
                 append_row(csv_path, {"objective": objective, "task": task, "seed": seed, **result,
-                                      "sft_accuracy": sft_eval["accuracy"], "pairs": pair_stats["pairs"]})
-    rows = read_rows(csv_path)
+                                      "sft_accuracy": sft_eval["accuracy"], "pairs": pair_stats["pairs"],
+                                      "config": keys[objective]})
+    rows = [r for r in read_rows(csv_path) if of_command(row_key(r), planned)]
     summary = summarise(rows)
     header = [f"command: jaxalign bench objectives --workdir {args.workdir} --seeds {args.seeds} --tasks {args.tasks} "
               f"--objectives {args.objectives} {' '.join(args.overrides)}".rstrip(),

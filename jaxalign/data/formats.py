@@ -20,6 +20,9 @@ trajectory     prompt, steps (>= 1 step strings: the step boundaries), reward (t
 A *content* is a string or a non-empty list of messages; within a row, prompt and completions are either all
 strings or all message lists, because a chat template cannot render a mix. Step fields are always plain strings:
 they continue the text (or the rendered chat prompt) directly. Messages keep only `role` and `content`.
+Completions (chosen, rejected, completion, each of completions) must not be blank, and a pair's chosen and rejected
+must differ. A line of a JSONL file that is not UTF-8 is a bad row too (reason "invalid UTF-8", with the byte
+offset), so that `on_error="skip"` can skip it like any other.
 
 Validated rows are plain dicts ("records") with the same field names plus `line` (1-based line or row number), the
 canonical form that the TFDS builders store and the tokenizer reads.
@@ -186,6 +189,33 @@ def _check_consistent(format: str, record: dict) -> None:
                        f"field '{texts[0]}' is a string but '{chats[0]}' is a message list; a row must use one form")
 
 
+def _is_empty(content: Any) -> bool:
+    """A completion with no text: a blank string, or messages whose contents are all blank."""
+    if isinstance(content, str):
+        return not content.strip()
+    return all(not message["content"].strip() for message in content)
+
+
+# The completion fields that must hold text, per format; a blank one would be trained on as an empty response.
+_COMPLETIONS = {"pairwise": ("chosen", "rejected"), "stepwise": ("chosen", "rejected"), "unpaired": ("completion",)}
+
+
+def _check_completions(format: str, record: dict) -> None:
+    """No completion is blank, and a pair's two sides differ: an identical pair has a zero preference margin, so
+    it carries no preference and only dilutes the batch."""
+    for name in _COMPLETIONS.get(format, ()):
+        if _is_empty(record[name]):
+            raise RowError(name, f"{name}: empty", f"field '{name}' is empty, got {_show(record[name])}")
+    if format == "ranked":
+        for i, completion in enumerate(record["completions"]):
+            if _is_empty(completion):
+                raise RowError("completions", "completions: empty",
+                               f"field 'completions' item {i} is empty, got {_show(completion)}")
+    if format in ("pairwise", "stepwise") and record["chosen"] == record["rejected"]:
+        raise RowError("rejected", "rejected: identical to chosen",
+                       f"field 'rejected' equals 'chosen' ({_show(record['chosen'])}); the pair carries no preference")
+
+
 def validate_row(format: str, row: Any) -> dict:
     """The canonical record of one parsed row (a dict), or RowError naming the first bad field."""
     if format not in SCHEMAS:
@@ -200,6 +230,7 @@ def validate_row(format: str, row: Any) -> dict:
             continue
         record[field] = _check(field, kind, row[field])
     _check_consistent(format, record)
+    _check_completions(format, record)
     return record
 
 
@@ -207,11 +238,35 @@ def validate_row(format: str, row: Any) -> dict:
 # Reading files
 
 
+def _bad_utf8(line: str, line_offset: int) -> RowError | None:
+    """RowError for the first byte of `line` (read with errors="surrogateescape") that is not UTF-8, else None.
+
+    surrogateescape maps each undecodable byte b to the lone surrogate U+DC00+b, which valid UTF-8 can never
+    produce, so the first such character is the first bad byte; its file offset lets a hex editor find it."""
+    for i, char in enumerate(line):
+        if "\udc80" <= char <= "\udcff":
+            column = len(line[:i].encode("utf-8", "surrogateescape"))
+            return RowError(None, "invalid UTF-8",
+                            f"invalid UTF-8 byte 0x{ord(char) - 0xDC00:02x} at byte offset {line_offset + column} of "
+                            f"the file (byte {column + 1} of the line); the file must be UTF-8 text")
+    return None
+
+
 def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON or RowError) for every non-blank line; a bad line does not stop the others."""
-    with open(path, encoding="utf-8") as f:
+    """(line number, parsed JSON or RowError) for every non-blank line; a bad line does not stop the others.
+
+    Lines are split as text mode always split them (newline="" only keeps their endings, so that byte offsets
+    stay exact); an undecodable byte is the RowError of its own line instead of a UnicodeDecodeError that
+    names no line and ends the file."""
+    offset = 0
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         for number, line in enumerate(f, start=1):
+            start, offset = offset, offset + len(line.encode("utf-8", "surrogateescape"))
             if not line.strip():
+                continue
+            bad = _bad_utf8(line, start)
+            if bad is not None:
+                yield number, bad
                 continue
             try:
                 yield number, json.loads(line)
@@ -233,7 +288,7 @@ def _parquet_rows(path: str) -> Iterator[tuple[int, Any]]:
 def _is_json_array_file(path: str) -> bool:
     """Whether the file looks like one JSON array of rows: its first line opens an array that does not close on
     that line, or is a whole array of objects (a JSON Lines row is never a list of objects)."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a bad byte is reported with its line later
         first = next((line.strip() for line in f if line.strip()), "")
     if not first.startswith("["):
         return False

@@ -80,6 +80,21 @@ class CheckpointFormatError(ValueError):
     """A checkpoint directory that cannot be converted; the message names the file, the tensor and the value."""
 
 
+def open_safetensors(path: str | os.PathLike, framework: str = "numpy"):
+    """`safe_open(path)`, with a missing, truncated or corrupt file reported as one CheckpointFormatError naming
+    the file: the library's own error names neither the file nor what to do. Every problem with a file's header
+    or length shows up here, on opening, because safetensors checks that the header's offsets cover the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointFormatError(f"{path}: missing (or not a file)")
+    try:
+        return safe_open(path, framework=framework)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, an Exception subclass
+        detail = str(e).removeprefix("Error while deserializing header: ")
+        raise CheckpointFormatError(f"{path}: not a valid safetensors file ({detail}; {path.stat().st_size} bytes): "
+                                    "it is truncated or corrupt; copy or export it again") from None
+
+
 # ------------------------------------------------------------------------------------------------------ configs
 
 
@@ -321,7 +336,7 @@ class SafetensorsReader:
                                             "or other *.safetensors file")
             self.where = {}
             for file in files:
-                with safe_open(file, framework="numpy") as f:
+                with open_safetensors(file) as f:
                     self.where.update({name: file for name in f.keys()})
             self.described = ", ".join(str(f) for f in files)
         self._stack = contextlib.ExitStack()
@@ -338,7 +353,7 @@ class SafetensorsReader:
         if (path, framework) not in self._open:
             if not path.exists():
                 raise CheckpointFormatError(f"{path}: listed for tensor {name!r} in {self.described} but missing")
-            self._open[path, framework] = self._stack.enter_context(safe_open(path, framework=framework))
+            self._open[path, framework] = self._stack.enter_context(open_safetensors(path, framework))
         return self._open[path, framework]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -569,7 +584,12 @@ def load_native(path: str | os.PathLike, mesh=None, param_dtype=jnp.float32,
     if not file.exists():
         raise CheckpointFormatError(f"{file}: missing (a jaxalign model directory holds {NATIVE_CONFIG} and "
                                     f"{NATIVE_PARAMS})")
-    meta = json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"{file}: not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointFormatError(f"{file}: not a jaxalign model config (expected a JSON object)")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(meta.get("model", {})) - known)
     if meta.get("format") != "jaxalign" or unknown:
@@ -579,7 +599,7 @@ def load_native(path: str | os.PathLike, mesh=None, param_dtype=jnp.float32,
         cfg = ModelConfig(**{**meta["model"], **overrides})
     except (TypeError, ValueError) as e:
         raise CheckpointFormatError(f"{file}: {e}") from e
-    with safe_open(path / NATIVE_PARAMS, framework="numpy") as f:
+    with open_safetensors(path / NATIVE_PARAMS) as f:
         abstract = _flatten(_unbox(jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))))
         for p, leaf in abstract.items():
             name = "/".join(p)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxalign.sharding import LOGICAL_AXIS_RULES
+from jaxalign.validation import FieldError, check_choice, check_positive, check_positive_int
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Gate activations of the gated MLP. "gelu_tanh" is the tanh approximation of GELU (Hendrycks & Gimpel, 2016,
@@ -67,23 +68,20 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "max_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+            check_positive_int("model", name, getattr(self, name))
+        check_positive("model", "rope_theta", self.rope_theta)
+        check_positive("model", "norm_eps", self.norm_eps)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads} "
                 "(grouped-query attention shares each key/value head among n_heads/n_kv_heads query heads)"
             )
         if self.head_dim % 2:
-            raise ValueError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or isinstance(
-                self.sliding_window, bool) or self.sliding_window <= 0):
-            raise ValueError(f"model.sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+            raise FieldError("model", "head_dim", self.head_dim, "even for rotary embeddings")
+        check_choice("model", "dtype", self.dtype, sorted(DTYPES))
+        check_choice("model", "activation", self.activation, sorted(ACTIVATIONS))
+        if self.sliding_window is not None:
+            check_positive_int("model", "sliding_window", self.sliding_window)
 
     @property
     def compute_dtype(self):

@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxalign.tasks.tokenizer import CharTokenizer
+from jaxalign.validation import check_int, check_probability
 
 _STEP_RE = re.compile(r"[0-9]+\+[0-9]+=[0-9]+")
 _DIGITS_RE = re.compile(r"[0-9]+")
@@ -52,12 +53,10 @@ class ArithConfig:
     recap_prob: float = 0.4
 
     def __post_init__(self):
-        _check_num_operands(self.num_operands, "ArithConfig.num_operands")
-        _check_prob(self.carry_drop_prob, "ArithConfig.carry_drop_prob")
-        _check_prob(self.recap_prob, "ArithConfig.recap_prob")
-        if isinstance(self.max_recaps, bool) or not isinstance(self.max_recaps, (int, np.integer)) \
-                or self.max_recaps < 0:
-            raise ValueError(f"ArithConfig.max_recaps must be an integer >= 0, got {self.max_recaps!r}")
+        check_int("task", "num_operands", self.num_operands, minimum=2)
+        check_probability("task", "carry_drop_prob", self.carry_drop_prob)
+        check_probability("task", "recap_prob", self.recap_prob)
+        check_int("task", "max_recaps", self.max_recaps, minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)

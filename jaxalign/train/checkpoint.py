@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
+import sys
 from typing import Any
 
 import flax.serialization
@@ -42,8 +42,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxalign.rundir import ABSENT, first_json_difference, json_normalise, show_json_value
+from jaxalign.rundir import ABSENT, first_json_difference, json_normalise, sanitise_json, show_json_value
 from jaxalign.train.state import TrainState
+from jaxalign.validation import check_positive_int
 
 _STATE = "state"
 _META = "meta"
@@ -66,9 +67,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         for name in ("every_steps", "keep_last"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"CheckpointConfig.{name} must be a positive int, got {value!r}")
+            check_positive_int("checkpoint", name, getattr(self, name))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,12 +243,26 @@ class PytreeCheckpointer:
 
     # -- restore -----------------------------------------------------------------------------------------------
     def restore_latest(self, template: Any) -> tuple[int, Any, Any] | None:
-        """(step, tree shaped like `template`, record) of the newest step, or None when there is none."""
+        """(step, tree shaped like `template`, record) of the newest step, or None when there is none.
+
+        An unreadable newest step (e.g. a file truncated by a full disk) raises one `UnreadableCheckpointError`
+        saying which older step exists and what to move away to resume from it; nothing is deleted here, since
+        the files may be worth rescuing."""
         step = self.latest_step()
         if step is None:
             return None
-        tree, record = self.restore(step, template)
+        try:
+            tree, record = self.restore(step, template)
+        except UnreadableCheckpointError as e:
+            raise UnreadableCheckpointError(f"{e}; {self._resume_hint(step)}") from e.__cause__
         return step, tree, record
+
+    def _resume_hint(self, step: int) -> str:
+        older = [s for s in self.all_steps() if s < step]
+        step_dir = self.directory / str(step)
+        if older:
+            return f"the older step {older[-1]} exists: move or delete {step_dir} to resume from step {older[-1]}"
+        return f"no older step exists: move or delete {step_dir} to start this phase afresh"
 
     def restore(self, step: int, template: Any) -> tuple[Any, Any]:
         """(tree, record) of `step`, restored into `template`'s structure, shardings and dtypes.
@@ -283,6 +296,7 @@ class PytreeCheckpointer:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))[_STATE]
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types; report them as one.
+            _silence_orphaned_reads()
             raise UnreadableCheckpointError(f"{where} could not be read: {_brief(e)}") from e
 
         def rewrap(x, data):
@@ -365,6 +379,10 @@ class Checkpointer:
         return self._trees.all_steps()
 
     # -- save / restore ------------------------------------------------------------------------------------------
+    def due(self, step: int, *, force: bool = False) -> bool:
+        """Whether `save` would consider a state at `step` (a multiple of `every_steps`, or `force`)."""
+        return force or int(step) % self.config.every_steps == 0
+
     def save(self, state: TrainState, *, force: bool = False) -> bool:
         """Save `state` if its step is a multiple of `every_steps` (or `force`); returns whether it saved.
 
@@ -372,7 +390,7 @@ class Checkpointer:
         exists, and orbax never overwrites.
         """
         step = int(jax.device_get(state.step))
-        if not force and step % self.config.every_steps != 0:
+        if not self.due(step, force=force):
             return False
         return self._trees.save(step, state)
 
@@ -381,12 +399,10 @@ class Checkpointer:
 
         `template` may be concrete or abstract (e.g. from `jax.eval_shape`, with shardings set); its `tx` is kept.
         Raises CheckpointMismatchError if the checkpoint belongs to a different run, UnreadableCheckpointError if
-        the step directory is not a readable checkpoint.
+        the step directory is not a readable checkpoint (saying which older step a re-run could resume from).
         """
-        step = self.latest_step()
-        if step is None:
-            return None
-        return self.restore(step, template)
+        restored = self._trees.restore_latest(template)
+        return None if restored is None else restored[1]
 
     def restore(self, step: int, template: TrainState) -> TrainState:
         """Restore a given step (see `restore_latest`)."""
@@ -395,20 +411,37 @@ class Checkpointer:
 
 def strict_json(value: Any) -> Any:
     """`value` with every non-finite float (e.g. the NaN mean return of a rollout in which no episode finished)
-    replaced by None, so it is strict JSON and reads back equal to itself."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
+    replaced by None, so it is strict JSON and reads back equal to itself (`jaxalign.rundir.sanitise_json`)."""
+    return sanitise_json(value)[0]
 
 
 def _brief(e: Exception, limit: int = 300) -> str:
-    """First part of an orbax/tensorstore error (they append kilobytes of spec); the full one stays chained."""
-    text = f"{type(e).__name__}: {e}"
+    """First line of an orbax/tensorstore error, without the kilobytes of spec they append; the full one stays
+    chained (and in the run's log)."""
+    text = f"{type(e).__name__}: {e}".split(" See full TensorStore details")[0].strip()
+    text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _is_closed_loop_noise(unraisable: Any) -> bool:
+    return isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+
+
+def _silence_orphaned_reads() -> None:
+    """After a failed restore, orbax has already closed its event loop while tensorstore's other reads are still in
+    flight; each one then reports "Event loop is closed" through sys.unraisablehook, tens of tracebacks burying
+    the one error that matters. Drop exactly those reports from now on (the process is about to stop with that
+    error); everything else still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop_noise", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_closed_loop_noise(unraisable):
+            previous(unraisable)
+
+    hook._drops_closed_loop_noise = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _params_first(path: str) -> tuple:

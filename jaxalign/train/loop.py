@@ -2,6 +2,14 @@
 
 The loop is thin (docs/architecture.md, "Principles"). Everything a resumed run needs is in the `TrainState` (the
 data position included), so resuming is: restore the latest checkpoint, then run this same loop from `state.step`.
+
+Divergence (docs/architecture.md, "Principles": fail loudly). A non-finite `loss` or `grad_norm` stops the phase with
+one `DivergenceError` naming the phase, the step, the metric and its value, and the last good checkpoint. Checking
+needs a host sync, so it happens only where the loop syncs anyway: at every log step (the metrics are fetched there)
+and before every save (the state's parameters are checked too). A divergence is therefore detected at the first log
+or save step at or after the step it began, and a non-finite state is never saved: the checkpoints written before
+stay intact. `on_nonfinite="skip-batch"` instead skips the update of a batch whose loss or gradient norm is
+non-finite (see `train_loop`).
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxalign.data.iterator import ArrayDataset, batch_at
+from jaxalign.rundir import strict_json_line
 from jaxalign.sharding import process_batch_block, put_batch
 
 
@@ -54,12 +63,12 @@ class MetricsLog:
         kept = [r for r in self.records() if r.get("phase") != phase or r.get("step", 0) <= after_step]
         tmp = f"{self.path}.tmp"
         with open(tmp, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+            f.writelines(strict_json_line(r) + "\n" for r in kept)
         os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(strict_json_line(record) + "\n")
             f.flush()
 
 
@@ -80,6 +89,52 @@ def to_python(metrics: dict) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
 
+# The step metrics that decide divergence (`jaxalign.train.step.make_train_step` reports both).
+WATCHED_METRICS = ("loss", "grad_norm")
+ON_NONFINITE = ("stop", "skip-batch")
+
+
+class DivergenceError(ValueError):
+    """A phase's loss, gradient norm or parameters became non-finite; the non-finite state was not saved."""
+
+
+def first_nonfinite(record: dict, keys: tuple[str, ...] = WATCHED_METRICS) -> tuple[str, float] | None:
+    """The first (key, value) of `keys` in `record` whose value is not finite, or None."""
+    for key in keys:
+        if key in record and not np.isfinite(record[key]):
+            return key, float(record[key])
+    return None
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+    return jax.numpy.all(jax.numpy.stack([jax.numpy.all(jax.numpy.isfinite(x)) for x in leaves] or [True]))
+
+
+def all_finite(tree) -> bool:
+    """Whether every floating-point leaf of `tree` is finite (one device reduction, one host sync)."""
+    return bool(jax.device_get(_all_finite(tree)))
+
+
+def divergence_message(phase: str, step: int, what: str, checkpointer, unit: str = "step",
+                       checked: str = "checked at log steps and before each save") -> str:
+    """One line: where the phase diverged and which checkpoint a re-run resumes from."""
+    if checkpointer is None:
+        resume = "this phase keeps no checkpoints"
+    else:
+        latest = checkpointer.latest_step()
+        resume = (f"no checkpoint of this phase was saved ({checkpointer.directory})" if latest is None else
+                  f"the last good checkpoint is step {latest} in {checkpointer.directory}, which a re-run resumes "
+                  f"from")
+    return f"phase {phase!r} diverged: {what} at {unit} {step} ({checked}; nothing non-finite was saved); {resume}"
+
+
+def _copy_state(state):
+    """A copy of `state` that survives the step donating its buffers."""
+    return jax.tree_util.tree_map(lambda x: x.copy(), state)
+
+
 def train_loop(
     *,
     state,
@@ -97,14 +152,25 @@ def train_loop(
     hooks: Iterable[Callable[[Any, dict], dict | None]] = (),
     token_keys: tuple[str, ...] = ("attention_mask",),
     show_progress: bool = True,
+    on_nonfinite: str = "stop",
 ):
     """Run `step_fn` until `state.step == num_steps`. Returns the final state.
 
     `hooks` are called after every step as hook(state, metrics_so_far) and may return extra metrics to log (for
     example a validation evaluation every k steps). tokens/s counts the real (unpadded) tokens of `token_keys`.
+
+    `on_nonfinite`: "stop" raises `DivergenceError` (module docstring). "skip-batch" checks every step (one host
+    sync per step) and, when the loss or gradient norm is non-finite, keeps the state from before the step with only
+    its step counter and data position advanced, so the batch is skipped and the run continues; every log record
+    then carries "skipped_batches", the batches skipped since the previous record. The step donates the state's
+    buffers, so skip-batch keeps a device copy of the state (twice the state's memory).
     """
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every <= 0:
         raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got {on_nonfinite!r}")
+    skip = on_nonfinite == "skip-batch"
+    skipped = 0
     position = jax.device_get(state.data)
     start = int(jax.device_get(state.step))
     process_index, process_count = process_batch_block(mesh, batch_size)  # the rows this process loads
@@ -115,7 +181,10 @@ def train_loop(
     for step in range(start, num_steps):
         host_batch, position = batch_at(dataset, position, batch_size, seed, process_index, process_count)
         tokens += sum(int(np.sum(host_batch[k])) for k in token_keys) * process_count
+        before = _copy_state(state) if skip else None
         state, metrics = step_fn(state, frozen, put_batch(host_batch, mesh), position)
+        if skip and first_nonfinite(to_python({k: metrics[k] for k in WATCHED_METRICS if k in metrics})):
+            state, skipped = before.replace(step=state.step, data=state.data), skipped + 1
         extra = {}
         for hook in hooks:
             extra.update(hook(state, metrics) or {})
@@ -124,14 +193,36 @@ def train_loop(
             record = to_python(metrics)
             elapsed = time.perf_counter() - clock
             record.update(extra, step=done, tokens_per_second=tokens / max(elapsed, 1e-9), phase=desc)
+            if skip:
+                record["skipped_batches"], skipped = skipped, 0
             tokens, clock = 0, time.perf_counter()
             if metrics_log is not None:
                 metrics_log.write(record)
             bar.set_postfix({short: f"{record[k]:.3g}" for k, short in PROGRESS_FIELDS.items() if k in record})
-        if checkpointer is not None:
-            checkpointer.save(state, force=done == num_steps)
+            bad = None if skip else first_nonfinite(record)
+            if bad is not None:
+                bar.close()
+                raise DivergenceError(divergence_message(desc, done, f"{bad[0]} = {bad[1]}", checkpointer))
+        force = done == num_steps
+        if checkpointer is not None and checkpointer.due(done, force=force):
+            _check_before_save(state, metrics, desc, done, checkpointer, skip, bar)
+            checkpointer.save(state, force=force)
         bar.update(1)
     bar.close()
     if checkpointer is not None:
         checkpointer.wait()
     return state
+
+
+def _check_before_save(state, metrics: dict, desc: str, step: int, checkpointer, skip_batch: bool,
+                       bar) -> None:
+    """Raise `DivergenceError` rather than save a state whose step metrics or parameters are non-finite (under
+    skip-batch the metrics of a skipped step are non-finite but the state is the good one from before it)."""
+    bad = None if skip_batch else first_nonfinite(
+        to_python({k: metrics[k] for k in WATCHED_METRICS if k in metrics}))
+    what = None if bad is None else f"{bad[0]} = {bad[1]}"
+    if what is None and not all_finite(state.params):
+        what = "the parameters are non-finite"
+    if what is not None:
+        bar.close()
+        raise DivergenceError(divergence_message(desc, step, what, checkpointer))

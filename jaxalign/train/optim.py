@@ -5,6 +5,14 @@ import dataclasses
 
 import optax
 
+from jaxalign.validation import (
+    check_int,
+    check_non_negative,
+    check_number,
+    check_positive,
+    check_probability,
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -17,14 +25,13 @@ class OptimConfig:
     clip_norm: float = 1.0
 
     def __post_init__(self):
-        if not self.learning_rate > 0:
-            raise ValueError(f"optim.learning_rate must be positive, got {self.learning_rate!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps!r}")
-        if not 0 <= self.end_learning_rate_fraction <= 1:
-            raise ValueError(f"optim.end_learning_rate_fraction must be in [0, 1], got {self.end_learning_rate_fraction!r}")
-        if not self.clip_norm > 0:
-            raise ValueError(f"optim.clip_norm must be positive, got {self.clip_norm!r}")
+        check_positive("optim", "learning_rate", self.learning_rate)
+        check_int("optim", "warmup_steps", self.warmup_steps, minimum=0)
+        check_probability("optim", "end_learning_rate_fraction", self.end_learning_rate_fraction)
+        check_non_negative("optim", "weight_decay", self.weight_decay)
+        for name in ("b1", "b2"):  # Adam's moment decays: 1 would never forget, >1 diverges
+            check_number("optim", name, getattr(self, name), low=0, high=1, high_open=True)
+        check_positive("optim", "clip_norm", self.clip_norm)
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

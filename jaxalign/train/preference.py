@@ -46,15 +46,19 @@ from jaxalign.train.step import (
     make_train_step,
     objective_extra_params,
 )
+from jaxalign.validation import (
+    check_choice,
+    check_divides,
+    check_int,
+    check_non_negative,
+    check_number,
+    check_positive,
+    check_positive_int,
+)
 
 REFERENCE_MODES = ("online", "cached", "sync")
 PAIR_TOKEN_KEYS = ("chosen_attention_mask", "rejected_attention_mask")
 LIST_TOKEN_KEYS = ("list_attention_mask",)
-
-
-def _positive_int(section: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{section}.{name} must be a positive integer, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,13 +98,20 @@ class PreferenceConfig:
 
     def __post_init__(self):
         check_beta(self.beta)
+        check_positive("dpo", "beta", self.beta)  # inf passes check_beta and trains to nan
         for name in ("steps", "batch_size", "list_batch_size", "grad_accum_steps", "eval_every"):
-            _positive_int("dpo", name, getattr(self, name))
-        if self.reference not in REFERENCE_MODES:
-            raise ValueError(f"dpo.reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+            check_positive_int("dpo", name, getattr(self, name))
+        if self.label_smoothing is not None:
+            check_number("dpo", "label_smoothing", self.label_smoothing, low=0, high=0.5)
+        check_non_negative("dpo", "sft_weight", self.sft_weight)
+        check_int("dpo", "sync_every", self.sync_every, minimum=0)
+        check_number("dpo", "sync_alpha", self.sync_alpha, low=0, high=1, low_open=True)
+        check_choice("dpo", "reference", self.reference, REFERENCE_MODES)
         if self.reference == "sync":
             ReferenceSync(self.sync_every, self.sync_alpha)  # validates both
         objective_kwargs(self)  # validates the objective name and its arguments now, not after an SFT phase
+        batch = "list_batch_size" if self.listwise else "batch_size"  # the one a step splits into micro-batches
+        check_divides("dpo", batch, getattr(self, batch), "grad_accum_steps", self.grad_accum_steps)
 
     @property
     def reference_sync(self) -> ReferenceSync | None:
@@ -129,8 +140,8 @@ class LoraSection:
     targets: str = "attn/q,attn/v"
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
-            raise ValueError(f"lora.rank must be a non-negative integer (0 = no LoRA), got {self.rank!r}")
+        check_int("lora", "rank", self.rank, minimum=0)  # 0 = no LoRA
+        check_positive("lora", "alpha", self.alpha)
         self.config()  # LoraConfig's own checks of alpha and the patterns
 
     def config(self) -> LoraConfig | None:

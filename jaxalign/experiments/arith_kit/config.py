@@ -14,6 +14,13 @@ from jaxalign.tasks import arith
 from jaxalign.train.checkpoint import CheckpointConfig
 from jaxalign.train.optim import OptimConfig
 from jaxalign.train.preference import LoraSection, PreferenceConfig
+from jaxalign.validation import (
+    check_divides,
+    check_int,
+    check_non_negative,
+    check_number,
+    check_positive_int,
+)
 
 PROMPT_LEN = 8  # "a+b+c+d=" with single digits
 
@@ -39,6 +46,11 @@ class SFTConfig:
     grad_accum_steps: int = 1
     optim: OptimConfig = OptimConfig(learning_rate=2e-3, warmup_steps=100)
 
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum_steps"):
+            check_positive_int("sft", name, getattr(self, name))
+        check_divides("sft", "batch_size", self.batch_size, "grad_accum_steps", self.grad_accum_steps)
+
 
 @dataclasses.dataclass(frozen=True)
 class PairConfig:
@@ -61,12 +73,14 @@ class PairConfig:
     label_flip_rate: float = 0.0
 
     def __post_init__(self):
-        if self.samples_per_prompt < 2:
-            raise ValueError(f"pairs.samples_per_prompt must be >= 2 to form a pair, got {self.samples_per_prompt!r}")
-        if not 0.0 <= self.label_flip_rate < 0.5:
-            raise ValueError(f"pairs.label_flip_rate must lie in [0, 0.5), got {self.label_flip_rate!r}")
-        if not self.length_bonus >= 0.0:
-            raise ValueError(f"pairs.length_bonus must be >= 0, got {self.length_bonus!r}")
+        check_positive_int("pairs", "num_prompts", self.num_prompts)
+        check_int("pairs", "samples_per_prompt", self.samples_per_prompt, minimum=2)  # two to form a pair
+        check_number("pairs", "temperature", self.temperature, low=0)  # 0 = greedy
+        check_int("pairs", "top_k", self.top_k, minimum=0)  # 0 = off
+        check_non_negative("pairs", "min_score_gap", self.min_score_gap)
+        check_non_negative("pairs", "length_bonus", self.length_bonus)
+        # at 0.5 the labels carry no information, above it they point the wrong way
+        check_number("pairs", "label_flip_rate", self.label_flip_rate, low=0, high=0.5, high_open=True)
 
 
 # The main job's preference phase. beta is large for a tiny model (the usual 0.1 over-optimises within a few dozen
@@ -99,6 +113,12 @@ class ArithDPOConfig:
 
     # `jaxalign run arith_dpo loss=NAME` is short for dpo.objective=NAME.
     OVERRIDE_ALIASES: ClassVar[dict[str, str]] = {"loss": "dpo.objective"}
+
+    def __post_init__(self):
+        check_int("", "seed", self.seed)
+        check_number("", "eval_fraction", self.eval_fraction, low=0, high=1, low_open=True, high_open=True)
+        for name in ("num_val_prompts", "eval_batch_size", "log_every"):
+            check_positive_int("", name, getattr(self, name))
 
 
 # The built-in task variants (issue 3's benchmark tasks): each is the main job with these changes, per config section.
