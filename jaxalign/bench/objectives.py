@@ -19,8 +19,9 @@ KL(pi || ref) per response), chosen_logp_change and rejected_logp_change (mean L
 mean_length (greedy response tokens), the run's wall time, and config: a short sha256 of the run's resolved config
 (`config_key`), so that a rerun with other overrides adds rows instead of taking another config's rows for its
 own. Listwise objectives train on ranked lists of the same samples (all K graded completions of a prompt),
-`dpo.list_batch_size` lists per step (the tokens of `dpo.batch_size` pairs). DIR/objectives.md holds the per-objective mean and standard deviation over seeds for
-every task, DIR/objectives.png the accuracy and length per task.
+`dpo.list_batch_size` lists per step (the tokens of `dpo.batch_size` pairs). DIR/objectives.md holds the
+per-objective mean and standard deviation over seeds for every task, DIR/objectives.png the accuracy and length per
+task.
 """
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ import jax
 import numpy as np
 
 from jaxalign.algorithms.iterative import run_iterations
-from jaxalign.algorithms.objective_extras import summed_logprobs
 from jaxalign.algorithms.preference_pairs import pair_arrays, select_pairs
 from jaxalign.data.iterator import ArrayDataset
 from jaxalign.experiments.arith_kit.config import ARITH_DPO, ArithDPOConfig, completion_budget
@@ -124,22 +123,6 @@ def dpo_baseline(base: ArithDPOConfig, score_fn: Callable[[np.ndarray, list[str]
     return Method(name="dpo", make_data=make_data, custom=None, rows_needed=base.dpo.batch_size)
 
 
-def sampled_kl(params, old, model_cfg: ModelConfig, problems: np.ndarray, batch_size: int,
-               seed: int) -> dict[str, float]:
-    """Monte-Carlo KL(pi || old) per response: mean over y ~ pi(.|x) (temperature 1, one sample per problem) of
-    L_pi(y) - L_old(y), and its standard error."""
-    sampling = SamplingConfig(max_new_tokens=completion_budget(model_cfg), temperature=1.0)
-    prompts, completions, masks = arith_data.sample_completions(params, model_cfg, problems, sampling,
-                                                               jax.random.key(seed), batch_size)
-    tokens = np.concatenate([prompts, completions], axis=1)
-    attention = np.concatenate([prompts != CharTokenizer.PAD_ID, masks], axis=1).astype(np.int32)
-    completion = np.concatenate([np.zeros_like(prompts), masks], axis=1).astype(np.int32)
-    ratio = (summed_logprobs(params, model_cfg, tokens, attention, completion, batch_size)
-             - summed_logprobs(old, model_cfg, tokens, attention, completion, batch_size))
-    return {"kl": float(ratio.mean()), "kl_stderr": float(ratio.std(ddof=1) / np.sqrt(len(ratio)))
-            if len(ratio) > 1 else 0.0}
-
-
 def _evaluate_iterate(cfg, selected, latest, sft_params, problems: Problems, path: str, info: dict) -> dict:
     """The iteration record: `info`, held-out greedy accuracy and the two sampled KLs, read back from `path` when it
     holds the record of the same parameters (a resumed run samples nothing again)."""
@@ -148,16 +131,15 @@ def _evaluate_iterate(cfg, selected, latest, sft_params, problems: Problems, pat
         return saved
     base = cfg.base
     held_out = problems.test[: cfg.num_kl_prompts]
-    to_old = sampled_kl(selected, latest, base.model, held_out, base.eval_batch_size, base.seed + 31)
-    to_sft = to_old if latest is sft_params else sampled_kl(selected, sft_params, base.model, held_out,
+    to_old = evaluation.sampled_kl(selected, latest, base.model, held_out, base.eval_batch_size, base.seed + 31)
+    to_sft = to_old if latest is sft_params else evaluation.sampled_kl(selected, sft_params, base.model, held_out,
                                                             base.eval_batch_size, base.seed + 31)
     info = dict(info, kl_to_old=to_old["kl"], kl_to_old_stderr=to_old["kl_stderr"], kl_to_sft=to_sft["kl"],
                 kl_to_sft_stderr=to_sft["kl_stderr"])
     return evaluation.cached_greedy_eval(selected, base, problems.test, path, info)
 
 
-def train_method(cfg, method: Method, mesh, sft_params, problems: Problems,
-                 workdir: str) -> list[dict]:
+def train_method(cfg, method: Method, mesh, sft_params, problems: Problems, workdir: str) -> list[dict]:
     """The loop of one method (module docstring, step 2) from `sft_params`; returns its iteration records."""
     base, records = cfg.base, []
 
@@ -184,8 +166,8 @@ def train_method(cfg, method: Method, mesh, sft_params, problems: Problems,
         selected, _, guard = train_dpo(iteration_config(cfg), mesh, latest, data, problems, it_dir,
                                        MetricsLog(it.metrics), custom=method.custom)
         samples = completions.reshape(-1, completions.shape[-1])
-        correct = [g.correct for g in arith_data.grade_completions(np.repeat(prompts, completions.shape[1], axis=0),
-                                                                   samples)]
+        repeated = np.repeat(prompts, completions.shape[1], axis=0)
+        correct = [g.correct for g in arith_data.grade_completions(repeated, samples)]
         # train_dpo returns the guard's choice only with base.dpo.select_best, else the last step: record that one.
         kept = "selected" if base.dpo.select_best else "last"
         info = {"iteration": t + 1, **stats, "train_rows": len(data), "samples_correct_rate": float(np.mean(correct)),

@@ -39,28 +39,37 @@ def cached_greedy_eval(params, cfg: ArithDPOConfig, problems: np.ndarray, path: 
     return record
 
 
+def log_ratios(params, other, model_cfg: ModelConfig, tokens, attention, completion, batch_size: int) -> np.ndarray:
+    """L_params(y) - L_other(y) per row: summed completion log-probs under two policies."""
+    return (summed_logprobs(params, model_cfg, tokens, attention, completion, batch_size)
+            - summed_logprobs(other, model_cfg, tokens, attention, completion, batch_size))
+
+
+def sampled_kl(params, other, model_cfg: ModelConfig, problems: np.ndarray, batch_size: int,
+               seed: int) -> dict[str, float]:
+    """Monte-Carlo KL(pi || other) per response: mean over y ~ pi(.|x) (temperature 1, one sample per problem) of
+    L_pi(y) - L_other(y), and its standard error."""
+    sampling = SamplingConfig(max_new_tokens=completion_budget(model_cfg), temperature=1.0)
+    prompts, completions, masks = arith_data.sample_completions(params, model_cfg, problems, sampling,
+                                                                jax.random.key(seed), batch_size)
+    tokens = np.concatenate([prompts, completions], axis=1)
+    attention = np.concatenate([prompts != CharTokenizer.PAD_ID, masks], axis=1).astype(np.int32)
+    completion = np.concatenate([np.zeros_like(prompts), masks], axis=1).astype(np.int32)
+    ratio = log_ratios(params, other, model_cfg, tokens, attention, completion, batch_size)
+    return {"kl": float(ratio.mean()), "kl_stderr": float(ratio.std(ddof=1) / np.sqrt(len(ratio)))
+            if len(ratio) > 1 else 0.0}
+
+
 def drift_from_reference(params, reference, model_cfg: ModelConfig, problems: np.ndarray, pairs: ArrayDataset,
                          batch_size: int, num_samples: int = 512, seed: int = 0) -> dict[str, float]:
     """How far a policy moved from its reference (the objectives benchmark's columns).
 
-    kl_to_ref: Monte-Carlo KL(pi || ref) per response = mean over completions y ~ pi(.|x) (temperature 1, first
-        `num_samples` of `problems`) of L_pi(y) - L_ref(y);
+    kl_to_ref: `sampled_kl` on the first `num_samples` of `problems`;
     chosen_logp_change / rejected_logp_change: mean L_pi(y) - L_ref(y) over the first `num_samples` training pairs'
         chosen and rejected completions (DPO's implicit rewards divided by beta).
     """
-    sampling = SamplingConfig(max_new_tokens=completion_budget(model_cfg), temperature=1.0)
-    prompts, completions, masks = arith_data.sample_completions(params, model_cfg, problems[:num_samples], sampling,
-                                                     jax.random.key(seed), batch_size)
-    tokens = np.concatenate([prompts, completions], axis=1)
-    attention = np.concatenate([prompts != CharTokenizer.PAD_ID, masks], axis=1).astype(np.int32)
-    completion = np.concatenate([np.zeros_like(prompts), masks], axis=1).astype(np.int32)
-
-    def log_ratio(*arrays):  # L_pi(y) - L_ref(y) per row
-        return (summed_logprobs(params, model_cfg, *arrays, batch_size)
-                - summed_logprobs(reference, model_cfg, *arrays, batch_size))
-
-    report = {"kl_to_ref": float(log_ratio(tokens, attention, completion).mean())}
+    report = {"kl_to_ref": sampled_kl(params, reference, model_cfg, problems[:num_samples], batch_size, seed)["kl"]}
     for side in ("chosen", "rejected"):
         arrays = [pairs.arrays[f"{side}_{k}"][:num_samples] for k in ("tokens", "attention_mask", "completion_mask")]
-        report[f"{side}_logp_change"] = float(log_ratio(*arrays).mean())
+        report[f"{side}_logp_change"] = float(log_ratios(params, reference, model_cfg, *arrays, batch_size).mean())
     return report

@@ -12,22 +12,17 @@ from jaxalign.algorithms import objective_extras
 from jaxalign.data.iterator import ArrayDataset
 from jaxalign.distributed import host_local, is_primary
 from jaxalign.experiments.arith_kit.config import PROMPT_LEN, ArithDPOConfig, SFTConfig, completion_len
-from jaxalign.experiments.arith_kit.data import Problems, on_policy_lists, on_policy_pairs, sft_dataset, split
 from jaxalign.experiments.arith_kit import evaluation
+from jaxalign.experiments.arith_kit.data import Problems, on_policy_lists, on_policy_pairs, sft_dataset, split
 from jaxalign.losses import get_spec
 from jaxalign.models.llama import DecoderLM, check_model_fits_mesh
 from jaxalign.rundir import RunDir, claim, config_to_dict, write_json_atomic
 from jaxalign.sharding import check_batch_fits_mesh, make_mesh
 from jaxalign.tasks.tokenizer import CharTokenizer
+from jaxalign.train.checkpoint import Checkpointer
 from jaxalign.train.loop import MetricsLog, train_loop
 from jaxalign.train.optim import make_optimizer
-from jaxalign.train.preference import (
-    CustomLoss,
-    Evaluation,
-    select_checkpoint,
-    train_preference,
-)
-from jaxalign.train.checkpoint import Checkpointer
+from jaxalign.train.preference import CustomLoss, Evaluation, select_checkpoint, train_preference
 from jaxalign.train.setup import sharded_train_state
 from jaxalign.train.step import jit_train_step, make_train_step, sft_loss_fn
 
