@@ -234,8 +234,8 @@ def _loss(cfg: PreferenceConfig, model: DecoderLM, custom: CustomLoss | None, se
 
 def selection_checkpoints(cfg: PreferenceConfig, checkpoint: CheckpointConfig) -> CheckpointConfig:
     """The checkpoint cadence selection needs: one at every evaluation, all of them kept."""
-    return dataclasses.replace(checkpoint, every_steps=cfg.eval_every, keep_last=max(cfg.steps // cfg.eval_every + 1,
-                                                                                      1))
+    keep = max(cfg.steps // cfg.eval_every + 1, 1)
+    return dataclasses.replace(checkpoint, every_steps=cfg.eval_every, keep_last=keep)
 
 
 def train_preference(cfg: PreferenceConfig, *, model_cfg: ModelConfig, mesh, init_params: Any, data: Any,

@@ -22,7 +22,13 @@ from jaxalign.tasks.tokenizer import CharTokenizer
 from jaxalign.train.checkpoint import Checkpointer
 from jaxalign.train.loop import MetricsLog, train_loop
 from jaxalign.train.optim import make_optimizer
-from jaxalign.train.preference import CustomLoss, Evaluation, select_checkpoint, train_preference
+from jaxalign.train.preference import (
+    CustomLoss,
+    Evaluation,
+    select_checkpoint,
+    selection_checkpoints,
+    train_preference,
+)
 from jaxalign.train.setup import sharded_train_state
 from jaxalign.train.step import jit_train_step, make_train_step, sft_loss_fn
 
@@ -128,8 +134,7 @@ def train_dpo(cfg: ArithDPOConfig, mesh, sft_params, data: ArrayDataset, problem
         cfg.dpo, model_cfg=cfg.model, mesh=mesh, init_params=sft_params, data=data,
         directory=RunDir(workdir).checkpoints("dpo"), log=log, evaluation=guard_eval, seed=cfg.seed,
         # ARITH checkpoints at every validation step whether or not it selects (the comparisons restore them).
-        checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=cfg.dpo.eval_every,
-                                       keep_last=max(cfg.dpo.steps // cfg.dpo.eval_every + 1, 1)),
+        checkpoint=selection_checkpoints(cfg.dpo, cfg.checkpoint),
         metadata=metadata, cache_dir=cache_dir(cfg, workdir), tokenization=TOKENIZATION, lora=cfg.lora,
         custom=custom, separator_id=CharTokenizer().encode(";")[0], eval_batch_size=cfg.eval_batch_size,
         show_progress=cfg.show_progress, log_every=cfg.log_every)
