@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import os
 import sys
 from typing import Any
 
@@ -424,14 +425,19 @@ def _brief(e: Exception, limit: int = 300) -> str:
 
 
 def _is_closed_loop_noise(unraisable: Any) -> bool:
-    return isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+    """A report from a read the failed restore orphaned: "Event loop is closed", or any exception of one of orbax's
+    own read coroutines (garbage-collected after the restore gave up on them)."""
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+        return True
+    code = getattr(unraisable.object, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
 def _silence_orphaned_reads() -> None:
     """After a failed restore, orbax has already closed its event loop while tensorstore's other reads are still in
-    flight; each one then reports "Event loop is closed" through sys.unraisablehook, tens of tracebacks burying
-    the one error that matters. Drop exactly those reports from now on (the process is about to stop with that
-    error); everything else still reaches the previous hook."""
+    flight; each one then reports "Event loop is closed" (or its own read error) through sys.unraisablehook, tens of
+    tracebacks burying the one error that matters. Drop exactly those reports from now on (the process is about to
+    stop with that error); everything else still reaches the previous hook."""
     previous = sys.unraisablehook
     if getattr(previous, "_drops_closed_loop_noise", False):
         return

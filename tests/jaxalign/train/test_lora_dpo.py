@@ -224,8 +224,8 @@ def test_arith_dpo_lora_section_parses_from_the_command_line():
     assert ArithDPOConfig().lora.config() is None  # rank 0: full fine-tuning, the default
     cfg = apply_overrides(ArithDPOConfig(), ["lora.rank=4", "lora.alpha=8", "lora.targets=attn/(q|v), mlp/up"])
     assert cfg.lora.config() == LoraConfig(rank=4, alpha=8.0, targets=("attn/(q|v)", "mlp/up"))
-    for bad, message in (("lora.rank=-1", "lora.rank must be a non-negative integer"),
-                         ("lora.alpha=0", "lora.alpha must be a positive finite number"),
+    for bad, message in (("lora.rank=-1", "lora.rank must be an integer >= 0, got -1"),
+                         ("lora.alpha=0", "lora.alpha must be a finite number > 0"),
                          ("lora.targets=attn/(q", "is not a valid regular expression")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             apply_overrides(ArithDPOConfig(), ["lora.rank=2", bad])
