@@ -22,6 +22,7 @@ import importlib
 import io
 import os
 import shlex
+import shutil
 import sys
 import time
 import traceback
@@ -212,18 +213,33 @@ def run_log(workdir: str, argv: list[str]):
     of a multi-process run writes logs/run.process_N.log."""
     process = os.environ.get("JAXALIGN_PROCESS_ID", "0")
     name = "run.log" if process == "0" else f"run.process_{process}.log"
+    created = not os.path.exists(workdir)
     os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
-    with open(os.path.join(workdir, "logs", name), "a", buffering=1) as log:
-        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} jaxalign {shlex.join(argv)}\n")
-        stdout, stderr = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(stdout, log), _Tee(stderr, log)
-        try:
-            yield
-        except BaseException:
-            log.write(traceback.format_exc())
-            raise
-        finally:
-            sys.stdout, sys.stderr = stdout, stderr
+    try:
+        with open(os.path.join(workdir, "logs", name), "a", buffering=1) as log:
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} jaxalign {shlex.join(argv)}\n")
+            stdout, stderr = sys.stdout, sys.stderr
+            sys.stdout, sys.stderr = _Tee(stdout, log), _Tee(stderr, log)
+            try:
+                yield
+            except BaseException:
+                log.write(traceback.format_exc())
+                raise
+            finally:
+                sys.stdout, sys.stderr = stdout, stderr
+    except BaseException:
+        if created and refused_before_claim(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def refused_before_claim(workdir: str) -> bool:
+    """Whether a failed run stopped before claiming `workdir` (no config.json: an experiment's own checks, such as
+    a batch that does not split over the mesh, refused it) and left nothing but its log there. A directory this run
+    created for nothing is then removed, so the corrected command starts clean; `--debug` shows the traceback."""
+    if os.path.exists(os.path.join(workdir, "config.json")):
+        return False
+    return all(entry == "logs" for entry in os.listdir(workdir))
 
 
 def run_experiment(name: str, workdir: str, overrides: list[str]) -> dict:

@@ -33,7 +33,12 @@ class FakeConfig:
 
 
 def fake_run(cfg: FakeConfig, workdir: str) -> dict:
-    """Prints, fails on request (steps=13), and returns scalars and non-scalars (only scalars are printed)."""
+    """Like a real experiment: its own checks (steps=7 is refused), then it claims the work directory (config.json);
+    prints, fails on request (steps=13), and returns scalars and non-scalars (only scalars are printed)."""
+    if cfg.steps == 7:
+        raise ValueError("seven steps do not split over the mesh")
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f)
     print(f"training for {cfg.steps} steps in {os.path.basename(workdir)}")
     if cfg.steps == 13:
         raise ValueError("unlucky number of steps")
@@ -115,6 +120,23 @@ def test_a_failing_run_is_one_error_line_and_its_traceback_goes_to_the_log(fake,
     assert err == "jaxalign: error: unlucky number of steps\n"
     log = (workdir / "logs" / "run.log").read_text()
     assert "Traceback" in log and "ValueError: unlucky number of steps" in log
+
+
+def test_a_refusal_before_the_claim_leaves_no_work_directory(fake, tmp_path, capsys):
+    """An experiment's own check that fails before it claims the directory: one error line, and the directory this
+    run created for its log is gone, so the corrected command starts clean."""
+    workdir = tmp_path / "w"
+    assert registry.main(["fake", "--workdir", str(workdir), "steps=7"]) == 2
+    assert capsys.readouterr().err == "jaxalign: error: seven steps do not split over the mesh\n"
+    assert not workdir.exists()
+
+
+def test_a_refusal_never_removes_a_directory_the_user_had(fake, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("mine")
+    assert registry.main(["fake", "--workdir", str(workdir), "steps=7"]) == 2
+    assert (workdir / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("override, fragment", [

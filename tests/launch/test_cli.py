@@ -187,9 +187,11 @@ def test_heads_not_divisible_by_the_tensor_axis(model_overrides, tmp_path):
 
 
 def test_batch_not_divisible_by_the_data_axis(tmp_path):
-    """Two data-parallel devices and an odd batch: exit 2, naming the batch key and the shard count."""
+    """Two data-parallel devices and an odd batch: exit 2, naming the batch key and the shard count, and no work
+    directory."""
     proc = jaxalign("run", "arith_dpo", "--workdir", str(tmp_path / "w"), "sft.batch_size=7", num_devices=2)
     assert_clean_error(proc, "sft.batch_size", "7", "2 batch shards")
+    assert not (tmp_path / "w").exists()  # refused before the claim: no work directory is left behind
 
 
 def _steps(directory: Path) -> list[int]:
