@@ -243,6 +243,11 @@ def _bad_utf8(line: str, line_offset: int) -> RowError | None:
 
     surrogateescape maps each undecodable byte b to the lone surrogate U+DC00+b, which valid UTF-8 can never
     produce, so the first such character is the first bad byte; its file offset lets a hex editor find it."""
+    try:
+        line.encode("utf-8")  # the common case, in C: no surrogate, nothing to find
+        return None
+    except UnicodeEncodeError:
+        pass
     for i, char in enumerate(line):
         if "\udc80" <= char <= "\udcff":
             column = len(line[:i].encode("utf-8", "surrogateescape"))
