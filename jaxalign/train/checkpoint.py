@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import logging
 import os
 import sys
 from typing import Any
@@ -433,11 +434,21 @@ def _is_closed_loop_noise(unraisable: Any) -> bool:
     return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
+class _OrphanedReadTasks(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports of orbax's read tasks (the report names the task's
+    coroutine and the file it is defined in)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("Task exception was never retrieved" in text and f"{os.sep}orbax{os.sep}" in text)
+
+
 def _silence_orphaned_reads() -> None:
     """After a failed restore, orbax has already closed its event loop while tensorstore's other reads are still in
-    flight; each one then reports "Event loop is closed" (or its own read error) through sys.unraisablehook, tens of
-    tracebacks burying the one error that matters. Drop exactly those reports from now on (the process is about to
-    stop with that error); everything else still reaches the previous hook."""
+    flight; each one then reports "Event loop is closed" (or its own read error) through sys.unraisablehook, or, when
+    its task is collected, through asyncio's "Task exception was never retrieved" log: tens of tracebacks burying the
+    one error that matters. Drop exactly those reports from now on (the process is about to stop with that error);
+    everything else still reaches the previous hook and asyncio's logger."""
     previous = sys.unraisablehook
     if getattr(previous, "_drops_closed_loop_noise", False):
         return
@@ -448,6 +459,7 @@ def _silence_orphaned_reads() -> None:
 
     hook._drops_closed_loop_noise = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_OrphanedReadTasks())
 
 
 def _params_first(path: str) -> tuple:
