@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import importlib
 import io
 import os
@@ -188,22 +189,31 @@ def configure(name: str, overrides: list[str]) -> tuple[Experiment, Any]:
 
 
 class _Tee(io.TextIOBase):
-    """A text stream that writes to several streams (the terminal and the run's log file)."""
+    """A text stream that writes to the terminal and to the run's log file. The log is a copy: when it cannot be
+    written (a full disk), the run says so once on the terminal and goes on without it, so the error the run then
+    meets (its next checkpoint or results file) is the one reported."""
 
-    def __init__(self, *streams):
-        self.streams = streams
+    def __init__(self, terminal, log):
+        self.terminal, self.log = terminal, log
 
     def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
+        self.terminal.write(text)
+        if self.log is not None:
+            try:
+                self.log.write(text)
+            except OSError as e:
+                self.log = None
+                self.terminal.write(f"jaxalign: warning: the run log stops here: {e.strerror}\n")
         return len(text)
 
     def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
+        self.terminal.flush()
+        if self.log is not None:
+            with contextlib.suppress(OSError):
+                self.log.flush()
 
     def isatty(self) -> bool:
-        return self.streams[0].isatty()
+        return self.terminal.isatty()
 
 
 @contextlib.contextmanager
@@ -223,7 +233,8 @@ def run_log(workdir: str, argv: list[str]):
             try:
                 yield
             except BaseException:
-                log.write(traceback.format_exc())
+                with contextlib.suppress(OSError):
+                    log.write(traceback.format_exc())
                 raise
             finally:
                 sys.stdout, sys.stderr = stdout, stderr
@@ -273,15 +284,17 @@ def check_mesh_fits(cfg: Any) -> None:
 
 
 def report_errors(command: Callable[[], Any], debug: bool = False) -> int:
-    """Run `command`; a bad configuration or value (ConfigError, ValueError) becomes one 'jaxalign: error:' line
-    on stderr and exit code 2 (the traceback is in the run's log, not on the terminal, unless `debug`), success
-    exit code 0."""
+    """Run `command`; a refusal (`refusal_line`) becomes one 'jaxalign: error:' line on stderr and exit code 2 (the
+    traceback is in the run's log, not on the terminal, unless `debug`), success exit code 0."""
     try:
         command()
-    except (ConfigError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - anything that is not a refusal is re-raised with its traceback
+        line = refusal_line(e)
+        if line is None:
+            raise
         if debug:
             traceback.print_exc(file=sys.stderr)
-        print(f"jaxalign: error: {error_line(e)}", file=sys.stderr)
+        print(f"jaxalign: error: {line}", file=sys.stderr)
         return 2
     return 0
 
@@ -291,17 +304,83 @@ def error_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def run_command(name: str, workdir: str, overrides: list[str], debug: bool = False) -> int:
-    """`jaxalign run NAME --workdir DIR [key=value ...]`: `run_experiment` with its errors reported; the exit code."""
-    return report_errors(lambda: run_experiment(name, workdir, overrides), debug)
+# Write failures that are the machine's state, not a bug: the user fixes them and re-runs.
+WRITE_FAILURES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+                  errno.EFBIG: "free some space", errno.EROFS: "choose a writable --workdir",
+                  errno.EACCES: "choose a writable --workdir", errno.EPERM: "choose a writable --workdir"}
+
+
+def write_failure(error: BaseException | None) -> OSError | None:
+    """The full-disk, read-only or permission OSError behind `error` (itself, or its cause or context, as when a
+    checkpointing library wraps it), if there is one."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in WRITE_FAILURES:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def refusal_line(error: BaseException) -> str | None:
+    """The one line a refused command prints, or None for an error that deserves its traceback: a bad configuration
+    or value (ConfigError, ValueError) is its own message; a full disk, a read-only or unwritable directory names
+    the file, the reason and what to do (the checkpoints already saved are complete: saves are atomic)."""
+    if isinstance(error, (ConfigError, ValueError)):
+        return error_line(error)
+    failure = write_failure(error)
+    if failure is None:
+        return None
+    where = failure.filename if failure.filename is not None else "a file of the run"
+    advice = WRITE_FAILURES[failure.errno]
+    then = (", then re-run the same command: it resumes from the last complete checkpoint"
+            if advice == "free some space" else "")
+    return error_line(OSError(f"cannot write {where}: {failure.strerror} ({errno.errorcode[failure.errno]}); "
+                              f"{advice}{then}"))
+
+
+def run_command(name: str, workdir: str, overrides: list[str], debug: bool = False,
+                on_nonfinite: str | None = None) -> int:
+    """`jaxalign run NAME --workdir DIR [--on-nonfinite P] [key=value ...]`: `run_experiment` with its errors
+    reported; the exit code."""
+    return report_errors(lambda: run_experiment(name, workdir, run_overrides(name, overrides, on_nonfinite)), debug)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The arguments of a run: NAME, --workdir DIR and key=value overrides (shared with `jaxalign run`)."""
+    """The arguments of a run: NAME, --workdir DIR, --on-nonfinite and key=value overrides (shared with `jaxalign
+    run`)."""
     parser.add_argument("name")
     parser.add_argument("--workdir", required=True)
+    parser.add_argument("--on-nonfinite", choices=("stop", "skip-batch"), default=None,
+                        help="what every training phase does with a batch whose loss or gradient norm is not finite: "
+                             "stop the run (the default) or skip the batch's update and count it; sets every "
+                             "phase's on_nonfinite field, so it is recorded in config.json")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (dotted keys for nested fields)")
     return parser
+
+
+def fields_named(cfg: Any, name: str, prefix: str = "") -> list[str]:
+    """The dotted paths of every field called `name` in a config dataclass tree."""
+    paths = []
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if field.name == name:
+            paths.append(prefix + field.name)
+        elif dataclasses.is_dataclass(value):
+            paths += fields_named(value, name, f"{prefix}{field.name}.")
+    return paths
+
+
+def run_overrides(name: str, overrides: list[str], on_nonfinite: str | None) -> list[str]:
+    """The overrides of a run: `--on-nonfinite=P` is `PHASE.on_nonfinite=P` for every phase of the experiment that
+    has the setting (written before the user's own, which may still set one phase differently)."""
+    if on_nonfinite is None:
+        return list(overrides)
+    paths = fields_named(get_experiment(name).default_config(), "on_nonfinite")
+    if not paths:
+        raise ValueError(f"experiment {name!r} has no training phase with an on_nonfinite setting; "
+                         f"--on-nonfinite applies to the LM phases (e.g. arith_dpo, dpo_files)")
+    return [f"{path}={on_nonfinite}" for path in paths] + list(overrides)
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -315,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = add_debug_argument(add_run_arguments(argparse.ArgumentParser(
         prog="python -m jaxalign.registry", description="run (or resume) a registered experiment in a work directory")))
     args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    return run_command(args.name, args.workdir, list(args.overrides) + extra, args.debug)
+    return run_command(args.name, args.workdir, list(args.overrides) + extra, args.debug, args.on_nonfinite)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ serialiser; it dumps with allow_nan=False after sanitising, so nothing non-stric
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -176,9 +177,14 @@ def write_json_atomic(path: str, payload: Any) -> None:
     """Write strict JSON (module docstring) to a per-process temporary file and rename, so readers never see a
     half-written file."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(strict_json_text(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(strict_json_text(payload, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
+    except OSError as e:  # A full disk: no half-written temporary left behind, and the error names the real file.
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(e.errno, e.strerror, path) from e
 
 
 def load_json(path: str) -> Any | None:
@@ -220,6 +226,7 @@ def claim(cfg: Any, workdir: str) -> None:
     current = json_normalise(cfg if isinstance(cfg, dict) else config_to_dict(cfg))
     saved = load_json(path)
     if saved is not None:
+        saved = with_added_defaults(saved, cfg)
         difference = first_json_difference(without_presentation_fields(saved), without_presentation_fields(current))
         if difference:
             field, before, now = difference
@@ -228,6 +235,25 @@ def claim(cfg: Any, workdir: str) -> None:
                 f"{show_json_value(now)}; resume with the same overrides or use a new --workdir"
             )
     write_json_atomic(path, current)
+
+
+def with_added_defaults(saved: Any, cfg: Any) -> Any:
+    """`saved` (a config.json) with the fields a newer version of the config dataclass added filled in, where this
+    run leaves them at their defaults: such a run is the run the directory recorded, so it resumes; a run that sets
+    a new field differently is still refused by `claim`."""
+    if not (dataclasses.is_dataclass(cfg) and isinstance(saved, dict)):
+        return saved
+    out = dict(saved)
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if field.name in out:
+            out[field.name] = with_added_defaults(out[field.name], value)
+            continue
+        default = (field.default if field.default is not dataclasses.MISSING else
+                   field.default_factory() if field.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if default is not dataclasses.MISSING and value == default:
+            out[field.name] = json_normalise(config_to_dict(value) if dataclasses.is_dataclass(value) else value)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,8 +272,13 @@ def save_arrays(path: str, arrays: dict[str, np.ndarray], stats: dict) -> None:
     """Atomically (per-process temporary file + rename) store named arrays and a JSON dict of their statistics."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.npz"  # per process: processes sharing a workdir may save the same file
-    np.savez(tmp, stats=strict_json_text(stats), **arrays)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, stats=strict_json_text(stats), **arrays)
+        os.replace(tmp, path)
+    except OSError as e:  # as in write_json_atomic
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(e.errno, e.strerror, path) from e
 
 
 def load_arrays(path: str) -> tuple[dict[str, np.ndarray], dict] | None:

@@ -24,14 +24,14 @@ import importlib
 import sys
 import traceback
 
-from jaxalign.overrides import ConfigError
-from jaxalign.registry import EXPERIMENTS, add_debug_argument, add_run_arguments, configure, error_line, run_command
+from jaxalign.registry import (EXPERIMENTS, add_debug_argument, add_run_arguments, configure, refusal_line,
+                               run_command)
 from launch.sweep import add_arguments as add_sweep_arguments
 from launch.sweep import command as sweep_command
 
 
 def _run(args) -> int:
-    return run_command(args.name, args.workdir, args.overrides, args.debug)
+    return run_command(args.name, args.workdir, args.overrides, args.debug, args.on_nonfinite)
 
 
 def _local(args) -> int:
@@ -145,10 +145,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return data_command(args)
         return _bench(args)
-    except (ConfigError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - anything that is not a refusal is re-raised with its traceback
+        line = refusal_line(e)
+        if line is None:
+            raise
         if args.debug:
             traceback.print_exc(file=sys.stderr)
-        print(f"jaxalign: error: {error_line(e)}", file=sys.stderr)
+        print(f"jaxalign: error: {line}", file=sys.stderr)
         return 2
 
 

@@ -66,7 +66,7 @@ from jaxalign.logprobs import masked_token_logprobs
 from jaxalign.models.heads import state_values
 from jaxalign.models.llama import DecoderLM, ModelConfig
 from jaxalign.sampling import SamplingConfig, generate
-from jaxalign.train.loop import MetricsLog, to_python
+from jaxalign.train.loop import MetricsLog, stop_if_diverged, to_python
 from jaxalign.train.optim import OptimConfig, make_optimizer
 from jaxalign.train.state import TrainState
 from rl.returns import generalized_advantage_estimation, shifted_next_values
@@ -542,6 +542,9 @@ def train_lm_ppo(state: TrainState, reference_params: Any, prompts: ArrayDataset
         records.append(record)
         if metrics_log is not None:
             metrics_log.write(record)
-        if checkpointer is not None and ((u + 1) % checkpoint_every == 0 or u + 1 == cfg.num_updates):
+        saving = checkpointer is not None and ((u + 1) % checkpoint_every == 0 or u + 1 == cfg.num_updates)
+        stop_if_diverged(record, desc, u + 1, checkpointer, state.params if saving else None, unit="update",
+                         checked="checked every update and before each save")
+        if saving:
             checkpointer.save(state, force=True)
     return state, records

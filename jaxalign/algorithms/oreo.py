@@ -58,7 +58,7 @@ from jaxalign.models.heads import (
 )
 from jaxalign.models.llama import DecoderLM, ModelConfig
 from jaxalign.sampling import SamplingConfig, generate
-from jaxalign.train.loop import MetricsLog, to_python
+from jaxalign.train.loop import MetricsLog, stop_if_diverged, to_python
 from jaxalign.train.optim import OptimConfig, make_optimizer
 from jaxalign.train.state import TrainState
 
@@ -397,12 +397,16 @@ def train_oreo(actor_state: TrainState, critic_state: TrainState, reference_para
         actor_state = actor_state.replace(data=position)
         critic_state = critic_state.replace(data=position)
         done = step + 1
+        record = None
         if done % log_every == 0 or done == cfg.steps:
             record = dict(to_python(metrics), step=done, phase=desc)
             records.append(record)
             if metrics_log is not None:
                 metrics_log.write(record)
-        if checkpointers is not None:
+            stop_if_diverged(record, desc, done, checkpointers[0] if checkpointers else None)
+        if checkpointers is not None and any(c.due(done, force=done == cfg.steps) for c in checkpointers):
+            params = {"actor": actor_state.params, "critic": critic_state.params}
+            stop_if_diverged(record or to_python(metrics), desc, done, checkpointers[0], params)
             for ckpt, state in zip(checkpointers, (actor_state, critic_state)):
                 ckpt.save(state, force=done == cfg.steps)
     return actor_state, critic_state, records

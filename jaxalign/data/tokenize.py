@@ -20,10 +20,14 @@ trajectory     tokens, attention_mask, completion_mask, step_end_mask (1 on each
                reward [N] float32
 =============  =====================================================================================================
 
-Chat rows: the prompt is rendered with the template and `add_generation_prompt=True`; the completion is what the
-full conversation's rendering adds after that (TRL's convention), so the template's own end-of-turn tokens are
-trained on and the prompt tokens are identical for chosen and rejected. A template whose rendering of the prompt is
-not a prefix of the full conversation's is an error for that row.
+Chat rows are rendered and tokenized by transformers' `apply_chat_template` on the same tokenizer files (the
+maintained implementation; tests/jaxalign/data/test_chat_templates.py checks Llama 3.1, Qwen2.5, Gemma and Mistral
+templates against it token for token). The prompt is the conversation with `add_generation_prompt=True`; the
+completion is what the full conversation's tokens add after the prompt's (TRL's convention), so the template's own
+end-of-turn tokens are trained on and the prompt tokens are identical for chosen and rejected. A template whose
+prompt tokens are not a prefix of the full conversation's is an error for that row. When the template marks the
+assistant's output with `{% generation %}` blocks, `completion_mask` is 1 only on the completion's tokens inside
+them (transformers' assistant-token mask), so text the template adds around the reply is context, not target.
 
 EOS (`eos`): "auto" appends the EOS id to plain-text completions and trajectories (a chat template ends the turn
 itself, and a step is not the end of a response), "always" and "never" do what they say; an EOS is never doubled.
@@ -45,6 +49,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -66,7 +71,8 @@ class TextTokenizer:
     """What the data pipeline needs from a tokenizer; `encode` never adds special tokens by itself.
 
     `add_bos`: prepend `bos_id` to plain-text prompts (chat templates write their own BOS text).
-    `template_vars`: the special-token strings a chat template may read (bos_token, eos_token, ...).
+    `chat_backend`: a zero-argument function returning the transformers tokenizer of the same files, which renders
+    and tokenizes chat rows (loaded on first use, once per process).
     `fingerprint`: sha256 of everything that decides token ids, for cache keys and checkpoint metadata.
     """
 
@@ -76,7 +82,7 @@ class TextTokenizer:
     bos_id: int | None = None
     add_bos: bool = False
     chat_template: str | None = None
-    template_vars: tuple[tuple[str, str], ...] = ()
+    chat_backend: Any = None
     fingerprint: str = ""
 
     def encode(self, text: str) -> list[int]:
@@ -160,41 +166,75 @@ def load_hf_tokenizer(path: str) -> TextTokenizer:
     with open(tokenizer_file, "rb") as f:
         digest.update(f.read())
     digest.update(json.dumps([eos_id, pad_id, bos_id, add_bos, template, template_vars]).encode())
+    if template is not None:  # Chat rows are tokenized by transformers since this marker; older caches re-tokenize.
+        digest.update(b"chat: transformers apply_chat_template, token-level prefix")
+    config_path = config_file if os.path.isfile(config_file) else None
     return TextTokenizer(
         encode_fn=lambda text: tok.encode(text, add_special_tokens=False).ids, eos_id=eos_id,
         pad_id=eos_id if pad_id is None else pad_id, bos_id=bos_id, add_bos=add_bos, chat_template=template,
-        template_vars=template_vars, fingerprint=digest.hexdigest())
+        chat_backend=functools.partial(_transformers_tokenizer, os.path.abspath(tokenizer_file), config_path,
+                                       template),
+        fingerprint=digest.hexdigest())
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled_template(source: str):
-    """Chat templates are Jinja, run sandboxed (they come with downloaded models) with the usual HF helpers."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                       extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
+@functools.lru_cache(maxsize=8)
+def _transformers_tokenizer(tokenizer_file: str, config_file: str | None, template: str | None):
+    """The same files loaded by transformers, whose `apply_chat_template` renders chat rows: the maintained
+    implementation (sandboxed Jinja with the Hugging Face helpers: strftime_now, raise_exception, tojson's
+    arguments, `{% generation %}` blocks), so a conversation gets exactly the tokens transformers gives it."""
+    from transformers import PreTrainedTokenizerFast  # Only chat rows pay for the import.
+
+    config = {}
+    if config_file is not None:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    special = {k: _token_string(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    return PreTrainedTokenizerFast(tokenizer_file=tokenizer_file, chat_template=template,
+                                   **{k: v for k, v in special.items() if v is not None})
+
+
+def _template_error(field: str, error: Exception) -> RowError:
+    return RowError(field, "chat template error", f"the chat template refused field '{field}': {error}")
+
+
+def _require_template(tok: TextTokenizer, field: str) -> None:
+    if tok.chat_template is None or tok.chat_backend is None:
+        raise RowError(field, "no chat template",
+                       f"field '{field}' is a message list but the tokenizer has no chat_template "
+                       "(tokenizer_config.json or chat_template.jinja)")
 
 
 def render_chat(tok: TextTokenizer, messages: list[dict], add_generation_prompt: bool, field: str = "prompt") -> str:
     """The text of `messages` under the tokenizer's chat template; RowError if there is none or it refuses."""
-    if tok.chat_template is None:
-        raise RowError(field, "no chat template",
-                       f"field '{field}' is a message list but the tokenizer has no chat_template "
-                       "(tokenizer_config.json)")
+    _require_template(tok, field)
     import jinja2
 
     try:
-        return _compiled_template(tok.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **dict(tok.template_vars))
-    except jinja2.exceptions.TemplateError as e:
-        raise RowError(field, "chat template error", f"the chat template refused field '{field}': {e}") from None
+        return tok.chat_backend().apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+    except (jinja2.exceptions.TemplateError, ValueError, TypeError) as e:
+        raise _template_error(field, e) from None
+
+
+def chat_ids(tok: TextTokenizer, messages: list[dict], add_generation_prompt: bool,
+             field: str = "prompt") -> tuple[list[int], list[int] | None]:
+    """Token ids of `messages` under the chat template, as transformers' `apply_chat_template(tokenize=True)` gives
+    them, and its assistant-token mask (1 inside the template's `{% generation %}` blocks) when the template has
+    such blocks, else None."""
+    _require_template(tok, field)
+    import jinja2
+
+    with_mask = bool(_GENERATION_TAG.search(tok.chat_template))
+    try:
+        out = tok.chat_backend().apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                     add_generation_prompt=add_generation_prompt,
+                                                     return_assistant_tokens_mask=with_mask)
+    except (jinja2.exceptions.TemplateError, ValueError, TypeError) as e:
+        raise _template_error(field, e) from None
+    return list(out["input_ids"]), (list(out["assistant_masks"]) if with_mask else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,11 +267,13 @@ class TokenizeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    """One sequence: prompt ids, completion ids and (trajectories) the completion-relative step ends."""
+    """One sequence: prompt ids, completion ids, (trajectories) the completion-relative step ends, and (chat
+    templates with generation blocks) which completion tokens are trained on; None means all of them."""
 
     prompt: tuple[int, ...]
     completion: tuple[int, ...]
     step_ends: tuple[int, ...] = ()
+    trained: tuple[int, ...] | None = None
 
 
 def _encode(tok: TextTokenizer, text: str, field: str) -> list[int]:
@@ -255,22 +297,27 @@ def prompt_text(tok: TextTokenizer, prompt: Any) -> str:
     return render_chat(tok, prompt, add_generation_prompt=True) if _is_chat(prompt) else prompt
 
 
-def prompt_ids(tok: TextTokenizer, text: str, chat: bool) -> list[int]:
-    bos = [tok.bos_id] if tok.add_bos and not chat else []
-    return bos + _encode(tok, text, "prompt")
+def prompt_ids(tok: TextTokenizer, prompt: Any) -> list[int]:
+    """A prompt's ids: [BOS] + its text, or the chat template's tokens up to the assistant's generation prompt."""
+    if _is_chat(prompt):
+        return chat_ids(tok, prompt, add_generation_prompt=True)[0]
+    return ([tok.bos_id] if tok.add_bos else []) + _encode(tok, prompt, "prompt")
 
 
-def completion_ids(tok: TextTokenizer, prompt: Any, completion: Any, field: str, cfg: TokenizeConfig) -> list[int]:
-    """A completion's ids: plain text (+ EOS under "auto"), or the text the template adds for the chat turn."""
+def completion_piece(tok: TextTokenizer, prompt: Any, completion: Any, field: str, cfg: TokenizeConfig) -> Piece:
+    """The prompt's ids and a completion's: plain text (+ EOS under "auto"), or the tokens the chat template adds for
+    the assistant's turn (with its generation mask, if the template has one)."""
+    p = prompt_ids(tok, prompt)
     if not _is_chat(completion):
-        return _with_eos(tok, _encode(tok, completion, field), True, cfg)
-    start = prompt_text(tok, prompt)
-    full = render_chat(tok, list(prompt) + list(completion), add_generation_prompt=False, field=field)
-    if not full.startswith(start):
+        return Piece(tuple(p), tuple(_with_eos(tok, _encode(tok, completion, field), True, cfg)))
+    full, mask = chat_ids(tok, list(prompt) + list(completion), add_generation_prompt=False, field=field)
+    if full[: len(p)] != p:
         raise RowError(field, "chat template: prompt not a prefix",
-                       f"the chat template's rendering of the prompt is not a prefix of the conversation with "
+                       f"the chat template's tokens of the prompt are not a prefix of the conversation with "
                        f"field '{field}', so the completion cannot be separated")
-    return _with_eos(tok, _encode(tok, full[len(start):], field), False, cfg)
+    ids = _with_eos(tok, full[len(p):], False, cfg)
+    trained = None if mask is None else tuple(mask[len(p):]) + (1,) * (len(ids) - (len(full) - len(p)))
+    return Piece(tuple(p), tuple(ids), trained=trained)
 
 
 def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -284,8 +331,8 @@ def split_two_column(tok: TextTokenizer, chosen: Any, rejected: Any, cfg: Tokeni
     """Chosen and rejected without a prompt: the prompt is their shared token prefix, the rest the completions."""
     def whole(value, field):
         if _is_chat(value):
-            return _encode(tok, render_chat(tok, value, add_generation_prompt=False, field=field), field), False
-        return prompt_ids(tok, value, chat=False), True
+            return chat_ids(tok, value, add_generation_prompt=False, field=field)[0], False
+        return prompt_ids(tok, value), True
 
     (a, text_a), (b, text_b) = whole(chosen, "chosen"), whole(rejected, "rejected")
     if a == b:
@@ -320,9 +367,11 @@ def fit(piece: Piece, cfg: TokenizeConfig, field: str, counts: collections.Count
     if not prompt:
         raise RowError("prompt", "prompt: empty", "the prompt is empty after tokenization; a causal LM needs at "
                                                   "least one token before the completion")
-    if not completion:
-        raise RowError(field, f"{field}: empty", f"field '{field}' is empty after tokenization")
-    return Piece(prompt, completion, tuple(e for e in piece.step_ends if e < len(completion)))
+    trained = None if piece.trained is None else piece.trained[: len(completion)]
+    if not completion or (trained is not None and not any(trained)):
+        raise RowError(field, f"{field}: empty", f"field '{field}' is empty after tokenization"
+                       + ("" if not completion else " (no token of it is inside the template's generation blocks)"))
+    return Piece(prompt, completion, tuple(e for e in piece.step_ends if e < len(completion)), trained)
 
 
 def _layout(pieces: Sequence[Piece], tok: TextTokenizer, length: int) -> dict[str, np.ndarray]:
@@ -334,7 +383,7 @@ def _layout(pieces: Sequence[Piece], tok: TextTokenizer, length: int) -> dict[st
         ids = p.prompt + p.completion
         tokens[i, : len(ids)] = ids
         attention[i, : len(ids)] = 1
-        completion[i, len(p.prompt) : len(ids)] = 1
+        completion[i, len(p.prompt) : len(ids)] = 1 if p.trained is None else p.trained
         for e in p.step_ends:
             step_end[i, len(p.prompt) + e] = 1
     return {"tokens": tokens, "attention_mask": attention, "completion_mask": completion, "step_end_mask": step_end}
@@ -347,26 +396,25 @@ def _layout(pieces: Sequence[Piece], tok: TextTokenizer, length: int) -> dict[st
 def _pair_pieces(tok, record, cfg):
     if "prompt" not in record:
         return split_two_column(tok, record["chosen"], record["rejected"], cfg)
-    chat = _is_chat(record["prompt"])
-    p = tuple(prompt_ids(tok, prompt_text(tok, record["prompt"]), chat))
-    return tuple(Piece(p, tuple(completion_ids(tok, record["prompt"], record[side], side, cfg)))
-                 for side in ("chosen", "rejected"))
+    return tuple(completion_piece(tok, record["prompt"], record[side], side, cfg) for side in ("chosen", "rejected"))
 
 
 def _step_pieces(tok, record, cfg):
-    chat = _is_chat(record["prompt"])
-    sep = cfg.step_separator
-    text = prompt_text(tok, record["prompt"]) + "".join(step + sep for step in record["prefix"])
-    p = tuple(prompt_ids(tok, text, chat))
-    return tuple(Piece(p, tuple(_with_eos(tok, _encode(tok, record[side], side), False, cfg)))
+    """The prompt is the question plus the earlier steps (each followed by the separator); the completion the step.
+    A chat question keeps the template's tokens, and the steps' tokens follow them, as they would in generation."""
+    steps = "".join(step + cfg.step_separator for step in record["prefix"])
+    if _is_chat(record["prompt"]):
+        p = prompt_ids(tok, record["prompt"]) + _encode(tok, steps, "prefix")
+    else:
+        p = prompt_ids(tok, record["prompt"] + steps)
+    return tuple(Piece(tuple(p), tuple(_with_eos(tok, _encode(tok, record[side], side), False, cfg)))
                  for side in ("chosen", "rejected"))
 
 
 def _trajectory_piece(tok, record, cfg):
     """Each step is tokenized on its own (with the separator after all but the last), so the step boundaries
     are exact token positions; under "auto" the EOS closes the last step."""
-    chat = _is_chat(record["prompt"])
-    p = tuple(prompt_ids(tok, prompt_text(tok, record["prompt"]), chat))
+    p = tuple(prompt_ids(tok, record["prompt"]))
     steps, ids, ends = record["steps"], [], []
     for i, step in enumerate(steps):
         last = i == len(steps) - 1
@@ -387,16 +435,12 @@ def _tokenize_row(format: str, tok: TextTokenizer, record: dict, cfg: TokenizeCo
         pieces = (_pair_pieces if format == "pairwise" else _step_pieces)(tok, record, cfg)
         return [fit(pieces[0], cfg, "chosen", counts), fit(pieces[1], cfg, "rejected", counts)], {}
     if format == "unpaired":
-        chat = _is_chat(record["prompt"])
-        p = tuple(prompt_ids(tok, prompt_text(tok, record["prompt"]), chat))
-        c = tuple(completion_ids(tok, record["prompt"], record["completion"], "completion", cfg))
-        return [fit(Piece(p, c), cfg, "completion", counts)], {"label": int(record["label"])}
+        piece = completion_piece(tok, record["prompt"], record["completion"], "completion", cfg)
+        return [fit(piece, cfg, "completion", counts)], {"label": int(record["label"])}
     if format == "trajectory":
         return [fit(_trajectory_piece(tok, record, cfg), cfg, "steps", counts)], {"reward": record["reward"]}
     if format == "ranked":
-        chat = _is_chat(record["prompt"])
-        p = tuple(prompt_ids(tok, prompt_text(tok, record["prompt"]), chat))
-        pieces = [fit(Piece(p, tuple(completion_ids(tok, record["prompt"], c, f"completions[{k}]", cfg))), cfg,
+        pieces = [fit(completion_piece(tok, record["prompt"], c, f"completions[{k}]", cfg), cfg,
                       f"completions[{k}]", counts) for k, c in enumerate(record["completions"])]
         return pieces, {"scores": record["scores"]}
     raise ValueError(f"unknown data format {format!r}; expected one of {formats.FORMATS}")
@@ -478,5 +522,5 @@ def tokenize_records(format: str, records: Sequence[dict], tok: TextTokenizer, c
 
 
 __all__ = ["EOS_POLICIES", "ON_OVERFLOW", "PROMPT_TRUNCATION", "Piece", "TextTokenizer", "TokenizeConfig",
-           "TokenizedData", "char_tokenizer", "fit", "load_hf_tokenizer", "render_chat", "shared_prefix_length",
+           "TokenizedData", "char_tokenizer", "chat_ids", "completion_piece", "fit", "load_hf_tokenizer", "render_chat", "shared_prefix_length",
            "split_two_column", "tokenize_records"]

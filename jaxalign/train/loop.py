@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Iterable
 
@@ -130,6 +131,26 @@ def divergence_message(phase: str, step: int, what: str, checkpointer, unit: str
     return f"phase {phase!r} diverged: {what} at {unit} {step} ({checked}; nothing non-finite was saved); {resume}"
 
 
+def is_watched(key: str) -> bool:
+    """Metrics whose non-finite value is a divergence in any trainer: losses and gradient norms, whatever their
+    prefix ("loss", "critic/grad_norm", "policy_grad_norm", "oreo/policy_loss")."""
+    name = key.rsplit("/", 1)[-1]
+    return name in WATCHED_METRICS or name.endswith(("_loss", "_grad_norm"))
+
+
+def stop_if_diverged(record: dict, phase: str, step: int, checkpointer, params: Any = None,
+                     unit: str = "step", checked: str = "checked at log steps and before each save") -> None:
+    """Raise `DivergenceError` (naming the phase, the step, the value and the last good checkpoint) when a watched
+    metric of `record` is non-finite, or when `params` (checked only where given: it costs a device reduction) holds
+    a non-finite value. Trainers that do not use `train_loop` call this at their log steps and before every save."""
+    bad = first_nonfinite(record, tuple(k for k in record if is_watched(k)))
+    what = None if bad is None else f"{bad[0]} = {bad[1]}"
+    if what is None and params is not None and not all_finite(params):
+        what = "the parameters are non-finite"
+    if what is not None:
+        raise DivergenceError(divergence_message(phase, step, what, checkpointer, unit, checked))
+
+
 def _copy_state(state):
     """A copy of `state` that survives the step donating its buffers."""
     return jax.tree_util.tree_map(lambda x: x.copy(), state)
@@ -170,7 +191,7 @@ def train_loop(
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got {on_nonfinite!r}")
     skip = on_nonfinite == "skip-batch"
-    skipped = 0
+    skipped = skipped_total = 0
     position = jax.device_get(state.data)
     start = int(jax.device_get(state.step))
     process_index, process_count = process_batch_block(mesh, batch_size)  # the rows this process loads
@@ -185,6 +206,7 @@ def train_loop(
         state, metrics = step_fn(state, frozen, put_batch(host_batch, mesh), position)
         if skip and first_nonfinite(to_python({k: metrics[k] for k in WATCHED_METRICS if k in metrics})):
             state, skipped = before.replace(step=state.step, data=state.data), skipped + 1
+            skipped_total += 1
         extra = {}
         for hook in hooks:
             extra.update(hook(state, metrics) or {})
@@ -209,6 +231,9 @@ def train_loop(
             checkpointer.save(state, force=force)
         bar.update(1)
     bar.close()
+    if skipped_total:  # counted in the metrics per record; the total once, where the user looks
+        print(f"jaxalign: warning: phase '{desc}' skipped {skipped_total} of its {num_steps - start} batches for a "
+              f"non-finite loss or gradient norm (on_nonfinite=skip-batch)", file=sys.stderr)
     if checkpointer is not None:
         checkpointer.wait()
     return state

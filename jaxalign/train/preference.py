@@ -33,7 +33,7 @@ from jaxalign.models.llama import DecoderLM, ModelConfig
 from jaxalign.models.lora import LoraConfig, merge_lora
 from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer
 from jaxalign.train.listwise import cached_list_reference_logprobs, listwise_loss_fn
-from jaxalign.train.loop import MetricsLog, train_loop
+from jaxalign.train.loop import ON_NONFINITE, MetricsLog, train_loop
 from jaxalign.train.optim import OptimConfig, make_optimizer
 from jaxalign.train.reference import ReferenceSync, cached_reference_logprobs
 from jaxalign.train.setup import sharded_lora_train_state, sharded_train_state
@@ -77,6 +77,8 @@ class PreferenceConfig:
         every step) or "sync" (TR-DPO: every `sync_every` steps ref <- sync_alpha * policy + (1 - sync_alpha) * ref).
     eval_every: the caller's evaluation runs (and, with select_best, a checkpoint is kept) every this many steps.
     select_best: return the evaluated checkpoint with the best metric instead of the last one.
+    on_nonfinite: "stop" (a non-finite loss or gradient norm stops the phase, naming the last good checkpoint) or
+        "skip-batch" (the batch's update is skipped and counted; `jaxalign run --on-nonfinite=skip-batch`).
     """
 
     steps: int = 100
@@ -95,6 +97,7 @@ class PreferenceConfig:
     reference_cache_dir: str = ""
     sync_every: int = 50
     sync_alpha: float = 0.6
+    on_nonfinite: str = "stop"
 
     def __post_init__(self):
         check_beta(self.beta)
@@ -107,6 +110,7 @@ class PreferenceConfig:
         check_int("dpo", "sync_every", self.sync_every, minimum=0)
         check_number("dpo", "sync_alpha", self.sync_alpha, low=0, high=1, low_open=True)
         check_choice("dpo", "reference", self.reference, REFERENCE_MODES)
+        check_choice("dpo", "on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         if self.reference == "sync":
             ReferenceSync(self.sync_every, self.sync_alpha)  # validates both
         objective_kwargs(self)  # validates the objective name and its arguments now, not after an SFT phase
@@ -314,6 +318,7 @@ def train_preference(cfg: PreferenceConfig, *, model_cfg: ModelConfig, mesh, ini
             state=state, step_fn=step_fn, frozen=frozen, dataset=data, batch_size=batch_size, num_steps=cfg.steps,
             seed=seed + 1, mesh=mesh, checkpointer=ckpt, metrics_log=log, desc=phase, log_every=log_every,
             hooks=(evaluate_hook,), token_keys=token_keys, show_progress=show_progress,
+            on_nonfinite=cfg.on_nonfinite,
         )
         last = policy(state.params)
         if history[-1]["step"] != cfg.steps:  # a finished run re-run whose last evaluation was not logged

@@ -38,3 +38,42 @@ def run_arith(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
     entry = [str(script)] if script.exists() else [sys.executable, "-m", "launch.cli"]
     return subprocess.run(entry + ["run", "arith_dpo", "--workdir", str(workdir), *overrides], cwd=ROOT,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=240)
+
+
+# A child process whose writes under WORKDIR fail as a read-only file system or a full disk would fail them: Python's
+# `open` for writing and `os.makedirs` raise OSError(ERRNO) for paths under WORKDIR containing PATTERN. Then
+# `jaxalign ARGS...` runs in it exactly as from the shell.
+_FAILING_WRITES = """
+import builtins, io, os, sys
+workdir, code, pattern = os.path.abspath(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+real_open, real_makedirs = builtins.open, os.makedirs
+
+def refused(path):
+    path = os.path.abspath(os.fsdecode(path))
+    return path.startswith(workdir) and pattern in path
+
+def fail(path):
+    raise OSError(code, os.strerror(code), os.fsdecode(path))
+
+def open_(file, mode="r", *args, **kwargs):
+    if isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wax+") and refused(file):
+        fail(file)
+    return real_open(file, mode, *args, **kwargs)
+
+def makedirs(name, *args, **kwargs):
+    if refused(name) and not os.path.isdir(name):
+        fail(name)
+    return real_makedirs(name, *args, **kwargs)
+
+builtins.open = io.open = open_
+os.makedirs = makedirs
+from launch.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def run_with_failing_writes(workdir: Path, code: int, pattern: str, *args: str) -> subprocess.CompletedProcess:
+    """`jaxalign ARGS...` in a child process whose writes under `workdir` matching `pattern` fail with errno `code`."""
+    return subprocess.run([sys.executable, "-c", _FAILING_WRITES, str(workdir), str(code), pattern, *args],
+                          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=240)

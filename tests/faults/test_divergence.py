@@ -5,6 +5,7 @@ harness with an update that makes the parameters NaN, and the real command line 
 """
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -135,3 +136,23 @@ def test_a_diverging_run_exits_with_one_line_and_only_finite_checkpoints(tmp_pat
     again = run_arith(tmp_path, *DIVERGING)  # resumes from the last good step and diverges again
     assert again.returncode == 2 and "diverged" in again.stderr, again.stderr[-4000:]
     assert tree_digest(tmp_path / "checkpoints") == before
+
+
+def test_on_nonfinite_skip_batch_is_an_explicit_recorded_and_counted_opt_in(tmp_path):
+    """`--on-nonfinite=skip-batch` sets every LM phase's on_nonfinite (recorded in config.json, so a resume without
+    the flag is refused as another run); the diverging SFT phase then skips its non-finite batches, counts them in
+    metrics.jsonl and says how many on stderr, and saves only finite checkpoints."""
+    proc = run_arith(tmp_path, "--on-nonfinite=skip-batch", *DIVERGING, "dpo.steps=2")
+    assert "diverged" not in proc.stderr, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["sft"]["on_nonfinite"] == config["dpo"]["on_nonfinite"] == "skip-batch"
+    sft = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["phase"] == "sft"]
+    skipped = sum(r["skipped_batches"] for r in sft)
+    assert skipped > 0 and f"phase 'sft' skipped {skipped} of its 30 batches" in proc.stderr, proc.stderr[-3000:]
+    for step_dir in (tmp_path / "checkpoints" / "sft").iterdir():
+        tree = ocp.StandardCheckpointer().restore(step_dir / "state")
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(tree["params"]))
+
+    again = run_arith(tmp_path, *DIVERGING, "dpo.steps=2")  # without the flag: another run
+    assert again.returncode == 2 and "on_nonfinite='skip-batch', but this run has 'stop'" in again.stderr, \
+        again.stderr[-2000:]

@@ -58,6 +58,19 @@ def test_claim_refuses_another_config_naming_the_first_differing_field(tmp_path)
     assert (tmp_path / "config.json").read_bytes() == before  # the refused run changed nothing
 
 
+def test_claim_resumes_a_directory_written_before_a_field_was_added_only_at_its_default(tmp_path):
+    """A config.json from an older version lacks a field added since (`inner.beta` here): a run that leaves the
+    field at its default is that run and resumes; one that sets it is another run and is refused."""
+    (tmp_path / "config.json").write_text(json.dumps({"seed": 0, "inner": {"show_progress": True},
+                                                      "eval_batch_size": 8}))
+    with pytest.raises(ValueError, match=r"inner\.beta=absent, but this run has 0\.5"):
+        claim(Outer(inner=Inner(beta=0.5)), str(tmp_path))
+    claim(Outer(), str(tmp_path))
+    assert load_json(RunDir(str(tmp_path)).config)["inner"] == {"beta": 0.1, "show_progress": True}
+    with pytest.raises(ValueError, match=r"seed=0, but this run has 1"):
+        claim(Outer(seed=1), str(tmp_path))
+
+
 def test_first_json_difference_walks_dicts_and_lists_and_equates_int_and_float():
     assert first_json_difference({"a": [1, 2]}, {"a": [1, 2.0]}) is None
     assert first_json_difference({"a": [1, 2]}, {"a": [1, 3]}) == ("a/1", 2, 3)

@@ -12,9 +12,11 @@ from jaxalign.models.llama import ModelConfig
 from jaxalign.sharding import MeshConfig
 from jaxalign.tasks import arith
 from jaxalign.train.checkpoint import CheckpointConfig
+from jaxalign.train.loop import ON_NONFINITE
 from jaxalign.train.optim import OptimConfig
 from jaxalign.train.preference import LoraSection, PreferenceConfig
 from jaxalign.validation import (
+    check_choice,
     check_divides,
     check_int,
     check_non_negative,
@@ -45,10 +47,12 @@ class SFTConfig:
     batch_size: int = 64
     grad_accum_steps: int = 1
     optim: OptimConfig = OptimConfig(learning_rate=2e-3, warmup_steps=100)
+    on_nonfinite: str = "stop"  # or "skip-batch" (jaxalign/train/loop.py)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum_steps"):
             check_positive_int("sft", name, getattr(self, name))
+        check_choice("sft", "on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         check_divides("sft", "batch_size", self.batch_size, "grad_accum_steps", self.grad_accum_steps)
 
 

@@ -70,6 +70,7 @@ def train_supervised(cfg: ArithDPOConfig, sft: SFTConfig, mesh, dataset: ArrayDa
             state=state, step_fn=step_fn, frozen=None, dataset=dataset, batch_size=sft.batch_size,
             num_steps=sft.steps, seed=cfg.seed, mesh=mesh, checkpointer=ckpt, metrics_log=log, desc=phase,
             token_keys=("attention_mask",), show_progress=cfg.show_progress, log_every=cfg.log_every,
+            on_nonfinite=sft.on_nonfinite,
         )
     return state.params, shardings.params
 

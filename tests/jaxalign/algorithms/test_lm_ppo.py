@@ -299,3 +299,20 @@ def test_ppo_learns_a_toy_reward(rows, params):
 def test_bad_configs(changes, message):
     with pytest.raises(ValueError, match=message):
         lm_ppo.LMPPOConfig(**changes)
+
+
+def test_a_nan_reward_stops_the_run_before_anything_is_saved(rows, params, tmp_path):
+    """A reward model that returns NaN makes the loss non-finite: the run stops at that update with one error naming
+    the update and the checkpoint situation, and saves nothing non-finite."""
+    from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer
+    from jaxalign.train.loop import DivergenceError
+
+    cfg = lm_ppo.LMPPOConfig(num_updates=3, rollouts_per_update=6, update_epochs=1, num_minibatches=2)
+    state = lm_ppo.init_ppo_state(cfg, MODEL, params, jax.random.key(0))
+    with Checkpointer(str(tmp_path / "ppo"), CheckpointConfig(every_steps=1, keep_last=3), {}) as ckpt:
+        with pytest.raises(DivergenceError, match=r"phase 'ppo' diverged: \w+ = nan at update 1 .*no checkpoint "
+                                                  r"of this phase was saved"):
+            lm_ppo.train_lm_ppo(state, params, ArrayDataset(rows), cfg=cfg, model_cfg=MODEL, seed=0,
+                                max_new_tokens=WIDTH, reward_fn=lambda r, c: np.full(len(c), np.nan, np.float32),
+                                eos_id=TOK.EOS_ID, pad_id=TOK.PAD_ID, num_tokens=TOK.vocab_size, checkpointer=ckpt)
+        assert ckpt.latest_step() is None

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -323,3 +325,27 @@ def test_left_aligned_puts_the_last_real_token_in_the_last_column():
 def test_bad_inputs_give_one_clear_error(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_a_nan_reward_stops_training_before_a_nonfinite_state_is_saved(setup, tmp_path):
+    """Two steps on finite rewards are saved; continuing on NaN rewards makes the losses non-finite: OREO stops at
+    step 3 naming it and the last good checkpoint, step 2, which stays the newest saved step of both states."""
+    from jaxalign.data.iterator import ArrayDataset
+    from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer
+    from jaxalign.train.loop import DivergenceError
+
+    params, batch = setup
+    good = {k: np.asarray(v) for k, v in batch.items()}
+    bad = dict(good, reward=np.full_like(good["reward"], np.nan))
+    cfg = oreo.OreoConfig(level="token", steps=2, batch_size=2, **FAST)
+    actor, critic = oreo.init_oreo_states(cfg, MODEL, params, jax.random.key(0))
+    config = CheckpointConfig(every_steps=1, keep_last=3)
+    with Checkpointer(str(tmp_path / "actor"), config, {}) as a, Checkpointer(str(tmp_path / "critic"), config, {}) as c:
+        oreo.train_oreo(actor, critic, params, ArrayDataset(good), cfg=cfg, model_cfg=MODEL, seed=0,
+                        checkpointers=(a, c), log_every=1)
+        longer = dataclasses.replace(cfg, steps=4)
+        with pytest.raises(DivergenceError, match=r"phase 'oreo' diverged: \S+ = nan at step 3 .*last good checkpoint "
+                                                  r"is step 2 in"):
+            oreo.train_oreo(actor, critic, params, ArrayDataset(bad), cfg=longer, model_cfg=MODEL, seed=0,
+                            checkpointers=(a, c), log_every=1)
+        assert a.latest_step() == c.latest_step() == 2
