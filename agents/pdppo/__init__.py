@@ -1,0 +1,18 @@
+"""Agent (b): PDPPO with dual critics on stochastic lot-sizing, against PPO, a base-stock rule and, on a tiny
+instance, the exact optimum.
+
+Felizardo et al. 2025, "Post-Decision Proximal Policy Optimization with Dual Critic Networks". A period of the
+lot-sizing problem splits into a deterministic post-decision step (setups and production) and a stochastic exogenous
+step (demand, lost sales, holding); PDPPO learns V(s) and V_post(s^x) and uses min(V(s), V_post(s^x)) in the
+advantage.
+
+  instances.py   Instance (items, machines, costs, rates, cap, demand law, horizon), the generator of the named
+                 configurations 15i5m ... 30i15m, JSON save/load with one clear error per bad file
+  env.py         the functional JAX env: post_decision / exogenous / step, observations, the rl/env.py protocol
+                 (LotSizing, MultiDiscrete actions), episode_cost
+  reference.py   the plain NumPy reading of one period (the independent check)
+  heuristic.py   the base-stock rule and policy evaluation over held-out demand seeds (mean, 95 % interval)
+  exact.py       the tiny instance's full tabular model and its optimal policy by backward induction
+  throughput.py  env steps/s of the jitted vmapped env vs the NumPy reference step
+  learners.py    PPO and PDPPO (one learner, the critic is the only difference) for rl.harness
+"""
