@@ -172,6 +172,17 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
 }
 
 
+def register_experiment(name: str, description: str, default_config: Callable[[], Any],
+                        run: Callable[[Any, str], dict]) -> None:
+    """Add an experiment from your own module (a plugin, `jaxalign.plugins`): `default_config()` returns its config
+    dataclass (every field overridable as key=value), `run(cfg, workdir)` runs or resumes it and returns its
+    results. A name already taken is refused, so a plugin never silently replaces a built-in experiment."""
+    if name in EXPERIMENTS:
+        raise ValueError(f"experiment {name!r} is already registered; choose another name")
+    EXPERIMENTS[name] = (description, lambda: Experiment(name=name, description=description,
+                                                          default_config=default_config, run=run))
+
+
 def get_experiment(name: str) -> Experiment:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
@@ -394,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = add_debug_argument(add_run_arguments(argparse.ArgumentParser(
         prog="python -m jaxalign.registry", description="run (or resume) a registered experiment in a work directory")))
     args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    from jaxalign.plugins import load_plugins
+
+    try:  # a child process (`jaxalign local`, a sweep point) imports the plugins its parent named
+        load_plugins()
+    except ValueError as e:
+        print(f"jaxalign: error: {error_line(e)}", file=sys.stderr)
+        return 2
     return run_command(args.name, args.workdir, list(args.overrides) + extra, args.debug, args.on_nonfinite)
 
 

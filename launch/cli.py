@@ -24,8 +24,9 @@ import importlib
 import sys
 import traceback
 
-from jaxalign.registry import (EXPERIMENTS, add_debug_argument, add_run_arguments, configure, refusal_line,
-                               run_command)
+from jaxalign.plugins import load_plugins, split_plugin_arguments
+from jaxalign.registry import (EXPERIMENTS, add_debug_argument, add_run_arguments, configure, error_line,
+                               refusal_line, run_command)
 from launch.sweep import add_arguments as add_sweep_arguments
 from launch.sweep import command as sweep_command
 
@@ -79,6 +80,10 @@ def _launch(command: str, rest: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = add_debug_argument(argparse.ArgumentParser(prog="jaxalign", description=__doc__.split("\n\n")[0]))
+    parser.add_argument("--plugin", action="append", metavar="MODULE_OR_FILE.py",
+                        help="import your own module first (repeatable; also JAXALIGN_PLUGINS and the "
+                             "'jaxalign.plugins' entry-point group): its objectives and experiments then work in "
+                             "run, sweep, local, tpu, ssh and the benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the registered experiments")
     sub.add_parser("objectives", help="print every registered objective, one per line")
@@ -112,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # before anything is resolved: a plugin's objectives and experiments are then like built-in ones
+        plugins, argv = split_plugin_arguments(argv)
+        load_plugins(plugins)
+    except ValueError as e:
+        print(f"jaxalign: error: {error_line(e)}", file=sys.stderr)
+        return 2
     if argv[:1] and argv[0] in LAUNCHERS:  # before parsing: their options must not be split off as "extra"
         return _launch(argv[0], argv[1:])
     parser = build_parser()

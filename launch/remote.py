@@ -68,6 +68,19 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
     return env
 
 
+def with_plugins(env: dict[str, str]) -> dict[str, str]:
+    """`env` plus this process's plugins (`jaxalign.plugins`), so remote workers import the same ones. They must be
+    importable there by module name: a .py file on this machine is refused rather than failing on every host."""
+    from jaxalign.plugins import ENV_VAR, from_environment, is_file_plugin
+
+    names = from_environment()
+    files = [name for name in names if is_file_plugin(name)]
+    if files:
+        raise LaunchError(f"plugin {files[0]} is a file on this machine; remote workers import plugins by module "
+                          "name: put the module in the source tree (or install it with --pip) and pass --plugin MODULE")
+    return {ENV_VAR: ",".join(names), **env} if names else env
+
+
 def check_experiment(name: str) -> str:
     """The experiment must be registered here, so a typo fails before any machine is created or paid for."""
     from jaxalign.registry import EXPERIMENTS

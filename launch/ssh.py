@@ -24,7 +24,7 @@ from typing import Sequence
 
 from launch.remote import (DryRunRunner, Layout, LaunchError, Runner, check_overrides, default_local_tarball,
                            jaxalign_run_argv, logs_command, parse_env, run_command, run_parallel, setup_command,
-                           shell_and, source_tarball_argv, subprocess_runner)
+                           shell_and, source_tarball_argv, subprocess_runner, with_plugins)
 
 _HOST_LINE = re.compile(
     r"(?:(?P<user>[A-Za-z_][A-Za-z0-9_.-]{0,31})@)?"
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
             _check_all(run_parallel(runner, stage), hosts, what)
         return 0
     if args.action == "run":
-        env = parse_env(args.env)
+        env = with_plugins(parse_env(args.env))
         argvs = run_argvs(hosts, layout, args.experiment, args.workdir, args.overrides, env, args.coordinator_port,
                           args.local_device_count)
         if not args.skip_override_check:

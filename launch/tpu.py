@@ -34,7 +34,8 @@ from typing import Callable, Sequence
 
 from launch.remote import (Command, DryRunRunner, Layout, LaunchError, Runner, WaitFor, check, check_overrides,
                            default_local_tarball, execute, jax_pin, jaxalign_run_argv, logs_command, parse_env,
-                           run_command, setup_command, shell_and, source_tarball_argv, subprocess_runner)
+                           run_command, setup_command, shell_and, source_tarball_argv, subprocess_runner,
+                           with_plugins)
 
 # GCP resource names: lowercase letters, digits and hyphens, starting with a letter, at most 63 characters.
 _NAME = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
@@ -383,7 +384,7 @@ def _setup_spec(args) -> SetupSpec:
 def _run(args, target: Target, runner: Runner, sleep, say) -> int:
     layout = Layout(args.remote_dir)
     spec = _slice_spec(args, required=args.retries > 0)
-    env = parse_env(args.env)
+    env = with_plugins(parse_env(args.env))
     if not args.skip_override_check:
         check_overrides(args.experiment, args.overrides)
     run = run_argv(target, layout, args.experiment, args.workdir, args.overrides, env)

@@ -85,10 +85,11 @@ def test_objectives_prints_every_registered_objective_one_per_line():
 
 
 def test_list_does_not_import_jax():
-    """Listing stays cheap: it imports no JAX, Flax or orbax module, and of jaxalign only the registry and the
-    overrides and the field checks they re-word (no experiment, model or training module)."""
+    """Listing stays cheap: it imports no JAX, Flax or orbax module, and of jaxalign only the registry, the plugin
+    loader, the overrides and the field checks they re-word (no experiment, model or training module)."""
     code = ("import sys; from launch.cli import main; rc = main(['list']); "
-            "light = {'jaxalign', 'jaxalign.overrides', 'jaxalign.registry', 'jaxalign.validation'}; "
+            "light = {'jaxalign', 'jaxalign.overrides', 'jaxalign.plugins', 'jaxalign.registry', "
+            "'jaxalign.validation'}; "
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'orbax', 'jaxalign') "
             "and m not in light); "
             "print(rc, heavy)")
