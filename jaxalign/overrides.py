@@ -8,8 +8,14 @@ type but the wrong range, re-worded here with the key's full dotted path (sft.op
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import json
+import os
+import re
+import textwrap
 import typing
 from typing import Any
 
@@ -155,3 +161,141 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         raise
     except (ValueError, TypeError) as e:  # a dataclass __post_init__ rejected a value
         raise ConfigError(f"{' '.join(overrides)}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the keys are: `jaxalign run NAME --help`.
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """One line per documented field of a config dataclass, from where the code documents it: a "name: text" entry
+    of the class docstring, else a comment at the end of the field's line, else the comment lines right above it."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs: dict[str, str] = {}
+    current = None
+    for line in (inspect.getdoc(cls) or "").splitlines():
+        entry = re.match(r"^([A-Za-z_]\w*)(?:\s*\([^)]*\))?\s*:\s+(\S.*)$", line)
+        if entry and entry.group(1) in names:
+            current = entry.group(1)
+            docs[current] = entry.group(2).strip()
+        elif current and line[:1].isspace() and line.strip():
+            docs[current] += " " + line.strip()
+        else:
+            current = None
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return docs
+    lines = source.splitlines()
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        name = node.target.id
+        if name not in names or name in docs:
+            continue
+        trailing = re.search(r"#\s*(.+)$", lines[node.end_lineno - 1])
+        above, i = [], node.lineno - 2
+        while i >= 0 and lines[i].strip().startswith("#"):
+            above.insert(0, lines[i].strip().lstrip("#").strip())
+            i -= 1
+        if trailing:
+            docs[name] = trailing.group(1).strip()
+        elif above:
+            docs[name] = " ".join(above)
+    return docs
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
+    return text or str(annotation).replace("typing.", "")
+
+
+def describe_keys(cfg: Any, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, one-line description) for every overridable key of a config dataclass."""
+    rows = []
+    hints, docs = typing.get_type_hints(type(cfg)), field_docs(type(cfg))
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_keys(value, f"{prefix}{field.name}.")
+        else:
+            rows.append((prefix + field.name, _type_name(hints[field.name]), value, docs.get(field.name, "")))
+    return rows
+
+
+def config_help(name: str, description: str, cfg: Any) -> str:
+    """The text of `jaxalign run NAME --help`: what the experiment does, then every key with its type, default and
+    description, and the aliases."""
+    rows = describe_keys(cfg)
+    width = min(40, max(len(key) for key, *_ in rows))
+    out = [f"usage: jaxalign run {name} --workdir DIR [--config FILE] [--on-nonfinite stop|skip-batch] "
+           "[key=value ...]", "", textwrap.fill(description, 116), "",
+           f"{len(rows)} keys (type, default: description):"]
+    for key, type_name, default, doc in rows:
+        line = f"  {key:<{width}}  {type_name} = {default!r}"
+        out.append(line + (f": {doc}" if doc else ""))
+    aliases = getattr(cfg, "OVERRIDE_ALIASES", {})
+    if aliases:
+        out += ["", "aliases: " + ", ".join(f"{short} = {key}" for short, key in aliases.items())]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A config file as overrides: `--config FILE.json|yaml` (any run's config.json fed back).
+
+
+def _load_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} line {e.lineno} column {e.colno}: not valid JSON: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - yaml's errors carry their own line and column
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def _flatten(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "none" if value is None else str(value)
+
+
+def file_overrides(cfg: Any, path: str) -> list[str]:
+    """The key=value overrides that turn `cfg` into the config written in `path` (nested JSON or YAML, e.g. a run's
+    config.json): only the keys whose value differs, so fields that cannot be set from the command line may appear
+    at their current value. A key that does not exist, or a value of the wrong type, is one error naming the file."""
+    current = {key: value for key, _, value, _ in describe_keys(cfg)}
+    overrides = []
+    for key, value in _flatten(_load_config_file(path)):
+        if key in current and json.dumps(current[key], default=list) == json.dumps(value, default=list):
+            continue
+        if isinstance(value, list) or isinstance(current.get(key), (tuple, list)):
+            raise ConfigError(f"{path}: {key}={value!r}: list values cannot be set from a config file; "
+                              f"its current value is {current.get(key)!r}")
+        overrides.append(f"{key}={_as_text(value)}")
+    try:
+        apply_overrides(cfg, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return overrides

@@ -29,7 +29,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from jaxalign.overrides import ConfigError, apply_overrides
+from jaxalign.overrides import ConfigError, apply_overrides, config_help, file_overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,10 +351,11 @@ def refusal_line(error: BaseException) -> str | None:
 
 
 def run_command(name: str, workdir: str, overrides: list[str], debug: bool = False,
-                on_nonfinite: str | None = None) -> int:
-    """`jaxalign run NAME --workdir DIR [--on-nonfinite P] [key=value ...]`: `run_experiment` with its errors
-    reported; the exit code."""
-    return report_errors(lambda: run_experiment(name, workdir, run_overrides(name, overrides, on_nonfinite)), debug)
+                on_nonfinite: str | None = None, config_file: str | None = None) -> int:
+    """`jaxalign run NAME --workdir DIR [--config FILE] [--on-nonfinite P] [key=value ...]`: `run_experiment` with
+    its errors reported; the exit code."""
+    return report_errors(lambda: run_experiment(
+        name, workdir, run_overrides(name, overrides, on_nonfinite, config_file)), debug)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -362,12 +363,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     run`)."""
     parser.add_argument("name")
     parser.add_argument("--workdir", required=True)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="a JSON or YAML file of config keys (any run's config.json works); key=value "
+                             "overrides on the command line win over it")
     parser.add_argument("--on-nonfinite", choices=("stop", "skip-batch"), default=None,
                         help="what every training phase does with a batch whose loss or gradient norm is not finite: "
                              "stop the run (the default) or skip the batch's update and count it; sets every "
                              "phase's on_nonfinite field, so it is recorded in config.json")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (dotted keys for nested fields)")
     return parser
+
+
+def wants_experiment_help(run_argv: list[str]) -> bool:
+    """`NAME --help` (the arguments after `run`): the help of that experiment's config, not argparse's usage."""
+    return bool(run_argv) and not run_argv[0].startswith("-") and any(a in ("-h", "--help") for a in run_argv[1:])
 
 
 def fields_named(cfg: Any, name: str, prefix: str = "") -> list[str]:
@@ -382,16 +391,28 @@ def fields_named(cfg: Any, name: str, prefix: str = "") -> list[str]:
     return paths
 
 
-def run_overrides(name: str, overrides: list[str], on_nonfinite: str | None) -> list[str]:
-    """The overrides of a run: `--on-nonfinite=P` is `PHASE.on_nonfinite=P` for every phase of the experiment that
-    has the setting (written before the user's own, which may still set one phase differently)."""
-    if on_nonfinite is None:
+def run_overrides(name: str, overrides: list[str], on_nonfinite: str | None = None,
+                  config_file: str | None = None) -> list[str]:
+    """The overrides of a run, in the order they apply (later ones win): the keys of `--config FILE` that differ
+    from the defaults, then `--on-nonfinite=P` as `PHASE.on_nonfinite=P` for every phase of the experiment that has
+    the setting, then the user's key=value overrides (which may still set one phase differently)."""
+    if on_nonfinite is None and config_file is None:
         return list(overrides)
-    paths = fields_named(get_experiment(name).default_config(), "on_nonfinite")
+    defaults = get_experiment(name).default_config()
+    from_file = [] if config_file is None else file_overrides(defaults, config_file)
+    if on_nonfinite is None:
+        return from_file + list(overrides)
+    paths = fields_named(defaults, "on_nonfinite")
     if not paths:
         raise ValueError(f"experiment {name!r} has no training phase with an on_nonfinite setting; "
                          f"--on-nonfinite applies to the LM phases (e.g. arith_dpo, dpo_files)")
-    return [f"{path}={on_nonfinite}" for path in paths] + list(overrides)
+    return from_file + [f"{path}={on_nonfinite}" for path in paths] + list(overrides)
+
+
+def experiment_help(name: str) -> str:
+    """`jaxalign run NAME --help`: the experiment, then every config key with its type, default and description."""
+    experiment = get_experiment(name)
+    return config_help(name, experiment.description, experiment.default_config())
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -402,9 +423,12 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jaxalign.registry NAME --workdir DIR [key=value ...]`: exactly `jaxalign run`'s behaviour."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = add_debug_argument(add_run_arguments(argparse.ArgumentParser(
         prog="python -m jaxalign.registry", description="run (or resume) a registered experiment in a work directory")))
-    args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if wants_experiment_help(argv):
+        return report_errors(lambda: print(experiment_help(argv[0])))
+    args, extra = parser.parse_known_args(argv)
     from jaxalign.plugins import load_plugins
 
     try:  # a child process (`jaxalign local`, a sweep point) imports the plugins its parent named
@@ -412,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"jaxalign: error: {error_line(e)}", file=sys.stderr)
         return 2
-    return run_command(args.name, args.workdir, list(args.overrides) + extra, args.debug, args.on_nonfinite)
+    return run_command(args.name, args.workdir, list(args.overrides) + extra, args.debug, args.on_nonfinite,
+                       args.config)
 
 
 if __name__ == "__main__":

@@ -47,9 +47,9 @@ LOGICAL_AXIS_RULES = (
 class MeshConfig:
     """Sizes of the three mesh axes. `data=-1` takes every device not used by fsdp and tensor."""
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = -1  # data-parallel axis: the batch is split over it (-1: every device fsdp and tensor leave)
+    fsdp: int = 1  # fully sharded data-parallel axis: parameters and optimizer state sharded, batch split too
+    tensor: int = 1  # tensor-parallel axis: attention heads and MLP width split over it
 
     def __post_init__(self):
         for name in MESH_AXES:

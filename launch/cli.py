@@ -26,13 +26,13 @@ import traceback
 
 from jaxalign.plugins import load_plugins, split_plugin_arguments
 from jaxalign.registry import (EXPERIMENTS, add_debug_argument, add_run_arguments, configure, error_line,
-                               refusal_line, run_command)
+                               experiment_help, refusal_line, report_errors, run_command, wants_experiment_help)
 from launch.sweep import add_arguments as add_sweep_arguments
 from launch.sweep import command as sweep_command
 
 
 def _run(args) -> int:
-    return run_command(args.name, args.workdir, args.overrides, args.debug, args.on_nonfinite)
+    return run_command(args.name, args.workdir, args.overrides, args.debug, args.on_nonfinite, args.config)
 
 
 def _local(args) -> int:
@@ -57,6 +57,21 @@ BENCHMARKS = {
     "sampling": "jaxalign.bench.sampling",
     "iterative": "jaxalign.bench.iterative",
 }
+
+
+def objectives_table(names_only: bool = False) -> str:
+    """`jaxalign objectives`: one line per registered objective, sorted by name."""
+    from jaxalign.losses import SPECS
+
+    if names_only:
+        return "\n".join(sorted(SPECS))
+    rows = [("objective", "family", "reference", "extras", "state", "hyper-parameters")]
+    for name in sorted(SPECS):
+        spec = SPECS[name]
+        rows.append((name, spec.family, "yes" if spec.needs_reference else "no", ",".join(spec.extras) or "-",
+                     "yes" if spec.state is not None else "-", ",".join(sorted(spec.hyperparameters)) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5] for row in rows)
 
 
 def _bench(args) -> int:
@@ -86,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "run, sweep, local, tpu, ssh and the benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the registered experiments")
-    sub.add_parser("objectives", help="print every registered objective, one per line")
+    objectives = sub.add_parser("objectives", help="every registered objective: family, whether it reads the "
+                                "reference, extras, stateful, its hyper-parameters (--names: the names only)")
+    objectives.add_argument("--names", action="store_true", help="print the names only, one per line")
     add_run_arguments(sub.add_parser("run", help="run (or resume) an experiment in a work directory"))
     sweep = sub.add_parser("sweep", help="run a grid of runs (key=v1,v2 ...) one after another, aggregate their "
                            "results into WORKDIR/sweep.csv and sweep.md")
@@ -97,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--devices-per-process", type=int, default=1)
     local.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
     local.add_argument("rest", nargs=argparse.REMAINDER, help="run NAME --workdir DIR [key=value ...]")
-    bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("benchmark")
+    bench = sub.add_parser("bench", help="run a benchmark", formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="run a benchmark (`jaxalign bench NAME --help` gives its options):\n"
+                           + "\n".join(f"  {name}" for name in sorted(BENCHMARKS)))
+    bench.add_argument("benchmark", help="the benchmark's name (listed above)")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     from launch.convert import add_arguments as add_convert_arguments
 
@@ -125,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if argv[:1] and argv[0] in LAUNCHERS:  # before parsing: their options must not be split off as "extra"
         return _launch(argv[0], argv[1:])
+    if argv[:1] == ["run"] and wants_experiment_help(argv[1:]):
+        return report_errors(lambda: print(experiment_help(argv[1])))
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command in ("run", "sweep"):
@@ -137,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:24s} {description}")
             return 0
         if args.command == "objectives":
-            from jaxalign.losses import OBJECTIVES
-
-            print("\n".join(sorted(OBJECTIVES)))
+            print(objectives_table(names_only=args.names))
             return 0
         if args.command == "run":
             return _run(args)

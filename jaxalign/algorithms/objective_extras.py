@@ -56,11 +56,11 @@ PAIR_SIDES = ("chosen", "rejected")
 class ExtrasConfig:
     """Budgets of the auxiliary models some objectives need (only built when the objective asks for them)."""
 
-    reward_model_steps: int = 300
-    reward_model_batch_size: int = 64
+    reward_model_steps: int = 300  # training steps of the pairwise reward model (objectives reading its margins)
+    reward_model_batch_size: int = 64  # pairs per reward-model step
     reward_model_optim: OptimConfig = OptimConfig(learning_rate=3e-4, warmup_steps=20)
-    reward_model_holdout: float = 0.1
-    guidance_steps: int = 100
+    reward_model_holdout: float = 0.1  # fraction of the pairs held out to report the reward model's accuracy
+    guidance_steps: int = 100  # DPO steps of TGDPO's guidance policy, trained first on the same pairs
 
     def __post_init__(self):
         if not 0.0 < self.reward_model_holdout < 1.0:

@@ -47,10 +47,10 @@ class ArithConfig:
     probability `carry_drop_prob` (in [0, 1]) and end with up to `max_recaps` recaps of the answer, each further one
     with probability `recap_prob` (max_recaps=0: never, the main job)."""
 
-    num_operands: int = 4
-    carry_drop_prob: float = 0.8
-    max_recaps: int = 0
-    recap_prob: float = 0.4
+    num_operands: int = 4  # single digits per prompt (>= 2): 10**num_operands distinct problems
+    carry_drop_prob: float = 0.8  # a demonstration drops each carry it needs with this probability (the noise)
+    max_recaps: int = 0  # at most this many recaps of the answer end a demonstration (0: none)
+    recap_prob: float = 0.4  # each recap after the first is added with this probability
 
     def __post_init__(self):
         check_int("task", "num_operands", self.num_operands, minimum=2)

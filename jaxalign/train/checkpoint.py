@@ -64,8 +64,8 @@ class UnreadableCheckpointError(ValueError):
 class CheckpointConfig:
     """How often to checkpoint (`every_steps`) and how many of the newest checkpoints to keep (`keep_last`)."""
 
-    every_steps: int
-    keep_last: int
+    every_steps: int  # save every this many steps (and at the end of a phase)
+    keep_last: int  # keep the newest this many checkpoints (selection keeps the best ones too)
 
     def __post_init__(self) -> None:
         for name in ("every_steps", "keep_last"):

@@ -16,13 +16,15 @@ from jaxalign.validation import (
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    learning_rate: float = 1e-3
-    warmup_steps: int = 50
-    end_learning_rate_fraction: float = 0.1
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.95
-    clip_norm: float = 1.0
+    """AdamW with global-norm gradient clipping on a warmup + cosine learning-rate schedule (`make_optimizer`)."""
+
+    learning_rate: float = 1e-3  # peak learning rate, reached after the warmup
+    warmup_steps: int = 50  # linear warmup from 0 over this many steps
+    end_learning_rate_fraction: float = 0.1  # the cosine decay ends at this fraction of the peak
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    b1: float = 0.9  # Adam's first-moment decay
+    b2: float = 0.95  # Adam's second-moment decay
+    clip_norm: float = 1.0  # gradients are clipped to this global norm before the update
 
     def __post_init__(self):
         check_positive("optim", "learning_rate", self.learning_rate)

@@ -81,22 +81,22 @@ class PreferenceConfig:
         "skip-batch" (the batch's update is skipped and counted; `jaxalign run --on-nonfinite=skip-batch`).
     """
 
-    steps: int = 100
-    batch_size: int = 64
-    list_batch_size: int = 16
-    grad_accum_steps: int = 1
+    steps: int = 100  # optimizer steps of the phase
+    batch_size: int = 64  # preference pairs per step
+    list_batch_size: int = 16  # ranked lists per step (listwise objectives)
+    grad_accum_steps: int = 1  # microbatches per step, accumulated exactly
     beta: float = 0.1
-    label_smoothing: float | None = None
+    label_smoothing: float | None = None  # cDPO's assumed label-flip rate epsilon (only objectives that take it)
     objective: str = "sigmoid"
-    objective_args: str = ""
+    objective_args: str = ""  # the objective's own hyper-parameters, "name=value,name=value"
     sft_weight: float = 0.0
     optim: OptimConfig = OptimConfig(learning_rate=5e-6, warmup_steps=10)
     eval_every: int = 25
     select_best: bool = True
     reference: str = "cached"
-    reference_cache_dir: str = ""
-    sync_every: int = 50
-    sync_alpha: float = 0.6
+    reference_cache_dir: str = ""  # where reference="cached" keeps its log-probs ("": WORKDIR/reference_cache)
+    sync_every: int = 50  # reference="sync": steps between reference updates (TR-DPO)
+    sync_alpha: float = 0.6  # reference="sync": the policy's weight in each update (TR-DPO's alpha)
     on_nonfinite: str = "stop"
 
     def __post_init__(self):
@@ -139,9 +139,9 @@ class LoraSection:
     else, the initial policy being both their frozen base and the reference (one copy of its weights). The phase
     returns, evaluates and checkpoints-for-selection the merged policy W0 + (alpha / rank) A B."""
 
-    rank: int = 0
-    alpha: float = 16.0
-    targets: str = "attn/q,attn/v"
+    rank: int = 0  # LoRA rank (0: train every parameter, no adapters)
+    alpha: float = 16.0  # the adapters' scale is alpha / rank
+    targets: str = "attn/q,attn/v"  # comma-separated path patterns of the kernels that get adapters
 
     def __post_init__(self):
         check_int("lora", "rank", self.rank, minimum=0)  # 0 = no LoRA

@@ -74,14 +74,22 @@ def test_list_prints_each_experiment_with_its_description():
                                     "(the main job)")
 
 
-def test_objectives_prints_every_registered_objective_one_per_line():
-    """`jaxalign objectives` prints exactly the registry's names, sorted, one per line."""
-    from jaxalign.losses import OBJECTIVES
+def test_objectives_lists_every_registered_objective_with_what_it_reads():
+    """`jaxalign objectives` prints one line per registered objective, sorted: family, reference use, extras, state
+    and hyper-parameters; `--names` the names alone, one per line."""
+    from jaxalign.losses import OBJECTIVES, SPECS
 
-    proc = jaxalign("objectives")
+    proc = jaxalign("objectives", "--names")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == sorted(OBJECTIVES)
-    assert "sigmoid" in proc.stdout.splitlines()
+    table = jaxalign("objectives").stdout.splitlines()
+    assert table[0].split()[:5] == ["objective", "family", "reference", "extras", "state"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert sorted(rows) == sorted(OBJECTIVES)
+    assert rows["sigmoid"][1:3] == ["pairwise", "yes"] and "beta" in rows["sigmoid"][5].split(",")
+    assert rows["simpo"][2] == "no"  # reference-free
+    stateful = [name for name, spec in SPECS.items() if spec.state is not None]
+    assert stateful and all(rows[name][4] == "yes" for name in stateful)
 
 
 def test_list_does_not_import_jax():
@@ -233,3 +241,51 @@ def test_resuming_a_checkpoint_of_a_different_model(tmp_path):
     log = (workdir / "logs" / "run.log").read_text()
     assert log.count("=== ") == 3 and log.count("model.d_model=48") == 2
     assert log.count("Traceback") == 2 and "d_model" in log.split("Traceback")[-1]
+
+
+# --- discoverable configuration: NAME --help and --config FILE ---------------------------------------------------
+
+
+def test_run_name_help_lists_every_key_with_type_default_and_description(capsys):
+    """`jaxalign run NAME --help` prints the experiment's description and one line per config key (type, default,
+    and the field's description where the code documents it), instead of argparse's generic usage."""
+    from jaxalign.overrides import valid_keys
+    from jaxalign.registry import get_experiment
+
+    assert main(["run", "arith_dpo", "--help"]) == 0
+    out = capsys.readouterr().out
+    cfg = get_experiment("arith_dpo").default_config()
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert set(valid_keys(cfg)) <= set(lines), set(valid_keys(cfg)) - set(lines)
+    assert lines["dpo.beta"].split()[1:4] == ["float", "=", "2.0:"] and "KL strength" in lines["dpo.beta"]
+    assert "on-policy oracle-labelled pairs" in out and "aliases: loss = dpo.objective" in out
+    assert main(["run", "no_such_experiment", "--help"]) == 2
+
+
+def test_a_runs_config_json_fed_back_with_config_is_the_same_config(tmp_path):
+    """Any run's config.json is a --config file: it reproduces the config, and key=value overrides win over it."""
+    from jaxalign.overrides import apply_overrides
+    from jaxalign.registry import get_experiment, run_overrides
+    from jaxalign.rundir import claim
+
+    changed = ["dpo.beta=0.5", "loss=ipo", "sft.steps=7", "lora.rank=4", "seed=3"]
+    cfg = apply_overrides(get_experiment("arith_dpo").default_config(), changed)
+    claim(cfg, str(tmp_path))
+    fed_back = run_overrides("arith_dpo", [], config_file=str(tmp_path / "config.json"))
+    assert apply_overrides(get_experiment("arith_dpo").default_config(), fed_back) == cfg
+    on_top = run_overrides("arith_dpo", ["seed=9"], config_file=str(tmp_path / "config.json"))
+    assert apply_overrides(get_experiment("arith_dpo").default_config(), on_top).seed == 9
+
+    (tmp_path / "partial.yaml").write_text("dpo:\n  beta: 0.3\n  bata: 1\n")
+    with pytest.raises(ValueError, match=r"partial\.yaml: unknown config key 'dpo\.bata'; did you mean 'dpo\.beta'"):
+        run_overrides("arith_dpo", [], config_file=str(tmp_path / "partial.yaml"))
+    (tmp_path / "broken.json").write_text('{"seed": 1,\n "dpo": {"beta": }}')
+    with pytest.raises(ValueError, match=r"broken\.json line 2 column \d+: not valid JSON"):
+        run_overrides("arith_dpo", [], config_file=str(tmp_path / "broken.json"))
+
+
+def test_bench_help_lists_the_benchmarks():
+    from launch.cli import BENCHMARKS
+
+    proc = jaxalign("bench", "--help")
+    assert proc.returncode == 0 and all(name in " ".join(proc.stdout.split()) for name in BENCHMARKS), proc.stdout

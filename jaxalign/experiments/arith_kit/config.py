@@ -43,11 +43,13 @@ COMPLETION_LEN = completion_len(arith.ArithConfig())  # 24: "9+9=18;18+9=27;27+9
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    steps: int = 600
-    batch_size: int = 64
-    grad_accum_steps: int = 1
+    """Supervised fine-tuning on the noisy demonstrations (the policy DPO starts from and its reference)."""
+
+    steps: int = 600  # optimizer steps
+    batch_size: int = 64  # demonstrations per step (split over the data-parallel devices)
+    grad_accum_steps: int = 1  # microbatches per step, accumulated exactly (batch_size must divide)
     optim: OptimConfig = OptimConfig(learning_rate=2e-3, warmup_steps=100)
-    on_nonfinite: str = "stop"  # or "skip-batch" (jaxalign/train/loop.py)
+    on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: "stop" the run, or "skip-batch" (counted)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum_steps"):
@@ -67,12 +69,12 @@ class PairConfig:
         flipped pairs is reported), the label-noise model of cDPO / robust DPO.
     """
 
-    num_prompts: int = 2048
-    samples_per_prompt: int = 8
-    temperature: float = 1.0
-    top_k: int = 0
-    min_score_gap: float = 0.5
-    require_correct_chosen: bool = True
+    num_prompts: int = 2048  # training prompts sampled from the SFT policy
+    samples_per_prompt: int = 8  # completions sampled per prompt; the best and the worst form its pair
+    temperature: float = 1.0  # sampling temperature (0: greedy)
+    top_k: int = 0  # sample among the k most likely tokens only (0: off)
+    min_score_gap: float = 0.5  # a pair is kept only if the oracle scores of chosen and rejected differ this much
+    require_correct_chosen: bool = True  # a pair is kept only if its chosen completion is exactly correct
     length_bonus: float = 0.0
     label_flip_rate: float = 0.0
 
@@ -98,7 +100,7 @@ ARITH_DPO = PreferenceConfig(steps=150, batch_size=64, list_batch_size=16, beta=
 class ArithDPOConfig:
     """Everything the main job needs; every field can be overridden from the command line (key=value)."""
 
-    seed: int = 0
+    seed: int = 0  # every random choice of the run: data split, initialisation, sampling, batch order
     task: arith.ArithConfig = arith.ArithConfig()
     model: ModelConfig = ModelConfig(vocab_size=16, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
                                      mlp_dim=344, max_len=PROMPT_LEN + COMPLETION_LEN)
@@ -109,10 +111,10 @@ class ArithDPOConfig:
     extras: ExtrasConfig = ExtrasConfig()
     lora: LoraSection = LoraSection()
     checkpoint: CheckpointConfig = CheckpointConfig(every_steps=100, keep_last=2)
-    eval_fraction: float = 0.2
-    num_val_prompts: int = 256
-    eval_batch_size: int = 1024
-    show_progress: bool = True
+    eval_fraction: float = 0.2  # fraction of all problems held out as the test set (never trained on)
+    num_val_prompts: int = 256  # training problems set aside for validation during DPO (best-checkpoint selection)
+    eval_batch_size: int = 1024  # problems per batch of greedy or sampled evaluation
+    show_progress: bool = True  # progress bars with rate and ETA on the terminal (never part of the result)
     log_every: int = 10  # metrics.jsonl gets a record every this many steps (and at every validation step)
 
     # `jaxalign run arith_dpo loss=NAME` is short for dpo.objective=NAME.
