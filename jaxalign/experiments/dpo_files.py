@@ -245,19 +245,25 @@ def tokenizer_path(cfg: DPOFilesConfig) -> str:
     return cfg.model.tokenizer or cfg.model.path
 
 
-def load_pairs(cfg: DPOFilesConfig, workdir: str, model_cfg: ModelConfig):
-    """(train pairs, held-out pairs, data report): the file validated, tokenized and split."""
-    from jaxalign.data.pipeline import prepare_dataset
+def load_tokenizer(cfg: DPOFilesConfig):
+    """The run's tokenizer (`model.tokenizer`, else the model directory's), or one clear error."""
     from jaxalign.data.tokenize import load_hf_tokenizer
 
     source = tokenizer_path(cfg)
     if not os.path.exists(source):
         raise ValueError(f"model.tokenizer={source!r} does not exist")
     try:
-        tok = load_hf_tokenizer(source)
+        return load_hf_tokenizer(source)
     except FileNotFoundError as e:
         raise ValueError(f"{e}; set model.tokenizer to the model's tokenizer.json or its directory (a `jaxalign "
                          f"convert` output holds no tokenizer)") from None
+
+
+def load_pairs(cfg: DPOFilesConfig, workdir: str, model_cfg: ModelConfig, tok):
+    """(train pairs, held-out pairs, data report): the file validated, tokenized with `tok` and split."""
+    from jaxalign.data.pipeline import prepare_dataset
+
+    source = tokenizer_path(cfg)
     data_dir = cfg.data.dataset_dir or os.path.join(workdir, "data")
     dataset, report = prepare_dataset(cfg.data.format, cfg.data.path, data_dir, tok, cfg.data.tokenize_config(),
                                       on_error=cfg.data.on_error)
@@ -313,11 +319,16 @@ def run(cfg: DPOFilesConfig, workdir: str) -> dict:
     clock = time.perf_counter()
     mesh = make_mesh(cfg.mesh)
     validate_config(cfg, mesh)
+    # Everything that can fail from the inputs alone fails before the directory is claimed, so the corrected
+    # command is not refused as another run: the tokenizer, and a Hugging Face config this code cannot convert.
+    tok = load_tokenizer(cfg)
+    if model_format(cfg.model.path) != "jaxalign":
+        hf.read_hf_config(cfg.model.path)
     os.makedirs(workdir, exist_ok=True)
     claim(cfg, workdir)
     base, model_cfg, family = load_model(cfg, mesh)
     export_family = check_model(cfg, model_cfg, family, mesh)
-    train, held_out, data_report = load_pairs(cfg, workdir, model_cfg)
+    train, held_out, data_report = load_pairs(cfg, workdir, model_cfg, tok)
     log = MetricsLog(RunDir(workdir).metrics)
 
     policy, state_params, history = train_dpo(cfg, mesh, model_cfg, base, train, held_out,

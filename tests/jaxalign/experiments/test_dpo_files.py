@@ -262,3 +262,17 @@ def test_pair_metrics():
     # rewards: chosen (0.5, 0), rejected (-0.5, 0.5); margins (1, -0.5)
     assert m["eval/reward_accuracy"] == 0.5 and m["eval/reward_margin"] == pytest.approx(0.25)
     assert m["eval/loss"] == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.exp(0.5))) / 2)
+
+
+def test_a_missing_tokenizer_is_refused_before_the_directory_is_claimed(files, tmp_path):
+    """A converted model without its tokenizer fails before config.json is written, so the corrected command (the
+    same overrides plus model.tokenizer) is not refused as another run."""
+    _, native_dir, data = files
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match="set model.tokenizer to the model's tokenizer.json"):
+        dpo_files.run(config(f"model.path={native_dir}", f"data.path={data}"), str(workdir))
+    assert not (workdir / "config.json").exists()
+    with pytest.raises(ValueError, match=r"model.tokenizer='/no/such/tokenizer' does not exist"):
+        dpo_files.run(config(f"model.path={native_dir}", f"data.path={data}", "model.tokenizer=/no/such/tokenizer"),
+                      str(workdir))
+    assert not (workdir / "config.json").exists()
