@@ -14,6 +14,8 @@
     jaxalign convert hf-to-jaxalign|jaxalign-to-hf SRC DST [--family F] [--dtype D]      (launch/convert.py)
     jaxalign data prepare FORMAT --input FILE --output DIR [--on-error skip] [--tokenizer T --max-length N]
                                                                                           (launch/data.py)
+    jaxalign generate --checkpoint DIR|--model HF_DIR --prompt TEXT|--prompts FILE [--chat] [sampling options]
+                                                                                          (launch/generate.py)
     jaxalign tpu create|setup|run|logs|ssh|status|delete NAME --zone Z ... [--dry-run]   (launch/tpu.py)
     jaxalign ssh --hosts FILE [--dry-run] setup|run|logs ...                             (launch/ssh.py)
 """
@@ -127,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_arguments(sub.add_parser("data", help="build a TFDS dataset from your own preference file "
                                       "(JSONL/Parquet) and report malformed rows"))
+    from launch.generate import add_arguments as add_generate_arguments
+
+    add_generate_arguments(sub.add_parser("generate", help="completions from a checkpoint of any LM experiment "
+                                          "(LoRA merged) or a Hugging Face directory, with the run's tokenizer"))
     for name, what in (("tpu", "Cloud TPU slices via gcloud: create|setup|run|logs|ssh|status|delete"),
                        ("ssh", "any hosts via ssh (GPU clusters): --hosts FILE setup|run|logs")):
         sub.add_parser(name, add_help=False, help=f"{what} (see `jaxalign {name} --help`)").add_argument(
@@ -174,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             from launch.data import command as data_command
 
             return data_command(args)
+        if args.command == "generate":
+            from launch.generate import command as generate_command
+
+            return generate_command(args)
         return _bench(args)
     except Exception as e:  # noqa: BLE001 - anything that is not a refusal is re-raised with its traceback
         line = refusal_line(e)

@@ -2,8 +2,8 @@
 
 Tokenizers: a Hugging Face `tokenizers` tokenizer loaded from a tokenizer.json on disk (`load_hf_tokenizer`), with
 its special tokens and chat template from the tokenizer_config.json beside it, or the built-in character tokenizer
-(`char_tokenizer`) for the built-in tasks. Both expose the same small interface (`encode`, `eos_id`, `pad_id`,
-`bos_id`, `add_bos`, `chat_template`, `fingerprint`).
+(`char_tokenizer`) for the built-in tasks. Both expose the same small interface (`encode`, `decode`, `eos_id`,
+`pad_id`, `bos_id`, `add_bos`, `chat_template`, `fingerprint`, `vocab_size`).
 
 Layout (the keys arith_dpo's pairs use, so packing and every trainer read them unchanged): each sequence is the
 prompt's tokens followed by the completion's tokens, right-padded with `pad_id` to `max_length`;
@@ -84,9 +84,17 @@ class TextTokenizer:
     chat_template: str | None = None
     chat_backend: Any = None
     fingerprint: str = ""
+    decode_fn: Any = None
+    vocab_size: int | None = None
 
     def encode(self, text: str) -> list[int]:
         return list(self.encode_fn(text))
+
+    def decode(self, ids) -> str:
+        """The text of `ids`, special tokens included (as transformers' `decode` does by default)."""
+        if self.decode_fn is None:
+            raise ValueError("this tokenizer cannot decode")
+        return self.decode_fn([int(i) for i in ids])
 
 
 def char_tokenizer() -> TextTokenizer:
@@ -95,7 +103,8 @@ def char_tokenizer() -> TextTokenizer:
 
     tok = CharTokenizer()
     return TextTokenizer(encode_fn=tok.encode, eos_id=tok.EOS_ID, pad_id=tok.PAD_ID,
-                         fingerprint=hashlib.sha256(f"char:{tok.CHARS}".encode()).hexdigest())
+                         fingerprint=hashlib.sha256(f"char:{tok.CHARS}".encode()).hexdigest(),
+                         decode_fn=tok.decode, vocab_size=tok.vocab_size)
 
 
 def _token_string(value: Any) -> str | None:
@@ -174,7 +183,8 @@ def load_hf_tokenizer(path: str) -> TextTokenizer:
         pad_id=eos_id if pad_id is None else pad_id, bos_id=bos_id, add_bos=add_bos, chat_template=template,
         chat_backend=functools.partial(_transformers_tokenizer, os.path.abspath(tokenizer_file), config_path,
                                        template),
-        fingerprint=digest.hexdigest())
+        fingerprint=digest.hexdigest(), decode_fn=lambda ids: tok.decode(ids, skip_special_tokens=False),
+        vocab_size=tok.get_vocab_size(with_added_tokens=True))
 
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
