@@ -169,6 +169,11 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "PPO on the JAX CartPole-v1 (vmapped envs, one jitted scan), evaluated over 100 greedy episodes",
         _module_experiment("ppo_cartpole", "rl.experiments.ppo_cartpole", "PPOCartPoleConfig"),
     ),
+    "ppo_gymnasium": (
+        "PPO on any gymnasium environment with discrete actions (env=Acrobot-v1, ...), stepped on the host with the "
+        "jitted policy and learner; checkpointed and resumable per chunk, evaluated greedily",
+        _module_experiment("ppo_gymnasium", "rl.experiments.ppo_gymnasium", "PPOGymnasiumConfig"),
+    ),
 }
 
 

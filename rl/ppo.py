@@ -150,15 +150,24 @@ class PPO(NamedTuple):
     greedy_policy: Callable  # greedy_policy(params, obs, key) -> (argmax action, {})
 
 
-def make_ppo(config: PPOConfig, env: Environment, env_params: Any = None) -> PPO:
-    """Build the PPO pieces for `env` (discrete actions). `env` is wrapped in EpisodeStats(AutoReset(env))."""
-    env_params = env.default_params if env_params is None else env_params
-    action_space = env.action_space(env_params)
-    if not isinstance(action_space, Discrete):
-        raise ValueError(f"PPO here supports Discrete action spaces; {env.name} has {action_space!r}")
-    obs_shape = env.observation_space(env_params).shape
-    train_env = EpisodeStats(AutoReset(env))
-    network = ActorCritic(action_space.n, (config.hidden_size,) * config.num_layers, config.activation)
+class Learner(NamedTuple):
+    """The environment-independent half of PPO: the network, the optimizer and the learning step from a rollout.
+    `make_ppo` runs it on a JAX environment inside one jitted scan; `rl.experiments.ppo_gymnasium` on transitions
+    that `GymnasiumDriver` collects on the host."""
+
+    network: ActorCritic
+    tx: optax.GradientTransformation
+    policy: Callable  # policy(params, obs, key) -> (action, {"log_prob", "value"})
+    greedy_policy: Callable  # greedy_policy(params, obs, key) -> (argmax action, {})
+    advantages: Callable  # advantages(params, transitions, last_obs) -> (GAE advantages, value targets)
+    learn: Callable  # learn(train_state, transitions, last_obs, key) -> (train_state, mean loss metrics)
+
+
+def make_learner(config: PPOConfig, num_actions: int) -> Learner:
+    """PPO's network (an MLP actor-critic with `num_actions` logits), Adam with global-norm clipping (learning rate
+    annealed linearly to 0 over the run when `anneal_lr`), and `learn`: GAE on a [T, N] rollout, then
+    `update_epochs` passes over `num_minibatches` shuffled minibatches of `ppo_loss`."""
+    network = ActorCritic(num_actions, (config.hidden_size,) * config.num_layers, config.activation)
     grad_steps = config.num_updates * config.update_epochs * config.num_minibatches
     learning_rate = (optax.linear_schedule(config.learning_rate, 0.0, grad_steps) if config.anneal_lr
                      else config.learning_rate)
@@ -172,13 +181,6 @@ def make_ppo(config: PPOConfig, env: Environment, env_params: Any = None) -> PPO
     def greedy_policy(params, obs, key):
         logits, _ = network.apply(params, obs)
         return jnp.argmax(logits, axis=-1), {}
-
-    def init(key):
-        key_net, key_env, key_run = jax.random.split(key, 3)
-        params = network.init(key_net, jnp.zeros((1,) + tuple(obs_shape), jnp.float32))
-        train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
-        obs, env_state = reset_envs(train_env, env_params, key_env, config.num_envs)
-        return RunnerState(train_state, env_state, obs, key_run, jnp.zeros((), jnp.int32))
 
     def advantages_and_targets(params, transitions: Transition, last_obs):
         """GAE over the rollout. With `bootstrap_truncation`, a time-limit truncation bootstraps from the value of
@@ -215,18 +217,40 @@ def make_ppo(config: PPOConfig, env: Environment, env_params: Any = None) -> PPO
         train_state, metrics = jax.lax.scan(minibatch_step, train_state, minibatches)
         return (train_state, batch), metrics
 
-    def update(state: RunnerState):
-        key, key_rollout, key_epochs = jax.random.split(state.key, 3)
-        train_state = state.train_state
-        (env_state, obs), transitions = rollout(train_env, env_params, policy, train_state.params, state.env_state,
-                                                state.obs, key_rollout, config.num_steps)
-        advantages, targets = advantages_and_targets(train_state.params, transitions, obs)
+    def learn(train_state, transitions: Transition, last_obs, key_epochs):
+        advantages, targets = advantages_and_targets(train_state.params, transitions, last_obs)
         batch = {"obs": transitions.obs, "action": transitions.action, "log_prob": transitions.extras["log_prob"],
                  "value": transitions.extras["value"], "advantage": advantages, "target": targets}
         batch = jax.tree_util.tree_map(lambda x: x.reshape((config.batch_size,) + x.shape[2:]), batch)
         (train_state, _), loss_metrics = jax.lax.scan(epoch, (train_state, batch),
                                                       jax.random.split(key_epochs, config.update_epochs))
-        metrics = {k: v.mean() for k, v in loss_metrics.items()}
+        return train_state, {k: v.mean() for k, v in loss_metrics.items()}
+
+    return Learner(network, tx, policy, greedy_policy, advantages_and_targets, learn)
+
+
+def make_ppo(config: PPOConfig, env: Environment, env_params: Any = None) -> PPO:
+    """Build the PPO pieces for `env` (discrete actions). `env` is wrapped in EpisodeStats(AutoReset(env))."""
+    env_params = env.default_params if env_params is None else env_params
+    action_space = env.action_space(env_params)
+    if not isinstance(action_space, Discrete):
+        raise ValueError(f"PPO here supports Discrete action spaces; {env.name} has {action_space!r}")
+    obs_shape = env.observation_space(env_params).shape
+    train_env = EpisodeStats(AutoReset(env))
+    learner = make_learner(config, action_space.n)
+
+    def init(key):
+        key_net, key_env, key_run = jax.random.split(key, 3)
+        params = learner.network.init(key_net, jnp.zeros((1,) + tuple(obs_shape), jnp.float32))
+        train_state = TrainState.create(apply_fn=learner.network.apply, params=params, tx=learner.tx)
+        obs, env_state = reset_envs(train_env, env_params, key_env, config.num_envs)
+        return RunnerState(train_state, env_state, obs, key_run, jnp.zeros((), jnp.int32))
+
+    def update(state: RunnerState):
+        key, key_rollout, key_epochs = jax.random.split(state.key, 3)
+        (env_state, obs), transitions = rollout(train_env, env_params, learner.policy, state.train_state.params,
+                                                state.env_state, state.obs, key_rollout, config.num_steps)
+        train_state, metrics = learner.learn(state.train_state, transitions, obs, key_epochs)
         metrics.update(completed_episode_stats(transitions))
         metrics["env_steps"] = (state.update_step + 1) * config.batch_size
         return RunnerState(train_state, env_state, obs, key, state.update_step + 1), metrics
@@ -237,8 +261,8 @@ def make_ppo(config: PPOConfig, env: Environment, env_params: Any = None) -> PPO
     def train(key):
         return run(init(key), config.num_updates)
 
-    return PPO(config, env, env_params, network, init, update, run, train, advantages_and_targets, policy,
-               greedy_policy)
+    return PPO(config, env, env_params, learner.network, init, update, run, train, learner.advantages,
+               learner.policy, learner.greedy_policy)
 
 
 def make_train(config: PPOConfig, env: Environment, env_params: Any = None) -> Callable:
