@@ -1,8 +1,9 @@
 """`jaxalign convert`: Hugging Face checkpoints <-> jaxalign model directories.
 
     jaxalign convert hf-to-jaxalign SRC DST [--overwrite]
-    jaxalign convert jaxalign-to-hf SRC DST [--family llama|mistral|qwen2|gemma] [--dtype float32|bfloat16]
-                                            [--overwrite]
+    jaxalign convert jaxalign-to-hf SRC DST [--family FAMILY] [--dtype float32|bfloat16] [--overwrite]
+
+FAMILY: llama, mistral, qwen2, qwen3, phi3, gemma, gemma2 or gemma3_text (`jaxalign.models.hf.FAMILIES`).
 
 SRC/DST of the Hugging Face side: a directory with config.json and model.safetensors (or shards listed in
 model.safetensors.index.json), as transformers' save_pretrained writes it. The jaxalign side: a directory with
@@ -24,14 +25,18 @@ import os
 from pathlib import Path
 
 DIRECTIONS = ("hf-to-jaxalign", "jaxalign-to-hf")
+# jaxalign.models.hf.FAMILIES, spelled out so that the CLI's parser does not import JAX (test_convert_families_match
+# checks the two agree).
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("direction", choices=DIRECTIONS)
     parser.add_argument("src")
     parser.add_argument("dst")
-    parser.add_argument("--family", default=None, help="jaxalign-to-hf: llama, mistral, qwen2 or gemma "
-                        "(default: the family the model was imported from)")
+    parser.add_argument("--family", default=None, choices=FAMILIES,
+                        help="jaxalign-to-hf: the Hugging Face family to write (default: the family the model was "
+                        "imported from)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="jaxalign-to-hf: dtype of the written tensors")
     parser.add_argument("--overwrite", action="store_true",

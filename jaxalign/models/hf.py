@@ -1,28 +1,43 @@
-"""Hugging Face checkpoints <-> `DecoderLM`: Llama, Mistral, Qwen2 and Gemma (v1).
+"""Hugging Face checkpoints <-> `DecoderLM`: Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2 and Gemma 3 (text).
 
     params, cfg = from_pretrained("path/to/hf_dir", mesh=mesh)      # config.json + *.safetensors
     save_pretrained(params, cfg, "out_dir", family="llama")         # transformers' from_pretrained loads it
 
-What each family needs from `ModelConfig` (read from transformers' modeling_{llama,mistral,qwen2,gemma}.py):
+What each family needs from `ModelConfig` (read from transformers 5.24's modeling_<family>.py):
 
 - llama: the default decoder; `attention_bias` -> `qkv_bias` and `out_bias`; `mlp_bias` is not supported.
 - mistral: the default decoder plus `sliding_window` (masking_utils.sliding_window_overlay: kv_idx > q_idx - w).
-- qwen2: biases on q/k/v only (`qkv_bias`); its sliding window when every layer uses it (`use_sliding_window` with
-  `max_window_layers` = 0, or `layer_types` all "sliding_attention"); mixed full/sliding layers are refused.
+- qwen2: biases on q/k/v only (`qkv_bias`); the sliding window (only with `use_sliding_window`) on the layers
+  `layer_types` marks "sliding_attention", derived as configuration_qwen2 does (layers >= `max_window_layers`)
+  when config.json lists none: one window for every layer, or mixed full/sliding layers (`layer_types`).
 - gemma: RMSNorm gain (1 + w) (`norm_unit_offset`), embeddings times sqrt(hidden_size) (`embed_scale`), GeGLU with
   the tanh GELU (`activation="gelu_tanh"`), tied embeddings, `head_dim` independent of hidden_size.
+- qwen3: Qwen2 without the q/k/v biases (`attention_bias` sets all four) and with per-head q/k RMSNorm (`qk_norm`);
+  sliding layers as for qwen2.
+- phi3: the Llama decoder with fused projections: `qkv_proj` (rows q, k, v) and `gate_up_proj` (rows gate, up) are
+  split into our separate kernels on import and fused again on export (`TensorSpec.rows`); its optional sliding
+  window applies to every layer. Only the default rotary embedding (Phi-3's "longrope" is refused).
+- gemma2: gemma plus post-attention/post-MLP norms (`sandwich_norms`), `query_pre_attn_scalar`, attention and final
+  logit soft-capping, and alternating sliding-window/full layers (`layer_types`).
+- gemma3_text: gemma2's layout plus per-head q/k norms (with the (1 + w) gain), a sliding-window pattern
+  (`layer_types`), and two rotary bases: `rope_parameters["sliding_attention"]` (default rotary, `rope_local_theta`)
+  and `rope_parameters["full_attention"]` (any supported scaling).
+
+Rotary scaling (`rope_parameters` / legacy `rope_scaling`): "linear", "dynamic", "yarn" and "llama3" as transformers
+5.24's modeling_rope_utils defines them (see `jaxalign.models.llama.rope_inverse_frequencies`); "longrope" and any
+other type, and `partial_rotary_factor` != 1, are refused naming config.json and the field.
 
 Rotary layout: Hugging Face applies rotary embeddings with `rotate_half` (channel i pairs with i + head_dim/2) and
 stores q_proj/k_proj in that layout; `jaxalign.models.llama.rotary_embedding` uses the same half-split pairing, so
-the q/k weights convert by transposition and reshape alone, with no permutation. Only the default rotary type is
-supported (no `rope_scaling` such as "llama3" or "yarn"): anything else is refused by name.
+the q/k weights convert by transposition and reshape alone, with no permutation (whatever the rotary scaling,
+which changes only the frequencies).
 
 Weight layout: a Hugging Face `nn.Linear` stores [out, in]; our kernels are [in, out...] (flax), with the head
 dimension split out: q/k/v kernels [d_model, heads, head_dim], the output kernel [heads, head_dim, d_model]. Each
-of our leaves is `transpose(reshape(hf_tensor, view), perm)` (`TensorSpec`), which is also how a shard of a leaf is
-read: `make_array_from_callback` asks for an index of our array, `_hf_slices` turns it into a contiguous slice of
-the Hugging Face tensor, and `safe_open(...).get_slice` reads just that from the file, so no process ever holds
-more of the model than its own shards.
+of our leaves is `transpose(reshape(hf_tensor, view), perm)` (`TensorSpec`; for a fused tensor, of a block of its
+rows), which is also how a shard of a leaf is read: `make_array_from_callback` asks for an index of our array,
+`_hf_slices` turns it into a contiguous slice of the Hugging Face tensor, and `safe_open(...).get_slice` reads just
+that from the file, so no process ever holds more of the model than its own shards.
 
 Parameters are stored in `param_dtype` (float32 by default, the project's convention); `dtype` is the compute
 dtype of the returned `ModelConfig`. Tokenizer files and generation settings are not converted.
@@ -44,12 +59,14 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxalign.models.llama import ModelConfig, check_model_fits_mesh, init_params
+from jaxalign.models.llama import ROPE_TYPES, ModelConfig, check_model_fits_mesh, init_params
+from jaxalign.models.rope import yarn_attention_factor
 from jaxalign.sharding import logical_shardings
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "gemma": "GemmaForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
+                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 # The defaults of the transformers config classes (configuration_<family>.py, transformers 5.24) for the fields we
 # read, so that a config.json that omits a field means what it means to transformers.
 HF_DEFAULTS = {
@@ -68,7 +85,29 @@ HF_DEFAULTS = {
               "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
               "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
               "attention_bias": False},
+    "qwen3": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "hidden_act": "silu",
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "attention_bias": False, "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28},
+    "phi3": {"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+             "tie_word_embeddings": False, "sliding_window": None},
+    "gemma2": {"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+               "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+               "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+               "tie_word_embeddings": True, "attention_bias": False, "query_pre_attn_scalar": 256,
+               "sliding_window": 4096, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+    "gemma3_text": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
+                    "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "attention_bias": False,
+                    "query_pre_attn_scalar": 256, "sliding_window": 4096, "final_logit_softcapping": None,
+                    "attn_logit_softcapping": None, "sliding_window_pattern": 6},
 }
+# Families whose MLP activation is named `hidden_activation` in config.json (transformers' Gemma 2/3 configs).
+ACTIVATION_KEY = {"gemma2": "hidden_activation", "gemma3_text": "hidden_activation"}
+# The rotary bases transformers' Gemma3TextConfig uses when config.json names none (default_theta).
+GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 # safetensors dtypes NumPy cannot name (read through the flax reader instead).
 NUMPY_UNNAMED = ("BF16", "F8_E4M3", "F8_E5M2")
@@ -98,17 +137,115 @@ def open_safetensors(path: str | os.PathLike, framework: str = "numpy"):
 # ------------------------------------------------------------------------------------------------------ configs
 
 
-def _rope_theta(hf: dict, source: str) -> float:
-    """rope_theta from `rope_parameters` (transformers >= 5) or the older top-level `rope_theta`/`rope_scaling`;
-    only the default (unscaled) rotary embedding is supported."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope_fields(params: Any, hf: dict, max_len: int, source: str, key: str = "rope_parameters") -> dict:
+    """ModelConfig rotary fields from one rope-parameters dict (transformers >= 5 `rope_parameters`, or the older
+    `rope_scaling` with a top-level `rope_theta`), resolved the way transformers 5.24's modeling_rope_utils does
+    (e.g. yarn's attention factor from factor/mscale, `original_max_position_embeddings` from the top level first).
+    Unknown rope types and `partial_rotary_factor` != 1 are refused naming `source` and the field."""
+    params = params or {}
     if not isinstance(params, dict):
-        raise CheckpointFormatError(f"{source}: rope_parameters must be a JSON object, got {params!r}")
+        raise CheckpointFormatError(f"{source}: {key} must be a JSON object, got {params!r}")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise CheckpointFormatError(f"{source}: rope type {rope_type!r} is not supported; only the default rotary "
-                                    "embedding (rope_type 'default', no rope_scaling) converts")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    fields: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))}
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise CheckpointFormatError(f"{source}: {key}.partial_rotary_factor={partial!r} is not supported; only "
+                                    "rotary embeddings over the whole head (1.0) convert")
+    if rope_type == "default":
+        return fields
+    if rope_type not in ROPE_TYPES:
+        raise CheckpointFormatError(f"{source}: {key}.rope_type {rope_type!r} is not supported; expected one of "
+                                    f"{', '.join(ROPE_TYPES)}")
+
+    def need(name):
+        if params.get(name) is None:
+            raise CheckpointFormatError(f"{source}: {key}.{name} is missing (rope_type {rope_type!r} needs it)")
+        return params[name]
+
+    original = hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or max_len
+    fields.update(rope_type=rope_type)
+    if rope_type == "linear":
+        fields.update(rope_factor=float(need("factor")))
+    elif rope_type == "dynamic":  # transformers scales against max_position_embeddings itself
+        fields.update(rope_factor=float(need("factor")), rope_original_max_len=int(max_len))
+    elif rope_type == "llama3":
+        fields.update(rope_factor=float(need("factor")), rope_low_freq_factor=float(need("low_freq_factor")),
+                      rope_high_freq_factor=float(need("high_freq_factor")), rope_original_max_len=int(original))
+    else:  # yarn
+        factor = params.get("factor")
+        factor = float(max_len / original if factor is None else factor)
+        attention = params.get("attention_factor")
+        if attention is None:
+            attention = yarn_attention_factor(factor, params.get("mscale"), params.get("mscale_all_dim"))
+        fields.update(rope_factor=factor, rope_original_max_len=int(original),
+                      rope_beta_fast=float(params.get("beta_fast") or 32), rope_beta_slow=float(params.get("beta_slow")
+                                                                                                 or 1),
+                      rope_truncate=bool(params.get("truncate", True)), rope_attention_factor=float(attention))
+    return fields
+
+
+def _rope_config(hf: dict, family: str, max_len: int, source: str) -> dict:
+    """The rotary fields of `family`'s config.json (Gemma 3: one dict per layer type; Phi-3: default only)."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling")
+    if family != "gemma3_text":
+        fields = _rope_fields(params, hf, max_len, source)
+        if family == "phi3" and "rope_type" in fields:
+            raise CheckpointFormatError(f"{source}: rope_parameters.rope_type {fields['rope_type']!r} is not "
+                                        "supported for phi3 (transformers reads Phi-3's yarn/su as longrope); only "
+                                        "the default rotary embedding converts")
+        return fields
+    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
+        full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    else:  # legacy: rope_theta/rope_scaling for global layers, rope_local_base_freq for local ones
+        full = {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", GEMMA3_THETA["full_attention"])}
+        local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq",
+                                                              GEMMA3_THETA["sliding_attention"])}
+    full = {"rope_theta": GEMMA3_THETA["full_attention"], **full}
+    local = {"rope_theta": GEMMA3_THETA["sliding_attention"], **local}
+    fields = _rope_fields(full, {}, max_len, source, "rope_parameters.full_attention")
+    local_fields = _rope_fields(local, {}, max_len, source, "rope_parameters.sliding_attention")
+    if "rope_type" in local_fields:
+        raise CheckpointFormatError(f"{source}: rope_parameters.sliding_attention.rope_type "
+                                    f"{local_fields['rope_type']!r} is not supported; the sliding layers convert "
+                                    "with the default rotary embedding only")
+    fields["rope_local_theta"] = local_fields["rope_theta"]
+    return fields
+
+
+def _layer_types(hf: dict, get, family: str, n_layers: int, source: str) -> list[str]:
+    """Per-layer attention types as transformers derives them when config.json has no `layer_types`."""
+    types = hf.get("layer_types")
+    if types is None:
+        if family in ("qwen2", "qwen3"):
+            start = get("max_window_layers")
+            types = ["sliding_attention" if i >= start else "full_attention" for i in range(n_layers)]
+        elif family == "gemma2":
+            types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
+        else:
+            pattern = get("sliding_window_pattern")
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    if not isinstance(types, list) or len(types) != n_layers or not set(types) <= {"sliding_attention",
+                                                                                    "full_attention"}:
+        raise CheckpointFormatError(f"{source}: layer_types must list 'sliding_attention' or 'full_attention' for "
+                                    f"each of the {n_layers} layers, got {types!r}")
+    return types
+
+
+def _window_fields(hf: dict, get, family: str, n_layers: int, source: str) -> dict:
+    """sliding_window and layer_types for the families with per-layer attention types; a uniform model keeps
+    layer_types None (one window for every layer, or none)."""
+    window = get("sliding_window")
+    if family in ("qwen2", "qwen3") and not get("use_sliding_window"):
+        window = None  # configuration_qwen2: sliding_window is dropped unless use_sliding_window
+    if family in ("gemma2", "gemma3_text") and hf.get("use_bidirectional_attention"):
+        raise CheckpointFormatError(f"{source}: use_bidirectional_attention=true is not supported (the decoder is "
+                                    "causal)")
+    types = _layer_types(hf, get, family, n_layers, source)
+    if window is None or all(t == "full_attention" for t in types):
+        return {"sliding_window": None}
+    if all(t == "sliding_attention" for t in types):
+        return {"sliding_window": window}
+    return {"sliding_window": window, "layer_types": tuple(types)}
 
 
 def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> tuple[ModelConfig, str]:
@@ -120,7 +257,7 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> tuple[
                                     f"{', '.join(FAMILIES)}")
     get = lambda key: hf.get(key, HF_DEFAULTS[family].get(key))  # noqa: E731
     heads = get("num_attention_heads")
-    act = get("hidden_act")
+    act = get(ACTIVATION_KEY.get(family, "hidden_act"))
     if family == "gemma" and act == "gelu":  # transformers' GemmaConfig maps the legacy value to the tanh GELU
         act = "gelu_pytorch_tanh"
     if act not in HF_ACTIVATIONS:
@@ -132,10 +269,10 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> tuple[
                                                                                               heads),
         head_dim=hf.get("head_dim") or HF_DEFAULTS[family].get("head_dim", get("hidden_size") // heads),
         mlp_dim=get("intermediate_size"), max_len=get("max_position_embeddings"),
-        rope_theta=_rope_theta(hf, source), norm_eps=float(get("rms_norm_eps")),
+        norm_eps=float(get("rms_norm_eps")), **_rope_config(hf, family, get("max_position_embeddings"), source),
         tie_embeddings=bool(get("tie_word_embeddings")), activation=HF_ACTIVATIONS[act],
     )
-    if family in ("llama", "gemma"):
+    if family in ("llama", "gemma", "qwen3", "gemma2", "gemma3_text"):
         bias = bool(get("attention_bias"))
         fields.update(qkv_bias=bias, out_bias=bias)
     if family == "llama" and get("mlp_bias"):
@@ -145,7 +282,17 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> tuple[
     if family == "mistral":
         fields.update(sliding_window=get("sliding_window"))
     if family == "qwen2":
-        fields.update(qkv_bias=True, sliding_window=_qwen2_window(hf, get, fields["n_layers"], source))
+        fields.update(qkv_bias=True, **_window_fields(hf, get, family, fields["n_layers"], source))
+    if family == "qwen3":
+        fields.update(qk_norm=True, **_window_fields(hf, get, family, fields["n_layers"], source))
+    if family == "phi3":
+        fields.update(sliding_window=get("sliding_window"))
+    if family in ("gemma2", "gemma3_text"):
+        fields.update(norm_unit_offset=True, embed_scale=True, sandwich_norms=True, qk_norm=family == "gemma3_text",
+                      query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
+                      attn_logit_softcap=_optional_float(get("attn_logit_softcapping")),
+                      final_logit_softcap=_optional_float(get("final_logit_softcapping")),
+                      **_window_fields(hf, get, family, fields["n_layers"], source))
     fields.update(overrides)
     try:
         return ModelConfig(**fields), family
@@ -153,20 +300,53 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> tuple[
         raise CheckpointFormatError(f"{source}: {e}") from e
 
 
-def _qwen2_window(hf: dict, get, n_layers: int, source: str) -> int | None:
-    """Qwen2 uses the sliding window on layers i >= max_window_layers when use_sliding_window (configuration_qwen2);
-    one window for every layer or none converts, a mix does not."""
-    types = hf.get("layer_types")
-    if types is None:
-        if not get("use_sliding_window"):
-            return None
-        types = ["sliding_attention" if i >= get("max_window_layers") else "full_attention" for i in range(n_layers)]
-    if all(t == "full_attention" for t in types):
-        return None
-    if all(t == "sliding_attention" for t in types):
-        return get("sliding_window")
-    raise CheckpointFormatError(f"{source}: layers mix full and sliding-window attention ({types}); only one "
-                                "attention type for every layer is supported")
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+# What each family fixes: {field: value the family requires}; fields a family cannot express at all start from
+# NEUTRAL (today's Llama decoder), so e.g. q/k norms never leave silently through a llama export.
+NEUTRAL = {"qk_norm": False, "sandwich_norms": False, "attn_logit_softcap": None, "final_logit_softcap": None,
+           "query_pre_attn_scalar": None, "rope_local_theta": None, "layer_types": None}
+# Families whose config.json has per-layer attention types.
+LAYER_TYPED = ("qwen2", "qwen3", "gemma2", "gemma3_text")
+
+
+def _family_requirements(cfg: ModelConfig, family: str) -> dict:
+    gemma_like = {"norm_unit_offset": True, "embed_scale": True, "activation": "gelu_tanh", "out_bias": cfg.qkv_bias}
+    llama_like = {"norm_unit_offset": False, "embed_scale": False, "activation": "silu"}
+    want = {
+        "llama": {**llama_like, "sliding_window": None, "out_bias": cfg.qkv_bias},
+        "mistral": {**llama_like, "qkv_bias": False, "out_bias": False},
+        "qwen2": {**llama_like, "qkv_bias": True, "out_bias": False},
+        "qwen3": {**llama_like, "out_bias": cfg.qkv_bias, "qk_norm": True},
+        "phi3": {**llama_like, "qkv_bias": False, "out_bias": False, "rope_type": "default"},
+        "gemma": {**gemma_like, "sliding_window": None, "tie_embeddings": True},
+        "gemma2": {**gemma_like, "sandwich_norms": True},
+        "gemma3_text": {**gemma_like, "sandwich_norms": True, "qk_norm": True},
+    }[family]
+    free = {"layer_types"} if family in LAYER_TYPED else set()
+    if family in ("gemma2", "gemma3_text"):
+        free |= {"attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"}
+    if family == "gemma3_text" and (cfg.rope_local_theta is not None or cfg.rope_type == "default"):
+        free.add("rope_local_theta")  # without one, the sliding layers share the (unscaled) global base
+    return {**want, **{k: v for k, v in NEUTRAL.items() if k not in free and k not in want}}
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict:
+    """The rope-parameters dict of `cfg`'s global (or only) rotary embedding, as transformers reads it."""
+    params: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type in ("linear", "dynamic"):
+        params["factor"] = cfg.rope_factor
+    elif cfg.rope_type == "llama3":
+        params.update(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                      high_freq_factor=cfg.rope_high_freq_factor,
+                      original_max_position_embeddings=cfg.rope_original_max_len)
+    elif cfg.rope_type == "yarn":
+        params.update(factor=cfg.rope_factor, original_max_position_embeddings=cfg.rope_original_max_len,
+                      beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate,
+                      attention_factor=cfg.rope_attention_factor)
+    return params
 
 
 def config_to_hf(cfg: ModelConfig, family: str) -> dict:
@@ -174,39 +354,44 @@ def config_to_hf(cfg: ModelConfig, family: str) -> dict:
     express, naming the field."""
     if family not in FAMILIES:
         raise ValueError(f"family {family!r} is not supported; expected one of {', '.join(FAMILIES)}")
-    want = {  # fields every family fixes: (field, value the family requires)
-        "llama": {"norm_unit_offset": False, "embed_scale": False, "activation": "silu", "sliding_window": None,
-                  "out_bias": cfg.qkv_bias},
-        "mistral": {"norm_unit_offset": False, "embed_scale": False, "activation": "silu", "qkv_bias": False,
-                    "out_bias": False},
-        "qwen2": {"norm_unit_offset": False, "embed_scale": False, "activation": "silu", "qkv_bias": True,
-                  "out_bias": False},
-        "gemma": {"norm_unit_offset": True, "embed_scale": True, "activation": "gelu_tanh", "sliding_window": None,
-                  "out_bias": cfg.qkv_bias, "tie_embeddings": True},
-    }[family]
-    for name, value in want.items():
+    for name, value in _family_requirements(cfg, family).items():
         if getattr(cfg, name) != value:
             raise ValueError(f"model.{name}={getattr(cfg, name)!r} cannot be written as a {family} checkpoint; "
                              f"the {family} family requires {name}={value!r}")
+    rope = _rope_to_hf(cfg)
+    # Dynamic NTK scales against max_position_embeddings itself, so that is where its original length goes.
+    max_len = cfg.rope_original_max_len if cfg.rope_type == "dynamic" else cfg.max_len
     hf = {
         "architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-        "hidden_act": {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation],
-        "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_theta": cfg.rope_theta,
+        ACTIVATION_KEY.get(family, "hidden_act"): {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation],
+        "max_position_embeddings": max_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": rope, "rope_theta": cfg.rope_theta,
         "tie_word_embeddings": cfg.tie_embeddings, "dtype": "float32",
     }
-    if family in ("llama", "gemma"):
+    types = ["sliding_attention" if cfg.windowed(i) else "full_attention" for i in range(cfg.n_layers)]
+    if family in ("llama", "gemma", "qwen3", "gemma2", "gemma3_text"):
         hf["attention_bias"] = cfg.qkv_bias
     if family == "llama":
         hf["mlp_bias"] = False
-    if family == "mistral":
+    if family in ("mistral", "phi3"):
         hf["sliding_window"] = cfg.sliding_window
-    if family == "qwen2":
+    if family in ("qwen2", "qwen3"):
         windowed = cfg.sliding_window is not None
         hf.update(use_sliding_window=windowed, sliding_window=cfg.sliding_window, max_window_layers=0,
-                  layer_types=["sliding_attention" if windowed else "full_attention"] * cfg.n_layers)
+                  layer_types=types)
+    if family in ("gemma2", "gemma3_text"):
+        scalar = cfg.head_dim if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar
+        hf.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,  # an int field there
+                  attn_logit_softcapping=cfg.attn_logit_softcap, final_logit_softcapping=cfg.final_logit_softcap,
+                  sliding_window=cfg.sliding_window or HF_DEFAULTS[family]["sliding_window"], layer_types=types,
+                  use_bidirectional_attention=False)
+    if family == "gemma3_text":
+        local = cfg.rope_theta if cfg.rope_local_theta is None else cfg.rope_local_theta
+        hf["rope_parameters"] = {"full_attention": rope,
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+        del hf["rope_theta"]
     return hf
 
 
@@ -217,7 +402,9 @@ def config_to_hf(cfg: ModelConfig, family: str) -> dict:
 class TensorSpec:
     """One of our parameters as Hugging Face tensors: ours = transpose(reshape(hf, view), perm).
 
-    `names` has one Hugging Face tensor per layer for a scanned (stacked) leaf, else one name.
+    `names` has one Hugging Face tensor per layer for a scanned (stacked) leaf, else one name. `rows` = (start,
+    total) when the Hugging Face tensor is a fused one (Phi-3's qkv_proj, gate_up_proj): ours is its rows
+    [start, start + hf_shape[0]) of `total`.
     """
 
     names: tuple[str, ...]
@@ -225,6 +412,12 @@ class TensorSpec:
     view: tuple[int, ...]
     perm: tuple[int, ...]
     stacked: bool = False
+    rows: tuple[int, int] | None = None
+
+    @property
+    def file_shape(self) -> tuple[int, ...]:
+        """The shape of the tensor in the checkpoint (the whole fused tensor for `rows`)."""
+        return self.hf_shape if self.rows is None else (self.rows[1],) + self.hf_shape[1:]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -233,18 +426,37 @@ class TensorSpec:
         return ((len(self.names),) + own) if self.stacked else own
 
 
-def _layer_specs(cfg: ModelConfig, prefix: str) -> dict[tuple[str, ...], TensorSpec]:
-    """{our path inside a block: spec} for Hugging Face layer `prefix` (e.g. "model.layers.3")."""
+def _layer_specs(cfg: ModelConfig, prefix: str, fused: bool = False) -> dict[tuple[str, ...], TensorSpec]:
+    """{our path inside a block: spec} for Hugging Face layer `prefix` (e.g. "model.layers.3"); `fused`: Phi-3's
+    qkv_proj and gate_up_proj."""
     d, h, kv, hd, m = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
     attn = f"{prefix}.self_attn"
-    specs = {
-        ("attn_norm", "scale"): TensorSpec((f"{prefix}.input_layernorm.weight",), (d,), (d,), (0,)),
-        ("mlp_norm", "scale"): TensorSpec((f"{prefix}.post_attention_layernorm.weight",), (d,), (d,), (0,)),
+    norm = lambda name: TensorSpec((f"{prefix}.{name}.weight",), (d,), (d,), (0,))  # noqa: E731
+    specs = {("attn_norm", "scale"): norm("input_layernorm")}
+    if cfg.sandwich_norms:  # Gemma 2/3: the MLP's pre-norm is pre_feedforward_layernorm
+        specs.update({("attn_post_norm", "scale"): norm("post_attention_layernorm"),
+                      ("mlp_norm", "scale"): norm("pre_feedforward_layernorm"),
+                      ("mlp_post_norm", "scale"): norm("post_feedforward_layernorm")})
+    else:
+        specs[("mlp_norm", "scale")] = norm("post_attention_layernorm")
+    specs.update({
         ("attn", "o", "kernel"): TensorSpec((f"{attn}.o_proj.weight",), (d, h * hd), (d, h, hd), (1, 2, 0)),
         ("mlp", "gate", "kernel"): TensorSpec((f"{prefix}.mlp.gate_proj.weight",), (m, d), (m, d), (1, 0)),
         ("mlp", "up", "kernel"): TensorSpec((f"{prefix}.mlp.up_proj.weight",), (m, d), (m, d), (1, 0)),
         ("mlp", "down", "kernel"): TensorSpec((f"{prefix}.mlp.down_proj.weight",), (d, m), (d, m), (1, 0)),
-    }
+    })
+    if cfg.qk_norm:
+        for name in ("q", "k"):
+            specs[("attn", f"{name}_norm", "scale")] = TensorSpec((f"{attn}.{name}_norm.weight",), (hd,), (hd,), (0,))
+    if fused:  # rows of the fused tensors: q, k, v (modeling_phi3: split at h*hd and h*hd + kv*hd); gate, up
+        qkv_rows = (h + 2 * kv) * hd
+        for name, start in (("gate", 0), ("up", m)):
+            specs[("mlp", name, "kernel")] = TensorSpec((f"{prefix}.mlp.gate_up_proj.weight",), (m, d), (m, d),
+                                                        (1, 0), rows=(start, 2 * m))
+        for name, heads, start in (("q", h, 0), ("k", kv, h * hd), ("v", kv, (h + kv) * hd)):
+            specs[("attn", name, "kernel")] = TensorSpec((f"{attn}.qkv_proj.weight",), (heads * hd, d),
+                                                         (heads, hd, d), (2, 0, 1), rows=(start, qkv_rows))
+        return specs
     for name, heads in (("q", h), ("k", kv), ("v", kv)):
         specs[("attn", name, "kernel")] = TensorSpec((f"{attn}.{name}_proj.weight",), (heads * hd, d),
                                                      (heads, hd, d), (2, 0, 1))
@@ -256,8 +468,9 @@ def _layer_specs(cfg: ModelConfig, prefix: str) -> dict[tuple[str, ...], TensorS
     return specs
 
 
-def hf_layout(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
-    """{path of our parameter (as in init_params): TensorSpec} for every parameter of `cfg`'s DecoderLM."""
+def hf_layout(cfg: ModelConfig, family: str | None = None) -> dict[tuple[str, ...], TensorSpec]:
+    """{path of our parameter (as in init_params): TensorSpec} for every parameter of `cfg`'s DecoderLM, as
+    `family`'s checkpoint stores it (the families differ only in Phi-3's fused projections)."""
     specs = {
         ("embed", "embedding"): TensorSpec(("model.embed_tokens.weight",), (cfg.vocab_size, cfg.d_model),
                                            (cfg.vocab_size, cfg.d_model), (0, 1)),
@@ -266,7 +479,7 @@ def hf_layout(cfg: ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
     if not cfg.tie_embeddings:
         specs[("lm_head", "kernel")] = TensorSpec(("lm_head.weight",), (cfg.vocab_size, cfg.d_model),
                                                   (cfg.vocab_size, cfg.d_model), (1, 0))
-    per_layer = [_layer_specs(cfg, f"model.layers.{i}") for i in range(cfg.n_layers)]
+    per_layer = [_layer_specs(cfg, f"model.layers.{i}", fused=family == "phi3") for i in range(cfg.n_layers)]
     for path, first in per_layer[0].items():
         if cfg.scan_layers:
             names = tuple(layer[path].names[0] for layer in per_layer)
@@ -381,9 +594,9 @@ class SafetensorsReader:
                     raise CheckpointFormatError(f"{self.described}: tensor {name!r} is missing (a {family} model "
                                                 f"with this config.json needs it)")
                 found = self.shape(name)
-                if found != spec.hf_shape:
+                if found != spec.file_shape:
                     raise CheckpointFormatError(f"{self.where[name]}: tensor {name!r} has shape {list(found)}, "
-                                                f"expected {list(spec.hf_shape)} from config.json")
+                                                f"expected {list(spec.file_shape)} from config.json")
         extra = sorted(n for n in self.where if n not in needed and not n.endswith(IGNORED_SUFFIXES)
                        and not (n == "lm_head.weight" and ("embed", "embedding") in layout
                                 and ("lm_head", "kernel") not in layout))
@@ -416,6 +629,9 @@ def read_shard(reader: SafetensorsReader, spec: TensorSpec, index: tuple, dtype)
     layers = range(len(spec.names))[index[0]] if spec.stacked else [0]
     own_index = index[1:] if spec.stacked else index
     hf_index, block, rest = _hf_slices(spec, own_index)
+    if spec.rows is not None:
+        first = hf_index[0]
+        hf_index = (slice(first.start + spec.rows[0], first.stop + spec.rows[0]),) + hf_index[1:]
     parts = [reader.read(spec.names[i], hf_index).reshape(block)[rest].transpose(spec.perm).astype(dtype)
              for i in layers]
     return np.stack(parts) if spec.stacked else parts[0]
@@ -492,7 +708,7 @@ def load_params(reader: SafetensorsReader, layout: dict, cfg: ModelConfig, mesh=
 def from_pretrained(path: str | os.PathLike, mesh=None, dtype: str = "float32", param_dtype=jnp.float32,
                     **overrides) -> tuple[dict, ModelConfig]:
     """Load a Hugging Face checkpoint directory (config.json + model.safetensors, or shards listed in
-    model.safetensors.index.json) of a Llama, Mistral, Qwen2 or Gemma model.
+    model.safetensors.index.json) of a Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2 or Gemma 3 (text) model.
 
     Returns (params, cfg): `params` is the unboxed parameter tree of `DecoderLM(cfg)` (use as
     `DecoderLM(cfg).apply({"params": params}, tokens, mask)`), each array placed in the sharding the logical axis
@@ -500,7 +716,7 @@ def from_pretrained(path: str | os.PathLike, mesh=None, dtype: str = "float32", 
     `dtype` is the compute dtype; `overrides` set other ModelConfig fields (remat, scan_layers, max_len, ...).
     """
     cfg, family = read_hf_config(path, dtype=dtype, **overrides)
-    layout = hf_layout(cfg)
+    layout = hf_layout(cfg, family)
     with SafetensorsReader(path) as reader:
         reader.check(layout, family)
         return load_params(reader, layout, cfg, mesh, param_dtype), cfg
@@ -518,10 +734,12 @@ def _host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def to_hf_tensors(params: dict, cfg: ModelConfig, dtype=np.float32) -> dict[str, np.ndarray]:
-    """{Hugging Face tensor name: array} for our parameter tree (the inverse of `read_shard`)."""
+def to_hf_tensors(params: dict, cfg: ModelConfig, dtype=np.float32, family: str | None = None
+                  ) -> dict[str, np.ndarray]:
+    """{Hugging Face tensor name: array} for our parameter tree as `family` stores it (the inverse of
+    `read_shard`); fused tensors are assembled from their parts."""
     flat = _flatten(_unbox(params))
-    layout = hf_layout(cfg)
+    layout = hf_layout(cfg, family)
     missing = sorted(set(layout) - set(flat))
     if missing:
         raise ValueError(f"params lack {'/'.join(missing[0])} ({len(missing)} parameters missing), which the "
@@ -535,7 +753,12 @@ def to_hf_tensors(params: dict, cfg: ModelConfig, dtype=np.float32) -> dict[str,
         layers = list(value) if spec.stacked else [value]
         inverse = tuple(np.argsort(spec.perm))
         for name, layer in zip(spec.names, layers):
-            tensors[name] = np.ascontiguousarray(layer.transpose(inverse).reshape(spec.hf_shape).astype(dtype))
+            part = np.ascontiguousarray(layer.transpose(inverse).reshape(spec.hf_shape).astype(dtype))
+            if spec.rows is None:
+                tensors[name] = part
+            else:
+                whole = tensors.setdefault(name, np.zeros(spec.file_shape, part.dtype))
+                whole[spec.rows[0]:spec.rows[0] + spec.hf_shape[0]] = part
     return tensors
 
 
@@ -546,7 +769,7 @@ def save_pretrained(params: dict, cfg: ModelConfig, path: str | os.PathLike, fam
     writes. Returns the directory."""
     hf = config_to_hf(cfg, family)
     hf["dtype"] = np.dtype(dtype).name
-    tensors = to_hf_tensors(params, cfg, dtype)
+    tensors = to_hf_tensors(params, cfg, dtype, family)
     path = Path(path)
     if jax.process_index() == 0:
         path.mkdir(parents=True, exist_ok=True)

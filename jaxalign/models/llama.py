@@ -9,7 +9,12 @@ Switches in `ModelConfig` (each off by default, so the default model is exactly 
 other families `jaxalign.models.hf` converts: query/key/value biases (Qwen2), an output-projection bias (Llama's
 `attention_bias`), RMSNorm scaled by (1 + weight) and embeddings scaled by sqrt(d_model) (Gemma), a GeGLU MLP with
 the tanh-approximated GELU (Gemma; Shazeer 2020, eq. 5) and a sliding attention window (Mistral; Jiang et al. 2023,
-section 2). `DecoderLM.__call__` also takes `segment_ids` for packed rows: attention stays inside a segment and
+section 2). Further switches, also off by default, cover rotary scaling (`rope_type`: linear position
+interpolation, dynamic NTK, YaRN and Llama 3's frequency-dependent scaling, see `jaxalign.models.rope`),
+per-head RMSNorm of queries and keys (Qwen3, Gemma 3), Gemma 2's attention and final logit soft-capping,
+`query_pre_attn_scalar` and post-attention/post-MLP ("sandwich") norms, per-layer attention types (`layer_types`:
+sliding-window and full layers mixed, as in Gemma 2/3 and Qwen2) and a separate rotary base for the sliding layers
+(Gemma 3). `DecoderLM.__call__` also takes `segment_ids` for packed rows: attention stays inside a segment and
 positions restart at each one.
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`); `jaxalign.sharding` maps them to mesh
@@ -31,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from jaxalign.models.rope import (base_frequencies, dynamic_ntk_frequencies, llama3_frequencies,
+                                  scaled_rotary_embedding, yarn_frequencies)
 from jaxalign.sharding import LOGICAL_AXIS_RULES
 from jaxalign.validation import FieldError, check_choice, check_positive, check_positive_int
 
@@ -38,6 +45,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Gate activations of the gated MLP. "gelu_tanh" is the tanh approximation of GELU (Hendrycks & Gimpel, 2016,
 # section 2), which is what Hugging Face's "gelu_pytorch_tanh" computes.
 ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True)}
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +74,24 @@ class ModelConfig:
     embed_scale: bool = False  # token embeddings multiplied by sqrt(d_model) (Gemma; not the tied output layer)
     activation: str = "silu"  # gate activation of the gated MLP: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
     sliding_window: int | None = None  # a query attends to keys at most sliding_window - 1 positions back (Mistral)
+    # Rotary scaling (see rope_inverse_frequencies); "default" is the unscaled RoFormer rotation.
+    rope_type: str = "default"  # "default", "linear", "dynamic", "yarn" or "llama3"
+    rope_factor: float = 1.0  # the context-extension factor s of every scaled type
+    rope_original_max_len: int | None = None  # pre-training context length L (llama3, yarn, dynamic)
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above L / low_freq_factor are divided by s
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below L / high_freq_factor are kept
+    rope_beta_fast: float = 32.0  # yarn: rotations above which a dimension is kept (Peng et al. 2023, section 3.2)
+    rope_beta_slow: float = 1.0  # yarn: rotations below which a dimension is interpolated
+    rope_truncate: bool = True  # yarn: round the ramp's bounds outward to whole dimensions
+    rope_attention_factor: float = 1.0  # yarn: cos/sin multiplied by this (YaRN's sqrt(1/t), section 3.4)
+    rope_local_theta: float | None = None  # unscaled rotary base of the sliding-window layers (Gemma 3)
+    qk_norm: bool = False  # RMSNorm over head_dim of every query and key head before the rotation (Qwen3, Gemma 3)
+    attn_logit_softcap: float | None = None  # attention scores c * tanh(s / c) (Gemma 2)
+    final_logit_softcap: float | None = None  # logits c * tanh(z / c) (Gemma 2)
+    query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5 instead of head_dim ** -0.5 (Gemma 2/3)
+    sandwich_norms: bool = False  # RMSNorm also on the attention and MLP outputs, before the residual add (Gemma 2/3)
+    # Per-layer "sliding_attention" / "full_attention"; None: every layer windowed iff sliding_window is set.
+    layer_types: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "max_len"):
@@ -82,6 +109,37 @@ class ModelConfig:
         check_choice("model", "activation", self.activation, sorted(ACTIVATIONS))
         if self.sliding_window is not None:
             check_positive_int("model", "sliding_window", self.sliding_window)
+        self._check_extensions()
+
+    def _check_extensions(self):
+        check_choice("model", "rope_type", self.rope_type, list(ROPE_TYPES))
+        check_positive("model", "rope_factor", self.rope_factor)
+        if self.rope_type in ("llama3", "yarn", "dynamic") and self.rope_original_max_len is None:
+            raise FieldError("model", "rope_original_max_len", None, f"set for rope_type={self.rope_type!r}")
+        if self.rope_type == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise FieldError("model", "rope_high_freq_factor", self.rope_high_freq_factor,
+                             f"greater than model.rope_low_freq_factor={self.rope_low_freq_factor}")
+        for name in ("rope_local_theta", "attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+            if getattr(self, name) is not None:
+                check_positive("model", name, getattr(self, name))
+        if self.layer_types is not None:
+            types = tuple(self.layer_types)
+            object.__setattr__(self, "layer_types", types)  # a JSON list read back stays hashable
+            if len(types) != self.n_layers or not set(types) <= set(LAYER_TYPES):
+                raise FieldError("model", "layer_types", list(types),
+                                 f"a list of model.n_layers={self.n_layers} entries from {list(LAYER_TYPES)}")
+            if "sliding_attention" in types and self.sliding_window is None:
+                raise FieldError("model", "layer_types", list(types), "all 'full_attention' without sliding_window")
+            if self.scan_layers and len(set(types)) > 1:
+                raise FieldError("model", "scan_layers", True,
+                                 "false when model.layer_types mixes sliding and full layers (scanned layers are "
+                                 "alike)")
+
+    def windowed(self, layer: int) -> bool:
+        """Whether layer `layer` attends through the sliding window."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
     @property
     def compute_dtype(self):
@@ -127,6 +185,27 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Ar
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def rope_inverse_frequencies(cfg: ModelConfig, positions: jax.Array, windowed: bool = False):
+    """(inverse frequencies [head_dim/2] or None for the plain `rotary_embedding`, attention factor) of a layer."""
+    dim = cfg.head_dim
+    if windowed and cfg.rope_local_theta is not None:
+        return jnp.asarray(base_frequencies(cfg.rope_local_theta, dim), jnp.float32), 1.0
+    if cfg.rope_type == "default":
+        return None, 1.0
+    if cfg.rope_type == "linear":  # position interpolation (Chen et al. 2023): position m -> m / s
+        inv = base_frequencies(cfg.rope_theta, dim) / cfg.rope_factor
+    elif cfg.rope_type == "llama3":
+        inv = llama3_frequencies(cfg.rope_theta, dim, cfg.rope_factor, cfg.rope_low_freq_factor,
+                                 cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+    elif cfg.rope_type == "yarn":
+        inv = yarn_frequencies(cfg.rope_theta, dim, cfg.rope_factor, cfg.rope_original_max_len, cfg.rope_beta_fast,
+                               cfg.rope_beta_slow, cfg.rope_truncate)
+    else:
+        return dynamic_ntk_frequencies(cfg.rope_theta, dim, cfg.rope_factor, cfg.rope_original_max_len,
+                                       positions), 1.0
+    return jnp.asarray(inv, jnp.float32), cfg.rope_attention_factor
+
+
 def sliding_window_mask(query_positions: jax.Array, key_positions: jax.Array, window: int) -> jax.Array:
     """[b, q, k] True where the key is fewer than `window` positions behind the query (Mistral's sliding window,
     Jiang et al. 2023, section 2; transformers' masking_utils.sliding_window_overlay: kv_idx > q_idx - window).
@@ -147,9 +226,11 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention with rotary embeddings and an optional key/value cache."""
+    """Causal grouped-query self-attention with rotary embeddings and an optional key/value cache. `windowed`:
+    this layer uses `cfg.sliding_window` (and `cfg.rope_local_theta`), see `ModelConfig.windowed`."""
 
     cfg: ModelConfig
+    windowed: bool = True
 
     @nn.compact
     def __call__(self, x, positions, key_mask, cache, segment_ids=None):
@@ -169,8 +250,17 @@ class Attention(nn.Module):
         q = proj("q", cfg.n_heads, ("embed", "heads", "head_dim"))
         k = proj("k", cfg.n_kv_heads, ("embed", "kv_heads", "head_dim"))
         v = proj("v", cfg.n_kv_heads, ("embed", "kv_heads", "head_dim"))
-        q = rotary_embedding(q, positions, cfg.rope_theta)
-        k = rotary_embedding(k, positions, cfg.rope_theta)
+        if cfg.qk_norm:  # per head, before the rotation (Qwen3, Gemma 3)
+            q = RMSNorm(cfg.norm_eps, dtype, cfg.norm_unit_offset, name="q_norm")(q)
+            k = RMSNorm(cfg.norm_eps, dtype, cfg.norm_unit_offset, name="k_norm")(k)
+        window = cfg.sliding_window if self.windowed else None
+        inv_freq, attention_factor = rope_inverse_frequencies(cfg, positions, window is not None)
+        if inv_freq is None:
+            q = rotary_embedding(q, positions, cfg.rope_theta)
+            k = rotary_embedding(k, positions, cfg.rope_theta)
+        else:
+            q = scaled_rotary_embedding(q, positions, inv_freq, attention_factor)
+            k = scaled_rotary_embedding(k, positions, inv_freq, attention_factor)
 
         batch, time = x.shape[:2]
         if cache is None:
@@ -181,8 +271,8 @@ class Attention(nn.Module):
             allowed = allowed & causal
             if segment_ids is not None:
                 allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
-            if cfg.sliding_window is not None:
-                allowed = allowed & sliding_window_mask(positions, positions, cfg.sliding_window)
+            if window is not None:
+                allowed = allowed & sliding_window_mask(positions, positions, window)
             new_cache = None
         else:
             # Write this chunk at `cache["index"]` for every row; rows are aligned (prompts left-padded).
@@ -194,10 +284,10 @@ class Attention(nn.Module):
             query_slots = index + jnp.arange(time)
             causal = slots[None, :] <= query_slots[:, None]  # [q, k]
             allowed = valid[:, None, :] & causal[None]
-            if cfg.sliding_window is not None:
+            if window is not None:
                 # Cache slots of a row's real tokens are contiguous (prompts are left-padded), so slot distance is
                 # position distance.
-                allowed = allowed & sliding_window_mask(query_slots[None], slots[None], cfg.sliding_window)
+                allowed = allowed & sliding_window_mask(query_slots[None], slots[None], window)
             new_cache = {"k": keys, "v": values, "valid": valid, "index": index + time}
             key_positions = None
         del key_positions
@@ -205,7 +295,12 @@ class Attention(nn.Module):
         groups = cfg.n_heads // cfg.n_kv_heads
         q = q.reshape(batch, time, cfg.n_kv_heads, groups, cfg.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(dtype)).astype(jnp.float32)
-        scores = scores * cfg.head_dim**-0.5
+        if cfg.query_pre_attn_scalar is None:
+            scores = scores * cfg.head_dim**-0.5
+        else:
+            scores = scores * cfg.query_pre_attn_scalar**-0.5
+        if cfg.attn_logit_softcap is not None:  # Gemma 2: c * tanh(s / c), before the mask
+            scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
         scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(dtype))
@@ -244,17 +339,21 @@ class Block(nn.Module):
     """One pre-norm transformer block. Signature (carry, *broadcast, per-layer) so it can sit under nn.scan."""
 
     cfg: ModelConfig
+    windowed: bool = True
 
     @nn.compact
     def __call__(self, x, positions, key_mask, cache, segment_ids=None):
         cfg = self.cfg
-        h, new_cache = Attention(cfg, name="attn")(
-            RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.norm_unit_offset, name="attn_norm")(x), positions, key_mask,
-            cache, segment_ids,
-        )
+        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.norm_unit_offset, name=name)  # noqa: E731
+        h, new_cache = Attention(cfg, self.windowed, name="attn")(norm("attn_norm")(x), positions, key_mask, cache,
+                                                                  segment_ids)
+        if cfg.sandwich_norms:
+            h = norm("attn_post_norm")(h)
         x = x + h
-        x = x + SwiGLU(cfg, name="mlp")(
-            RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.norm_unit_offset, name="mlp_norm")(x))
+        h = SwiGLU(cfg, name="mlp")(norm("mlp_norm")(x))
+        if cfg.sandwich_norms:
+            h = norm("mlp_post_norm")(h)
+        x = x + h
         x = nn.with_logical_constraint(x, ("batch", "length", "embed_act"))
         return x, new_cache
 
@@ -318,13 +417,14 @@ class DecoderLM(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, name="layers")
+            )(cfg, cfg.windowed(0), name="layers")
             x, new_cache = stack(x, positions, attention_mask, cache, segment_ids)
         else:
             new_layers = []
             for i in range(cfg.n_layers):
                 layer_cache = None if cache is None else cache[i]
-                x, c = block(cfg, name=f"layer_{i}")(x, positions, attention_mask, layer_cache, segment_ids)
+                x, c = block(cfg, cfg.windowed(i), name=f"layer_{i}")(x, positions, attention_mask, layer_cache,
+                                                                       segment_ids)
                 new_layers.append(c)
             new_cache = None if cache is None else new_layers
 
@@ -337,6 +437,8 @@ class DecoderLM(nn.Module):
                 kernel_init=nn.with_logical_partitioning(_dense_init(cfg.d_model), ("embed", "vocab")),
                 name="lm_head",
             )(hidden.astype(jnp.float32))
+        if cfg.final_logit_softcap is not None:  # Gemma 2: c * tanh(z / c)
+            logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         if return_hidden:
             return logits, new_cache, hidden

@@ -240,6 +240,12 @@ def test_clear_errors_for_bad_checkpoints(llama_dir, tmp_path):
         from_pretrained(bad)
 
     bad = _copy(directory, tmp_path / "rope", config=lambda c: {**c, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 1e4, "factor": 8.0}})
+    with pytest.raises(CheckpointFormatError, match=r"rope/config.json: rope_parameters.rope_type 'longrope' is not "
+                                                    r"supported"):
+        from_pretrained(bad)
+
+    bad = _copy(directory, tmp_path / "llama3", config=lambda c: {**c, "rope_parameters": {
         "rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}})
-    with pytest.raises(CheckpointFormatError, match=r"rope type 'llama3' is not supported"):
+    with pytest.raises(CheckpointFormatError, match=r"llama3/config.json: rope_parameters.low_freq_factor is missing"):
         from_pretrained(bad)
