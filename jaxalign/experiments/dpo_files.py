@@ -355,7 +355,7 @@ def run(cfg: DPOFilesConfig, workdir: str) -> dict:
         "config": config_to_dict(cfg),
     }
     if export_family is not None:
-        results["export"] = export_policy(policy, model_cfg, export_family, cfg, workdir)
+        results["export"] = export_policy(policy, model_cfg, export_family, cfg, workdir, tok)
     if is_primary():
         write_json_atomic(RunDir(workdir).results, results)
         _plot(history, log.records("dpo"), RunDir(workdir).file("dpo_heldout.png"))
@@ -387,13 +387,16 @@ def train_dpo(cfg: DPOFilesConfig, mesh, model_cfg: ModelConfig, base, train: Bu
     return result.selected, result.state_params, result.history
 
 
-def export_policy(params, model_cfg: ModelConfig, family: str, cfg: DPOFilesConfig, workdir: str) -> dict:
-    """Write `params` to WORKDIR/export as a Hugging Face `family` checkpoint, plus the tokenizer files."""
+def export_policy(params, model_cfg: ModelConfig, family: str, cfg: DPOFilesConfig, workdir: str, tok) -> dict:
+    """Write `params` to WORKDIR/export as a Hugging Face `family` checkpoint with the tokenizer's special-token ids
+    (config.json and generation_config.json: transformers' `generate` stops where ours does), plus the tokenizer
+    files."""
     import jax.numpy as jnp
 
     path = os.path.join(workdir, "export")
     dtype = np.float32 if cfg.export.dtype == "float32" else jnp.bfloat16
-    hf.save_pretrained(params, model_cfg, path, family, dtype=dtype)
+    hf.save_pretrained(params, model_cfg, path, family, dtype=dtype,
+                       token_ids={"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})
     source = tokenizer_path(cfg)
     directory = source if os.path.isdir(source) else os.path.dirname(source)
     copied = []

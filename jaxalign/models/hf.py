@@ -762,18 +762,28 @@ def to_hf_tensors(params: dict, cfg: ModelConfig, dtype=np.float32, family: str 
     return tensors
 
 
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
 def save_pretrained(params: dict, cfg: ModelConfig, path: str | os.PathLike, family: str,
-                    dtype=np.float32) -> Path:
+                    dtype=np.float32, token_ids: dict[str, int | None] | None = None) -> Path:
     """Write `params` of `DecoderLM(cfg)` as a Hugging Face `family` checkpoint: config.json + model.safetensors
     (one file, tensors in `dtype`), loadable with transformers' AutoModelForCausalLM.from_pretrained. Only process 0
-    writes. Returns the directory."""
+    writes. Returns the directory.
+
+    `token_ids` (bos_token_id, eos_token_id, pad_token_id of the tokenizer the model was trained with) go into
+    config.json and a generation_config.json, so transformers' `generate` stops at the same EOS as ours."""
     hf = config_to_hf(cfg, family)
     hf["dtype"] = np.dtype(dtype).name
+    ids = {k: v for k, v in (token_ids or {}).items() if k in TOKEN_ID_FIELDS and v is not None}
+    hf.update(ids)
     tensors = to_hf_tensors(params, cfg, dtype, family)
     path = Path(path)
     if jax.process_index() == 0:
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        if ids:
+            (path / "generation_config.json").write_text(json.dumps(ids, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
 

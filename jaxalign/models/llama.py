@@ -53,20 +53,20 @@ LAYER_TYPES = ("sliding_attention", "full_attention")
 class ModelConfig:
     """Sizes and numerics of the decoder. `dtype` is the compute dtype; parameters are always float32."""
 
-    vocab_size: int = 16
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: int = 32
-    mlp_dim: int = 344
-    max_len: int = 64
-    rope_theta: float = 10_000.0
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = True
-    dtype: str = "float32"
-    remat: bool = False
-    scan_layers: bool = False
+    vocab_size: int = 16  # rows of the embedding table (may exceed the tokenizer's vocabulary)
+    d_model: int = 128  # width of the residual stream
+    n_layers: int = 2  # decoder blocks
+    n_heads: int = 4  # query heads per attention layer
+    n_kv_heads: int = 2  # key/value heads (grouped-query attention: n_heads must be a multiple)
+    head_dim: int = 32  # width of each attention head
+    mlp_dim: int = 344  # hidden width of the gated MLP
+    max_len: int = 64  # the longest sequence (prompt + completion) the model is run on
+    rope_theta: float = 10_000.0  # rotary base (RoFormer, Su et al. 2021)
+    norm_eps: float = 1e-6  # epsilon of every RMSNorm
+    tie_embeddings: bool = True  # the output layer reuses the embedding table
+    dtype: str = "float32"  # compute dtype ("float32" or "bfloat16"); parameters stay float32
+    remat: bool = False  # recompute each block's activations in the backward pass (less memory, more compute)
+    scan_layers: bool = False  # one scanned block instead of n_layers unrolled ones (faster compiles)
     # Family switches (jaxalign.models.hf); the defaults are the plain Llama decoder.
     qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2; Llama's attention_bias)
     out_bias: bool = False  # bias on the attention output projection (Llama's attention_bias)

@@ -23,6 +23,7 @@ import pytest
 import torch
 import transformers
 
+from jaxalign.data.tokenize import load_hf_tokenizer  # noqa: E402
 from jaxalign.experiments import dpo_files  # noqa: E402
 from jaxalign.models import hf  # noqa: E402
 from jaxalign.overrides import ConfigError, apply_overrides  # noqa: E402
@@ -162,6 +163,36 @@ def test_export_loads_in_transformers_with_our_logits(files, full_run):
     assert params_sha256(params) != params_sha256(hf.from_pretrained(files[0])[0])  # ... which has moved
 
 
+def test_generate_from_the_export_stops_where_transformers_generate_stops(full_run, capsys):
+    """The export carries the tokenizer's special-token ids (config.json and generation_config.json), so
+    transformers' greedy `generate`, left to its own defaults, gives exactly the tokens `jaxalign generate --model`
+    gives, EOS included; `--checkpoint WORKDIR` (the trained state) gives the same completions."""
+    from jaxalign.generation import encode_prompts, load_hf_policy
+    from launch.cli import main
+
+    workdir, _ = full_run
+    export = workdir / "export"
+    generation = json.loads((export / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 1, "eos_token_id": 4, "pad_token_id": 0}
+    prompts = ["Question: what is 2+2?\nAnswer:", "Hello"]
+    policy = load_hf_policy(str(export))
+    ids, mask = encode_prompts(policy.tokenizer, prompts)
+    model = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    with torch.no_grad():
+        theirs = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                                max_new_tokens=24).numpy()[:, ids.shape[1]:]
+    expected = []
+    for row in theirs:
+        row = [int(t) for t in row if t != 0]
+        expected.append(policy.tokenizer.decode(row[:row.index(4)] if 4 in row else row))
+
+    for source in (["--model", str(export)], ["--checkpoint", str(workdir)]):
+        assert main(["generate", *source, "--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens",
+                     "24"]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [r["completion"] for r in rows] == expected, source
+
+
 def test_resume_after_an_interruption_gives_the_same_params(files, full_run, tmp_path, monkeypatch):
     """A run stopped after step 4 (its checkpoint written, then an exception, as a kill would leave it) and re-run
     with the same command ends with bit-identical parameters to the uninterrupted run."""
@@ -208,6 +239,14 @@ def test_lora_on_a_converted_model_with_skipped_and_truncated_rows(files, tmp_pa
     assert 0 < results["num_trainable_params"] < results["num_params"] / 5
     losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < losses[0] - 0.02, losses
+
+    # `jaxalign generate` reads the LoRA checkpoint back: adapters merged into model.path, the run's tokenizer.
+    from jaxalign.generation import load_policy
+    from jaxalign.rundir import params_sha256
+
+    policy = load_policy(str(tmp_path / "run"))
+    assert params_sha256(policy.params) == results["params_sha256"]
+    assert policy.tokenizer.fingerprint == load_hf_tokenizer(str(TOKENIZER)).fingerprint
 
 
 def test_a_bad_row_is_one_error_line_from_the_command_line(files, tmp_path):
