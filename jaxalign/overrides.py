@@ -234,6 +234,8 @@ def config_help(name: str, description: str, cfg: Any) -> str:
     for key, type_name, default, doc in rows:
         line = f"  {key:<{width}}  {type_name} = {default!r}"
         out.append(line + (f": {doc}" if doc else ""))
+    out += ["", "run options (not part of config.json): tracking=tensorboard|wandb|tensorboard,wandb|none mirrors "
+                "metrics.jsonl, the config and the plots to TensorBoard (WORKDIR/tensorboard) and/or Weights & Biases"]
     aliases = getattr(cfg, "OVERRIDE_ALIASES", {})
     if aliases:
         out += ["", "aliases: " + ", ".join(f"{short} = {key}" for short, key in aliases.items())]

@@ -278,14 +278,30 @@ def run_experiment(name: str, workdir: str, overrides: list[str]) -> dict:
     """
     from jaxalign.distributed import initialize_from_env
     from jaxalign.rundir import strict_json_text
+    from jaxalign.tracking import ENV_VAR as TRACKING_ENV
+    from jaxalign.tracking import finish as tracking_finish
+    from jaxalign.tracking import parse_tracking
 
     initialize_from_env()  # before anything touches JAX devices: a multi-process run joins its peers here
-    experiment, cfg = configure(name, overrides)
+    trackers = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "tracking"]
+    experiment, cfg = configure(name, [o for o in overrides if o.split("=", 1)[0].strip() != "tracking"])
+    if trackers:  # how the run is watched, not what it computes: never part of config.json
+        parse_tracking(trackers[-1])
     check_mesh_fits(cfg)
-    with run_log(workdir, ["run", name, "--workdir", workdir, *overrides]):
-        results = experiment.run(cfg, workdir)
-        summary = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}
-        print(strict_json_text(summary, indent=2, sort_keys=True))
+    previous = os.environ.get(TRACKING_ENV)
+    if trackers:
+        os.environ[TRACKING_ENV] = trackers[-1]  # for this run and the processes it starts
+    try:
+        with run_log(workdir, ["run", name, "--workdir", workdir, *overrides]):
+            results = experiment.run(cfg, workdir)
+            tracking_finish(workdir, dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None)
+            summary = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}
+            print(strict_json_text(summary, indent=2, sort_keys=True))
+    finally:
+        if trackers and previous is None:
+            os.environ.pop(TRACKING_ENV, None)
+        elif trackers:
+            os.environ[TRACKING_ENV] = previous
     return results
 
 

@@ -12,8 +12,6 @@ import argparse
 import json
 import os
 
-from jaxalign.rundir import strict_json_line
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
@@ -66,7 +64,8 @@ def read_prompts(path: str) -> list[str]:
 
 
 def command(args) -> int:
-    from jaxalign.generation import generate_text, load_hf_policy, load_policy
+    from jaxalign.generation import generate_text, load_hf_policy, load_policy  # JAX only once a command runs
+    from jaxalign.rundir import strict_json_line
     from jaxalign.sampling import SamplingConfig
 
     prompts = args.prompt or read_prompts(args.prompts)

@@ -41,6 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from jaxalign import tracking
 from jaxalign.rundir import RunDir, claim, config_to_dict, strict_json_text, without_presentation_fields
 from jaxalign.rundir import write_json_atomic
 from jaxalign.sharding import MeshConfig, make_mesh
@@ -229,11 +230,13 @@ def write_metrics(path: str, history: list[dict]) -> None:
     with open(tmp, "w") as f:
         f.writelines(strict_json_text(r) + "\n" for r in history)
     os.replace(tmp, path)
+    tracking.sync(path)
 
 
 def append_metrics(path: str, records: list[dict]) -> None:
     with open(path, "a") as f:
         f.writelines(strict_json_text(r) + "\n" for r in records)
+    tracking.sync(path)
 
 
 def write_results(workdir: str, results: dict) -> None:

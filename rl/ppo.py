@@ -31,25 +31,25 @@ from rl.wrappers import AutoReset, EpisodeStats
 class PPOConfig:
     """PPO hyper-parameters; one update consumes num_envs * num_steps environment steps."""
 
-    num_envs: int = 16
-    num_steps: int = 128
-    total_timesteps: int = 262_144
-    update_epochs: int = 4
-    num_minibatches: int = 4
-    learning_rate: float = 2.5e-3
-    anneal_lr: bool = True
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_eps: float = 0.2
-    clip_value: bool = True
-    vf_coef: float = 0.5
-    ent_coef: float = 0.01
-    max_grad_norm: float = 0.5
-    normalize_advantages: bool = True
-    bootstrap_truncation: bool = True
-    hidden_size: int = 64
-    num_layers: int = 2
-    activation: str = "tanh"
+    num_envs: int = 16  # environments stepped side by side in every rollout (each reset when its episode ends)
+    num_steps: int = 128  # steps per environment in one update's rollout
+    total_timesteps: int = 262_144  # environment steps of the run; updates = this // (num_envs * num_steps)
+    update_epochs: int = 4  # passes over each rollout batch, each in a fresh shuffled order
+    num_minibatches: int = 4  # Adam steps per epoch, each on num_envs * num_steps / num_minibatches transitions
+    learning_rate: float = 2.5e-3  # Adam's step size (the initial one with anneal_lr)
+    anneal_lr: bool = True  # decay the learning rate linearly to 0 over all the run's Adam steps
+    gamma: float = 0.99  # discount per environment step
+    gae_lambda: float = 0.95  # GAE's lambda (Schulman et al. 2016): 0 one-step TD, 1 Monte-Carlo returns
+    clip_eps: float = 0.2  # PPO's ratio clip epsilon (eq. 7), also the value clip with clip_value
+    clip_value: bool = True  # clip the value loss around the rollout's values, as the authors' baselines code
+    vf_coef: float = 0.5  # weight of the value loss in the total loss
+    ent_coef: float = 0.01  # weight of the entropy bonus subtracted from the loss
+    max_grad_norm: float = 0.5  # gradients are clipped to this global norm before each Adam step
+    normalize_advantages: bool = True  # standardise the advantages over each minibatch
+    bootstrap_truncation: bool = True  # a time-limit cut bootstraps from V(final obs); false: treated as a termination
+    hidden_size: int = 64  # width of every hidden layer of the separate actor and critic MLPs
+    num_layers: int = 2  # hidden layers of each of the actor and critic MLPs
+    activation: str = "tanh"  # hidden activation of both MLPs: "tanh" or "relu"
 
     def __post_init__(self):
         for name in ("num_envs", "num_steps", "update_epochs", "num_minibatches", "hidden_size", "num_layers"):

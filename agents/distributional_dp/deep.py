@@ -184,26 +184,26 @@ def quantile_td_target(rewards: jax.Array, terminated: jax.Array, next_quantiles
 
 @dataclasses.dataclass(frozen=True)
 class DeepDDPConfig:
-    num_envs: int = 32
-    total_timesteps: int = 300_000
-    buffer_size: int = 50_000
-    batch_size: int = 128
-    learning_rate: float = 1e-3
+    num_envs: int = 32  # vmapped environments, each stepped once per iteration (epsilon-greedy)
+    total_timesteps: int = 300_000  # environment steps per agent; iterations = this // num_envs
+    buffer_size: int = 50_000  # replay capacity in transitions (the oldest are overwritten)
+    batch_size: int = 128  # transitions per gradient step, drawn uniformly with replacement from the replay
+    learning_rate: float = 1e-3  # Adam's initial step size
     learning_rate_end: float = 1e-3  # linear decay to this over the gradient steps
-    epsilon_start: float = 1.0
-    epsilon_end: float = 0.05
-    exploration_fraction: float = 0.4
-    learning_starts: int = 2_000
-    train_frequency: int = 1
-    target_update_interval: int = 100
-    double_q: bool = True
-    num_quantiles: int = 32
-    kappa: float = 1.0
-    hidden_size: int = 128
-    num_layers: int = 2
-    stock_scale: float = 10.0
-    tie_break: float = 1e-3
-    max_grad_norm: float = 10.0
+    epsilon_start: float = 1.0  # exploration probability at the first iteration
+    epsilon_end: float = 0.05  # exploration probability after the linear decay, kept to the end
+    exploration_fraction: float = 0.4  # share of the iterations over which epsilon decays linearly
+    learning_starts: int = 2_000  # no gradient step until the replay holds this many transitions
+    train_frequency: int = 1  # one gradient step every this many iterations
+    target_update_interval: int = 100  # the target network copies the online one every this many iterations
+    double_q: bool = True  # the online network picks the bootstrap action, the target network scores it
+    num_quantiles: int = 32  # N, quantiles of the return-to-go per action (levels (2i - 1) / 2N; QR-DQN)
+    kappa: float = 1.0  # quantile Huber threshold: quadratic below, linear above (Dabney et al. 2018, eq. 10)
+    hidden_size: int = 128  # width of every hidden layer of the quantile network
+    num_layers: int = 2  # hidden layers of the quantile network
+    stock_scale: float = 10.0  # the network sees the stock c_t divided by this
+    tie_break: float = 1e-3  # weight of the mean (cvar) or -|x| (band) term that breaks ties between actions
+    max_grad_norm: float = 10.0  # gradients are clipped to this global norm before each Adam step
 
     def __post_init__(self):
         for name in ("num_envs", "buffer_size", "batch_size", "train_frequency", "target_update_interval",

@@ -60,19 +60,19 @@ AGENTS = ("cvar", "band", "qrdqn")
 
 @dataclasses.dataclass(frozen=True)
 class DDPGridworldConfig:
-    seed: int = 0
+    seed: int = 0  # the PRNG key of the run: the three agents' initialisation, exploration, replay, evaluation
     deep: DeepDDPConfig = DeepDDPConfig()
-    slip_prob: float = 0.05
-    pit_cost: int = 1
-    horizon: int = 12
-    alpha: float = 0.1
+    slip_prob: float = 0.05  # probability that a move from a slippery cell becomes a move down (into the pit)
+    pit_cost: int = 1  # reward -pit_cost per step spent in the pit (other non-goal steps: -1)
+    horizon: int = 12  # H, steps per episode (time-to-go is observed: part of the MDP)
+    alpha: float = 0.1  # the CVaR level in (0, 1]: the mean of the lowest alpha fraction of returns
     c0_low: int = 0  # training range of the initial stock; CVaR levels b = -c_0 are searched over the same range
-    c0_high: int = 14
+    c0_high: int = 14  # upper end of that range, inclusive (c_0 drawn uniformly from the integers)
     homeostatic_targets: str = "-5,-7,-10"  # comma-separated integer targets m of the return
-    band_width: int = 0
-    eval_episodes: int = 10_000
-    num_chunks: int = 10
-    show_progress: bool = True
+    band_width: int = 0  # w: the band agent maximises P(|G - m| <= w) (0: hit m exactly)
+    eval_episodes: int = 10_000  # greedy evaluation episodes per agent (the band agent: per homeostatic target)
+    num_chunks: int = 10  # jitted scans training is split into; checkpoint, log and ETA after each
+    show_progress: bool = True  # progress bar with rate and ETA on the terminal (never part of the result)
 
     def __post_init__(self):
         if not 0.0 < self.alpha <= 1.0:

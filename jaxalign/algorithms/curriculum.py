@@ -42,7 +42,8 @@ GROUPINGS = ("global", "per_prompt")
 class CurriculumConfig:
     """num_iterations: curriculum stages (DPO iterations, each with a fresh reference), >= 1.
     ordering: "easy_to_hard" (largest rating gap first) or "random" (seeded permutation).
-    grouping: "global" or "per_prompt" (module docstring). seed: for ordering="random"."""
+    grouping: "global" or "per_prompt" (module docstring).
+    seed: seeds the permutation of ordering="random" (unused by "easy_to_hard")."""
 
     num_iterations: int = 3
     ordering: str = "easy_to_hard"

@@ -87,13 +87,21 @@ class LMPPOConfig:
     """PPO / DR-PO hyper-parameters (Chang et al. 2024; docs/algorithms.md). One update = `rollouts_per_update`
     rollouts (one per prompt), then `update_epochs` x `num_minibatches` optimizer steps.
 
+    num_updates: rollout-then-optimize cycles of the whole run
+    rollouts_per_update: prompts rolled out per update, one rollout each (a multiple of num_minibatches)
+    update_epochs: passes over an update's rollouts, each in a fresh shuffled order
+    num_minibatches: optimizer steps per epoch, each on rollouts_per_update / num_minibatches rollouts
     beta_reset: probability that a rollout starts from a teacher-forced prefix of the offline reference response
         (DR-PO); 0 is plain PPO.
-    gamma, gae_lambda: GAE(gamma, lambda) over tokens (DR-PO: 1 and 0.95).
-    clip_eps: the surrogate's ratio clip (0.2); value_clip_eps: the value clip around the rollout's values (PPO's
-        baselines code and TRL clip the value too); clip_value=False turns it off.
+    gamma: GAE's discount per token (Schulman et al. 2016; DR-PO: 1)
+    gae_lambda: GAE's lambda, the bias-variance trade-off of the advantages (DR-PO: 0.95)
+    clip_eps: the surrogate's ratio clip (0.2).
+    value_clip_eps: how far a new value may move from the rollout's before the clipped value loss takes over
+        (PPO's baselines code and TRL clip the value too)
+    clip_value: clip the value loss around the rollout's values (Schulman et al. 2017, eq. 9); False: plain MSE
     kl_coef: per-token penalty -kl_coef * (log pi_old - log pi_ref) against the SFT reference; 0 turns it off.
-    vf_coef, ent_coef: weights of the value loss and of the entropy bonus.
+    vf_coef: weight of the value loss in the total loss
+    ent_coef: weight of the entropy bonus subtracted from the loss (0: none, and no entropy is computed)
     normalize_advantages: whiten the advantages over the rollout batch's action tokens before the epochs.
     value_model: "critic" (separate value LM) or "shared" (head on the policy trunk, stop-gradient); module docstring.
     policy_optim / critic_optim: AdamW settings (`jaxalign.train.optim`), schedules over all optimizer steps.

@@ -86,7 +86,8 @@ class OreoConfig:
     alpha: weight of the full-vocabulary KL(pi_theta || pi_ref); None = the paper's default for the level (0.01;
         0.1 at step level), see `kl_weight`.
     value_model: "critic" (separate LM, the paper's) or "shared" (a head on the policy trunk; module docstring).
-    steps / batch_size: optimizer steps (each one critic and one actor update) and trajectories per step.
+    steps: optimizer steps (each one critic and one actor update; per iteration of iterative OREO).
+    batch_size: trajectories per step.
     actor_optim / critic_optim: AdamW settings of the two models (`jaxalign.train.optim`).
     """
 

@@ -58,7 +58,10 @@ JUDGES = ("graded", "binary")
 class BRAInConfig:
     """base: the main job's config (`trpa_arith.TRPAConfig` explains its use; base.dpo.list_batch_size is BRAIn's
     prompts per step, 16 lists of 8 = the sequences of the baseline's 64 pairs).
-    iterations, prompts_per_iteration, steps_per_iteration, num_kl_prompts: as `trpa_arith.TRPAConfig`.
+    iterations: sample -> reward -> train rounds per method; each round starts from the previous round's policy
+    prompts_per_iteration: fresh training prompts per round, the same for BRAIn and the DPO baseline
+    steps_per_iteration: optimizer steps per round and method (replaces base.dpo.steps)
+    num_kl_prompts: held-out prompts whose samples estimate KL(pi || pi_old) and KL(pi || pi_SFT)
     judge: "graded" (graded_score / 6) or "binary" (exactly correct).
     beta: the posterior's temperature, pi_SFT e^{r/beta}; with graded rewards one more correct step (1/3) weighs
         e^{1/(3 beta)} (x28 at the default 0.1)."""

@@ -89,9 +89,11 @@ def _is_int(value: Any, lowest: int) -> bool:
 class DDOArithConfig:
     """base: the main job's config (task, model, SFT; of `base.dpo` only the optimizer, batch_size (rows = data +
     reference sample per step), grad_accum_steps, eval_every and select_best are used, by DDO and the baseline alike).
-    rounds / steps_per_round: the multi-round loop (ref <- theta after every round).
+    rounds: DDO rounds; after each the reference becomes the trained model (ref <- theta, Zheng et al. 2025)
+    steps_per_round: DDO optimizer steps per round (the baseline trains rounds x this many)
     num_prompts: training prompts whose gold solutions are the data (one reference sample each per round).
-    beta, alpha: DDO's discriminator scale and the weight of the reference-sample term.
+    beta: DDO's discriminator scale: d(x) = sig(beta (log p_theta(x) - log p_ref(x))), sequence log-probs
+    alpha: weight of DDO's reference-sample term -E_{x~p_ref} log(1 - d(x)) against the data term
     sample_temperature: temperature of the reference samples (1: the reference's own distribution).
     round_tolerance: how much held-out accuracy a round may lose to the one before it with the claim still holding.
     """

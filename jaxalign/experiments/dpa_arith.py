@@ -78,9 +78,13 @@ class DPAArithConfig:
     """base: the main job's config on the verbose task (task, model, the conditioned SFT in `base.sft`; its pairs and
     dpo sections are unused). model.max_len must hold the direction prefix too.
     num_directions: angle buckets b = 0 .. num_directions - 1 (2 to 10), theta_b = 90 deg * b / (num_directions - 1).
-    iterations, prompts_per_iteration, samples_per_prompt (N), temperature: the rejection-sampling loop.
+    iterations: rejection-sampling fine-tuning rounds, each from the previous round's model
+    prompts_per_iteration: fresh training prompts per round, one uniformly drawn direction each
+    samples_per_prompt: DPA's N: responses sampled per prompt, the best v.r of them kept (>= 2)
+    temperature: sampling temperature of those responses (> 0: the selection needs varied samples)
     rsf: the fine-tuning of every iteration (from the current model).
-    eval_directions: comma-separated buckets evaluated (at least 3 distinct); num_eval_prompts: held-out problems.
+    eval_directions: comma-separated buckets evaluated (at least 3 distinct).
+    num_eval_prompts: held-out problems greedily decoded under every evaluated direction (the steering table)
     """
 
     base: kit.ArithDPOConfig = _BASE

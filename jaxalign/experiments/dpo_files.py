@@ -73,9 +73,10 @@ def check_objective(name: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """path: a Hugging Face checkpoint directory (config.json + model.safetensors or shards) or a `jaxalign convert
-    hf-to-jaxalign` output (jaxalign_config.json + params.safetensors); which one is detected from the files.
+        hf-to-jaxalign` output (jaxalign_config.json + params.safetensors); which one is detected from the files.
     tokenizer: a tokenizer.json or the directory holding it (and its tokenizer_config.json); default: `path`.
-    dtype: the compute dtype (parameters stay float32); remat: recompute activations in the backward pass."""
+    dtype: the compute dtype (parameters stay float32).
+    remat: recompute each block's activations in the backward pass (less memory, more compute)."""
 
     path: str = ""
     tokenizer: str = ""
@@ -87,12 +88,18 @@ class ModelSection:
 class DataSection:
     """The preference file and how it becomes token arrays (`jaxalign.data.tokenize`).
 
-    path: a .jsonl or .parquet file in `format` (only "pairwise" trains here); on_error: a malformed row stops the
-    run naming file, line and field ("fail") or is skipped and counted ("skip"). Rows longer than `max_length`
-    tokens are truncated (`prompt_truncation` keep_end|keep_start for the prompt, completions keep their start) and
-    counted, or with `on_overflow` drop|error dropped (counted) or refused. eval_fraction of the pairs (at least
-    one) are held out for evaluation. dataset_dir: where the TFDS build goes (default WORKDIR/data; point it at a
-    `jaxalign data prepare --output` directory to reuse that build)."""
+    path: a .jsonl or .parquet file in `format`.
+    format: the rows' format; only "pairwise" (prompt, chosen, rejected) trains here
+    on_error: a malformed row stops the run naming file, line and field ("fail") or is skipped and counted ("skip")
+    max_length: tokens of prompt + completion per sequence; longer rows are handled by `on_overflow`
+    max_prompt_length: tokens of the prompt at most (None: max_length - 1); a longer prompt is cut
+    prompt_truncation: what a cut prompt keeps, "keep_end" (the question is usually last) or "keep_start";
+        a cut completion keeps its start
+    on_overflow: a row over the limits is truncated and counted ("truncate"), dropped and counted ("drop") or
+        refused naming its line ("error")
+    eval_fraction: share of the pairs (at least one) held out for evaluation, split by a permutation seeded by `seed`
+    dataset_dir: where the TFDS build goes (default WORKDIR/data; point it at a `jaxalign data prepare --output`
+        directory to reuse that build)."""
 
     path: str = ""
     format: str = "pairwise"
@@ -132,7 +139,8 @@ FILES_DPO = PreferenceConfig(steps=100, batch_size=8, select_best=False)
 @dataclasses.dataclass(frozen=True)
 class ExportSection:
     """enabled: write the trained policy (LoRA adapters merged) to WORKDIR/export as a Hugging Face checkpoint.
-    family: llama|mistral|qwen2|gemma, default the source model's; dtype: float32|bfloat16 tensors."""
+    family: llama|mistral|qwen2|gemma, default the source model's.
+    dtype: float32|bfloat16: the dtype of the exported tensors."""
 
     enabled: bool = False
     family: str = ""
@@ -150,7 +158,7 @@ class ExportSection:
 class DPOFilesConfig:
     """Everything `dpo_files` needs; every field can be overridden from the command line (key=value)."""
 
-    seed: int = 0
+    seed: int = 0  # the held-out split, the batch order and the initialisation of new parameters (LoRA adapters)
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     dpo: PreferenceConfig = FILES_DPO
@@ -158,9 +166,9 @@ class DPOFilesConfig:
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig(every_steps=50, keep_last=2)
     export: ExportSection = ExportSection()
-    eval_batch_size: int = 32
-    show_progress: bool = True
-    log_every: int = 10
+    eval_batch_size: int = 32  # pairs per forward pass when caching the reference's and scoring held-out log-probs
+    show_progress: bool = True  # progress bars with rate and ETA on the terminal (never part of the result)
+    log_every: int = 10  # metrics.jsonl gets a record every this many steps (and at every evaluation step)
 
     OVERRIDE_ALIASES: ClassVar[dict[str, str]] = {"loss": "dpo.objective"}
 

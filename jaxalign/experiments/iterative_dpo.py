@@ -73,13 +73,21 @@ def _is_int(value: Any, lowest: int) -> bool:
 @dataclasses.dataclass(frozen=True)
 class IterativeConfig:
     """base: the main job's config (model, SFT, samples per prompt and temperature in `base.pairs`, the DPO step in
-    `base.dpo`; base.dpo.steps is replaced by steps_per_iteration).
-    iterations, prompts_per_iteration, steps_per_iteration: the loop's size (fresh prompts every iteration).
-    judge: "graded" (0-6), "binary" or "score" (`jaxalign.tasks.judges`). teacher: add the gold answer as a candidate.
-    min_chosen_score (None: no threshold), min_margin, student_min_margin (None: min_margin): pair filters.
+        `base.dpo`; base.dpo.steps is replaced by steps_per_iteration).
+    iterations: sample -> judge -> DPO rounds T; each round's policy is the next one's reference
+    prompts_per_iteration: fresh training prompts per round (disjoint: iterations x this <= training problems)
+    steps_per_iteration: DPO optimizer steps per round (replaces base.dpo.steps)
+    judge: "graded" (0-6), "binary" or "score" (`jaxalign.tasks.judges`)
+    teacher: add the gold answer as one more candidate per prompt (DNO-Prct's teacher response, Rosset et al. 2024)
+    min_chosen_score: drop a prompt whose best candidate scores below this (None: no threshold)
+    min_margin: smallest best-minus-worst judge-score gap kept when the chosen is the teacher's (and, by default,
+        a student's)
+    student_min_margin: the same gap when the chosen is a sampled (student) completion (None: min_margin)
     replay: comma-separated fractions of the current pair count replayed from iterations t-1, t-2, ... ("" = none).
-    apo: extrapolate the reference (and the sampling policy) from the two latest iterates with momentum `alpha` in
-    [0, 1); apo with alpha 0 computes everything through the extrapolation and reproduces online DPO bit for bit.
+    apo: extrapolate the reference (and the sampling policy) from the two latest iterates with momentum `alpha`;
+        apo with alpha 0 computes everything through the extrapolation and reproduces online DPO bit for bit.
+    alpha: APO's Nesterov momentum in [0, 1): reference (1 + alpha) log pihat_t - alpha log pihat_{t-1}
+        (He et al. 2024)
     apo_sampling: "logits" (token level), "weights" or "latest" (sample the plain iterate: APO in the loss only).
     select_iterate: return the iterate with the best validation accuracy (else the last)."""
 

@@ -67,13 +67,14 @@ class OreoArithConfig:
     oreo: the OREO trainer (`OreoConfig`: level, beta, alpha, value model, steps, optimizers).
     beam: test-time value-guided beam search (`BeamConfig`).
     num_beam_prompts: held-out problems searched with beam search (it samples beams x candidates steps per step).
-    num_value_prompts / value_samples_per_prompt: held-out problems and SFT samples per problem for the value checks.
-    compare_baselines: also train, on the SAME trajectories from the same SFT policy, rejection-sampling SFT (`rs_sft`:
-    token NLL on the correct trajectories only) and DPO (the main job's DPO phase, `base.dpo`, on each prompt's
-    best-vs-worst pair of its trajectories), the paper's two baselines at equal data.
+    num_value_prompts: held-out problems of the value checks (V(s_0) against the SFT policy's success rate).
+    value_samples_per_prompt: SFT samples (temperature 1) per value-check problem: its empirical success rate.
+    compare_baselines: also train, on the SAME trajectories from the same SFT policy, rejection-sampling SFT
+        (`rs_sft`: token NLL on the correct trajectories only) and DPO (the main job's DPO phase, `base.dpo`, on
+        each prompt's best-vs-worst pair of its trajectories), the paper's two baselines at equal data.
     iterations: iterative OREO; each iteration after the first re-collects the trajectories (same prompts and
-    settings) with the policy the previous one trained and trains actor and critic on, from where they stood (the
-    reference stays the SFT policy); the baselines always use the SFT trajectories.
+        settings) with the policy the previous one trained and trains actor and critic on, from where they stood
+        (the reference stays the SFT policy); the baselines always use the SFT trajectories.
     """
 
     base: kit.ArithDPOConfig = kit.ArithDPOConfig()

@@ -73,7 +73,9 @@ class StepDPOConfig:
     samples_per_prefix: continuations sampled per prefix to find a chosen step (at base.pairs.temperature / top_k).
     gold_fallback: a prefix without a correct continuation takes the gold step as chosen (else it is dropped).
     num_pairs: pairs each method trains on (None: as many as the smaller of the two pair sets).
-    judge, min_chosen_score (None: no threshold), min_margin: the response-level baseline's pair selection."""
+    judge: scores the baseline's full samples: "graded" (0-6), "binary" or "score" (`jaxalign.tasks.judges`)
+    min_chosen_score: the baseline drops a prompt whose best sample scores below this (None: no threshold)
+    min_margin: the baseline drops a prompt whose best-minus-worst judge-score gap is below this"""
 
     base: kit.ArithDPOConfig = _BASE
     samples_per_prefix: int = 8

@@ -72,11 +72,15 @@ class TRPAConfig:
     DPO step and the shared optimizer / validation cadence in `base.dpo`; base.dpo.steps is replaced by
     steps_per_iteration, base.dpo.list_batch_size is TRPA's prompts per step: 16 lists of 8 = the sequences of
     64 pairs).
-    iterations, prompts_per_iteration, steps_per_iteration: the loop's size (fresh prompts every iteration).
-    beta, kl_coef (c), kappa: TRPA's hyper-parameters (`jaxalign.losses.iterative.trpa`). beta multiplies a MEAN
-        token log-ratio (|y| is about 20 tokens here). 10 had the best validation accuracy of {2, 10, 40} with the
-        default budget (seed 0): at 40 the pair loss saturates within 30 steps and the policy barely moves, at 2
-        the rejected samples' likelihoods collapse and accuracy falls back after 50 steps.
+    iterations: sample -> grade -> train rounds per method; each round starts from the previous round's policy
+    prompts_per_iteration: fresh training prompts per round, the same for both methods
+    steps_per_iteration: optimizer steps per round and method (replaces base.dpo.steps)
+    beta: TRPA's scale of the MEAN token log-ratio l(y) in h = kappa * beta * (l(a) - l(b))
+        (`jaxalign.losses.iterative.trpa`; |y| is about 20 tokens here). 10 had the best validation accuracy of
+        {2, 10, 40} with the default budget (seed 0): at 40 the pair loss saturates within 30 steps and the policy
+        barely moves, at 2 the rejected samples' likelihoods collapse and accuracy falls back after 50 steps.
+    kl_coef: TRPA's c: weight of the k3-KL trust region to the sampling policy pi_old (Su et al. 2025)
+    kappa: TRPA's extra factor on beta when the better response of a pair is correct (level 1)
     num_kl_prompts: held-out prompts whose samples estimate KL(pi || pi_old).
     accuracy_tolerance: how far below DPO's accuracy TRPA's may be for the claim to hold."""
 

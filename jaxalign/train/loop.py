@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxalign import tracking
 from jaxalign.data.iterator import ArrayDataset, batch_at
 from jaxalign.rundir import strict_json_line
 from jaxalign.sharding import process_batch_block, put_batch
@@ -66,11 +67,13 @@ class MetricsLog:
         with open(tmp, "w") as f:
             f.writelines(strict_json_line(r) + "\n" for r in kept)
         os.replace(tmp, self.path)
+        tracking.sync(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(strict_json_line(record) + "\n")
             f.flush()
+        tracking.sync(self.path)
 
 
 # What the progress bar shows (the JSONL has every metric): metric -> short label.

@@ -37,12 +37,12 @@ SOLVED_RETURN = 475.0  # gymnasium's reward_threshold for CartPole-v1
 
 @dataclasses.dataclass(frozen=True)
 class PPOCartPoleConfig:
-    seed: int = 0
+    seed: int = 0  # the PRNG key of the whole run: initialisation, rollouts, minibatch order, evaluation
     ppo: PPOConfig = PPOConfig()
-    eval_episodes: int = 100
-    eval_greedy: bool = True
-    num_chunks: int = 16
-    show_progress: bool = True
+    eval_episodes: int = 100  # fresh episodes of the final policy, each to the 500-step time limit
+    eval_greedy: bool = True  # evaluate the argmax action; false: actions sampled from the policy
+    num_chunks: int = 16  # jitted scans the updates are split into; checkpoint, log and ETA after each (<= updates)
+    show_progress: bool = True  # progress bar with rate and ETA on the terminal (never part of the result)
 
     def __post_init__(self):
         if self.eval_episodes <= 0:
