@@ -165,6 +165,11 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "stochastic gridworld vs the tabular optimum and QR-DQN (10,000 evaluation episodes)",
         _module_experiment("ddp_gridworld", "agents.distributional_dp.experiment", "DDPGridworldConfig"),
     ),
+    "jssp_cp": (
+        "agent (d): job-shop dispatching by a size-agnostic attention policy, imitation of CP-SAT then PPO on the "
+        "makespan; vs SPT/LPT/MWKR/MOR/FIFO and CP-SAT on held-out generated and Taillard instances",
+        _module_experiment("jssp_cp", "agents.jssp_cp.experiment", "JSSPCPConfig"),
+    ),
     "ppo_cartpole": (
         "PPO on the JAX CartPole-v1 (vmapped envs, one jitted scan), evaluated over 100 greedy episodes",
         _module_experiment("ppo_cartpole", "rl.experiments.ppo_cartpole", "PPOCartPoleConfig"),

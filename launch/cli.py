@@ -14,6 +14,9 @@
     jaxalign convert hf-to-jaxalign|jaxalign-to-hf SRC DST [--family F] [--dtype D]      (launch/convert.py)
     jaxalign data prepare FORMAT --input FILE --output DIR [--on-error skip] [--tokenizer T --max-length N]
                                                                                           (launch/data.py)
+    jaxalign jssp solve INSTANCE_FILE --method agent|cp-sat|spt|lpt|mwkr|mor|fifo [--time-limit S] [--checkpoint DIR]
+                        [--out DIR]                                                       (launch/jssp.py)
+    jaxalign bench jssp --workdir DIR [--groups 15x15,20x15] [--time-limit S] [--checkpoint DIR]
     jaxalign generate --checkpoint DIR|--model HF_DIR --prompt TEXT|--prompts FILE [--chat] [sampling options]
                                                                                           (launch/generate.py)
     jaxalign tpu create|setup|run|logs|ssh|status|delete NAME --zone Z ... [--dry-run]   (launch/tpu.py)
@@ -58,6 +61,7 @@ BENCHMARKS = {
     "objectives": "jaxalign.bench.objectives",
     "sampling": "jaxalign.bench.sampling",
     "iterative": "jaxalign.bench.iterative",
+    "jssp": "agents.jssp_cp.bench",
 }
 
 
@@ -129,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_arguments(sub.add_parser("data", help="build a TFDS dataset from your own preference file "
                                       "(JSONL/Parquet) and report malformed rows"))
+    from launch.jssp import add_arguments as add_jssp_arguments
+
+    add_jssp_arguments(sub.add_parser("jssp", help="agent (d): schedule a job-shop instance file with a rule, "
+                                      "CP-SAT or a trained agent"))
     from launch.generate import add_arguments as add_generate_arguments
 
     add_generate_arguments(sub.add_parser("generate", help="completions from a checkpoint of any LM experiment "
@@ -180,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             from launch.data import command as data_command
 
             return data_command(args)
+        if args.command == "jssp":
+            from launch.jssp import command as jssp_command
+
+            return jssp_command(args)
         if args.command == "generate":
             from launch.generate import command as generate_command
 

@@ -416,3 +416,9 @@ def _benchmarks() -> dict[int, Instance]:
 def is_benchmark(instance: Instance) -> bool:
     """Whether `instance` is one of Taillard's ta01..ta80 (training must never use one)."""
     return _benchmarks().get(hash(instance)) == instance
+
+
+def benchmark_name(instance: Instance) -> str | None:
+    """The Taillard name (ta01..ta80) whose machines and durations equal `instance`'s, or None."""
+    found = _benchmarks().get(hash(instance))
+    return found.name if found is not None and found == instance else None

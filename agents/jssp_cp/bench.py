@@ -1,0 +1,169 @@
+"""`jaxalign bench jssp`: every method on Taillard's size groups, mean gap to the best-known upper bound and mean
+seconds per instance.
+
+    jaxalign bench jssp --workdir DIR [--groups 15x15,20x15,...] [--time-limit S] [--checkpoint RUN_DIR]
+                        [--samples N] [--per-group K] [--workers W]
+
+Methods: the five dispatching rules; the agent greedy and the best of --samples sampled rollouts (temperatures
+0.5-2.0) when a trained policy is found (--checkpoint, default DIR itself: a `jaxalign run jssp_cp` work
+directory); CP-SAT given, per instance, the sampled agent's time (as the paper compares) and CP-SAT at
+--time-limit seconds, both with --workers workers and no hint (an instance where CP-SAT finds no schedule within its
+limit counts as unsolved, and the mean gap is over the solved ones). Times exclude compilation (one warm-up per shape);
+CP-SAT's results depend on the machine, which is why it runs beside the agent in the same process.
+
+Every schedule goes through the validator (agents/jssp_cp/schedule.py); the violations are counted, written to
+the tables, and any violation fails the command after the tables are written. Writes DIR/bench_jssp.csv (one row
+per group and method), DIR/bench_jssp_instances.csv (one row per instance and method) and DIR/bench_jssp.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from agents.jssp_cp import cpsat, env, inference, rules
+from agents.jssp_cp.instances import TAILLARD_SIZES, benchmark, taillard_names
+from agents.jssp_cp.schedule import validate
+
+RULES = ("spt", "lpt", "mwkr", "mor", "fifo")
+
+
+def group_instances(group: str) -> list[str]:
+    """The Taillard names of one size group such as '15x15'."""
+    sizes = {f"{j}x{m}": i for i, (j, m) in enumerate(TAILLARD_SIZES)}
+    if group not in sizes:
+        raise ValueError(f"unknown Taillard size group {group!r}; expected some of {', '.join(sizes)}")
+    return taillard_names()[10 * sizes[group]:10 * sizes[group] + 10]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="jaxalign bench jssp", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--groups", default="15x15,20x15")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="CP-SAT's own limit in seconds")
+    parser.add_argument("--checkpoint", default=None, help="a `jaxalign run jssp_cp` work directory (default: "
+                        "--workdir when it holds policy.msgpack)")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--per-group", type=int, default=10, help="the first K instances of each group")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.time_limit <= 0 or args.samples < 1 or not 1 <= args.per_group <= 10 or args.workers < 1:
+        raise ValueError(f"bench jssp needs --time-limit > 0, --samples >= 1, --per-group in 1..10 and "
+                         f"--workers >= 1; got {args.time_limit}, {args.samples}, {args.per_group}, {args.workers}")
+    return args
+
+
+class Bench:
+    """Runs the methods on one instance at a time, recording (makespan, seconds, violations) per method."""
+
+    def __init__(self, policy, samples: int, time_limit: float, workers: int):
+        self.policy, self.samples, self.time_limit, self.workers = policy, samples, time_limit, workers
+        self.warm: set = set()
+
+    def _warm(self, key, run):
+        if key not in self.warm:
+            jax.block_until_ready(run())
+            self.warm.add(key)
+
+    def run(self, instance) -> dict:
+        padded = env.pad(instance)
+        found = {}
+        for rule in RULES:
+            self._warm((rule, instance.machines.shape), lambda: rules.dispatch(padded, rule))
+            clock = time.perf_counter()
+            start, makespan = jax.device_get(rules.dispatch(padded, rule))
+            found[rule] = (np.asarray(start), int(makespan), time.perf_counter() - clock)
+        if self.policy is not None:
+            apply, params = self.policy
+            for label, samples in (("agent_greedy", 0), ("agent_sampled", self.samples)):
+                self._warm((label, instance.machines.shape), lambda: _agent(apply, params, instance, samples))
+                found[label] = _agent(apply, params, instance, samples)
+            limit = max(found["agent_sampled"][2], 0.05)
+            found["cpsat_agent_time"] = self._cpsat(instance, limit)
+        found[f"cpsat_{self.time_limit:g}s"] = self._cpsat(instance, self.time_limit)
+        return {k: (makespan, seconds, 0 if start is None else
+                    len(validate(instance, np.asarray(start)[:instance.jobs, :instance.operations],
+                                 makespan=makespan)))
+                for k, (start, makespan, seconds) in found.items()}
+
+    def _cpsat(self, instance, limit: float):
+        """(start, makespan, seconds), or (None, None, limit) when CP-SAT found no schedule within the limit (it
+        needs some time to find its first one; the tables count such instances as unsolved)."""
+        try:
+            result = cpsat.solve(instance, time_limit=limit, workers=self.workers)
+        except RuntimeError:
+            return None, None, limit
+        return result.start, result.makespan, result.wall_time
+
+
+def _agent(apply, params, instance, samples: int):
+    """The agent's (start, makespan, seconds): greedy (samples == 0) or best of `samples`; validated by the caller
+    like every other method (counted, not raised, so that the bench reports every violation)."""
+    batch = env.stack([instance])
+    clock = time.perf_counter()
+    found = (inference.greedy_batch(apply, params, batch) if samples == 0
+             else inference.sampled_batch(apply, params, batch, jax.random.key(0), samples))
+    start, makespan = jax.device_get(found)
+    return np.asarray(start[0]), int(makespan[0]), time.perf_counter() - clock
+
+
+def markdown(rows: list[dict]) -> str:
+    """The group table; a gap is the mean over the instances the method solved (CP-SAT may find no schedule in a
+    very short limit: `unsolved`)."""
+    lines = ["| group | method | instances | unsolved | mean gap to best-known UB (%) | mean seconds / instance | "
+             "violations |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['group']} | {r['method']} | {r['instances']} | {r['unsolved']} | "
+              f"{'-' if r['mean_gap_percent'] is None else format(r['mean_gap_percent'], '.2f')} | "
+              f"{r['mean_seconds']:.3f} | {r['violations']} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    names = {g: group_instances(g)[:args.per_group] for g in groups}
+    workdir = Path(args.workdir)
+    checkpoint = args.checkpoint
+    if checkpoint is None and (workdir / inference.POLICY_PARAMS).is_file():
+        checkpoint = str(workdir)
+    policy = inference.load_policy(checkpoint) if checkpoint is not None else None
+    workdir.mkdir(parents=True, exist_ok=True)
+    bench = Bench(policy, args.samples, args.time_limit, args.workers)
+    per_instance, rows = [], []
+    for group in groups:
+        results = {}
+        for name in names[group]:
+            instance, _, ub = benchmark(name)
+            for method, (makespan, seconds, violations) in bench.run(instance).items():
+                gap = None if makespan is None else 100.0 * (makespan - ub) / ub
+                per_instance.append({"group": group, "instance": name, "method": method, "makespan": makespan,
+                                     "upper_bound": ub, "gap_percent": gap, "seconds": seconds,
+                                     "violations": violations})
+                results.setdefault(method, []).append((gap, seconds, violations))
+            print(f"{name}: " + ", ".join(f"{r['method']} {r['makespan']}" for r in per_instance
+                                          if r["instance"] == name), flush=True)
+        for method, values in results.items():
+            gaps, seconds, violations = zip(*values)
+            solved = [g for g in gaps if g is not None]
+            rows.append({"group": group, "method": method, "instances": len(values),
+                         "unsolved": len(values) - len(solved),
+                         "mean_gap_percent": float(np.mean(solved)) if solved else None,
+                         "mean_seconds": float(np.mean(seconds)), "violations": int(sum(violations))})
+    for path, table in ((workdir / "bench_jssp.csv", rows), (workdir / "bench_jssp_instances.csv", per_instance)):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    note = "" if policy is not None else "\nNo trained policy was given (--checkpoint): the agent rows are absent.\n"
+    text = markdown(rows) + note
+    (workdir / "bench_jssp.md").write_text(text)
+    print(text)
+    bad = sum(r["violations"] for r in rows)
+    if bad:
+        raise ValueError(f"{bad} validator violations in the schedules above (see {workdir / 'bench_jssp.csv'})")
+    return rows

@@ -1,0 +1,146 @@
+"""Schedules from the trained policy: greedy, or the best of N sampled rollouts (Tassel, Gebser and Schekotihin,
+ICAPS 2023, Section 5: several rollouts at temperatures spread over [0.5, 2.0], the shortest schedule kept).
+
+Both run as one jitted call per padded instance shape: the N rollouts (temperature i = 0.5 + 1.5 i / (N - 1)) are
+vmapped, each a lax.while_loop over decisions. `schedule_with_agent` validates every schedule it returns
+(agents/jssp_cp/schedule.py) and raises on any violation.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from agents.jssp_cp import env
+from agents.jssp_cp.instances import Instance
+from agents.jssp_cp.schedule import validate
+
+LOW_TEMPERATURE, HIGH_TEMPERATURE = 0.5, 2.0
+
+
+def temperatures(n: int) -> jax.Array:
+    """n temperatures evenly spread over [0.5, 2.0] (1.0 alone when n == 1)."""
+    return jnp.linspace(LOW_TEMPERATURE, HIGH_TEMPERATURE, n) if n > 1 else jnp.ones(1)
+
+
+def rollout(apply, params, instance: env.JobShop, key: jax.Array, temperature: jax.Array,
+            greedy: bool) -> env.State:
+    """One episode: the argmax action (`greedy`) or a sample from softmax(logits / temperature)."""
+    def body(carry):
+        state, key = carry
+        key, k_act = jax.random.split(key)
+        logits, _ = apply(params, env.observe(state))
+        action = jnp.argmax(logits) if greedy else jax.random.categorical(k_act, logits / temperature)
+        return env.transition(state, action), key
+
+    final, _ = jax.lax.while_loop(lambda c: ~env.done(c[0]), body, (env.reset(instance), key))
+    return final
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _greedy(apply, params, instances: env.JobShop):
+    final = jax.vmap(lambda inst: rollout(apply, params, inst, jax.random.key(0), jnp.ones(()), True))(instances)
+    return final.start, final.makespan
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _sampled(apply, params, instances: env.JobShop, key: jax.Array, num_samples: int):
+    temps = temperatures(num_samples)
+
+    def best_of(inst, key):
+        keys = jax.random.split(key, num_samples)
+        final = jax.vmap(lambda k, t: rollout(apply, params, inst, k, t, False))(keys, temps)
+        best = jnp.argmin(final.makespan)
+        return final.start[best], final.makespan[best]
+
+    return jax.vmap(best_of)(instances, jax.random.split(key, instances.num_ops.shape[0]))
+
+
+def greedy_batch(apply, params, instances: env.JobShop):
+    """(start [B, J, O], makespan [B]) of the greedy policy on a batch of padded instances; one jitted call."""
+    return _greedy(apply, params, instances)
+
+
+def sampled_batch(apply, params, instances: env.JobShop, key: jax.Array, num_samples: int):
+    """(start, makespan) of the best of `num_samples` sampled rollouts per instance; one jitted call."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    return _sampled(apply, params, instances, key, num_samples)
+
+
+class AgentSchedule(NamedTuple):
+    start: np.ndarray
+    makespan: int
+    seconds: float
+
+
+def checked(instance: Instance, start, makespan, method: str) -> np.ndarray:
+    """The unpadded start times, after the validator found no violation (else a RuntimeError listing them)."""
+    start = np.asarray(start)[:instance.jobs, :instance.operations]
+    violations = validate(instance, start, makespan=int(makespan))
+    if violations:
+        raise RuntimeError(f"{method} returned an invalid schedule for {instance.name!r}: {violations[:5]}")
+    return start
+
+
+def schedule_with_agent(apply, params, instance: Instance, num_samples: int = 0, seed: int = 0) -> AgentSchedule:
+    """Greedy (num_samples == 0) or best of `num_samples` sampled rollouts on one instance; validated; seconds
+    include compilation the first time a shape is seen."""
+    batch = env.stack([instance])
+    clock = time.perf_counter()
+    if num_samples == 0:
+        start, makespan = greedy_batch(apply, params, batch)
+    else:
+        start, makespan = sampled_batch(apply, params, batch, jax.random.key(seed), num_samples)
+    makespan = int(jax.device_get(makespan)[0])
+    seconds = time.perf_counter() - clock
+    method = "the agent (greedy)" if num_samples == 0 else f"the agent (best of {num_samples})"
+    return AgentSchedule(checked(instance, start[0], makespan, method), makespan, seconds)
+
+
+# --- the trained policy on disk --------------------------------------------------------------------------------
+
+POLICY_PARAMS, POLICY_CONFIG = "policy.msgpack", "policy.json"
+
+
+def save_policy(directory, params, network_config) -> None:
+    """DIRECTORY/policy.msgpack (Flax serialization) and policy.json (the network config), each written atomically,
+    the parameters first, so that a policy.json always has its parameters."""
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    from flax import serialization
+
+    from jaxalign.rundir import write_json_atomic
+
+    directory = Path(directory)
+    tmp = directory / f"{POLICY_PARAMS}.tmp-{os.getpid()}"
+    tmp.write_bytes(serialization.to_bytes(jax.device_get(params)))
+    os.replace(tmp, directory / POLICY_PARAMS)
+    write_json_atomic(str(directory / POLICY_CONFIG), {"network": dataclasses.asdict(network_config)})
+
+
+def load_policy(directory):
+    """(apply, params) of a policy saved by `save_policy` (e.g. a `jaxalign run jssp_cp` work directory); a
+    ValueError naming what is missing otherwise."""
+    import json
+    from pathlib import Path
+
+    from flax import serialization
+
+    from agents.jssp_cp.network import JobShopPolicy, NetworkConfig, init_params
+
+    directory = Path(directory)
+    missing = [name for name in (POLICY_PARAMS, POLICY_CONFIG) if not (directory / name).is_file()]
+    if missing:
+        raise ValueError(f"{directory} holds no trained policy ({' and '.join(missing)} missing); train one with "
+                         f"`jaxalign run jssp_cp --workdir {directory}`")
+    network = JobShopPolicy(NetworkConfig(**json.loads((directory / POLICY_CONFIG).read_text())["network"]))
+    template = init_params(jax.random.key(0), network)
+    params = serialization.from_bytes(template, (directory / POLICY_PARAMS).read_bytes())
+    return network.apply, params

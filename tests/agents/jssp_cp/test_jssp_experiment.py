@@ -1,0 +1,109 @@
+"""`jaxalign run jssp_cp` end to end with kill-and-resume equality; `jaxalign jssp solve` and `bench jssp`.
+
+Run A goes through uninterrupted; run B is the same command in a fresh directory, SIGKILLed right after its first
+PPO chunk's checkpoint (rl.testing wraps the checkpoint save, so the kill is at a deterministic point), then re-run:
+its final checkpoint, results.json (timings aside) and metrics.jsonl must equal A's. The subprocesses share a
+persistent compilation cache, so only A compiles.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from agents.jssp_cp import env, rules
+from agents.jssp_cp.brute_force import optimum_by_orders
+from agents.jssp_cp.bench import main as bench_main
+from agents.jssp_cp.instances import benchmark, format_orlib, read_instance
+from agents.jssp_cp.schedule import validate
+from launch.cli import main
+from rl.testing import checkpoint_arrays, run_differences, run_registered
+
+TINY = ["train_sizes=4x3,5x4", "imitation_instances=2", "cpsat_time_limit=5", "imitation.steps=10",
+        "imitation.batch_size=16", "network.dim=8", "network.heads=1", "network.job_layers=1", "ppo.num_envs=2",
+        "ppo.num_steps=8", "ppo.num_updates=4", "ppo.update_epochs=1", "ppo.num_minibatches=1", "num_chunks=2",
+        "eval_sizes=4x3", "eval_instances=2", "taillard=", "num_samples=2", "eval_cpsat=false",
+        "show_progress=false", "seed=3"]
+FINAL, KILL_AT = 4, 2  # checkpoint steps are PPO updates
+TINY_FILE = "3 3\n0 3 1 2 2 2\n0 2 2 1 1 4\n1 4 2 3 0 3\n"
+
+
+def _solve(capsys, path, out, *options):
+    capsys.readouterr()
+    code = main(["jssp", "solve", str(path), "--out", str(out), *options])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_run_resumes_bit_identically_then_solve_and_bench_use_its_policy(tmp_path, capsys):
+    cache, a, b = tmp_path / "xla_cache", tmp_path / "A", tmp_path / "B"
+    done, saved = run_registered("jssp_cp", a, TINY, cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert saved == [KILL_AT, FINAL]
+    results = json.loads((a / "results.json").read_text())
+    assert results["validator_violations"] == 0 and results["imitation"]["cpsat_optimal"] == 4
+    assert results["imitation"]["replayed_mean_makespan"] == results["imitation"]["cpsat_mean_makespan"]
+    assert set(results["heldout"]["4x3"]) == {"spt", "lpt", "mwkr", "mor", "fifo", "agent_greedy", "agent_sampled",
+                                              "imitation_greedy", "imitation_sampled"}
+    assert all(v >= 1.0 for v in results["heldout"]["4x3"].values())  # makespan / a lower bound
+    records = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in records] == [1, 2, 3, 4]
+    assert all(np.isfinite([r["loss"], r["grad_norm"], r["entropy"]]).all() for r in records)
+    assert all(r["makespan_over_lb"] is None or r["makespan_over_lb"] >= 1 for r in records)
+    assert (a / "learning_curve.png").stat().st_size > 0 and (a / "policy.msgpack").is_file()
+    # Not vacuous: the resumed process's chunk moves the parameters.
+    before, after = checkpoint_arrays(a, KILL_AT), checkpoint_arrays(a, FINAL)
+    assert sum(before[k].tobytes() != after[k].tobytes() for k in after if before[k].dtype.kind == "f") > 4
+
+    killed, saved = run_registered("jssp_cp", b, TINY, cache, kill_after=KILL_AT)
+    assert killed.returncode == -9 and saved == [KILL_AT] and not (b / "results.json").exists()
+    resumed, saved = run_registered("jssp_cp", b, TINY, cache)
+    assert resumed.returncode == 0 and saved == [FINAL], resumed.stderr[-3000:]
+    failures = run_differences(a, b, FINAL, {"timings"})
+    assert not failures, "the resumed run differs from the uninterrupted one:\n- " + "\n- ".join(failures)
+
+    # The trained policy schedules a file and the bench runs it beside the rules and CP-SAT.
+    path = tmp_path / "tiny.txt"
+    path.write_text(TINY_FILE)
+    code, out, err = _solve(capsys, path, tmp_path / "agent", "--method", "agent", "--checkpoint", str(a),
+                            "--samples", "4")
+    assert code == 0 and "agent makespan" in out, err
+    record = json.loads((tmp_path / "agent" / "schedule.json").read_text())
+    assert validate(read_instance(path), np.array(record["start"]), makespan=record["makespan"]) == []
+    capsys.readouterr()
+    rows = bench_main(
+        ["--workdir", str(tmp_path / "bench"), "--checkpoint", str(a), "--groups", "15x15", "--per-group", "1",
+         "--time-limit", "0.5", "--samples", "2"])
+    methods = {r["method"] for r in rows}
+    assert methods == {"spt", "lpt", "mwkr", "mor", "fifo", "agent_greedy", "agent_sampled", "cpsat_agent_time",
+                       "cpsat_0.5s"} and all(r["violations"] == 0 for r in rows)
+    assert (tmp_path / "bench" / "bench_jssp.md").read_text().count("| 15x15 |") == 9
+
+
+def test_solve_a_file_with_a_rule_and_cpsat_and_refuse_a_malformed_file(tmp_path, capsys):
+    path = tmp_path / "tiny.txt"
+    path.write_text(TINY_FILE)
+    instance = read_instance(path)
+    for method, expected in (("mwkr", int(rules.dispatch(env.pad(instance), "mwkr")[1])),
+                             ("cp-sat", optimum_by_orders(instance)[0])):
+        out_dir = tmp_path / method
+        code, out, err = _solve(capsys, path, out_dir, "--method", method, "--time-limit", "5")
+        assert code == 0 and out.strip() == f"tiny.txt: {method} makespan {expected}", err
+        record = json.loads((out_dir / "schedule.json").read_text())
+        assert record["makespan"] == expected and "benchmark" not in record
+        assert validate(instance, np.array(record["start"]), makespan=expected) == []
+        assert (out_dir / "gantt.png").stat().st_size > 1000
+    ta = tmp_path / "renamed.txt"
+    ta.write_text(format_orlib(benchmark("ta01")[0]))  # another format and name: matched by content
+    code, out, _ = _solve(capsys, ta, tmp_path / "ta", "--method", "spt")
+    assert code == 0 and "Taillard ta01: best-known upper bound 1231, gap" in out
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("3 3\n0 3 1 2 2 2\n0 2 5 1 1 4\n1 4 2 3 0 3\n")
+    code, out, err = _solve(capsys, bad, tmp_path / "bad", "--method", "mwkr")
+    assert code == 2 and out == "" and not (tmp_path / "bad").exists()
+    assert err.strip().splitlines() == [f"jaxalign: error: {bad}, line 3: machine 5 is out of range 0..2"]
+    negative = tmp_path / "negative.txt"
+    negative.write_text("2 2\n0 3 1 -2\n1 1 0 1\n")
+    code, _, err = _solve(capsys, negative, tmp_path / "neg", "--method", "cp-sat")
+    assert code == 2 and err.strip() == f"jaxalign: error: {negative}, line 2: durations must be >= 0; got -2"

@@ -1,0 +1,67 @@
+"""Inference (greedy and best-of-N) against the rules and brute force; PPO's random instances and bound against
+NumPy (PPO's updates run end to end in test_jssp_experiment.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agents.jssp_cp import env, inference, rules
+from agents.jssp_cp.brute_force import best_by_decisions, optimum_by_orders
+from agents.jssp_cp.instances import Instance, random_instance
+from agents.jssp_cp.network import ILLEGAL
+from agents.jssp_cp.ppo import lower_bound, random_padded
+
+
+def window_mwkr(params, obs):
+    """MWKR as a policy: with <= 5 operations per job the window holds all remaining work (in units of the
+    longest duration s <= 9, so rounding k / s * 1000 to integers merges float-summation ties and nothing else);
+    never No-Op."""
+    work = jnp.round(obs.window[..., 2].sum(-1) * 1000)
+    logits = jnp.concatenate([work, jnp.zeros(work.shape[:-1] + (1,))], axis=-1)
+    return jnp.where(obs.legal & (jnp.arange(logits.shape[-1]) < logits.shape[-1] - 1), logits, ILLEGAL), work[..., 0]
+
+
+def uniform(params, obs):
+    return jnp.where(obs.legal, 0.0, ILLEGAL), jnp.zeros(obs.legal.shape[:-1])
+
+
+def test_greedy_rollout_of_a_rule_shaped_policy_equals_the_rule():
+    instances = [random_instance(seed, 5, 4, max_duration=9) for seed in range(6)]
+    batch = env.stack(instances)
+    start, makespan = inference.greedy_batch(window_mwkr, None, batch)
+    rule_start, rule_makespan = rules.dispatch_batch(batch, "mwkr")
+    np.testing.assert_array_equal(np.asarray(start), np.asarray(rule_start))
+    np.testing.assert_array_equal(np.asarray(makespan), np.asarray(rule_makespan))
+
+
+def test_best_of_n_samples_is_valid_and_finds_the_tiny_optimum():
+    np.testing.assert_allclose(np.asarray(inference.temperatures(4)), [0.5, 1.0, 1.5, 2.0])
+    instances = [random_instance(seed, 3, 3, max_duration=6) for seed in range(4)]
+    start, makespan = inference.sampled_batch(uniform, None, env.stack(instances), jax.random.key(0), 128)
+    for inst, s, m in zip(instances, np.asarray(start), np.asarray(makespan)):
+        inference.checked(inst, s, m, "uniform sampling")
+        # Uniform over legal actions, No-Ops included, reaches every semi-active schedule: 128 tries find the best.
+        assert int(m) == best_by_decisions(inst) == optimum_by_orders(inst)[0]
+    bad = np.asarray(start[0]).copy()
+    bad[0, 1] = bad[0, 0]  # starts before its predecessor ends
+    with pytest.raises(RuntimeError, match="invalid schedule"):
+        inference.checked(instances[0], bad, int(makespan[0]), "a corrupted schedule")
+
+
+def test_random_padded_instances_and_their_lower_bound():
+    for jobs, machines in ((3, 2), (5, 4), (6, 6)):
+        inst = jax.jit(random_padded, static_argnums=(3, 4))(jax.random.key(jobs), jobs, machines, 6, 6)
+        mach, dur = np.asarray(inst.machines), np.asarray(inst.durations)
+        for j in range(6):
+            if j < jobs:
+                assert sorted(mach[j, :machines]) == list(range(machines))
+                assert (1 <= dur[j, :machines]).all() and (dur[j, :machines] <= 99).all()
+            assert (dur[j, machines:] == 0).all() and (j < jobs or (dur[j] == 0).all())
+        assert np.asarray(inst.num_ops).tolist() == [machines] * jobs + [0] * (6 - jobs)
+        plain = Instance(mach[:jobs, :machines], dur[:jobs, :machines])
+        loads = np.bincount(plain.machines.ravel(), plain.durations.ravel())
+        assert int(lower_bound(inst)) == max(loads.max(), plain.durations.sum(1).max())
+        # The padded instance dispatches exactly like the unpadded one.
+        assert int(rules.dispatch(inst, "spt")[1]) == int(rules.dispatch(env.pad(plain), "spt")[1])
+    tiny = random_instance(3, 3, 3, max_duration=9)
+    assert int(lower_bound(env.pad(tiny))) <= optimum_by_orders(tiny)[0]
