@@ -165,6 +165,11 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "stochastic gridworld vs the tabular optimum and QR-DQN (10,000 evaluation episodes)",
         _module_experiment("ddp_gridworld", "agents.distributional_dp.experiment", "DDPGridworldConfig"),
     ),
+    "deceptive_paths": (
+        "agent (c): GraphSAGE + PPO deceptive path planning on grid maps (exaggeration or ambiguity bonus) vs the "
+        "honest path and Masters-Sardina pi_d4; unseen and larger maps, budget curve, moved decoy, throughput",
+        _module_experiment("deceptive_paths", "agents.deceptive_paths.experiment", "DeceptivePathsConfig"),
+    ),
     "jssp_cp": (
         "agent (d): job-shop dispatching by a size-agnostic attention policy, imitation of CP-SAT then PPO on the "
         "makespan; vs SPT/LPT/MWKR/MOR/FIFO and CP-SAT on held-out generated and Taillard instances",

@@ -19,6 +19,8 @@
     jaxalign bench jssp --workdir DIR [--groups 15x15,20x15] [--time-limit S] [--checkpoint DIR]
     jaxalign generate --checkpoint DIR|--model HF_DIR --prompt TEXT|--prompts FILE [--chat] [sampling options]
                                                                                           (launch/generate.py)
+    jaxalign deceptive-paths plan MAP.txt --checkpoint DIR [--out DIR] [--budget-fraction F]
+                                                                                          (launch/deceptive_paths.py)
     jaxalign tpu create|setup|run|logs|ssh|status|delete NAME --zone Z ... [--dry-run]   (launch/tpu.py)
     jaxalign ssh --hosts FILE [--dry-run] setup|run|logs ...                             (launch/ssh.py)
 """
@@ -141,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_arguments(sub.add_parser("generate", help="completions from a checkpoint of any LM experiment "
                                           "(LoRA merged) or a Hugging Face directory, with the run's tokenizer"))
+    from launch.deceptive_paths import add_arguments as add_deceptive_paths_arguments
+
+    add_deceptive_paths_arguments(sub.add_parser("deceptive-paths", help="agent (c): plan on a map file with a "
+                                                 "trained deceptive-path policy and the baselines"))
     for name, what in (("tpu", "Cloud TPU slices via gcloud: create|setup|run|logs|ssh|status|delete"),
                        ("ssh", "any hosts via ssh (GPU clusters): --hosts FILE setup|run|logs")):
         sub.add_parser(name, add_help=False, help=f"{what} (see `jaxalign {name} --help`)").add_argument(
@@ -196,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             from launch.generate import command as generate_command
 
             return generate_command(args)
+        if args.command == "deceptive-paths":
+            from launch.deceptive_paths import command as deceptive_paths_command
+
+            return deceptive_paths_command(args)
         return _bench(args)
     except Exception as e:  # noqa: BLE001 - anything that is not a refusal is re-raised with its traceback
         line = refusal_line(e)

@@ -59,11 +59,18 @@ def true_goal_favoured(grid: GridMap, path, observer_name: str = "cost_differenc
     decoy = grid.decoy if decoy is None else tuple(decoy)
     rows, cols = np.asarray(path).T
     to_goal, to_decoy = bfs_distances(grid.walls, grid.goal), bfs_distances(grid.walls, decoy)
-    dist_node = np.stack([to_goal[rows, cols], to_decoy[rows, cols]], axis=-1)
+    dist_node = bucketed(np.stack([to_goal[rows, cols], to_decoy[rows, cols]], axis=-1))
     dist_start = np.array([to_goal[grid.start], to_decoy[grid.start]])
     if observer_name == "cost_difference":
-        return np.asarray(observer.is_truthful(dist_node, dist_start))
-    return np.asarray(observer.favours_true_goal(observer.value_posterior(dist_node, dist_start)))
+        return np.asarray(observer.is_truthful(dist_node, dist_start))[:len(rows)]
+    return np.asarray(observer.favours_true_goal(observer.value_posterior(dist_node, dist_start)))[:len(rows)]
+
+
+def bucketed(rows: np.ndarray, bucket: int = 64) -> np.ndarray:
+    """`rows` padded (repeating its last row) to a multiple of `bucket` rows: the observer's eager JAX ops then
+    compile once per bucket rather than once per path length; callers slice the result back."""
+    extra = -len(rows) % bucket
+    return np.concatenate([rows, np.repeat(rows[-1:], extra, axis=0)]) if extra else rows
 
 
 def path_metrics(grid: GridMap, path, budget: int, observer_name: str = "cost_difference",

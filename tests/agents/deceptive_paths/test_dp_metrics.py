@@ -60,3 +60,14 @@ def test_bad_paths_are_named(path, message):
         metrics.path_metrics(GRID, path, budget=10)
     with pytest.raises(ValueError, match="observer must be one of"):
         metrics.path_metrics(GRID, UP_THEN_LEFT, budget=10, observer_name="oracle")
+
+
+def test_bucketing_the_path_changes_no_reading():
+    """Paths padded to a bucket of rows before the observer (one compilation per bucket) read exactly as a plain
+    Python comparison of cost differences, across the bucket boundary (66 cells) and for a short path."""
+    back_and_forth = [(4, 2)] + [(3, 2), (4, 2)] * 32 + [(4, 1)]
+    to_g, to_d = maps.bfs_distances(GRID.walls, GRID.goal), maps.bfs_distances(GRID.walls, GRID.decoy)
+    for path in (back_and_forth, UP_THEN_LEFT):
+        expected = [to_g[c] - to_g[GRID.start] < to_d[c] - to_d[GRID.start] for c in path]
+        assert metrics.true_goal_favoured(GRID, path).tolist() == expected
+    assert [len(metrics.bucketed(metrics.np.zeros((n, 2)))) for n in (66, 64, 1)] == [128, 64, 64]

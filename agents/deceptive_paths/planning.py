@@ -1,0 +1,58 @@
+"""A trained policy saved beside its run, loaded back, and used to plan on any map (`jaxalign deceptive-paths plan`).
+
+A finished `jaxalign run deceptive_paths` writes WORKDIR/policy/: policy.json (the network's hyper-parameters and
+the bonus it was trained with) and params.msgpack (the final parameters, `flax.serialization`). The GraphSAGE
+network reads only the local ego-graph, so the same parameters plan on a map of any size.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import serialization
+
+from agents.deceptive_paths import baselines, evaluation, metrics
+from agents.deceptive_paths.env import DeceptivePathEnv
+from agents.deceptive_paths.maps import GridMap
+from agents.deceptive_paths.network import GraphSAGEActorCritic
+
+POLICY_DIR = "policy"
+SPEC_KEYS = ("ego_radius", "hidden", "num_layers", "activation")
+
+
+def save_policy(workdir, network: GraphSAGEActorCritic, params, bonus: str) -> None:
+    folder = Path(workdir) / POLICY_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {k: getattr(network, k) for k in SPEC_KEYS} | {"bonus": bonus}
+    (folder / "params.msgpack").write_bytes(serialization.to_bytes(jax.device_get(params)))
+    (folder / "policy.json").write_text(json.dumps(spec, indent=1) + "\n")
+
+
+def load_policy(workdir) -> tuple[GraphSAGEActorCritic, dict, dict]:
+    """(network, params, spec) from WORKDIR/policy/; a ValueError naming what is missing."""
+    folder = Path(workdir) / POLICY_DIR
+    spec_file, params_file = folder / "policy.json", folder / "params.msgpack"
+    if not spec_file.is_file() or not params_file.is_file():
+        raise ValueError(f"{folder}: no trained policy (policy.json and params.msgpack); pass the work directory of "
+                         f"a finished `jaxalign run deceptive_paths` as --checkpoint")
+    spec = json.loads(spec_file.read_text())
+    network = GraphSAGEActorCritic(**{k: spec[k] for k in SPEC_KEYS})
+    env = DeceptivePathEnv(spec["ego_radius"])
+    template = network.init(jax.random.key(0), jnp.zeros((1, env.num_slots, 9), jnp.float32))
+    return network, serialization.from_bytes(template, params_file.read_bytes()), spec
+
+
+def plan(grid: GridMap, network, params, ego_radius: int, budget_fraction: float = 1.0,
+         observer_name: str = "cost_difference", greedy: bool = True) -> dict:
+    """The policy's path on `grid` next to the honest path and pi_d4: {"budget", "paths", "metrics"}."""
+    env = DeceptivePathEnv(ego_radius)
+    params_env = evaluation.eval_params([grid])
+    policy_path = evaluation.policy_paths(network, params, env, [grid], params_env, budget_fraction,
+                                          greedy=greedy)[0]
+    budget = evaluation.budget(grid, budget_fraction)
+    paths = {"policy": policy_path, "honest": baselines.honest_path(grid), "pi_d4": baselines.pi_d4(grid)}
+    return {"budget": budget, "paths": paths,
+            "metrics": {name: metrics.path_metrics(grid, path, budget, observer_name).as_dict()
+                        for name, path in paths.items()}}
