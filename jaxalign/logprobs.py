@@ -21,6 +21,40 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.pad(picked, ((0, 0), (1, 0)))
 
 
+def chunked_token_logprobs(hidden: jax.Array, head: jax.Array, tokens: jax.Array, chunk: int,
+                           softcap: float | None = None) -> jax.Array:
+    """`token_logprobs` of the logits `hidden @ head` without ever holding the [batch, time, vocab] fp32 logits.
+
+    hidden [B, T, D] are the final (normed) hidden states, head [D, V] the output projection. The time axis is cut
+    into chunks of `chunk` positions; each chunk's logits (fp32, optionally soft-capped c * tanh(z / c) as Gemma 2
+    does) live only while its log-softmax and the target's log-prob are taken, and `jax.checkpoint` recomputes them
+    in the backward pass instead of storing them. Peak memory for the log-probs and their gradient is then about
+    B * chunk * V floats instead of several B * T * V (the logits, the log-softmax and their cotangents). The values
+    and gradients equal `token_logprobs` of the full logits up to float rounding (tests/jaxalign/test_logprobs.py).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    batch, time, width = hidden.shape
+    steps = time - 1
+    n = -(-steps // chunk)
+    pad = n * chunk - steps
+    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0))).reshape(batch, n, chunk, width).swapaxes(0, 1)
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad))).reshape(batch, n, chunk).swapaxes(0, 1)
+    weights = head.astype(jnp.float32)
+
+    @jax.checkpoint
+    def one_chunk(h_chunk, target_chunk):
+        logits = h_chunk.astype(jnp.float32) @ weights
+        if softcap is not None:
+            logits = jnp.tanh(logits / softcap) * softcap
+        picked = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    _, picked = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (h, targets))
+    picked = picked.swapaxes(0, 1).reshape(batch, n * chunk)[:, :steps]
+    return jnp.pad(picked, ((0, 0), (1, 0)))
+
+
 def masked_token_logprobs(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     """`token_logprobs` with everything outside `mask` set to exactly zero."""
     return jnp.where(mask.astype(bool), token_logprobs(logits, tokens), 0.0)

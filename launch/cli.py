@@ -62,6 +62,7 @@ BENCHMARKS = {
     "reference-cost": "jaxalign.bench.reference_cost",
     "objectives": "jaxalign.bench.objectives",
     "sampling": "jaxalign.bench.sampling",
+    "logprob-memory": "jaxalign.bench.logprob_memory",
     "iterative": "jaxalign.bench.iterative",
     "jssp": "agents.jssp_cp.bench",
 }

@@ -50,22 +50,25 @@ DEFAULT_PPO = PPOConfig(num_envs=64, num_steps=64, total_timesteps=64 * 64 * 120
 
 @dataclasses.dataclass(frozen=True)
 class DeceptivePathsConfig:
-    seed: int = 0
+    seed: int = 0  # network initialisation, map and T_max draws, actions, minibatch order; sampled eval paths
+    # deception bonus (Fatemi et al. 2024): exaggeration (value-difference observer), ambiguity or none
     bonus: str = "exaggeration"
-    ego_radius: int = 2
+    ego_radius: int = 2  # radius k of the observed ego-graph: the cells within k moves (2k^2 + 2k + 1 slots)
     ppo: PPOConfig = DEFAULT_PPO
     curriculum: CurriculumConfig = CurriculumConfig()
-    num_chunks: int = 4
+    num_chunks: int = 4  # jitted chunks the PPO updates are split into, each checkpointed (<= ppo.num_updates)
     eval_maps: int = 0  # maps per set in the evaluation (0: all)
+    # f of the tables and the moved-decoy test: T_max = d(s,g) + round(f (d(s,D) + d(D,g) - d(s,g))), in [0, 1]
     eval_budget_fraction: float = 1.0
-    budget_fractions: str = "0,0.25,0.5,0.75,1"
-    decoy_move_step: int = 3
+    budget_fractions: str = "0,0.25,0.5,0.75,1"  # comma-separated f (>= 2, in [0, 1]) of the test maps' budget curve
+    decoy_move_step: int = 3  # moves after which the decoy jumps to the map's moved decoy (adaptation test, >= 1)
+    # the evaluation's goal recognition: cost_difference (Masters and Sardina 2017) or value (value-difference)
     observer: str = "cost_difference"
-    greedy: bool = True
-    throughput_envs: int = 256
-    throughput_steps: int = 64
+    greedy: bool = True  # evaluation paths take the most probable move; false: sampled (from seed)
+    throughput_envs: int = 256  # vmapped environments acting with the policy in the throughput measurement
+    throughput_steps: int = 64  # steps of one timed scan of the throughput measurement (best of 2 timings)
     throughput_sizes: str = "8,16,24,32"  # map sizes (square) whose throughput is measured; "" for none
-    show_progress: bool = True
+    show_progress: bool = True  # a progress bar with rate and ETA
 
     def __post_init__(self):
         if self.bonus not in BONUSES:

@@ -38,10 +38,10 @@ from rl.wrappers import AutoReset, EpisodeStats
 
 @dataclasses.dataclass(frozen=True)
 class CurriculumConfig:
-    """enabled: scale the bonus by the running goal-reach rate (else by 1); step: the moving average's step."""
+    """The bonus curriculum of Fatemi, Suttle and Sadler (AAMAS 2024): see the module docstring."""
 
-    enabled: bool = True
-    step: float = 0.05
+    enabled: bool = True  # scale the deception bonus by the running goal-reach rate; false: by 1 throughout
+    step: float = 0.05  # step of the goal-reach rate's moving average, once per rollout, in (0, 1]
 
     def __post_init__(self):
         if not 0.0 < self.step <= 1.0:

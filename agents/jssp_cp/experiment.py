@@ -73,20 +73,20 @@ def parse_taillard(text: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class JSSPCPConfig:
-    seed: int = 0
+    seed: int = 0  # network init, generated instances, CP-SAT's search, cloning, PPO, sampled evaluation rollouts
     network: NetworkConfig = NetworkConfig()
-    train_sizes: str = "6x6,8x8,10x10"
+    train_sizes: str = "6x6,8x8,10x10"  # JOBSxMACHINES sizes of the generated instances of imitation and PPO
     imitation_instances: int = 16  # per training size
     cpsat_time_limit: float = 2.0  # seconds per imitation instance
     imitation: BCConfig = BCConfig()
     ppo: JSSPPPOConfig = JSSPPPOConfig()
-    eval_sizes: str = "10x10,15x15"
+    eval_sizes: str = "10x10,15x15"  # JOBSxMACHINES sizes of the held-out generated evaluation instances
     eval_instances: int = 10  # held-out generated instances per eval size
-    taillard: str = "ta01-ta10"
+    taillard: str = "ta01-ta10"  # Taillard instances evaluated, a list or ranges within ta01..ta80; "" for none
     num_samples: int = 16  # sampled rollouts per instance (temperatures 0.5-2.0)
     eval_cpsat: bool = True  # CP-SAT at the sampled agent's time on the Taillard instances
-    num_chunks: int = 4
-    show_progress: bool = True
+    num_chunks: int = 4  # jitted chunks the PPO updates are split into, each checkpointed (<= ppo.num_updates)
+    show_progress: bool = True  # a progress bar with rate and ETA
 
     def __post_init__(self):
         parse_sizes(self.train_sizes, "train_sizes")

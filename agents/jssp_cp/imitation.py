@@ -163,9 +163,9 @@ def solve_all(instances: Sequence[Instance], time_limit: float, seed: int = 0) -
 
 @dataclasses.dataclass(frozen=True)
 class BCConfig:
-    steps: int = 500
-    batch_size: int = 256
-    learning_rate: float = 1e-3
+    steps: int = 500  # Adam steps of behaviour cloning on the CP-SAT expert's decisions
+    batch_size: int = 256  # expert decisions per step, drawn uniformly with replacement
+    learning_rate: float = 1e-3  # Adam's step size (constant) of behaviour cloning
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.learning_rate <= 0:

@@ -30,10 +30,10 @@ ILLEGAL = -1e9
 
 @dataclasses.dataclass(frozen=True)
 class NetworkConfig:
-    dim: int = 64
-    heads: int = 4
-    window_layers: int = 1
-    job_layers: int = 2
+    dim: int = 64  # width of the operation and job embeddings and of every attention block (divisible by heads)
+    heads: int = 4  # attention heads of every block; each learns its own machine-competition bias
+    window_layers: int = 1  # self-attention blocks over each job's window of its next operations
+    job_layers: int = 2  # attention blocks across the unfinished jobs, with the competition bias
 
     def __post_init__(self):
         for name in ("dim", "heads", "window_layers", "job_layers"):

@@ -32,17 +32,17 @@ from rl.returns import generalized_advantage_estimation, shifted_next_values
 
 @dataclasses.dataclass(frozen=True)
 class JSSPPPOConfig:
-    num_envs: int = 16
-    num_steps: int = 64
-    num_updates: int = 40
-    update_epochs: int = 2
-    num_minibatches: int = 4
-    learning_rate: float = 1e-4
-    gae_lambda: float = 0.95
-    clip_eps: float = 0.2
-    vf_coef: float = 0.5
-    ent_coef: float = 0.005
-    max_grad_norm: float = 0.5
+    num_envs: int = 16  # job shops stepped side by side, each drawing a new instance when its schedule is done
+    num_steps: int = 64  # dispatching decisions per job shop in one update's rollout
+    num_updates: int = 40  # PPO updates of the run, each on num_envs * num_steps decisions
+    update_epochs: int = 2  # passes over each rollout batch, each in a fresh shuffled order
+    num_minibatches: int = 4  # Adam steps per epoch, each on num_envs * num_steps / num_minibatches decisions
+    learning_rate: float = 1e-4  # Adam's step size (constant)
+    gae_lambda: float = 0.95  # GAE's lambda (Schulman et al. 2016) on the undiscounted return (gamma = 1)
+    clip_eps: float = 0.2  # PPO's ratio clip epsilon (eq. 7), also the clip of the value loss
+    vf_coef: float = 0.5  # weight of the value loss in the total loss
+    ent_coef: float = 0.005  # weight of the entropy bonus subtracted from the loss
+    max_grad_norm: float = 0.5  # gradients are clipped to this global norm before each Adam step
 
     def __post_init__(self):
         for name in ("num_envs", "num_steps", "num_updates", "update_epochs", "num_minibatches"):

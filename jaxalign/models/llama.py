@@ -445,6 +445,16 @@ class DecoderLM(nn.Module):
         return logits, new_cache
 
 
+def output_head(params: Any, cfg: ModelConfig) -> jax.Array:
+    """The output projection [d_model, vocab] that `DecoderLM` applies to its final hidden states: the transposed
+    embedding table when tied, else the lm_head kernel (for log-probs computed without the full logits,
+    `jaxalign.logprobs.chunked_token_logprobs`)."""
+    params = nn.meta.unbox(params)
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None):
     """An empty key/value cache for `batch` rows and `max_len` slots, in the layout `DecoderLM` expects."""
     max_len = max_len or cfg.max_len

@@ -98,6 +98,7 @@ class PreferenceConfig:
     sync_every: int = 50  # reference="sync": steps between reference updates (TR-DPO)
     sync_alpha: float = 0.6  # reference="sync": the policy's weight in each update (TR-DPO's alpha)
     on_nonfinite: str = "stop"
+    logprob_chunk: int = 0  # >0: log-probs from the hidden states this many positions at a time (no full logits)
 
     def __post_init__(self):
         check_beta(self.beta)
@@ -111,6 +112,7 @@ class PreferenceConfig:
         check_number("dpo", "sync_alpha", self.sync_alpha, low=0, high=1, low_open=True)
         check_choice("dpo", "reference", self.reference, REFERENCE_MODES)
         check_choice("dpo", "on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        check_int("dpo", "logprob_chunk", self.logprob_chunk, minimum=0)
         if self.reference == "sync":
             ReferenceSync(self.sync_every, self.sync_alpha)  # validates both
         objective_kwargs(self)  # validates the objective name and its arguments now, not after an SFT phase
@@ -229,10 +231,14 @@ def _loss(cfg: PreferenceConfig, model: DecoderLM, custom: CustomLoss | None, se
     if custom is not None:
         return custom.loss_fn, custom.batch_size, custom.token_keys
     if cfg.listwise:
+        if cfg.logprob_chunk:
+            raise ValueError(f"dpo.logprob_chunk applies to pairwise objectives; {cfg.objective!r} is listwise: "
+                             "set dpo.logprob_chunk=0")
         loss = listwise_loss_fn(model, cfg.objective, sft_weight=cfg.sft_weight, separator_id=separator_id,
                                 **objective_kwargs(cfg))
         return loss, cfg.list_batch_size, LIST_TOKEN_KEYS
-    loss = dpo_loss_fn(model, cfg.objective, sft_weight=cfg.sft_weight, **objective_kwargs(cfg))
+    loss = dpo_loss_fn(model, cfg.objective, sft_weight=cfg.sft_weight, logprob_chunk=cfg.logprob_chunk,
+                       **objective_kwargs(cfg))
     return loss, cfg.batch_size, PAIR_TOKEN_KEYS
 
 

@@ -22,13 +22,14 @@ import optax
 from jax.sharding import Mesh
 
 from jaxalign.data.position import DataPosition
-from jaxalign.logprobs import concatenated_pairs, masked_token_logprobs, pair_token_logprobs, sequence_logprobs
+from jaxalign.logprobs import (chunked_token_logprobs, concatenated_pairs, masked_token_logprobs, pair_token_logprobs,
+                               sequence_logprobs)
 from jaxalign.losses import ObjectiveSpec, PairwiseInputs, compute_objective, get_spec, needed_extras, unpair
 from jaxalign.losses import initial_state, update_state
 from jaxalign.losses.modifiers import WPO_EXTRAS, wpo_token_log_norm
 from jaxalign.losses.dpo import nll_per_token
 from jaxalign.models.heads import VALUE_HEAD, apply_value_head, init_value_head, prompt_values
-from jaxalign.models.llama import DecoderLM, ModelConfig
+from jaxalign.models.llama import DecoderLM, ModelConfig, output_head
 from jaxalign.models.lora import LoraConfig, apply_lora
 from jaxalign.sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
 from jaxalign.train.reference import ReferenceSync, sync_reference
@@ -82,9 +83,30 @@ def _policy_pass(model: DecoderLM, objective: str, params, frozen, batch: dict) 
                     attention, completion, logits, hidden)
 
 
-def _reference_logprobs(apply, frozen, batch: dict, spec: ObjectiveSpec, like: jax.Array):
+def _chunked(model: DecoderLM, params, hidden: jax.Array, tokens: jax.Array, completion: jax.Array,
+             chunk: int) -> jax.Array:
+    """Masked per-token log-probs from final hidden states, `chunk` positions at a time (no full logits)."""
+    logps = chunked_token_logprobs(hidden, output_head(params, model.cfg), tokens, chunk,
+                                   model.cfg.final_logit_softcap)
+    return jnp.where(completion.astype(bool), logps, 0.0)
+
+
+def chunked_logprobs_fn(model: DecoderLM, chunk: int):
+    """An `apply` for `pair_token_logprobs` that returns masked per-token log-probs directly (chunked), used for
+    the online reference when the policy's log-probs are chunked: the reference's logits never exist either."""
+
+    def apply(params, tokens, attention):
+        _, _, hidden = model.apply({"params": params}, tokens, attention, return_hidden=True)
+        return chunked_token_logprobs(hidden, output_head(params, model.cfg), tokens, chunk,
+                                      model.cfg.final_logit_softcap)
+
+    return apply
+
+
+def _reference_logprobs(apply, frozen, batch: dict, spec: ObjectiveSpec, like: jax.Array, chunked: bool = False):
     """The reference's per-token log-probs for chosen and rejected, from the batch (precomputed), from a forward
-    pass of the frozen parameters (online), or zeros for objectives that never read them (reference-free)."""
+    pass of the frozen parameters (online), or zeros for objectives that never read them (reference-free). With
+    `chunked`, `apply` returns per-token log-probs already (`chunked_logprobs_fn`)."""
     if "reference_chosen" in batch:
         return batch["reference_chosen"], batch["reference_rejected"]
     if not spec.needs_reference:
@@ -92,6 +114,11 @@ def _reference_logprobs(apply, frozen, batch: dict, spec: ObjectiveSpec, like: j
     if frozen is None:
         raise ValueError(f"objective {spec.name!r} needs a reference model: pass frozen reference parameters or "
                          f"batches carrying precomputed reference_chosen/reference_rejected log-probs")
+    if chunked:
+        tokens, attention, completion = concatenated_pairs(batch)
+        logps = jnp.where(completion.astype(bool), apply(jax.lax.stop_gradient(frozen), tokens, attention), 0.0)
+        pairs = batch["chosen_tokens"].shape[0]
+        return logps[:pairs], logps[pairs:]
     return pair_token_logprobs(apply, jax.lax.stop_gradient(frozen), batch)
 
 
@@ -229,7 +256,7 @@ def initial_objective_state(objective: str):
 
 def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float = 0.0, *,
                 f_divergence: str | None = None, f_alpha: float = 0.5, ld_alpha: float | None = None,
-                wpo: bool = False, **objective_kwargs) -> LossFn:
+                wpo: bool = False, logprob_chunk: int = 0, **objective_kwargs) -> LossFn:
     """A registered pairwise, reference-free or unpaired objective on chosen/rejected log-probs from one
     concatenated forward pass (unpaired objectives see the pairs as labelled single completions, `unpair`).
 
@@ -237,6 +264,11 @@ def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float 
     regulariser (RPO, Pang et al. 2024; SFT-DPO in the 3D-properties paper) that keeps the chosen likelihood from
     collapsing together with the rejected one. f_divergence / f_alpha / ld_alpha / wpo are TRL 1.16.0's loss
     modifiers (`jaxalign.losses.compute_objective`); WPO's per-token normaliser comes from the policy's logits.
+
+    `logprob_chunk` > 0 computes the per-token log-probs (policy and online reference) from the final hidden states
+    `logprob_chunk` positions at a time (`jaxalign.logprobs.chunked_token_logprobs`), so the [2 * pairs, time, vocab]
+    fp32 logits and their gradient never exist at once; an objective whose extras are computed from the logits
+    cannot use it.
 
     `frozen` is the reference: either frozen reference parameters (online reference: one extra forward pass, no
     gradient) or None when the batch carries precomputed `reference_chosen`/`reference_rejected` log-probs or the
@@ -252,12 +284,21 @@ def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float 
     modifiers = dict(f_divergence=f_divergence, f_alpha=f_alpha, ld_alpha=ld_alpha, wpo=wpo)
     wanted = needed_extras(objective, wpo=wpo)
     computed = _model_extras(wanted)
+    if logprob_chunk and computed:
+        raise ValueError(f"objective {objective!r} computes extras in the loss from the model's full outputs "
+                         f"({', '.join(n for n in wanted if n in MODEL_EXTRAS)}); set dpo.logprob_chunk=0 to train it")
+    if logprob_chunk:
+        apply = chunked_logprobs_fn(model, logprob_chunk)
 
     def loss_fn(params, frozen, batch):
         forward = _policy_pass(model, objective, params, frozen, batch)
-        logps = masked_token_logprobs(forward.logits, forward.tokens, forward.completion)
+        if logprob_chunk:  # the pass's logits are then unused, and XLA drops them
+            logps = _chunked(model, params, forward.hidden, forward.tokens, forward.completion, logprob_chunk)
+        else:
+            logps = masked_token_logprobs(forward.logits, forward.tokens, forward.completion)
         policy_chosen, policy_rejected = logps[: forward.pairs], logps[forward.pairs :]
-        reference_chosen, reference_rejected = _reference_logprobs(apply, frozen, batch, spec, policy_chosen)
+        reference_chosen, reference_rejected = _reference_logprobs(apply, frozen, batch, spec, policy_chosen,
+                                                                   chunked=bool(logprob_chunk))
         extras = _batch_extras(spec, wanted, batch)
         for entry in computed:
             extras.update(entry.compute(forward))

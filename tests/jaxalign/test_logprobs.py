@@ -131,3 +131,34 @@ def test_pair_token_logprobs_concatenated_forward_matches_naive_and_separate_for
             np.testing.assert_allclose(np.asarray(got[i])[comp[i] == 1], naive, rtol=1e-5, atol=1e-5,
                                        err_msg=f"{which} example {i} ({side} padding)")
             np.testing.assert_array_equal(np.asarray(got[i])[comp[i] == 0], 0.0)
+
+
+def test_chunked_token_logprobs_equal_the_full_logits_values_and_gradients():
+    """chunked_token_logprobs(h, W, tokens, chunk) = token_logprobs(h @ W, tokens), values and gradients with
+    respect to h and W, for chunks that do and do not divide the predicted positions, with and without a
+    soft-cap."""
+    from jaxalign.logprobs import chunked_token_logprobs
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    hidden = jax.random.normal(keys[0], (3, 13, 8))
+    head = jax.random.normal(keys[1], (8, 50))
+    tokens = jax.random.randint(keys[2], (3, 13), 0, 50)
+    for softcap in (None, 2.5):
+        def full(h, w):
+            logits = h @ w
+            if softcap is not None:
+                logits = jnp.tanh(logits / softcap) * softcap
+            return token_logprobs(logits, tokens)
+
+        want = full(hidden, head)
+        want_grads = jax.grad(lambda h, w: jnp.sum(full(h, w) * jnp.arange(13.0)), argnums=(0, 1))(hidden, head)
+        for chunk in (1, 4, 12, 40):
+            got = chunked_token_logprobs(hidden, head, tokens, chunk, softcap)
+            np.testing.assert_allclose(got, want, atol=2e-6)
+            assert np.all(np.asarray(got[:, 0]) == 0.0)
+            grads = jax.grad(lambda h, w: jnp.sum(chunked_token_logprobs(h, w, tokens, chunk, softcap)
+                                                  * jnp.arange(13.0)), argnums=(0, 1))(hidden, head)
+            for g, w in zip(grads, want_grads):
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        chunked_token_logprobs(hidden, head, tokens, 0)

@@ -288,3 +288,44 @@ def test_invalid_optim_config_names_the_field(bad, field):
     """A bad optimizer config fails at construction with a ValueError naming optim.<field>."""
     with pytest.raises(ValueError, match=rf"optim\.{field}"):
         OptimConfig(**bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Log-probs without the full logits.
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_chunked_logprobs_give_the_same_loss_and_gradients_with_an_online_reference(chunk):
+    """dpo.logprob_chunk: log-probs computed from the hidden states `chunk` positions at a time (policy and online
+    reference) give the materialised step's loss, metrics and gradients (chunk 5 does not divide the 15 predicted
+    positions; 16 is one chunk)."""
+    chunked = fast_jit(lambda p, frozen, batch: accumulated_gradients(
+        dpo_loss_fn(MODEL, "sigmoid", sft_weight=0.5, beta=0.3, logprob_chunk=chunk), p, frozen, batch, 1))
+    plain = fast_jit(lambda p, frozen, batch: accumulated_gradients(
+        dpo_loss_fn(MODEL, "sigmoid", sft_weight=0.5, beta=0.3), p, frozen, batch, 1))
+    policy, reference, batch = params(), params(1), dpo_batch()
+    loss, grads, metrics = chunked(policy, reference, batch)
+    want_loss, want_grads, want_metrics = plain(policy, reference, batch)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    assert_trees_close(grads, want_grads, rtol=1e-4, atol=1e-6)
+    assert_trees_close(metrics, want_metrics, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_logprobs_with_an_untied_soft_capped_head():
+    """The output head is the lm_head kernel when embeddings are untied, and Gemma 2's final soft-cap is applied
+    to each chunk's logits exactly as the model applies it to the full ones."""
+    cfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": False, "final_logit_softcap": 3.0})
+    model = DecoderLM(cfg)
+    rng = np.random.default_rng(3)
+    shapes = jax.eval_shape(lambda key: nn.meta.unbox(init_params(cfg, key)), jax.random.key(0))
+    p = jax.tree_util.tree_map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), jnp.float32), shapes)
+    batch = dpo_batch()
+    losses = [fast_jit(lambda q, b, c=c: accumulated_gradients(dpo_loss_fn(model, "ipo", logprob_chunk=c),
+                                                               q, q, b, 1))(p, batch) for c in (0, 4)]
+    np.testing.assert_allclose(losses[1][0], losses[0][0], rtol=1e-5)
+    assert_trees_close(losses[1][1], losses[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_objectives_whose_extras_need_the_logits_refuse_chunking():
+    with pytest.raises(ValueError, match="computes extras in the loss .*set dpo.logprob_chunk=0"):
+        dpo_loss_fn(MODEL, "sigmoid", wpo=True, logprob_chunk=4)
