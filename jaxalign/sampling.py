@@ -244,7 +244,23 @@ def _decode(params, prompt_tokens, prompt_mask, rng, cfg: ModelConfig, sampling:
 
     init = (tuple(caches), tuple(logits), next_position, jnp.zeros((batch,), bool), window,
             jnp.full((batch,), steps))
-    (*_, cut_from), (tokens, mask) = jax.lax.scan(body, init, jax.random.split(rng, steps))
+    keys = jax.random.split(rng, steps)
+
+    # A while loop rather than a scan: decoding stops as soon as every row has finished (EOS or a stop sequence),
+    # instead of running max_new_tokens steps of padding. Step i uses keys[i] either way, and the slots never
+    # reached hold what a finished row would have produced (pad, mask 0), so the result is the scan's exactly.
+    def unfinished(state):
+        i, carry, _, _ = state
+        return (i < steps) & ~jnp.all(carry[3])
+
+    def one_step(state):
+        i, carry, tokens, alive = state
+        carry, (token, row_alive) = body(carry, keys[i])
+        return i + 1, carry, tokens.at[i].set(token), alive.at[i].set(row_alive)
+
+    _, (*_, cut_from), tokens, mask = jax.lax.while_loop(
+        unfinished, one_step, (jnp.zeros((), jnp.int32), init, jnp.full((steps, batch), pad_id, jnp.int32),
+                               jnp.zeros((steps, batch), bool)))
     tokens, mask = tokens.T, mask.T
     if sampling.stop and not sampling.keep_stop:
         mask = mask & (jnp.arange(steps)[None, :] < cut_from[:, None])
