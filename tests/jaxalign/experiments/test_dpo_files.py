@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,16 +21,13 @@ import pytest
 import torch
 import transformers
 
+from dpo_files_support import DATA, REPO, TOKENIZER, VOCAB, tiny_hf_model
 from jaxalign.data.tokenize import load_hf_tokenizer  # noqa: E402
 from jaxalign.experiments import dpo_files  # noqa: E402
 from jaxalign.models import hf  # noqa: E402
 from jaxalign.overrides import ConfigError, apply_overrides  # noqa: E402
 from jaxalign.train import preference  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[3]
-DATA = REPO / "tests" / "data"
-TOKENIZER = DATA / "tokenizer"
-VOCAB = 320  # the sample tokenizer has 301 ids (tests/data/make_tokenizer.py); a few spare rows as real models have
 STEPS = 6
 # Shared by every run: a small batch and a learning rate that moves a random model visibly in a few steps.
 COMMON = [f"dpo.steps={STEPS}", "dpo.batch_size=4", "dpo.beta=0.5", "dpo.optim.learning_rate=1e-2",
@@ -56,15 +51,7 @@ def sample_pairs() -> list[dict]:
 def files(tmp_path_factory):
     """(Hugging Face model dir with the tokenizer files, jaxalign convert dir, data file) in a temporary dir."""
     root = tmp_path_factory.mktemp("dpo_files")
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    hf_dir = root / "hf_model"
-    model.save_pretrained(hf_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(TOKENIZER / name, hf_dir / name)
+    hf_dir = tiny_hf_model(root)
     native_dir = root / "native_model"
     params, cfg = hf.from_pretrained(hf_dir)
     hf.save_native(params, cfg, native_dir, family="llama")
