@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.data.iterator import batch_at
 from jaxalign.logprobs import token_logprobs
 
 
@@ -146,13 +147,14 @@ def pack_pairs(batch: dict, row_len: int, pad_id: int = 0) -> PackedPairs:
     return PackedPairs(packed, pairs, dropped)
 
 
-def packed_token_logprobs(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array,
-                          completion_mask: jax.Array) -> jax.Array:
+def packed_token_logprobs(logits: jax.Array | None, tokens: jax.Array, segment_ids: jax.Array,
+                          completion_mask: jax.Array, token_logps: jax.Array | None = None) -> jax.Array:
     """Per-token log-probs of a packed batch, zero outside the completion mask and at every segment's first token
-    (it has no prediction inside its own sequence)."""
+    (it has no prediction inside its own sequence). `token_logps`: the unmasked per-token log-probs, when they were
+    computed without logits (`chunked_token_logprobs`; pass logits=None)."""
     continues = jnp.pad(segment_ids[:, 1:] == segment_ids[:, :-1], ((0, 0), (1, 0)))
     keep = completion_mask.astype(bool) & continues & (segment_ids > 0)
-    return jnp.where(keep, token_logprobs(logits, tokens), 0.0)
+    return jnp.where(keep, token_logprobs(logits, tokens) if token_logps is None else token_logps, 0.0)
 
 
 def packed_sequence_logprobs(token_logps: jax.Array, segment_ids: jax.Array, completion_mask: jax.Array,
@@ -183,3 +185,105 @@ def packed_pair_logprobs(apply_fn, params, packed: PackedPairs, average: bool = 
                                    jnp.asarray(p.row), jnp.asarray(p.segment), average)
     k = len(packed.pairs)
     return seq[:k], seq[k:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed pair batches for training (`dpo.packing`): the pairwise objective must see exactly the padded batch's
+# inputs, so nothing may be dropped and every sequence's log-probs go back to its unpacked [pairs, T] slot.
+
+PACKED_PAIR_KEYS = ("packed_tokens", "packed_segment_ids", "chosen_packed_index", "rejected_packed_index")
+# row_len = ROW_FACTOR * T for a padded batch of width T: the smallest factor that fits any pair of that batch
+# (chosen + rejected <= 2T real tokens) in one row, so no pair is ever dropped or split.
+ROW_FACTOR = 2
+
+
+def _packed_rows(count: int, cap: int, multiple: int) -> int:
+    """Rows per microbatch: `count` rounded up to a power of two (at most log2(cap) + 1 shapes to compile over a
+    run) but never above `cap` (the worst case, one pair per row), then up to a multiple of `multiple` (the devices
+    the batch is split over)."""
+    rows = min(1 << max(count - 1, 0).bit_length(), cap)
+    return -(-max(rows, 1) // multiple) * multiple
+
+
+def pack_pair_batch(batch: dict, row_len: int | None = None, microbatches: int = 1, row_multiple: int = 1,
+                    pad_id: int = 0) -> dict:
+    """`batch` (chosen_/rejected_ tokens, attention_mask, completion_mask, each [P, T], any padding side) plus its
+    packed form, the keys `PACKED_PAIR_KEYS`:
+
+    packed_tokens, packed_segment_ids [rows, row_len]: the pairs first-fit (in input order, Johnson 1973) into rows
+        of row_len (default ROW_FACTOR * T) as units: a pair's chosen segment is directly followed by its rejected
+        one in the same row (segment ids 2k+1 and 2k+2 for the row's k-th pair; 0 is padding), so a pair is never
+        split.
+    chosen_packed_index, rejected_packed_index [P, T]: for every unpacked token, the flat index (row * row_len +
+        column, within its microbatch) of the same token in the packed rows, -1 on padding.
+
+    With `microbatches` M > 1 each microbatch (pairs m, m + M, ..., the rows `train.step._split_microbatches` takes)
+    is packed on its own into the same number of rows, and its row i stored at global row i * M + m, so that the
+    step's split hands every microbatch exactly its own rows and indices. A pair longer than row_len is an error:
+    a packed step must score the same pairs as the padded one."""
+    keys = ("tokens", "attention_mask", "completion_mask")
+    missing = [f"{side}_{k}" for side in ("chosen", "rejected") for k in keys if f"{side}_{k}" not in batch]
+    if missing:
+        raise ValueError(f"pair batch lacks {', '.join(missing)}")
+    tokens = [np.asarray(batch[f"{side}_tokens"]) for side in ("chosen", "rejected")]
+    masks = [np.asarray(batch[f"{side}_attention_mask"]).astype(bool) for side in ("chosen", "rejected")]
+    pairs, width = tokens[0].shape
+    row_len = ROW_FACTOR * width if row_len is None else row_len
+    if pairs % microbatches:
+        raise ValueError(f"{pairs} pairs do not split into {microbatches} microbatches")
+    lengths = [m.sum(axis=1) for m in masks]
+    total = lengths[0] + lengths[1]
+    if np.any(total > row_len):
+        bad = int(np.flatnonzero(total > row_len)[0])
+        raise ValueError(f"pair {bad} has {int(total[bad])} tokens, more than a packed row's {row_len}")
+    placements = [first_fit(total[m::microbatches], row_len) for m in range(microbatches)]
+    rows_mb = _packed_rows(max(int(p[0].max()) + 1 for p in placements), pairs // microbatches, row_multiple)
+    out_tokens = np.full((rows_mb * microbatches, row_len), pad_id, tokens[0].dtype)
+    out_segments = np.zeros((rows_mb * microbatches, row_len), np.int32)
+    index = [np.full((pairs, width), -1, np.int32) for _ in range(2)]
+    for m, (row, offset, _) in enumerate(placements):
+        in_row = np.zeros(rows_mb, np.int32)
+        for j, i in enumerate(range(m, pairs, microbatches)):
+            r, start = int(row[j]), int(offset[j])
+            for side in range(2):
+                n = int(lengths[side][i])
+                in_row[r] += 1
+                out_tokens[r * microbatches + m, start:start + n] = tokens[side][i][masks[side][i]]
+                out_segments[r * microbatches + m, start:start + n] = in_row[r]
+                index[side][i][masks[side][i]] = r * row_len + start + np.arange(n)
+                start += n
+    return {**batch, "packed_tokens": out_tokens, "packed_segment_ids": out_segments,
+            "chosen_packed_index": index[0], "rejected_packed_index": index[1]}
+
+
+def unpack_token_logprobs(packed_logps: jax.Array, index: jax.Array, completion_mask: jax.Array) -> jax.Array:
+    """Per-token log-probs [P, T] in the unpacked layout from packed ones [rows, row_len] (`packed_token_logprobs`
+    without its mask: pass completion_mask ones) and an index of `pack_pair_batch`; zero outside the completion."""
+    flat = packed_logps.reshape(-1)
+    picked = flat[jnp.clip(index, 0, flat.shape[0] - 1)]
+    return jnp.where(completion_mask.astype(bool) & (index >= 0), picked, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedPairDataset:
+    """A pair dataset (ArrayDataset or BucketedDataset) whose batches carry their packed form (`pack_pair_batch`),
+    for `dpo.packing`. Batches are drawn by the wrapped dataset unchanged (same pairs, same order, same resume
+    position); only the packed keys are added. One process only: processes would pack into different row counts."""
+
+    data: object
+    microbatches: int = 1
+    row_multiple: int = 1
+
+    @property
+    def arrays(self) -> dict:
+        return self.data.arrays
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch_at(self, position, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
+        if process_count != 1:
+            raise ValueError(f"dpo.packing packs each batch on one process; this run loads its batch on "
+                             f"{process_count} processes: set dpo.packing=false")
+        batch, position = batch_at(self.data, position, batch_size, seed, process_index, process_count)
+        return pack_pair_batch(batch, microbatches=self.microbatches, row_multiple=self.row_multiple), position

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import jax
 
+from jaxalign.data.packing import PackedPairDataset
 from jaxalign.distributed import host_local
 from jaxalign.losses import get_spec
 from jaxalign.losses import objective_kwargs as registry_objective_kwargs
@@ -45,8 +46,10 @@ from jaxalign.train.step import (
     lora_loss_fn,
     make_train_step,
     objective_extra_params,
+    packing_refusal,
 )
 from jaxalign.validation import (
+    FieldError,
     check_choice,
     check_divides,
     check_int,
@@ -77,6 +80,8 @@ class PreferenceConfig:
         every step) or "sync" (TR-DPO: every `sync_every` steps ref <- sync_alpha * policy + (1 - sync_alpha) * ref).
     eval_every: the caller's evaluation runs (and, with select_best, a checkpoint is kept) every this many steps.
     select_best: return the evaluated checkpoint with the best metric instead of the last one.
+    packing: padding-free training of pairwise objectives (one process; not with listwise objectives, a custom
+        loss, or objectives whose extras need the model's padded outputs).
     on_nonfinite: "stop" (a non-finite loss or gradient norm stops the phase, naming the last good checkpoint) or
         "skip-batch" (the batch's update is skipped and counted; `jaxalign run --on-nonfinite=skip-batch`).
     """
@@ -99,6 +104,9 @@ class PreferenceConfig:
     sync_alpha: float = 0.6  # reference="sync": the policy's weight in each update (TR-DPO's alpha)
     on_nonfinite: str = "stop"
     logprob_chunk: int = 0  # >0: log-probs from the hidden states this many positions at a time (no full logits)
+    # true: each pair batch is packed first-fit into rows of 2x its width (jaxalign.data.packing.pack_pair_batch)
+    # and the policy and online reference run over those rows; same losses as padded, fewer padded tokens computed
+    packing: bool = False
 
     def __post_init__(self):
         check_beta(self.beta)
@@ -113,9 +121,15 @@ class PreferenceConfig:
         check_choice("dpo", "reference", self.reference, REFERENCE_MODES)
         check_choice("dpo", "on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         check_int("dpo", "logprob_chunk", self.logprob_chunk, minimum=0)
+        if not isinstance(self.packing, bool):
+            raise FieldError("dpo", "packing", self.packing, "true or false")
         if self.reference == "sync":
             ReferenceSync(self.sync_every, self.sync_alpha)  # validates both
-        objective_kwargs(self)  # validates the objective name and its arguments now, not after an SFT phase
+        kwargs = objective_kwargs(self)  # validates the objective name and its arguments now, not after an SFT phase
+        if self.packing and (self.listwise or packing_refusal(self.objective, bool(kwargs.get("wpo", False)))):
+            raise ValueError(f"dpo.packing: the objective {self.objective!r} is listwise (it trains on lists, not "
+                             f"pairs); set dpo.packing=false" if self.listwise
+                             else packing_refusal(self.objective, bool(kwargs.get("wpo", False))))
         batch = "list_batch_size" if self.listwise else "batch_size"  # the one a step splits into micro-batches
         check_divides("dpo", batch, getattr(self, batch), "grad_accum_steps", self.grad_accum_steps)
 
@@ -228,6 +242,10 @@ def resolve_reference(cfg: PreferenceConfig, model: DecoderLM, init_params: Any,
 
 def _loss(cfg: PreferenceConfig, model: DecoderLM, custom: CustomLoss | None, separator_id: int | None):
     """(loss_fn, items per step, token keys) of the phase."""
+    if cfg.packing and (custom is not None or cfg.listwise):
+        raise ValueError(f"dpo.packing applies to registered pairwise objectives; this phase trains "
+                         f"{'a custom loss' if custom is not None else f'the listwise {cfg.objective!r}'}: set "
+                         f"dpo.packing=false")
     if custom is not None:
         return custom.loss_fn, custom.batch_size, custom.token_keys
     if cfg.listwise:
@@ -238,7 +256,7 @@ def _loss(cfg: PreferenceConfig, model: DecoderLM, custom: CustomLoss | None, se
                                 **objective_kwargs(cfg))
         return loss, cfg.list_batch_size, LIST_TOKEN_KEYS
     loss = dpo_loss_fn(model, cfg.objective, sft_weight=cfg.sft_weight, logprob_chunk=cfg.logprob_chunk,
-                       **objective_kwargs(cfg))
+                       packing=cfg.packing, **objective_kwargs(cfg))
     return loss, cfg.batch_size, PAIR_TOKEN_KEYS
 
 
@@ -316,6 +334,8 @@ def train_preference(cfg: PreferenceConfig, *, model_cfg: ModelConfig, mesh, ini
             return record
 
         loss, batch_size, token_keys = _loss(cfg, model, custom, separator_id)
+        if cfg.packing:
+            data = PackedPairDataset(data, cfg.grad_accum_steps, mesh.shape["data"] * mesh.shape["fsdp"])
         if lora_cfg is not None:
             loss = lora_loss_fn(loss, lora_cfg)
         step = make_train_step(loss, cfg.grad_accum_steps, reference_sync=cfg.reference_sync)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from jaxalign.data.packing import PACKED_PAIR_KEYS, packed_token_logprobs, unpack_token_logprobs
 from jaxalign.data.position import DataPosition
 from jaxalign.logprobs import (chunked_token_logprobs, concatenated_pairs, masked_token_logprobs, pair_token_logprobs,
                                sequence_logprobs)
@@ -103,10 +104,12 @@ def chunked_logprobs_fn(model: DecoderLM, chunk: int):
     return apply
 
 
-def _reference_logprobs(apply, frozen, batch: dict, spec: ObjectiveSpec, like: jax.Array, chunked: bool = False):
+def _reference_logprobs(apply, frozen, batch: dict, spec: ObjectiveSpec, like: jax.Array, chunked: bool = False,
+                        packed: Callable | None = None):
     """The reference's per-token log-probs for chosen and rejected, from the batch (precomputed), from a forward
     pass of the frozen parameters (online), or zeros for objectives that never read them (reference-free). With
-    `chunked`, `apply` returns per-token log-probs already (`chunked_logprobs_fn`)."""
+    `chunked`, `apply` returns per-token log-probs already (`chunked_logprobs_fn`); with `packed` (params ->
+    (chosen, rejected), `packed_pair_logprobs`), the online pass runs over the batch's packed rows."""
     if "reference_chosen" in batch:
         return batch["reference_chosen"], batch["reference_rejected"]
     if not spec.needs_reference:
@@ -114,12 +117,35 @@ def _reference_logprobs(apply, frozen, batch: dict, spec: ObjectiveSpec, like: j
     if frozen is None:
         raise ValueError(f"objective {spec.name!r} needs a reference model: pass frozen reference parameters or "
                          f"batches carrying precomputed reference_chosen/reference_rejected log-probs")
+    if packed is not None:
+        return packed(jax.lax.stop_gradient(frozen))
     if chunked:
         tokens, attention, completion = concatenated_pairs(batch)
         logps = jnp.where(completion.astype(bool), apply(jax.lax.stop_gradient(frozen), tokens, attention), 0.0)
         pairs = batch["chosen_tokens"].shape[0]
         return logps[:pairs], logps[pairs:]
     return pair_token_logprobs(apply, jax.lax.stop_gradient(frozen), batch)
+
+
+def packed_pair_logprobs(model: DecoderLM, params, batch: dict, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Masked per-token log-probs [pairs, T] of chosen and rejected, as `pair_token_logprobs` returns them, from ONE
+    forward pass over the batch's packed rows (`jaxalign.data.packing.pack_pair_batch`: segment-aware attention and
+    positions, Krell et al. 2021) gathered back to the unpacked layout. `chunk` > 0: from the hidden states, `chunk`
+    positions at a time (`chunked_token_logprobs`)."""
+    missing = [k for k in PACKED_PAIR_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"a packed loss needs batches packed by jaxalign.data.packing.pack_pair_batch (missing "
+                         f"{', '.join(missing)}); train through PackedPairDataset or set dpo.packing=false")
+    tokens, segments = batch["packed_tokens"], batch["packed_segment_ids"]
+    logits, _, hidden = model.apply({"params": params}, tokens, segments > 0, return_hidden=True, segment_ids=segments)
+    if chunk:  # the logits are then unused, and XLA drops them
+        logps = chunked_token_logprobs(hidden, output_head(params, model.cfg), tokens, chunk,
+                                       model.cfg.final_logit_softcap)
+        logps = packed_token_logprobs(None, tokens, segments, jnp.ones_like(segments), token_logps=logps)
+    else:
+        logps = packed_token_logprobs(logits, tokens, segments, jnp.ones_like(segments))
+    return tuple(unpack_token_logprobs(logps, batch[f"{side}_packed_index"], batch[f"{side}_completion_mask"])
+                 for side in ("chosen", "rejected"))
 
 
 def mismatched_kl_logprobs(apply, params, frozen, batch: dict, objective: str) -> dict:
@@ -239,6 +265,16 @@ def objective_extra_params(objective: str, cfg: ModelConfig) -> dict | None:
     return params or None
 
 
+def packing_refusal(objective: str, wpo: bool = False) -> str | None:
+    """Why `objective` cannot train packed (`dpo_loss_fn(..., packing=True)`), in one line, or None: the extras
+    `MODEL_EXTRAS` computes read the padded pass (its logits, hidden states, further sequences)."""
+    computed = [n for n in needed_extras(objective, wpo=wpo) if n in MODEL_EXTRAS]
+    if not computed:
+        return None
+    return (f"objective {objective!r} computes extras in the loss from the model's padded outputs "
+            f"({', '.join(computed)}); set dpo.packing=false to train it")
+
+
 def objective_state_of(spec: ObjectiveSpec, batch: dict) -> Any:
     """The state a stateful objective's loss receives as batch["objective_state"] (`make_train_step`), or one clear
     error when the train state was created without it."""
@@ -256,7 +292,7 @@ def initial_objective_state(objective: str):
 
 def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float = 0.0, *,
                 f_divergence: str | None = None, f_alpha: float = 0.5, ld_alpha: float | None = None,
-                wpo: bool = False, logprob_chunk: int = 0, **objective_kwargs) -> LossFn:
+                wpo: bool = False, logprob_chunk: int = 0, packing: bool = False, **objective_kwargs) -> LossFn:
     """A registered pairwise, reference-free or unpaired objective on chosen/rejected log-probs from one
     concatenated forward pass (unpaired objectives see the pairs as labelled single completions, `unpair`).
 
@@ -269,6 +305,11 @@ def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float 
     `logprob_chunk` positions at a time (`jaxalign.logprobs.chunked_token_logprobs`), so the [2 * pairs, time, vocab]
     fp32 logits and their gradient never exist at once; an objective whose extras are computed from the logits
     cannot use it.
+
+    `packing` runs the policy (and an online reference) over the batch's packed rows instead of its padded ones
+    (`jaxalign.data.packing.pack_pair_batch`, `packed_pair_logprobs`): the objective sees the same per-token
+    log-probs [pairs, T], so loss and gradients equal the padded step's up to float rounding. Extras computed here
+    from the model's outputs would need the padded pass, so objectives declaring them refuse packing.
 
     `frozen` is the reference: either frozen reference parameters (online reference: one extra forward pass, no
     gradient) or None when the batch carries precomputed `reference_chosen`/`reference_rejected` log-probs or the
@@ -287,18 +328,25 @@ def dpo_loss_fn(model: DecoderLM, objective: str = "sigmoid", sft_weight: float 
     if logprob_chunk and computed:
         raise ValueError(f"objective {objective!r} computes extras in the loss from the model's full outputs "
                          f"({', '.join(n for n in wanted if n in MODEL_EXTRAS)}); set dpo.logprob_chunk=0 to train it")
+    if packing and packing_refusal(objective, wpo):
+        raise ValueError(packing_refusal(objective, wpo))
     if logprob_chunk:
         apply = chunked_logprobs_fn(model, logprob_chunk)
 
     def loss_fn(params, frozen, batch):
-        forward = _policy_pass(model, objective, params, frozen, batch)
-        if logprob_chunk:  # the pass's logits are then unused, and XLA drops them
-            logps = _chunked(model, params, forward.hidden, forward.tokens, forward.completion, logprob_chunk)
+        packed = None
+        if packing:
+            policy_chosen, policy_rejected = packed_pair_logprobs(model, params, batch, logprob_chunk)
+            packed = lambda p: packed_pair_logprobs(model, p, batch, logprob_chunk)  # noqa: E731
         else:
-            logps = masked_token_logprobs(forward.logits, forward.tokens, forward.completion)
-        policy_chosen, policy_rejected = logps[: forward.pairs], logps[forward.pairs :]
+            forward = _policy_pass(model, objective, params, frozen, batch)
+            if logprob_chunk:  # the pass's logits are then unused, and XLA drops them
+                logps = _chunked(model, params, forward.hidden, forward.tokens, forward.completion, logprob_chunk)
+            else:
+                logps = masked_token_logprobs(forward.logits, forward.tokens, forward.completion)
+            policy_chosen, policy_rejected = logps[: forward.pairs], logps[forward.pairs :]
         reference_chosen, reference_rejected = _reference_logprobs(apply, frozen, batch, spec, policy_chosen,
-                                                                   chunked=bool(logprob_chunk))
+                                                                   chunked=bool(logprob_chunk), packed=packed)
         extras = _batch_extras(spec, wanted, batch)
         for entry in computed:
             extras.update(entry.compute(forward))
