@@ -170,6 +170,11 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "honest path and Masters-Sardina pi_d4; unseen and larger maps, budget curve, moved decoy, throughput",
         _module_experiment("deceptive_paths", "agents.deceptive_paths.experiment", "DeceptivePathsConfig"),
     ),
+    "pdppo_lot_sizing": (
+        "agent (b): PPO vs PDPPO (dual critics, min(V(s), V_post(s^x))) on stochastic lot-sizing, paired seeds and "
+        "one shared config, vs the base-stock rule on held-out demand (and the exact optimum on instance=tiny)",
+        _module_experiment("pdppo_lot_sizing", "agents.pdppo.experiment", "PDPPOLotSizingConfig"),
+    ),
     "jssp_cp": (
         "agent (d): job-shop dispatching by a size-agnostic attention policy, imitation of CP-SAT then PPO on the "
         "makespan; vs SPT/LPT/MWKR/MOR/FIFO and CP-SAT on held-out generated and Taillard instances",

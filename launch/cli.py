@@ -11,6 +11,7 @@
     jaxalign bench objectives --workdir DIR [--seeds 0,1,2] [--tasks ...] [--objectives ...] [key=value ...]
     jaxalign bench reference-cost [--sizes tiny,small,medium] [--steps N] [--out DIR]
     jaxalign bench iterative --workdir DIR [--seeds 0,1,2] [--algorithms ...] [--no-arith] [key=value ...]
+    jaxalign bench pdppo --workdir DIR [--budget N] [--seeds 0,1,2,3,4] [--instances 15i5m,20i10m,25i15m] [--no-tiny]
     jaxalign convert hf-to-jaxalign|jaxalign-to-hf SRC DST [--family F] [--dtype D]      (launch/convert.py)
     jaxalign data prepare FORMAT --input FILE --output DIR [--on-error skip] [--tokenizer T --max-length N]
                                                                                           (launch/data.py)
@@ -65,6 +66,7 @@ BENCHMARKS = {
     "logprob-memory": "jaxalign.bench.logprob_memory",
     "iterative": "jaxalign.bench.iterative",
     "jssp": "agents.jssp_cp.bench",
+    "pdppo": "agents.pdppo.bench",
 }
 
 

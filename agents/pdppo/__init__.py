@@ -14,5 +14,9 @@ advantage.
   heuristic.py   the base-stock rule and policy evaluation over held-out demand seeds (mean, 95 % interval)
   exact.py       the tiny instance's full tabular model and its optimal policy by backward induction
   throughput.py  env steps/s of the jitted vmapped env vs the NumPy reference step
-  learners.py    PPO and PDPPO (one learner, the critic is the only difference) for rl.harness
+  learners.py    PPO and PDPPO (one learner, the critic is the only difference) for rl.harness; the authors'
+                 two confounds behind one flag (`confounded`), the critic combination as a function (`combine`)
+  experiment.py  `jaxalign run pdppo_lot_sizing`: both arms per seed from one initialisation, on the harness;
+                 held-out evaluation with intervals over seeds, the base-stock rule, the exact optimum on `tiny`
+  bench.py       `jaxalign bench pdppo`: 15i5m, 20i10m, 25i15m (and tiny) in one CSV / markdown table
 """

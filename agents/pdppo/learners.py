@@ -7,13 +7,17 @@ log-probability is the sum over machines); whole-episode rollouts (num_steps a m
 starts at t = 0), so Monte-Carlo returns R_t = sum_k gamma^k r_{t+k} are exact and need no bootstrap; returns
 z-normalised over the batch (as in the paper); `update_epochs` passes of clipped-surrogate updates (eq. 7 of
 Schulman et al.) with an entropy bonus; one optimiser, Adam with decoupled weight decay, global-norm gradient
-clipping and separate actor / critic learning rates, applied to every parameter of every network. The two
-confounds of the authors' code (only the actor's last layer trained; weight decay and clipping in the PDPPO arm
-only) are absent by construction: there is no switch for them.
+clipping and separate actor / critic learning rates, applied to every parameter of every network.
+
+The two confounds of the authors' public code are off by default and exist only to show what they did:
+`confounded=True` (a) trains only the actor's output layer (its hidden layers keep their initial weights; the
+critics train in full) and (b) gives weight decay (`weight_decay`) and global-norm clipping (`max_grad_norm`) to
+the PDPPO arm only; the PPO arm then gets neither. With `confounded=False` both arms get both.
 
 The arms differ in the critic only:
   PPO:    V(s);                        estimate E = V(s)
   PDPPO:  V(s) and V_post(s^x) on the post-decision observation;  E = min(V(s), V_post(s^x))
+(`make_learner(..., combine=f)` replaces the minimum by another combination f(V, V_post), e.g. the mean.)
 Advantage A_t = R_t - E_t (E held fixed: no gradient through the advantage), value loss mean((E - R)^2): the
 paper's advantage and value target for PDPPO, and their one-critic reduction for PPO.
 
@@ -63,6 +67,7 @@ class LearnerConfig:
     normalize_returns: bool = True
     actor_hidden: tuple[int, ...] = (128, 128)
     critic_hidden: tuple[int, ...] = (128, 128)
+    confounded: bool = False  # the authors' two confounds (module doc); never the fair comparison
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -126,35 +131,61 @@ class Networks(NamedTuple):
     critic: MLP
     n_machines: int
     n_choices: int
+    combine: Callable[[jax.Array, jax.Array], jax.Array] = jnp.minimum  # PDPPO's E from (V(s), V_post(s^x))
 
     def logits(self, params, obs):
         out = self.actor.apply(params["actor"], obs)
         return out.reshape(out.shape[:-1] + (self.n_machines, self.n_choices))
 
     def estimate(self, params, obs, post_obs):
-        """V(s) for PPO (params without "post_critic"), min(V(s), V_post(s^x)) for PDPPO."""
+        """V(s) for PPO (params without "post_critic"), combine(V(s), V_post(s^x)) for PDPPO (the minimum
+        unless the learner was made with another `combine`)."""
         value = self.critic.apply(params["critic"], obs)[..., 0]
         if "post_critic" not in params:
             return value
-        return jnp.minimum(value, self.critic.apply(params["post_critic"], post_obs)[..., 0])
+        return self.combine(value, self.critic.apply(params["post_critic"], post_obs)[..., 0])
 
 
-def make_networks(config: LearnerConfig, instance: Instance) -> Networks:
+def make_networks(config: LearnerConfig, instance: Instance, combine: Callable = jnp.minimum) -> Networks:
     choices = instance.n_items + 1
     actor = MLP(config.actor_hidden, instance.n_machines * choices, "relu", out_gain=0.01)
     critic = MLP(config.critic_hidden, 1, "tanh", out_gain=1.0)
-    return Networks(actor, critic, instance.n_machines, choices)
+    return Networks(actor, critic, instance.n_machines, choices, combine)
+
+
+def actor_output_layer(config: LearnerConfig) -> str:
+    """The flax name of the actor MLP's output layer (its hidden layers come first: Dense_0 ...)."""
+    return f"Dense_{len(config.actor_hidden)}"
+
+
+def parameter_labels(config: LearnerConfig, params) -> dict:
+    """Each parameter's optimiser group: "actor", "critic", or "frozen" (the actor's hidden layers, only when
+    `config.confounded`)."""
+    def label(name, path):
+        if name != "actor":
+            return "critic"
+        layer = path[1].key  # params["actor"]["params"][layer][kernel | bias]
+        return "frozen" if config.confounded and layer != actor_output_layer(config) else "actor"
+
+    return {name: jax.tree_util.tree_map_with_path(lambda path, _, name=name: label(name, path), sub)
+            for name, sub in params.items()}
 
 
 def make_optimizer(config: LearnerConfig, params) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW per network (actor / critics learning rates); the same in both arms."""
-    labels = {name: jax.tree_util.tree_map(lambda _: "actor" if name == "actor" else "critic", sub)
-              for name, sub in params.items()}
-    return optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm),
-        optax.multi_transform({"actor": optax.adamw(config.actor_learning_rate, weight_decay=config.weight_decay),
-                               "critic": optax.adamw(config.critic_learning_rate, weight_decay=config.weight_decay)},
-                              labels))
+    """Global-norm clipping, then AdamW per network (actor / critics learning rates): the same in both arms
+    unless `config.confounded` (module doc), which freezes the actor's hidden layers and keeps weight decay and
+    clipping for the PDPPO arm only."""
+    labels = parameter_labels(config, params)
+    regularised = not config.confounded or config.algorithm == "pdppo"
+    decay = config.weight_decay if regularised else 0.0
+    groups = {"actor": optax.adamw(config.actor_learning_rate, weight_decay=decay),
+              "critic": optax.adamw(config.critic_learning_rate, weight_decay=decay),
+              "frozen": optax.set_to_zero()}
+    # Frozen gradients are zeroed before the clip, so the norm that is clipped is that of the trained layers.
+    frozen = jax.tree_util.tree_map(lambda group: group == "frozen", labels)
+    chain = [optax.masked(optax.set_to_zero(), frozen)] if config.confounded else []
+    chain += [optax.clip_by_global_norm(config.max_grad_norm)] if regularised else []
+    return optax.chain(*chain, optax.multi_transform(groups, labels))
 
 
 @struct.dataclass
@@ -174,14 +205,15 @@ class Learner(NamedTuple):
     env_policy: Callable  # env_policy(params, greedy) -> policy(env_params, state, key) for env.episode_cost
 
 
-def make_learner(config: LearnerConfig, instance: Instance) -> Learner:
+def make_learner(config: LearnerConfig, instance: Instance, combine: Callable = jnp.minimum) -> Learner:
+    """The learner of `config.algorithm` on `instance`; `combine(V, V_post)` is PDPPO's critic combination."""
     if config.num_steps % instance.horizon:
         raise ValueError(f"learner.num_steps={config.num_steps} must be a multiple of the instance's horizon "
                          f"({instance.horizon}) so that rollouts are whole episodes")
     env = LotSizing(instance)
     env_params = env.default_params
     train_env = EpisodeStats(AutoReset(env))
-    networks = make_networks(config, instance)
+    networks = make_networks(config, instance, combine)
     obs_size = env.observation_space(env_params).shape[0]
     critics = ("critic", "post_critic") if config.algorithm == "pdppo" else ("critic",)
 
