@@ -50,13 +50,13 @@ LOGGED = ("loss", "value_loss", "entropy", "approx_kl")
 @dataclasses.dataclass(frozen=True)
 class PDPPOLotSizingConfig:
     instance: str = "20i10m"  # a named configuration, "tiny", or a path to an instance .json file
-    instance_seed: int = 0
+    instance_seed: int = 0  # seed of the instance generator for a named configuration
     seeds: str = "0,1,2,3,4"  # training seeds, comma-separated: one PPO and one PDPPO run each
     learner: LearnerConfig = LearnerConfig()
-    eval_episodes: int = 100
-    eval_seed: int = 1_000_003
-    num_chunks: int = 10
-    show_progress: bool = True
+    eval_episodes: int = 100  # held-out demand episodes every policy is evaluated on (the same for all)
+    eval_seed: int = 1_000_003  # key of the held-out demand (never used in training)
+    num_chunks: int = 10  # checkpoints during training, evenly spaced
+    show_progress: bool = True  # a progress bar with rate and ETA
 
     def __post_init__(self):
         if self.learner.algorithm != LearnerConfig.algorithm:

@@ -50,23 +50,23 @@ ALGORITHMS = ("ppo", "pdppo")
 class LearnerConfig:
     """Hyper-parameters shared by both arms (defaults: the paper's set-up, AGENTS.md-style summary in docs)."""
 
-    algorithm: str = "pdppo"
-    num_envs: int = 40
+    algorithm: str = "pdppo"  # "pdppo" (critics V(s) and V_post(s^x), their minimum) or "ppo" (V(s) alone)
+    num_envs: int = 40  # environments stepped in parallel (vmapped)
     num_steps: int = 100  # per env and update: whole episodes (a multiple of the horizon)
-    total_timesteps: int = 1_000_000
-    update_epochs: int = 60
-    num_minibatches: int = 1
-    actor_learning_rate: float = 5.5e-4
-    critic_learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.5
-    clip_eps: float = 0.2
-    gamma: float = 0.99
-    vf_coef: float = 0.5
-    ent_coef: float = 0.012
-    normalize_returns: bool = True
-    actor_hidden: tuple[int, ...] = (128, 128)
-    critic_hidden: tuple[int, ...] = (128, 128)
+    total_timesteps: int = 1_000_000  # environment steps per run (the paper's budget is 1M)
+    update_epochs: int = 60  # passes over each update's batch
+    num_minibatches: int = 1  # minibatches per pass (num_envs * num_steps must divide)
+    actor_learning_rate: float = 5.5e-4  # Adam step size of the actor
+    critic_learning_rate: float = 1e-3  # Adam step size of the critic(s)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay, both arms (only PDPPO's when confounded)
+    max_grad_norm: float = 0.5  # global-norm gradient clipping, both arms (only PDPPO's when confounded)
+    clip_eps: float = 0.2  # PPO's ratio clip epsilon (Schulman et al. 2017, eq. 7)
+    gamma: float = 0.99  # discount of the Monte-Carlo returns
+    vf_coef: float = 0.5  # weight of the critics' squared error in the loss
+    ent_coef: float = 0.012  # weight of the policy's entropy bonus
+    normalize_returns: bool = True  # z-normalise each update's returns before they serve as targets
+    actor_hidden: tuple[int, ...] = (128, 128)  # hidden widths of the actor MLP (one categorical per machine)
+    critic_hidden: tuple[int, ...] = (128, 128)  # hidden widths of each critic MLP
     confounded: bool = False  # the authors' two confounds (module doc); never the fair comparison
 
     def __post_init__(self):
