@@ -64,6 +64,7 @@ BENCHMARKS = {
     "objectives": "jaxalign.bench.objectives",
     "sampling": "jaxalign.bench.sampling",
     "logprob-memory": "jaxalign.bench.logprob_memory",
+    "packing": "jaxalign.bench.packing",
     "iterative": "jaxalign.bench.iterative",
     "jssp": "agents.jssp_cp.bench",
     "pdppo": "agents.pdppo.bench",
