@@ -48,7 +48,7 @@ ALGORITHMS = ("ppo", "pdppo")
 
 @dataclasses.dataclass(frozen=True)
 class LearnerConfig:
-    """Hyper-parameters shared by both arms (defaults: the paper's set-up, AGENTS.md-style summary in docs)."""
+    """Hyper-parameters shared by both arms (defaults: the paper's set-up, Felizardo et al. 2025; docs/agents.md)."""
 
     algorithm: str = "pdppo"  # "pdppo" (critics V(s) and V_post(s^x), their minimum) or "ppo" (V(s) alone)
     num_envs: int = 40  # environments stepped in parallel (vmapped)

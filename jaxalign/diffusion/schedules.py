@@ -16,6 +16,7 @@ pure jnp function of t or lambda and broadcasts.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 
@@ -32,17 +33,22 @@ def _log_alpha_of_lambda(lam):
     return -0.5 * jnp.logaddexp(0.0, -2.0 * lam)
 
 
-class _VP:
+class _VP(abc.ABC):
+    """What every VP schedule defines (log alpha_t, its time derivative and its inverse); the rest derives."""
+
     t_max: float
 
+    @abc.abstractmethod
     def log_alpha(self, t):
-        raise NotImplementedError
+        """log alpha_t."""
 
+    @abc.abstractmethod
     def d_log_alpha(self, t):
-        raise NotImplementedError
+        """d log alpha_t / dt."""
 
+    @abc.abstractmethod
     def t_of_log_alpha(self, log_alpha):
-        raise NotImplementedError
+        """The t at which log alpha_t takes this value."""
 
     def alpha(self, t):
         return jnp.exp(self.log_alpha(t))

@@ -24,6 +24,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from jaxalign.models import DecoderLM, from_pretrained, save_pretrained
 from jaxalign.models.hf import CheckpointFormatError, config_from_hf
 from jaxalign.models.llama import rope_inverse_frequencies
+from test_hf import hf_logits, our_logits  # the same comparison as the original four families
 
 VOCAB, WIDTH = 64, 12
 ATOL = 1e-4
@@ -71,19 +72,6 @@ def tokens_and_mask():
     mask[1, :3] = False
     mask[2, -4:] = False
     return tokens, mask
-
-
-def hf_logits(model, tokens, mask) -> np.ndarray:
-    """transformers' logits with the positions generate() uses for padded rows (count real tokens only)."""
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
-                    position_ids=torch.tensor(positions))
-    return out.logits.float().numpy()
-
-
-def our_logits(params, cfg, tokens, mask) -> np.ndarray:
-    return np.asarray(jax.jit(lambda p, t, m: DecoderLM(cfg).apply({"params": p}, t, m)[0])(params, tokens, mask))
 
 
 def build(case: str, directory):
