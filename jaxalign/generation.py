@@ -8,6 +8,9 @@ the run's: the built-in character tokenizer for the ARITH task, else the run's `
 
 `generate_text` encodes prompts (plain text, or a chat turn through the tokenizer's template), samples with the
 KV-cache sampler (`jaxalign.sampling.generate`) and decodes up to and excluding EOS.
+
+The work directory is read through `jaxalign.paths`, so `path` may be on an object store (gs://...); the model and
+tokenizer sources a run names (model.path, model.tokenizer) are read locally, as the run read them.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.data.tokenize import TextTokenizer, char_tokenizer, chat_ids, load_hf_tokenizer, prompt_ids
 from jaxalign.models import hf
 from jaxalign.models.llama import ModelConfig
@@ -39,31 +43,41 @@ class Policy:
 
 
 def _is_step_dir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, _STATE)) and os.path.isdir(os.path.join(path, _META))
+    return paths.isdir(paths.join(path, _STATE)) and paths.isdir(paths.join(path, _META))
 
 
 def _steps(phase_dir: str) -> list[int]:
-    return sorted(int(n) for n in os.listdir(phase_dir) if n.isdigit() and _is_step_dir(os.path.join(phase_dir, n)))
+    return sorted(int(n) for n in paths.listdir(phase_dir)
+                  if n.isdigit() and _is_step_dir(paths.join(phase_dir, n)))
+
+
+def _modified(path: str) -> float:
+    """When `path` last changed: its mtime locally; on an object store that of its newest object (a "directory"
+    there is only a name prefix, with no time of its own; 0 where the backend reports none)."""
+    if paths.is_local(path):
+        return os.path.getmtime(path)
+    times = [paths.as_path(paths.join(path, *f.split("/"))).stat().mtime for f in paths.files_under(path)]
+    return max(times, default=0.0)
 
 
 def resolve_step_dir(path: str, phase: str | None = None, step: int | None = None) -> str:
     """The step directory `path` names: itself, the newest (or `step`) of a phase directory, or of a work
     directory's phase `phase` (default: "dpo" if it exists, else the phase written last)."""
-    path = os.path.abspath(path)
+    path = os.path.abspath(path) if paths.is_local(path) else path
     if _is_step_dir(path):
         return path
-    checkpoints = os.path.join(path, "checkpoints")
-    if os.path.isdir(checkpoints):
-        phases = [p for p in os.listdir(checkpoints) if _steps(os.path.join(checkpoints, p))]
+    checkpoints = paths.join(path, "checkpoints")
+    if paths.isdir(checkpoints):
+        phases = [p for p in paths.listdir(checkpoints) if _steps(paths.join(checkpoints, p))]
         if not phases:
             raise ValueError(f"{checkpoints}: no checkpoint has been saved in this work directory yet")
         if phase is None:
             phase = "dpo" if "dpo" in phases else max(
-                phases, key=lambda p: os.path.getmtime(os.path.join(checkpoints, p)))
+                phases, key=lambda p: _modified(paths.join(checkpoints, p)))
         if phase not in phases:
             raise ValueError(f"{checkpoints}: no phase {phase!r}; phases with checkpoints: {', '.join(sorted(phases))}")
-        path = os.path.join(checkpoints, phase)
-    if not os.path.isdir(path):
+        path = paths.join(checkpoints, phase)
+    if not paths.isdir(path):
         raise ValueError(f"--checkpoint {path}: no such directory")
     steps = _steps(path)
     if not steps:
@@ -71,13 +85,13 @@ def resolve_step_dir(path: str, phase: str | None = None, step: int | None = Non
     chosen = steps[-1] if step is None else step
     if chosen not in steps:
         raise ValueError(f"{path}: no step {chosen}; saved steps: {', '.join(map(str, steps))}")
-    return os.path.join(path, str(chosen))
+    return paths.join(path, str(chosen))
 
 
 def _read_meta(step_dir: str) -> dict:
     import orbax.checkpoint as ocp
 
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, _META))
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(paths.absolute_path(paths.join(step_dir, _META)))
     run = meta.get("run", meta) if isinstance(meta, dict) else {}
     if not isinstance(run, dict) or "model" not in run:
         raise ValueError(f"{step_dir}: this checkpoint does not record a language model (no 'model' in its "
@@ -88,21 +102,20 @@ def _read_meta(step_dir: str) -> dict:
 def _read_params(step_dir: str) -> Any:
     import orbax.checkpoint as ocp
 
-    state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, _STATE))
+    state = ocp.StandardCheckpointer().restore(paths.absolute_path(paths.join(step_dir, _STATE)))
     return jax.tree_util.tree_map(np.asarray, state["params"])
 
 
 def _workdir_of(step_dir: str) -> str | None:
     """WORKDIR of WORKDIR/checkpoints/PHASE/STEP, if the step sits in a work directory."""
-    checkpoints = os.path.dirname(os.path.dirname(step_dir))
-    return os.path.dirname(checkpoints) if os.path.basename(checkpoints) == "checkpoints" else None
+    checkpoints = paths.dirname(paths.dirname(step_dir))
+    return paths.dirname(checkpoints) if checkpoints.rsplit("/", 1)[-1] == "checkpoints" else None
 
 
 def _run_config(workdir: str | None) -> dict:
-    if workdir is None or not os.path.isfile(os.path.join(workdir, "config.json")):
+    if workdir is None or not paths.exists(paths.join(workdir, "config.json")):
         return {}
-    with open(os.path.join(workdir, "config.json")) as f:
-        return json.load(f)
+    return json.loads(paths.read_text(paths.join(workdir, "config.json")))
 
 
 def _model_config(record: dict) -> ModelConfig:
@@ -134,8 +147,8 @@ def _lora_base(run_config: dict, step_dir: str) -> Any:
         if os.path.isfile(os.path.join(model["path"], hf.NATIVE_CONFIG)):
             return jax.tree_util.tree_map(np.asarray, hf.load_native(model["path"])[0])
         return jax.tree_util.tree_map(np.asarray, hf.from_pretrained(model["path"])[0])
-    sft = os.path.join(os.path.dirname(os.path.dirname(step_dir)), "sft")
-    if os.path.isdir(sft) and _steps(sft):
+    sft = paths.join(paths.dirname(paths.dirname(step_dir)), "sft")
+    if paths.isdir(sft) and _steps(sft):
         return _read_params(resolve_step_dir(sft))
     raise ValueError(f"{step_dir}: a LoRA checkpoint holds only adapters, and neither the run's model.path nor an "
                      "SFT checkpoint beside it gives their base")

@@ -1,7 +1,12 @@
 """key=value overrides of frozen config dataclasses, typed and validated against the dataclass fields.
 
 `apply_overrides(cfg, ["dpo.beta=0.2", "model.dtype=bfloat16"])` returns a new config. A config class may declare
-short names in a class attribute `OVERRIDE_ALIASES` (e.g. {"loss": "dpo.objective"}). Every mistake is one line:
+short names in a class attribute `OVERRIDE_ALIASES` (e.g. {"loss": "dpo.objective"}); "name=value,..." string fields
+it lists in `ARGUMENT_FIELDS` can also be set one argument at a time (`dpo.objective_args.gamma=0.5`, so a sweep can
+vary one argument: `dpo.objective_args.gamma=0,1`); and fields whose values were chosen for another field's value
+(`RESET_WITH`, e.g. {"objective": ("beta", "sft_weight", ...)}: the main job's beta is tuned for its objective) go
+back to their class defaults when an override changes that field, unless they are overridden too. Every mistake is
+one line:
 an unknown key names the closest valid keys ("did you mean"), a value that does not parse names the key, the value
 and the type; the dataclasses' own __post_init__ checks (`jaxalign.validation`) then reject values of the right
 type but the wrong range, re-worded here with the key's full dotted path (sft.optim.learning_rate, not optim.).
@@ -75,6 +80,22 @@ def _parse(raw: str, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: fields of type {annotation!r} cannot be set from the command line")
 
 
+class _Arguments(dict):
+    """Arguments set one at a time (`section.FIELD.name=value`) into an `ARGUMENT_FIELDS` string, merged in
+    `_resolve` onto the field's value (or onto its default when `RESET_WITH` resets it)."""
+
+
+def parse_arguments(text: str) -> dict[str, str]:
+    """"name=value,name=value" -> {name: value} (the values as written; empty items skipped)."""
+    items = [(item.split("=", 1) + [""])[:2] for item in (part.strip() for part in text.split(",")) if item]
+    return {name.strip(): value.strip() for name, value in items}
+
+
+def _field_default(cfg: Any, name: str) -> Any:
+    field = next(f for f in dataclasses.fields(cfg) if f.name == name)
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
 def _parse_into(cfg: Any, path: list[str], raw: str, full_key: str, changes: dict) -> None:
     """Parse one override against the field it names and record it in the nested `changes` dict."""
     names = {f.name for f in dataclasses.fields(cfg)}
@@ -82,6 +103,14 @@ def _parse_into(cfg: Any, path: list[str], raw: str, full_key: str, changes: dic
     if head not in names:
         raise KeyError(head)
     current = getattr(cfg, head)
+    if len(path) == 2 and head in getattr(cfg, "ARGUMENT_FIELDS", ()):
+        if "," in raw or not path[1]:
+            raise ConfigError(f"{full_key}={raw!r}: one value per argument (a sweep varies it: {full_key}=0,1)")
+        pending = changes.get(head)
+        if not isinstance(pending, _Arguments):  # a whole-string override before it is replaced: start from it
+            pending = changes[head] = _Arguments(parse_arguments(pending) if isinstance(pending, str) else {})
+        pending[path[1]] = raw
+        return
     if len(path) == 1:
         if dataclasses.is_dataclass(current):
             raise KeyError("is a config section, not a value: set its fields")
@@ -90,6 +119,24 @@ def _parse_into(cfg: Any, path: list[str], raw: str, full_key: str, changes: dic
         if not dataclasses.is_dataclass(current):
             raise KeyError(head)
         _parse_into(current, path[1:], raw, full_key, changes.setdefault(head, {}))
+
+
+def _resolve(cfg: Any, changes: dict) -> dict:
+    """`changes` with `RESET_WITH` resets and one-at-a-time arguments applied, at every level of the config."""
+    resolved = {k: _resolve(getattr(cfg, k), v) if type(v) is dict else v for k, v in changes.items()}
+    reset: set[str] = set()
+    for trigger, bound in getattr(cfg, "RESET_WITH", {}).items():
+        if trigger in resolved and resolved[trigger] != getattr(cfg, trigger):
+            reset.update(name for name in bound if not (name in resolved and type(resolved[name]) is not _Arguments))
+    for name in reset:
+        if name not in resolved:
+            resolved[name] = _field_default(cfg, name)
+    for name, value in list(resolved.items()):
+        if isinstance(value, _Arguments):
+            base = _field_default(cfg, name) if name in reset else getattr(cfg, name)
+            merged = {**parse_arguments(base), **value}
+            resolved[name] = ",".join(f"{k}={v}" for k, v in merged.items())
+    return resolved
 
 
 def _build(cfg: Any, changes: dict, path: str = "") -> Any:
@@ -156,7 +203,7 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
                 raise ConfigError(f"{key!r} {e.args[0]}: {', '.join(section)}") from None
             raise ConfigError(unknown_key_message(cfg, key)) from None
     try:
-        return _build(cfg, changes)
+        return _build(cfg, _resolve(cfg, changes))
     except ConfigError:  # already worded with the key's full path
         raise
     except (ValueError, TypeError) as e:  # a dataclass __post_init__ rejected a value
@@ -283,14 +330,30 @@ def _as_text(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+def _reset_groups(cfg: Any, prefix: str = "") -> list[tuple[str, str, tuple[str, ...]]]:
+    """(section prefix, trigger field, reset fields) of every `RESET_WITH` in a (nested) config."""
+    groups = [(prefix, trigger, bound) for trigger, bound in getattr(cfg, "RESET_WITH", {}).items()]
+    for f in dataclasses.fields(cfg):
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            groups += _reset_groups(getattr(cfg, f.name), f"{prefix}{f.name}.")
+    return groups
+
+
 def file_overrides(cfg: Any, path: str) -> list[str]:
     """The key=value overrides that turn `cfg` into the config written in `path` (nested JSON or YAML, e.g. a run's
     config.json): only the keys whose value differs, so fields that cannot be set from the command line may appear
-    at their current value. A key that does not exist, or a value of the wrong type, is one error naming the file."""
+    at their current value. A key that does not exist, or a value of the wrong type, is one error naming the file.
+    When the file changes a `RESET_WITH` field (dpo.objective), the fields it resets are written out too, so the
+    file's values of them hold rather than the defaults."""
     current = {key: value for key, _, value, _ in describe_keys(cfg)}
+    items = _flatten(_load_config_file(path))
+    changed = {key for key, value in items
+               if not (key in current and json.dumps(current[key], default=list) == json.dumps(value, default=list))}
+    keep = {f"{section}{name}" for section, trigger, bound in _reset_groups(cfg) if f"{section}{trigger}" in changed
+            for name in bound}
     overrides = []
-    for key, value in _flatten(_load_config_file(path)):
-        if key in current and json.dumps(current[key], default=list) == json.dumps(value, default=list):
+    for key, value in items:
+        if key not in changed and key not in keep:
             continue
         if isinstance(value, list) or isinstance(current.get(key), (tuple, list)):
             raise ConfigError(f"{path}: {key}={value!r}: list values cannot be set from a config file; "

@@ -23,7 +23,6 @@ import importlib
 import io
 import os
 import shlex
-import shutil
 import sys
 import time
 import traceback
@@ -160,6 +159,11 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "evaluated on held-out pairs; optional LoRA and Hugging Face export",
         _module_experiment("dpo_files", "jaxalign.experiments.dpo_files", "DPOFilesConfig"),
     ),
+    "oreo_files": (
+        "OREO on your own trajectory JSONL/Parquet file (prompt, steps, terminal reward) from a Hugging Face or "
+        "`jaxalign convert` checkpoint, value and policy losses on held-out trajectories; optional LoRA and export",
+        _module_experiment("oreo_files", "jaxalign.experiments.oreo_files", "OreoFilesConfig"),
+    ),
     "ddp_gridworld": (
         "agent (a), deep: stock-augmented quantile DQN greedy w.r.t. CVaR_0.1 / homeostatic objectives on a "
         "stochastic gridworld vs the tabular optimum and QR-DQN (10,000 evaluation episodes)",
@@ -251,13 +255,16 @@ class _Tee(io.TextIOBase):
 def run_log(workdir: str, argv: list[str]):
     """Append everything a run prints (stdout and stderr: progress, warnings, the summary, an error's traceback) to
     WORKDIR/logs/run.log as well as the terminal, so a run directory keeps its own log across resumes. Process N > 0
-    of a multi-process run writes logs/run.process_N.log."""
+    of a multi-process run writes logs/run.process_N.log. On an object store the log is staged locally and written
+    up when the run ends (`jaxalign.paths.appending`)."""
+    from jaxalign import paths
+
     process = os.environ.get("JAXALIGN_PROCESS_ID", "0")
     name = "run.log" if process == "0" else f"run.process_{process}.log"
-    created = not os.path.exists(workdir)
-    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+    created = not paths.exists(workdir)
+    paths.makedirs(paths.join(workdir, "logs"))
     try:
-        with open(os.path.join(workdir, "logs", name), "a", buffering=1) as log:
+        with paths.appending(paths.join(workdir, "logs", name)) as log:
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} jaxalign {shlex.join(argv)}\n")
             stdout, stderr = sys.stdout, sys.stderr
             sys.stdout, sys.stderr = _Tee(stdout, log), _Tee(stderr, log)
@@ -271,7 +278,7 @@ def run_log(workdir: str, argv: list[str]):
                 sys.stdout, sys.stderr = stdout, stderr
     except BaseException:
         if created and refused_before_claim(workdir):
-            shutil.rmtree(workdir, ignore_errors=True)
+            paths.rmtree(workdir)
         raise
 
 
@@ -279,9 +286,11 @@ def refused_before_claim(workdir: str) -> bool:
     """Whether a failed run stopped before claiming `workdir` (no config.json: an experiment's own checks, such as
     a batch that does not split over the mesh, refused it) and left nothing but its log there. A directory this run
     created for nothing is then removed, so the corrected command starts clean; `--debug` shows the traceback."""
-    if os.path.exists(os.path.join(workdir, "config.json")):
+    from jaxalign import paths
+
+    if paths.exists(paths.join(workdir, "config.json")):
         return False
-    return all(entry == "logs" for entry in os.listdir(workdir))
+    return all(entry == "logs" for entry in paths.listdir(workdir))
 
 
 def run_experiment(name: str, workdir: str, overrides: list[str]) -> dict:
@@ -294,20 +303,24 @@ def run_experiment(name: str, workdir: str, overrides: list[str]) -> dict:
     from jaxalign.distributed import initialize_from_env
     from jaxalign.rundir import strict_json_text
     from jaxalign.tracking import ENV_VAR as TRACKING_ENV
+    from jaxalign.tracking import check_workdir as check_tracking_workdir
     from jaxalign.tracking import finish as tracking_finish
     from jaxalign.tracking import parse_tracking
+    from jaxalign.train.preference import objective_lines
 
     initialize_from_env()  # before anything touches JAX devices: a multi-process run joins its peers here
     trackers = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "tracking"]
     experiment, cfg = configure(name, [o for o in overrides if o.split("=", 1)[0].strip() != "tracking"])
     if trackers:  # how the run is watched, not what it computes: never part of config.json
-        parse_tracking(trackers[-1])
+        check_tracking_workdir(parse_tracking(trackers[-1]), workdir)
     check_mesh_fits(cfg)
     previous = os.environ.get(TRACKING_ENV)
     if trackers:
         os.environ[TRACKING_ENV] = trackers[-1]  # for this run and the processes it starts
     try:
         with run_log(workdir, ["run", name, "--workdir", workdir, *overrides]):
+            for line in objective_lines(cfg):  # what each preference phase optimises, every value resolved
+                print(f"objective of {line}", file=sys.stderr)
             results = experiment.run(cfg, workdir)
             tracking_finish(workdir, dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None)
             summary = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}

@@ -14,8 +14,9 @@ A run (an LM experiment, an RL agent, a benchmark point) owns one work directory
       <name>.png              plots
       <sub>/                  nested runs (an iteration, a stage, a seed) with the same layout
 
-Everything here is host-side Python: no JAX tracing, no model. Writes are atomic (temporary file + rename) so a
-reader, or a resumed run after SIGKILL, never sees a half-written file.
+Everything here is host-side Python: no JAX tracing, no model. Writes are atomic (temporary file + rename; one
+object write on an object store) so a reader, or a resumed run after SIGKILL, never sees a half-written file. The
+root may be a local directory or a `gs://...` URI: every read and write goes through `jaxalign.paths`.
 
 Strict JSON: every JSON file the project writes (results.json, config.json, metrics.jsonl, checkpoint records) is
 strict JSON (RFC 8259 has no NaN or Infinity), so any reader parses it. A non-finite float (a diverged loss, the
@@ -26,16 +27,15 @@ serialiser; it dumps with allow_nan=False after sanitising, so nothing non-stric
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.distributed import host_local
 
 
@@ -47,46 +47,46 @@ class RunDir:
 
     @property
     def config(self) -> str:
-        return os.path.join(self.root, "config.json")
+        return paths.join(self.root, "config.json")
 
     @property
     def results(self) -> str:
-        return os.path.join(self.root, "results.json")
+        return paths.join(self.root, "results.json")
 
     @property
     def metrics(self) -> str:
-        return os.path.join(self.root, "metrics.jsonl")
+        return paths.join(self.root, "metrics.jsonl")
 
     @property
     def logs(self) -> str:
-        return os.path.join(self.root, "logs")
+        return paths.join(self.root, "logs")
 
     @property
     def samples(self) -> str:
-        return os.path.join(self.root, "samples.npz")
+        return paths.join(self.root, "samples.npz")
 
     @property
     def pairs(self) -> str:
-        return os.path.join(self.root, "pairs.npz")
+        return paths.join(self.root, "pairs.npz")
 
     @property
     def lists(self) -> str:
-        return os.path.join(self.root, "lists.npz")
+        return paths.join(self.root, "lists.npz")
 
     @property
     def reference_cache(self) -> str:
-        return os.path.join(self.root, "reference_cache")
+        return paths.join(self.root, "reference_cache")
 
     def checkpoints(self, phase: str) -> str:
-        return os.path.join(self.root, "checkpoints", phase)
+        return paths.join(self.root, "checkpoints", phase)
 
     def file(self, name: str) -> str:
         """Any other file of the run (a plot, a per-phase evaluation record, ...)."""
-        return os.path.join(self.root, name)
+        return paths.join(self.root, name)
 
     def sub(self, *names: str) -> "RunDir":
         """A nested run (an iteration, a curriculum stage, a seed), laid out like this one."""
-        return RunDir(os.path.join(self.root, *names))
+        return RunDir(paths.join(self.root, *names))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,24 +175,15 @@ def strict_json_line(record: Any) -> str:
 
 def write_json_atomic(path: str, payload: Any) -> None:
     """Write strict JSON (module docstring) to a per-process temporary file and rename, so readers never see a
-    half-written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(strict_json_text(payload, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, path)
-    except OSError as e:  # A full disk: no half-written temporary left behind, and the error names the real file.
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise OSError(e.errno, e.strerror, path) from e
+    half-written file (on a full disk no temporary is left behind and the error names `path`: `paths.write_atomic`)."""
+    paths.write_atomic(path, strict_json_text(payload, indent=2, sort_keys=True, default=str))
 
 
 def load_json(path: str) -> Any | None:
     """The JSON value at `path`, or None when the file does not exist."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(paths.read_text(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,21 +260,17 @@ def params_sha256(params: Any) -> str:
 
 
 def save_arrays(path: str, arrays: dict[str, np.ndarray], stats: dict) -> None:
-    """Atomically (per-process temporary file + rename) store named arrays and a JSON dict of their statistics."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"  # per process: processes sharing a workdir may save the same file
-    try:
-        np.savez(tmp, stats=strict_json_text(stats), **arrays)
-        os.replace(tmp, path)
-    except OSError as e:  # as in write_json_atomic
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise OSError(e.errno, e.strerror, path) from e
+    """Atomically (`paths.write_atomic_with`: a per-process temporary file + rename, since processes sharing a
+    workdir may save the same file) store named arrays and a JSON dict of their statistics."""
+    paths.makedirs(paths.dirname(path) or ".")
+    # The temporary keeps the .npz extension: np.savez appends one to a name without it.
+    paths.write_atomic_with(path, lambda target: np.savez(target, stats=strict_json_text(stats), **arrays),
+                            temporary_suffix=".npz")
 
 
 def load_arrays(path: str) -> tuple[dict[str, np.ndarray], dict] | None:
     """(arrays, stats) from an .npz written by `save_arrays`, or None when the file does not exist."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return None
-    with np.load(path) as f:
+    with np.load(paths.readable(path)) as f:
         return {k: f[k] for k in f.files if k != "stats"}, json.loads(str(f["stats"]))

@@ -14,6 +14,11 @@ files go to WORKDIR/tensorboard (written with tensorboardX, which needs no Tenso
 the run id derived from the work directory, `WANDB_MODE=offline` honoured. Scalars are tagged PHASE/METRIC at the
 record's step ("step", else "update", else the line number). At the end of a run the resolved config (text) and
 every PNG of the work directory (images) are added. Only process 0 tracks.
+
+Local work directories only: tensorboardX and wandb write their files with the local file system's own calls, and
+the mirror follows metrics.jsonl by inode and offset. With a work directory on an object store (`gs://...`,
+`jaxalign.paths`) tracking is refused in one line before the run starts (`check_workdir`); metrics.jsonl there is
+still complete, and `tensorboard --logdir` or `wandb sync` can be pointed at a local copy afterwards.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ import math
 import os
 import shutil
 from typing import Any
+
+from jaxalign.paths import is_local
 
 ENV_VAR = "JAXALIGN_TRACKING"
 KINDS = ("tensorboard", "wandb")
@@ -48,6 +55,13 @@ def parse_tracking(value: str) -> tuple[str, ...]:
             raise ValueError("tracking=wandb: no W&B API key is configured; run `wandb login`, set "
                              "WANDB_API_KEY, or set WANDB_MODE=offline (then `wandb sync WORKDIR/wandb/...`)")
     return names
+
+
+def check_workdir(kinds: tuple[str, ...], workdir: str) -> None:
+    """Refuse tracking for a work directory that is not local (module docstring), naming what to do instead."""
+    if kinds and not is_local(workdir):
+        raise ValueError(f"tracking={','.join(kinds)} needs a local work directory, but {workdir} is on an object "
+                         "store; drop tracking= (metrics.jsonl is kept there) or use a local --workdir")
 
 
 def _wandb_can_log() -> bool:
@@ -214,6 +228,7 @@ def sync(path: str) -> None:
     kinds = active()
     if not kinds:
         return
+    check_workdir(kinds, path)
     key = os.path.abspath(path)
     if key not in _mirrors:
         _mirrors[key] = _Mirror(key, kinds)
@@ -224,9 +239,10 @@ def finish(workdir: str, config: Any = None) -> None:
     """At the end of a run: the last metrics, the resolved config and the work directory's PNGs; close."""
     if not active():
         return
+    check_workdir(active(), workdir)
     key = os.path.abspath(os.path.join(workdir, "metrics.jsonl"))
     mirror = _mirrors.pop(key, None) or _Mirror(key, active())
     mirror.finish(config)
 
 
-__all__ = ["ENV_VAR", "KINDS", "active", "finish", "parse_tracking", "sync"]
+__all__ = ["ENV_VAR", "KINDS", "active", "check_workdir", "finish", "parse_tracking", "sync"]

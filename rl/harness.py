@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -41,7 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxalign import tracking
+from jaxalign import paths, tracking
 from jaxalign.rundir import RunDir, claim, config_to_dict, strict_json_text, without_presentation_fields
 from jaxalign.rundir import write_json_atomic
 from jaxalign.sharding import MeshConfig, make_mesh
@@ -178,7 +177,7 @@ def train(trainer: Trainer, cfg: Any, workdir: str, key: jax.Array, num_chunks: 
     shardings = state_shardings(trainer, jax.eval_shape(trainer.init, key), mesh)  # checked before anything is written
     replicated = NamedSharding(mesh, REPLICATED)
     run_dir = RunDir(workdir)
-    os.makedirs(run_dir.root, exist_ok=True)
+    paths.makedirs(run_dir.root)
     claim(cfg, workdir)
     metadata = without_presentation_fields(cfg if isinstance(cfg, dict) else config_to_dict(cfg))
     state = jax.jit(trainer.init, out_shardings=shardings)(key)
@@ -226,16 +225,12 @@ def train(trainer: Trainer, cfg: Any, workdir: str, key: jax.Array, num_chunks: 
 
 def write_metrics(path: str, history: list[dict]) -> None:
     """Replace metrics.jsonl by `history`, atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(strict_json_text(r) + "\n" for r in history)
-    os.replace(tmp, path)
+    paths.write_atomic(path, "".join(strict_json_text(r) + "\n" for r in history))
     tracking.sync(path)
 
 
 def append_metrics(path: str, records: list[dict]) -> None:
-    with open(path, "a") as f:
-        f.writelines(strict_json_text(r) + "\n" for r in records)
+    paths.append_text(path, "".join(strict_json_text(r) + "\n" for r in records))
     tracking.sync(path)
 
 
@@ -268,7 +263,7 @@ def plot_learning_curve(workdir: str, history: list[dict], x: str, ys: dict[str,
         ax.set_ylim(*ylim)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=8)
-    fig.savefig(RunDir(workdir).file(name), dpi=120)
+    paths.save_figure(fig, RunDir(workdir).file(name), dpi=120)
 
 
 __all__ = ["DATA_AXIS", "REPLICATED", "Trained", "Trainer", "chunk_sizes", "default_mesh", "env_batch",

@@ -39,13 +39,17 @@ sys.exit(main())  # what `python -m jaxalign.registry` does, after the wrapping 
 
 
 def run_registered(experiment: str, workdir: Path, overrides: list[str], compilation_cache: Path,
-            kill_after: int | None = None, timeout: float = 180) -> tuple[subprocess.CompletedProcess, list[int]]:
+            kill_after: int | None = None, timeout: float = 180,
+            fast_compile: bool = False) -> tuple[subprocess.CompletedProcess, list[int]]:
     """Run the experiment through the registry's entry point in a child process (CPU, a persistent compilation
     cache shared between calls so only the first compiles); returns the finished process and the checkpoint steps it
-    saved."""
+    saved. fast_compile: LLVM at -O0 in the child, which compiles much faster; the executables differ from -O2's,
+    so every run a test compares must use the same setting."""
     saved = workdir.parent / f"{workdir.name}-saved-{time.monotonic_ns()}.txt"
     saved.touch()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if fast_compile:
+        env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                KILL_AFTER_STEP=str(-1 if kill_after is None else kill_after), SAVED_STEPS=str(saved))

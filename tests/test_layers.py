@@ -33,7 +33,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("jaxalign", "rl", "agents", "launch")
-LAYER_1 = ("jaxalign.sharding", "jaxalign.distributed", "jaxalign.logprobs", "jaxalign.rundir", "jaxalign.validation")
+LAYER_1 = ("jaxalign.sharding", "jaxalign.distributed", "jaxalign.logprobs", "jaxalign.rundir", "jaxalign.validation",
+           "jaxalign.paths")
 EXPERIMENTS = "jaxalign.experiments"
 REGISTRY = "jaxalign.registry"
 

@@ -7,7 +7,6 @@ network reads only the local ego-graph, so the same parameters plan on a map of 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,31 +16,32 @@ from agents.deceptive_paths import baselines, evaluation, metrics
 from agents.deceptive_paths.env import DeceptivePathEnv
 from agents.deceptive_paths.maps import GridMap
 from agents.deceptive_paths.network import GraphSAGEActorCritic
+from jaxalign import paths
 
 POLICY_DIR = "policy"
 SPEC_KEYS = ("ego_radius", "hidden", "num_layers", "activation")
 
 
 def save_policy(workdir, network: GraphSAGEActorCritic, params, bonus: str) -> None:
-    folder = Path(workdir) / POLICY_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = paths.join(workdir, POLICY_DIR)
+    paths.makedirs(folder)
     spec = {k: getattr(network, k) for k in SPEC_KEYS} | {"bonus": bonus}
-    (folder / "params.msgpack").write_bytes(serialization.to_bytes(jax.device_get(params)))
-    (folder / "policy.json").write_text(json.dumps(spec, indent=1) + "\n")
+    paths.write_atomic(paths.join(folder, "params.msgpack"), serialization.to_bytes(jax.device_get(params)))
+    paths.write_atomic(paths.join(folder, "policy.json"), json.dumps(spec, indent=1) + "\n")
 
 
 def load_policy(workdir) -> tuple[GraphSAGEActorCritic, dict, dict]:
     """(network, params, spec) from WORKDIR/policy/; a ValueError naming what is missing."""
-    folder = Path(workdir) / POLICY_DIR
-    spec_file, params_file = folder / "policy.json", folder / "params.msgpack"
-    if not spec_file.is_file() or not params_file.is_file():
+    folder = paths.join(workdir, POLICY_DIR)
+    spec_file, params_file = paths.join(folder, "policy.json"), paths.join(folder, "params.msgpack")
+    if not paths.exists(spec_file) or not paths.exists(params_file):
         raise ValueError(f"{folder}: no trained policy (policy.json and params.msgpack); pass the work directory of "
                          f"a finished `jaxalign run deceptive_paths` as --checkpoint")
-    spec = json.loads(spec_file.read_text())
+    spec = json.loads(paths.read_text(spec_file))
     network = GraphSAGEActorCritic(**{k: spec[k] for k in SPEC_KEYS})
     env = DeceptivePathEnv(spec["ego_radius"])
     template = network.init(jax.random.key(0), jnp.zeros((1, env.num_slots, 9), jnp.float32))
-    return network, serialization.from_bytes(template, params_file.read_bytes()), spec
+    return network, serialization.from_bytes(template, paths.read_bytes(params_file)), spec
 
 
 def plan(grid: GridMap, network, params, ego_radius: int, budget_fraction: float = 1.0,

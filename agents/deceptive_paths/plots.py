@@ -7,6 +7,7 @@ import numpy as np
 
 from agents.deceptive_paths.evaluation import posterior_along
 from agents.deceptive_paths.maps import GridMap
+from jaxalign.paths import save_figure
 
 COLOURS = {"policy": "tab:red", "honest": "tab:blue", "pi_d4": "tab:green", "pi_d1": "tab:purple"}
 
@@ -55,4 +56,4 @@ def paths_figure(rows: Sequence[tuple[str, GridMap, dict[str, list], int | None]
         draw_map(ax_map, grid, paths, title)
         draw_posteriors(ax_post, grid, paths, budget)
         ax_post.set_title("cost-difference observer (Ramirez and Geffner 2010), prefix cost included", fontsize=9)
-    fig.savefig(out_path, dpi=100)
+    save_figure(fig, out_path, dpi=100)

@@ -50,6 +50,7 @@ from agents.distributional_dp.deep import (AgentSpec, DeepAgent, DeepDDPConfig, 
                                            learned_cvar_sweep, make_agent)
 from agents.distributional_dp.distributions import StockGrid
 from agents.distributional_dp.mdp import FiniteMDP, gridworld_mdp
+from jaxalign import paths
 from jaxalign.rundir import RunDir, params_sha256
 from rl import harness
 from rl.envs.gridworld import DEFAULT_LAYOUT, Gridworld, GridworldParams
@@ -322,4 +323,4 @@ def _plot(panels, optimum, band_returns, homeostatic, cfg, path):
     for ax in list(axes[0][3:]) + list(axes[1][len(targets):]):
         ax.set_visible(False)
     fig.suptitle(f"stochastic gridworld (slip {cfg.slip_prob}, H = {cfg.horizon}): {cfg.eval_episodes} episodes each")
-    fig.savefig(path, dpi=100)
+    paths.save_figure(fig, path, dpi=100)

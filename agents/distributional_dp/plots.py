@@ -15,6 +15,7 @@ import numpy as np
 from agents.distributional_dp import dp
 from agents.distributional_dp import objectives as obj
 from agents.distributional_dp.mdp import FiniteMDP, random_mdp
+from jaxalign import paths
 
 
 def optimal_return_distributions(mdp: FiniteMDP, utilities: Dict[str, obj.Objective],
@@ -55,7 +56,7 @@ def plot_return_distributions(results, path: str, title: str = "optimal return d
     for ax in axes[n:]:
         ax.set_visible(False)
     fig.suptitle(title)
-    fig.savefig(path, dpi=100)
+    paths.save_figure(fig, path, dpi=100)
     return path
 
 

@@ -18,10 +18,8 @@ per group and method), DIR/bench_jssp_instances.csv (one row per instance and me
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -29,6 +27,8 @@ import numpy as np
 from agents.jssp_cp import cpsat, env, inference, rules
 from agents.jssp_cp.instances import TAILLARD_SIZES, benchmark, taillard_names
 from agents.jssp_cp.schedule import validate
+from jaxalign import paths
+from jaxalign.bench.report import csv_text
 
 RULES = ("spt", "lpt", "mwkr", "mor", "fifo")
 
@@ -127,12 +127,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     names = {g: group_instances(g)[:args.per_group] for g in groups}
-    workdir = Path(args.workdir)
+    workdir = str(args.workdir)
     checkpoint = args.checkpoint
-    if checkpoint is None and (workdir / inference.POLICY_PARAMS).is_file():
-        checkpoint = str(workdir)
+    if checkpoint is None and paths.exists(paths.join(workdir, inference.POLICY_PARAMS)):
+        checkpoint = workdir
     policy = inference.load_policy(checkpoint) if checkpoint is not None else None
-    workdir.mkdir(parents=True, exist_ok=True)
+    paths.makedirs(workdir)
     bench = Bench(policy, args.samples, args.time_limit, args.workers)
     per_instance, rows = [], []
     for group in groups:
@@ -154,16 +154,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "unsolved": len(values) - len(solved),
                          "mean_gap_percent": float(np.mean(solved)) if solved else None,
                          "mean_seconds": float(np.mean(seconds)), "violations": int(sum(violations))})
-    for path, table in ((workdir / "bench_jssp.csv", rows), (workdir / "bench_jssp_instances.csv", per_instance)):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
+    for name, table in (("bench_jssp.csv", rows), ("bench_jssp_instances.csv", per_instance)):
+        paths.write_atomic(paths.join(workdir, name), csv_text(table))
     note = "" if policy is not None else "\nNo trained policy was given (--checkpoint): the agent rows are absent.\n"
     text = markdown(rows) + note
-    (workdir / "bench_jssp.md").write_text(text)
+    paths.write_atomic(paths.join(workdir, "bench_jssp.md"), text)
     print(text)
     bad = sum(r["violations"] for r in rows)
     if bad:
-        raise ValueError(f"{bad} validator violations in the schedules above (see {workdir / 'bench_jssp.csv'})")
+        table = paths.join(workdir, "bench_jssp.csv")
+        raise ValueError(f"{bad} validator violations in the schedules above (see {table})")
     return rows

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +35,7 @@ from agents.jssp_cp.imitation import BCConfig
 from agents.jssp_cp.instances import benchmark, random_instance, taillard_names
 from agents.jssp_cp.network import JobShopPolicy, NetworkConfig, init_params
 from agents.jssp_cp.ppo import JSSPPPOConfig, make_trainer
+from jaxalign import paths
 from jaxalign.rundir import claim, config_to_dict, write_json_atomic
 from rl import harness
 
@@ -102,13 +101,14 @@ class JSSPCPConfig:
                              f"{self.num_chunks}")
 
 
-def imitation_phase(cfg: JSSPCPConfig, network: JobShopPolicy, workdir: Path) -> tuple[dict, dict]:
+def imitation_phase(cfg: JSSPCPConfig, network: JobShopPolicy, workdir: str) -> tuple[dict, dict]:
     """(cloned parameters, imitation statistics), computed once and cached in WORKDIR/imitation/."""
-    cache = workdir / "imitation"
+    cache = paths.join(workdir, "imitation")
     template = init_params(jax.random.key(cfg.seed), network)
-    params_path, stats_path = cache / "params.msgpack", cache / "stats.json"
-    if params_path.is_file() and stats_path.is_file():
-        return serialization.from_bytes(template, params_path.read_bytes()), json.loads(stats_path.read_text())
+    params_path, stats_path = paths.join(cache, "params.msgpack"), paths.join(cache, "stats.json")
+    if paths.exists(params_path) and paths.exists(stats_path):
+        params = serialization.from_bytes(template, paths.read_bytes(params_path))
+        return params, json.loads(paths.read_text(stats_path))
     clock = time.perf_counter()
     sizes = parse_sizes(cfg.train_sizes)
     instances = imitation.training_instances(cfg.seed, sizes, cfg.imitation_instances)
@@ -132,11 +132,9 @@ def imitation_phase(cfg: JSSPCPConfig, network: JobShopPolicy, workdir: Path) ->
         "bc_agreement": imitation.agreement(network.apply, params, data),
         "seconds": time.perf_counter() - clock,
     }
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f"params.msgpack.tmp-{os.getpid()}"
-    tmp.write_bytes(serialization.to_bytes(jax.device_get(params)))
-    os.replace(tmp, params_path)
-    write_json_atomic(str(stats_path), stats)  # last: its presence marks a complete cache
+    paths.makedirs(cache)
+    paths.write_atomic(params_path, serialization.to_bytes(jax.device_get(params)))
+    write_json_atomic(stats_path, stats)  # last: its presence marks a complete cache
     return params, stats
 
 
@@ -221,8 +219,8 @@ def evaluate(cfg: JSSPCPConfig, apply, policies: dict) -> tuple[dict, dict]:
 def run(cfg: JSSPCPConfig, workdir: str) -> dict:
     """Imitation, PPO (resumable), evaluation; writes results.json (module docstring)."""
     clock = time.perf_counter()
-    root = Path(workdir)
-    root.mkdir(parents=True, exist_ok=True)
+    root = str(workdir)
+    paths.makedirs(root)
     claim(cfg, workdir)  # before the imitation cache is written: a different config is refused first
     network = JobShopPolicy(cfg.network)
     cloned, imitation_stats = imitation_phase(cfg, network, root)

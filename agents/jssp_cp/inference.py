@@ -111,36 +111,34 @@ def save_policy(directory, params, network_config) -> None:
     """DIRECTORY/policy.msgpack (Flax serialization) and policy.json (the network config), each written atomically,
     the parameters first, so that a policy.json always has its parameters."""
     import dataclasses
-    import os
-    from pathlib import Path
 
     from flax import serialization
 
+    from jaxalign import paths
     from jaxalign.rundir import write_json_atomic
 
-    directory = Path(directory)
-    tmp = directory / f"{POLICY_PARAMS}.tmp-{os.getpid()}"
-    tmp.write_bytes(serialization.to_bytes(jax.device_get(params)))
-    os.replace(tmp, directory / POLICY_PARAMS)
-    write_json_atomic(str(directory / POLICY_CONFIG), {"network": dataclasses.asdict(network_config)})
+    directory = str(directory)
+    paths.write_atomic(paths.join(directory, POLICY_PARAMS), serialization.to_bytes(jax.device_get(params)))
+    write_json_atomic(paths.join(directory, POLICY_CONFIG), {"network": dataclasses.asdict(network_config)})
 
 
 def load_policy(directory):
     """(apply, params) of a policy saved by `save_policy` (e.g. a `jaxalign run jssp_cp` work directory); a
     ValueError naming what is missing otherwise."""
     import json
-    from pathlib import Path
 
     from flax import serialization
 
     from agents.jssp_cp.network import JobShopPolicy, NetworkConfig, init_params
+    from jaxalign import paths
 
-    directory = Path(directory)
-    missing = [name for name in (POLICY_PARAMS, POLICY_CONFIG) if not (directory / name).is_file()]
+    directory = str(directory)
+    missing = [name for name in (POLICY_PARAMS, POLICY_CONFIG) if not paths.exists(paths.join(directory, name))]
     if missing:
         raise ValueError(f"{directory} holds no trained policy ({' and '.join(missing)} missing); train one with "
                          f"`jaxalign run jssp_cp --workdir {directory}`")
-    network = JobShopPolicy(NetworkConfig(**json.loads((directory / POLICY_CONFIG).read_text())["network"]))
+    record = json.loads(paths.read_text(paths.join(directory, POLICY_CONFIG)))
+    network = JobShopPolicy(NetworkConfig(**record["network"]))
     template = init_params(jax.random.key(0), network)
-    params = serialization.from_bytes(template, (directory / POLICY_PARAMS).read_bytes())
+    params = serialization.from_bytes(template, paths.read_bytes(paths.join(directory, POLICY_PARAMS)))
     return network.apply, params

@@ -1,14 +1,13 @@
 """Gantt charts of job-shop schedules (matplotlib's object API, no global state)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from agents.jssp_cp.instances import Instance
+from jaxalign import paths
 
 
-def gantt(instance: Instance, start, path, title: str = "") -> Path:
+def gantt(instance: Instance, start, path, title: str = "") -> str:
     """One row per machine, one bar per operation coloured by job, the makespan marked; written to `path` (PNG)."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
@@ -28,6 +27,6 @@ def gantt(instance: Instance, start, path, title: str = "") -> Path:
     ax.set(xlabel="time", ylabel="machine", yticks=range(machines), xlim=(0, makespan * 1.02),
            title=title or f"{instance.name or 'schedule'}: makespan {makespan}")
     ax.invert_yaxis()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    path = str(path)
+    paths.save_figure(fig, path, dpi=110)
     return path

@@ -16,12 +16,12 @@ import argparse
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 
 from agents.pdppo.experiment import TINY
 from agents.pdppo.instances import CONFIGS
+from jaxalign import paths
 from jaxalign.rundir import RunDir
 
 DEFAULT_INSTANCES = ("15i5m", "20i10m", "25i15m")
@@ -105,18 +105,16 @@ def main(argv: list[str]) -> list[dict]:
         run_overrides = [f"instance={instance}", f"seeds={args.seeds}", *budget, "show_progress=false", *overrides]
         configure("pdppo_lot_sizing", run_overrides)
         commands[instance] = [sys.executable, "-m", "jaxalign.registry", "pdppo_lot_sizing", "--workdir",
-                              os.path.join(args.workdir, instance), *run_overrides]
+                              paths.join(args.workdir, instance), *run_overrides]
     rows = []
     for instance, command in commands.items():
         print("$", " ".join(command[1:]), flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        with open(RunDir(os.path.join(args.workdir, instance)).results) as f:
-            rows.append(row_from_results(instance, json.load(f)))
+        results = paths.read_text(RunDir(paths.join(args.workdir, instance)).results)
+        rows.append(row_from_results(instance, json.loads(results)))
     table = markdown_table(rows)
     print(table)
-    os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "bench.md"), "w") as f:
-        f.write(f"jaxalign bench pdppo {' '.join(argv)}\n\n{table}\n")
-    with open(os.path.join(args.workdir, "bench.csv"), "w") as f:
-        f.write(csv_text(rows))
+    paths.makedirs(args.workdir)
+    paths.write_atomic(paths.join(args.workdir, "bench.md"), f"jaxalign bench pdppo {' '.join(argv)}\n\n{table}\n")
+    paths.write_atomic(paths.join(args.workdir, "bench.csv"), csv_text(rows))
     return rows

@@ -39,6 +39,7 @@ from agents.pdppo import exact, heuristic
 from agents.pdppo.env import episode_cost, params_from_instance
 from agents.pdppo.instances import CONFIGS, Instance, generate, load_instance
 from agents.pdppo.learners import ALGORITHMS, Learner, LearnerConfig, RunnerState, make_learner
+from jaxalign import paths
 from jaxalign.rundir import RunDir, params_sha256
 from rl import harness
 
@@ -245,7 +246,7 @@ def plot_learning_curves(path: str, history: list[dict], evaluation: dict, title
         ax.axhline(evaluation["optimum"]["expected_cost"], color="tab:green", linestyle=":", label="exact optimum")
     ax.set(xlabel="environment steps per run", ylabel="cost per episode (training)", title=title)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    paths.save_figure(fig, path, dpi=110)
 
 
 def run(cfg: PDPPOLotSizingConfig, workdir: str) -> dict:

@@ -52,6 +52,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxalign import paths
+
 BANDIT_METHODS = ("closed_form", "numerical")
 # A policy given as probabilities must sum to 1 within this (float32 round-off of K probabilities fits easily).
 DISTRIBUTION_ATOL = 1e-6
@@ -518,7 +520,7 @@ def plot_bandit(rows: Any, path: str) -> str:
     ax_r.legend(fontsize=8)
     fig.suptitle("APO (He et al. 2024) on a K-armed bandit, exact proximal steps")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    paths.save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 

@@ -57,6 +57,7 @@ from jaxalign.models.heads import (
     with_backbone,
 )
 from jaxalign.models.llama import DecoderLM, ModelConfig
+from jaxalign.models.lora import LoraConfig, apply_lora
 from jaxalign.sampling import SamplingConfig, generate
 from jaxalign.train.loop import MetricsLog, stop_if_diverged, to_python
 from jaxalign.train.optim import OptimConfig, make_optimizer
@@ -303,14 +304,17 @@ def critic_update(critic_state: TrainState, policy_params: Any, ref_logits: jax.
 
 
 def actor_update(actor_state: TrainState, ref_logits: jax.Array, batch: dict, values: jax.Array, *,
-                 cfg: OreoConfig, model_cfg: ModelConfig) -> tuple[TrainState, dict]:
+                 cfg: OreoConfig, model_cfg: ModelConfig,
+                 policy_fn: Callable = lambda params: params) -> tuple[TrainState, dict]:
     """One optimizer step on OREO's policy loss at `cfg.level` plus cfg.kl_weight * KL(pi_theta || pi_ref) over the
     full vocabulary (`oreo_policy_loss`, `token_kl`; Wang et al. 2024). `values` [B, T] are V(s_t) from the critic
-    before its update of this iteration (`critic_update`'s second output); they enter under stop-gradient."""
+    before its update of this iteration (`critic_update`'s second output); they enter under stop-gradient.
+    `policy_fn` maps the state's parameters to the policy's (LoRA adapters onto their base; default: themselves)."""
     alpha = cfg.kl_weight
 
     def loss_fn(params):
-        logits, _ = DecoderLM(model_cfg).apply({"params": params}, batch["tokens"], batch["attention_mask"])
+        logits, _ = DecoderLM(model_cfg).apply({"params": policy_fn(params)}, batch["tokens"],
+                                               batch["attention_mask"])
         logratio = _logratio(logits, ref_logits, batch)
         kl = token_kl(logits, ref_logits) if alpha else None
         return oreo_policy_loss(logratio, values, batch["completion_mask"], _states(batch, cfg.level),
@@ -335,8 +339,13 @@ class OreoSteps(NamedTuple):
     update: Callable
 
 
-def make_oreo_steps(cfg: OreoConfig, model_cfg: ModelConfig) -> OreoSteps:
-    """The jitted critic, actor and combined OREO update steps for `cfg` (Wang et al. 2024)."""
+def make_oreo_steps(cfg: OreoConfig, model_cfg: ModelConfig, lora: LoraConfig | None = None) -> OreoSteps:
+    """The jitted critic, actor and combined OREO update steps for `cfg` (Wang et al. 2024). With `lora`, the actor
+    state holds LoRA adapters (Hu et al. 2021, `jaxalign.models.lora`) and the policy is apply_lora(reference,
+    adapters): the frozen reference is also the adapters' base, one copy of the weights."""
+
+    def policy_fn(reference_params):
+        return (lambda params: params) if lora is None else (lambda params: apply_lora(reference_params, params, lora))
 
     def critic(critic_state, policy_params, reference_params, batch):
         ref = reference_logits(model_cfg, reference_params, batch)
@@ -344,15 +353,18 @@ def make_oreo_steps(cfg: OreoConfig, model_cfg: ModelConfig) -> OreoSteps:
 
     def actor(actor_state, reference_params, batch, values):
         ref = reference_logits(model_cfg, reference_params, batch)
-        return actor_update(actor_state, ref, batch, values, cfg=cfg, model_cfg=model_cfg)
+        return actor_update(actor_state, ref, batch, values, cfg=cfg, model_cfg=model_cfg,
+                            policy_fn=policy_fn(reference_params))
 
     def update(actor_state, critic_state, reference_params, batch):
         ref = reference_logits(model_cfg, reference_params, batch)
+        policy = policy_fn(reference_params)
         # The paper's order: the critic steps first, and the actor is trained against V(s_t) as it was before that
         # step. The critic's log-ratios are the actor's pre-update ones, so the two updates share one snapshot.
-        new_critic, values_before, critic_metrics = critic_update(critic_state, actor_state.params, ref, batch,
-                                                                  cfg=cfg, model_cfg=model_cfg)
-        new_actor, actor_metrics = actor_update(actor_state, ref, batch, values_before, cfg=cfg, model_cfg=model_cfg)
+        new_critic, values_before, critic_metrics = critic_update(critic_state, policy(actor_state.params), ref,
+                                                                  batch, cfg=cfg, model_cfg=model_cfg)
+        new_actor, actor_metrics = actor_update(actor_state, ref, batch, values_before, cfg=cfg, model_cfg=model_cfg,
+                                                policy_fn=policy)
         return new_actor, new_critic, {**critic_metrics, **actor_metrics}
 
     return OreoSteps(critic=jax.jit(critic), actor=jax.jit(actor), update=jax.jit(update))

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
+from jaxalign import paths
 from jaxalign.rundir import RunDir, strict_json_text
 
 COLUMNS = (
@@ -50,17 +50,16 @@ def main(argv: list[str]) -> list[dict]:
     args, overrides = parser.parse_known_args(argv)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        workdir = os.path.join(args.workdir, f"seed_{seed}")
+        workdir = paths.join(args.workdir, f"seed_{seed}")
         command = [sys.executable, "-m", "jaxalign.registry", "arith_dpo", "--workdir", workdir, f"seed={seed}",
                    "show_progress=false", *overrides]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        with open(RunDir(workdir).results) as f:
-            rows.append(row_from_results(seed, json.load(f)))
+        rows.append(row_from_results(seed, json.loads(paths.read_text(RunDir(workdir).results))))
     table = markdown_table(rows)
     print(table)
-    with open(os.path.join(args.workdir, "summary.md"), "w") as f:
-        f.write(f"overrides: {' '.join(overrides) or '(defaults)'}\n\n{table}\n")
-    with open(os.path.join(args.workdir, "summary.json"), "w") as f:
-        f.write(strict_json_text({"overrides": overrides, "rows": rows}, indent=2))
+    paths.write_atomic(paths.join(args.workdir, "summary.md"),
+                       f"overrides: {' '.join(overrides) or '(defaults)'}\n\n{table}\n")
+    paths.write_atomic(paths.join(args.workdir, "summary.json"),
+                       strict_json_text({"overrides": overrides, "rows": rows}, indent=2))
     return rows

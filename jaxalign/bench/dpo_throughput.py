@@ -38,6 +38,7 @@ import time
 import jax
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.bench import flops
 from jaxalign.bench.report import text_table, write_csv_and_markdown
 from jaxalign.data.position import DataPosition
@@ -169,7 +170,7 @@ def format_table(rows: list[dict]) -> str:
 def write_outputs(rows: list[dict], header: list[str], out_dir: str) -> list[str]:
     """CSV (all fields), markdown (header + table) and a PNG bar plot of tokens/s per size; returns the paths."""
     csv_path, md_path = write_csv_and_markdown(rows, COLUMNS, "DPO training throughput", header, out_dir, FILE_STEM)
-    png_path = os.path.join(out_dir, f"{FILE_STEM}.png")
+    png_path = paths.join(out_dir, f"{FILE_STEM}.png")
 
     import matplotlib
 
@@ -190,7 +191,7 @@ def write_outputs(rows: list[dict], header: list[str], out_dir: str) -> list[str
     ax.set(ylabel="training tokens / s (log scale)", title="DPO step throughput (CPU, fp32)", yscale="log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    paths.save_figure(fig, png_path, dpi=120)
     plt.close(fig)
     return [csv_path, md_path, png_path]
 
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("\n".join(header))
     print(format_table(rows))
     if args.out:
-        paths = write_outputs(rows, header, args.out)
-        print("wrote " + ", ".join(paths))
+        written = write_outputs(rows, header, args.out)
+        print("wrote " + ", ".join(written))
     print(f"total wall time: {time.perf_counter() - clock:.1f} s")
     return rows

@@ -21,13 +21,13 @@ rebuilt from each run's results.json. Overrides (key=value) apply to every ARITH
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
 
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.bench.report import text_table, write_csv, write_csv_and_markdown
 from jaxalign.overrides import apply_overrides
 from jaxalign.rundir import RunDir
@@ -62,6 +62,19 @@ def iterations_to_reach(accuracy: list[float], target: float) -> int | None:
     return None
 
 
+def copy_tree(source: str, target: str) -> None:
+    """Copy the directory `source` (an SFT checkpoint) to `target`: `shutil.copytree` when both are local, else
+    file by file through `jaxalign.paths` (an object store has no directory copy)."""
+    if paths.is_local(source) and paths.is_local(target):
+        shutil.copytree(source, target)
+        return
+    for relative in paths.files_under(source):
+        names = relative.split("/")
+        destination = paths.join(target, *names)
+        paths.makedirs(paths.dirname(destination))
+        paths.write_atomic(destination, paths.read_bytes(paths.join(source, *names)))
+
+
 def arith_rows(workdir: str, names: list[str], seeds: list[int], overrides: list[str]) -> list[dict]:
     """Run (or resume) every algorithm for every seed; one row per (algorithm, seed, iteration)."""
     from jaxalign.experiments import arith_kit as kit
@@ -71,8 +84,8 @@ def arith_rows(workdir: str, names: list[str], seeds: list[int], overrides: list
 
     rows = []
     for seed in seeds:
-        seed_dir = os.path.join(workdir, f"seed{seed}")
-        sft_dir = os.path.join(seed_dir, "sft")
+        seed_dir = paths.join(workdir, f"seed{seed}")
+        sft_dir = paths.join(seed_dir, "sft")
         base = algorithm_config(names[0], overrides, seed).base
         # One SFT policy per seed: every algorithm's run starts from a copy of its final checkpoint.
         kit.train_sft(base, make_mesh(base.mesh), kit.split(base), sft_dir,
@@ -80,9 +93,9 @@ def arith_rows(workdir: str, names: list[str], seeds: list[int], overrides: list
         results = {}
         for name in names:
             cfg = algorithm_config(name, overrides, seed)
-            run_dir = os.path.join(seed_dir, name)
-            if not os.path.exists(RunDir(run_dir).checkpoints("sft")):
-                shutil.copytree(RunDir(sft_dir).checkpoints("sft"), RunDir(run_dir).checkpoints("sft"))
+            run_dir = paths.join(seed_dir, name)
+            if not paths.exists(RunDir(run_dir).checkpoints("sft")):
+                copy_tree(RunDir(sft_dir).checkpoints("sft"), RunDir(run_dir).checkpoints("sft"))
             print(f"[iterative] seed {seed}: {name} ...", file=sys.stderr, flush=True)
             results[name] = get_experiment(ALGORITHMS[name][0]).run(cfg, run_dir)
         target = results[BASELINE]["accuracy_per_iteration"][-1] if BASELINE in results else None
@@ -156,7 +169,7 @@ def _plot_arith(rows: list[dict], names: list[str], path: str) -> None:
     ax_acc.legend(fontsize=8)
     ax_rate.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    paths.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -214,11 +227,11 @@ def claim_rows(workdir: str, names: list[str], seeds: list[int]) -> list[dict]:
                 raise ValueError(f"unknown claim experiment {name!r}; available: {', '.join(CLAIM_EXPERIMENTS)}")
             experiment = get_experiment(name)
             cfg = apply_overrides(experiment.default_config(), [f"base.seed={seed}"])
-            run_dir = os.path.join(workdir, f"seed{seed}", name)
-            shared = os.path.join(workdir, f"seed{seed}", "sft", "checkpoints", "sft")
-            if CLAIM_EXPERIMENTS[name] and os.path.exists(shared) and \
-                    not os.path.exists(RunDir(run_dir).checkpoints("sft")):
-                shutil.copytree(shared, RunDir(run_dir).checkpoints("sft"))
+            run_dir = paths.join(workdir, f"seed{seed}", name)
+            shared = paths.join(workdir, f"seed{seed}", "sft", "checkpoints", "sft")
+            if CLAIM_EXPERIMENTS[name] and paths.exists(shared) and \
+                    not paths.exists(RunDir(run_dir).checkpoints("sft")):
+                copy_tree(shared, RunDir(run_dir).checkpoints("sft"))
             print(f"[iterative] seed {seed}: {name} ...", file=sys.stderr, flush=True)
             results = experiment.run(cfg, run_dir)
             for method, numbers in results["comparison"].items():
@@ -260,7 +273,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = [n for n in claims if n not in CLAIM_EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown claim experiment(s) {', '.join(unknown)}; available: {', '.join(CLAIM_EXPERIMENTS)}")
-    os.makedirs(args.workdir, exist_ok=True)
+    paths.makedirs(args.workdir)
     clock = time.perf_counter()
     bandit_section(args.workdir, seeds)
     if args.no_arith:
@@ -271,7 +284,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     columns = [("algorithm", 12, "algorithm", "s"), ("seeds", 5, "seeds", "d"), ("DPO steps", 9, "steps", "d")]
     columns += [(f"after {k[4:]}" if k != "acc_0" else "SFT", 13, k, "s") for k in iterations]
     columns += [("selected iterate", 16, "final", "s"), ("iters to online final", 21, "reach", "s")]
-    write_csv(rows, os.path.join(args.workdir, "iterative_per_iteration.csv"))
+    write_csv(rows, paths.join(args.workdir, "iterative_per_iteration.csv"))
     header = [f"command: jaxalign bench iterative --workdir {args.workdir} --seeds {args.seeds} "
               f"--algorithms {args.algorithms} {' '.join(args.overrides)}".rstrip(),
               "held-out greedy exact-match accuracy (mean ± std over seeds) of each iterate; 'selected iterate' is "
@@ -279,7 +292,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "accuracy reaches online DPO's last-iteration accuracy ('-': never)",
               "offline DPO: one iteration over the same prompts and the same total DPO steps, pairs from SFT only"]
     write_csv_and_markdown(summary, columns, "Iterative algorithms on ARITH", header, args.workdir, "iterative")
-    _plot_arith(rows, names, os.path.join(args.workdir, "iterative_arith.png"))
+    _plot_arith(rows, names, paths.join(args.workdir, "iterative_arith.png"))
     print(text_table(summary, columns))
     if claims:
         claim_records = claim_rows(args.workdir, claims, seeds)

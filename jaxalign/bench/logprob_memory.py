@@ -12,6 +12,7 @@ Defaults: a Llama-3-sized vocabulary (128,256) and 1,024-token sequences on a on
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.models.llama import DecoderLM, ModelConfig, init_params
 from jaxalign.train.step import accumulated_gradients, dpo_loss_fn
 
@@ -93,10 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['loss_abs_diff']:.2e}; max |gradient difference| {result['grad_max_abs_diff']:.2e} "
           f"(largest gradient entry {result['grad_max_abs']:.2e})")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "logprob_memory.json")
-        with open(path, "x") as f:
-            json.dump(result, f, indent=2)
+        paths.makedirs(args.out)
+        path = paths.join(args.out, "logprob_memory.json")
+        if paths.exists(path):  # never overwrite an earlier measurement
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+        paths.write_atomic(path, json.dumps(result, indent=2))
     return result
 
 

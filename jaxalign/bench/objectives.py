@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ import time
 
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.experiments.arith_kit import TASK_VARIANTS as TASKS
 from jaxalign.losses import SPECS
 from jaxalign.overrides import apply_overrides
@@ -72,11 +74,15 @@ def parse_entry(entry: str) -> tuple[str, str]:
     return entry, ""
 
 
+def _csv_text(path: str) -> io.StringIO:
+    """The CSV file `path` as a text stream with its line ends untranslated (as `open(path, newline="")`)."""
+    return io.StringIO(paths.read_bytes(path).decode(), newline="")
+
+
 def read_rows(path: str) -> list[dict]:
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return list(csv.DictReader(_csv_text(path)))
 
 
 def config_key(cfg) -> str:
@@ -107,30 +113,27 @@ def of_command(key: tuple[str, str, int, str], planned: set) -> bool:
 
 def upgrade_csv(path: str) -> None:
     """Give a CSV written before the config column that column (empty in its rows), so rows can be appended."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return
-    with open(path, newline="") as f:
-        header = next(csv.reader(f), [])
+    header = next(csv.reader(_csv_text(path)), [])
     if "config" in header:
         return
     rows = read_rows(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys([*header, *COLUMNS])), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    upgraded = io.StringIO(newline="")
+    writer = csv.DictWriter(upgraded, fieldnames=list(dict.fromkeys([*header, *COLUMNS])), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    paths.write_atomic(path, upgraded.getvalue())
 
 
 def append_row(path: str, row: dict) -> None:
     upgrade_csv(path)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row[k] for k in COLUMNS})
-        f.flush()
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    if not paths.exists(path):
+        writer.writeheader()
+    writer.writerow({k: row[k] for k in COLUMNS})
+    paths.append_text(path, text.getvalue())
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -179,15 +182,20 @@ def plot(summary: list[dict], path: str) -> None:
             ax.set_xticks(x, [s["objective"] for s in entries], rotation=70, fontsize=7)
             ax.set(title=f"{task}: {label}", ylabel=label)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    paths.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
 def objective_config(task_cfg, objective: str):
     """A task's config for one benchmark entry ('name' or 'name[k=v,...]'): what its `config` key is made of (the
-    reference cache directory, a location rather than a setting, is added after)."""
+    reference cache directory, a location rather than a setting, is added after). Every objective keeps the task
+    config's beta, label smoothing and chosen-NLL weight (the comparison's common setting), which choosing an
+    objective would otherwise reset to the objective's own defaults (`PreferenceConfig.RESET_WITH`)."""
     name, objective_args = parse_entry(objective)
-    return apply_overrides(task_cfg, [f"dpo.objective={name}", f"dpo.objective_args={objective_args}"])
+    dpo = task_cfg.dpo
+    common = [f"dpo.{key}={'none' if getattr(dpo, key) is None else getattr(dpo, key)}"
+              for key in ("beta", "label_smoothing", "sft_weight")]
+    return apply_overrides(task_cfg, [f"dpo.objective={name}", f"dpo.objective_args={objective_args}", *common])
 
 
 def run_objective(cfg, mesh, problems, sft, pairs, workdir: str, data=None) -> dict:
@@ -197,7 +205,7 @@ def run_objective(cfg, mesh, problems, sft, pairs, workdir: str, data=None) -> d
     from jaxalign.train.loop import MetricsLog
 
     clock = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     claim(cfg, workdir)
     log = MetricsLog(RunDir(workdir).metrics)
     sft_params, _ = sft
@@ -236,8 +244,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise ValueError(f"objective {objective!r} cannot be benchmarked here; trainable: {', '.join(available)} "
                              f"(modifier variants as NAME[k=v,...], several separated by ';')")
 
-    os.makedirs(args.workdir, exist_ok=True)
-    csv_path = os.path.join(args.workdir, f"{FILE_STEM}.csv")
+    paths.makedirs(args.workdir)
+    csv_path = paths.join(args.workdir, f"{FILE_STEM}.csv")
     done = {row_key(r) for r in read_rows(csv_path)}
     planned: set[tuple[str, str, int, str]] = set()  # this command's runs: the ones its summary is made of
     clock = time.perf_counter()
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         mesh = make_mesh(base.mesh)
         kit.validate_config(base, mesh)
         problems = kit.split(base)
-        seed_dir = os.path.join(args.workdir, f"seed{seed}")
+        seed_dir = paths.join(args.workdir, f"seed{seed}")
         sft_policies: dict[str, tuple] = {}  # SFT directory -> (train_sft's result, its greedy evaluation)
         for task in tasks:
             task_cfg = kit.task_config(base, task)
@@ -255,10 +263,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             todo = [o for o in objectives if not is_done(done, o, task, seed, keys[o])]
             if not todo:
                 continue
-            task_dir = os.path.join(seed_dir, task)
-            os.makedirs(task_dir, exist_ok=True)
+            task_dir = paths.join(seed_dir, task)
+            paths.makedirs(task_dir)
             # Tasks with the same demonstrations and model share one SFT policy (the main job's in seed_dir).
-            sft_dir = os.path.join(seed_dir, kit.sft_variant(task)).rstrip(os.sep)
+            sft_dir = paths.join(seed_dir, kit.sft_variant(task)).rstrip(os.sep)
             if sft_dir not in sft_policies:
                 trained = kit.train_sft(task_cfg, mesh, problems, sft_dir, MetricsLog(RunDir(sft_dir).metrics))
                 sft_policies[sft_dir] = trained, kit.greedy_eval(trained[0], task_cfg.model, problems.test,
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"[objectives] seed {seed} task {task} objective {objective} ...", file=sys.stderr, flush=True)
                 name, _ = parse_entry(objective)
                 cfg = apply_overrides(objective_config(task_cfg, objective), [f"dpo.reference_cache_dir={cache}"])
-                run_dir = os.path.join(task_dir, objective.replace("[", "_").replace("]", "").replace(",", "_")
+                run_dir = paths.join(task_dir, objective.replace("[", "_").replace("]", "").replace(",", "_")
                                        .replace("=", "-"))
                 lists = None
                 if SPECS[name].family == "listwise":
@@ -286,9 +294,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"budget: the main job's defaults with {' '.join(BUDGET)}; tasks: "
               + "; ".join(f"{t} ({describe_task(t)})" for t in TASKS),
               "listwise objectives train on ranked lists of the same samples, dpo.list_batch_size lists per step"]
-    with open(os.path.join(args.workdir, f"{FILE_STEM}.md"), "w") as f:
-        f.write(markdown_table(summary, header))
-    plot(summary, os.path.join(args.workdir, f"{FILE_STEM}.png"))
+    paths.write_atomic(paths.join(args.workdir, f"{FILE_STEM}.md"), markdown_table(summary, header))
+    plot(summary, paths.join(args.workdir, f"{FILE_STEM}.png"))
     print(markdown_table(summary, header))
     print(f"wrote {csv_path}, {FILE_STEM}.md and {FILE_STEM}.png in {args.workdir} "
           f"({time.perf_counter() - clock:.0f} s)")

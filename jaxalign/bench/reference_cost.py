@@ -18,7 +18,6 @@ variant alike. The ratio online/cached is the headline number.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -26,7 +25,9 @@ import time
 import jax
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.bench.dpo_throughput import model_for, random_batch
+from jaxalign.bench.report import csv_text
 from jaxalign.data.position import DataPosition
 from jaxalign.experiments.arith_kit import ARITH_DPO
 from jaxalign.models.llama import DecoderLM, init_params
@@ -95,15 +96,11 @@ def measure(size: str, batch_pairs: int, prompt_len: int, completion_len: int, s
 
 
 def write_outputs(rows: list[dict], header: list[str], out_dir: str) -> list[str]:
-    os.makedirs(out_dir, exist_ok=True)
-    csv_path, md_path = (os.path.join(out_dir, f"{FILE_STEM}.{ext}") for ext in ("csv", "md"))
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(md_path, "w") as f:
-        f.write("# DPO step cost by reference strategy\n\n" + "".join(f"- {line}\n" for line in header) + "\n")
-        f.write(format_table(rows, markdown=True) + "\n")
+    paths.makedirs(out_dir)
+    csv_path, md_path = (paths.join(out_dir, f"{FILE_STEM}.{ext}") for ext in ("csv", "md"))
+    paths.write_atomic(csv_path, csv_text(rows))
+    paths.write_atomic(md_path, "# DPO step cost by reference strategy\n\n" + "".join(f"- {line}\n" for line in header)
+                       + "\n" + format_table(rows, markdown=True) + "\n")
     return [csv_path, md_path]
 
 

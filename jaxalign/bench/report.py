@@ -6,9 +6,11 @@ they are, and None or a non-finite number as "n/a" (e.g. a baseline that was not
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 from typing import Sequence
+
+from jaxalign import paths
 
 Column = tuple[str, int, str, str]
 
@@ -32,25 +34,30 @@ def text_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
     return "\n".join(lines)
 
 
+def csv_text(rows: Sequence[dict]) -> str:
+    """Every field of every row as CSV text, the first row's keys as the header (csv's own CRLF line ends)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 def write_csv(rows: Sequence[dict], path: str) -> str:
-    """Every field of every row (the first row's keys as the header) to `path`."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    """Every field of every row (the first row's keys as the header) to `path` (any path `jaxalign.paths` takes)."""
+    paths.makedirs(paths.dirname(path) or ".")
+    paths.write_atomic(path, csv_text(rows))
     return path
 
 
 def write_csv_and_markdown(rows: Sequence[dict], columns: Sequence[Column], title: str, header: Sequence[str],
                            out_dir: str, stem: str) -> tuple[str, str]:
     """OUT_DIR/STEM.csv (every field of every row) and OUT_DIR/STEM.md (title, header bullets, the table)."""
-    csv_path = write_csv(rows, os.path.join(out_dir, f"{stem}.csv"))
-    md_path = os.path.join(out_dir, f"{stem}.md")
-    with open(md_path, "w") as f:
-        f.write(f"# {title}\n\n" + "".join(f"- {line}\n" for line in header) + "\n")
-        f.write("| " + " | ".join(t for t, *_ in columns) + " |\n")
-        f.write("|" + "|".join("---:" if i else "---" for i in range(len(columns))) + "|\n")
-        for row in rows:
-            f.write("| " + " | ".join(cell(row, key, spec) for _, _, key, spec in columns) + " |\n")
+    csv_path = write_csv(rows, paths.join(out_dir, f"{stem}.csv"))
+    md_path = paths.join(out_dir, f"{stem}.md")
+    lines = [f"# {title}\n\n" + "".join(f"- {line}\n" for line in header) + "\n",
+             "| " + " | ".join(t for t, *_ in columns) + " |\n",
+             "|" + "|".join("---:" if i else "---" for i in range(len(columns))) + "|\n"]
+    lines += ["| " + " | ".join(cell(row, key, spec) for _, _, key, spec in columns) + " |\n" for row in rows]
+    paths.write_atomic(md_path, "".join(lines))
     return csv_path, md_path

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxalign import paths
 from jaxalign.bench.dpo_throughput import SIZES
 from jaxalign.bench.report import text_table, write_csv_and_markdown
 from jaxalign.models.llama import DecoderLM, ModelConfig, count_params, init_params
@@ -184,7 +185,7 @@ def format_table(rows: list[dict]) -> str:
 def write_outputs(rows: list[dict], header: list[str], out_dir: str) -> list[str]:
     """CSV (all fields), markdown (header + table) and a PNG of tokens/s per case; returns the paths."""
     csv_path, md_path = write_csv_and_markdown(rows, COLUMNS, "Sampling throughput", header, out_dir, FILE_STEM)
-    png_path = os.path.join(out_dir, f"{FILE_STEM}.png")
+    png_path = paths.join(out_dir, f"{FILE_STEM}.png")
 
     import matplotlib
 
@@ -202,7 +203,7 @@ def write_outputs(rows: list[dict], header: list[str], out_dir: str) -> list[str
     ax.set(ylabel="generated tokens / s (log scale)", title="Greedy decoding throughput (fp32)", yscale="log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    paths.save_figure(fig, png_path, dpi=120)
     plt.close(fig)
     return [csv_path, md_path, png_path]
 

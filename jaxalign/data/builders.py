@@ -1,19 +1,22 @@
-"""TFDS builders that turn a local JSONL or Parquet preference file into an array_record dataset.
+"""TFDS builders that turn a local JSONL or Parquet preference file, or a `datasets` save_to_disk directory
+(`jaxalign.data.sources`), into an array_record dataset.
 
 Why TFDS without TensorFlow: tensorflow-datasets 4.9.10 builds `GeneratorBasedBuilder`s with
 `file_format="array_record"` and reads them back through `as_data_source` (random access, no tf.data) with only
 `array_record` installed. One limit found by trying: features nested two levels deep (a list of message lists)
 need TensorFlow to serialise, so message lists are stored flat (see `_contents_feature`).
 
-One builder per format (`BUILDERS`). A builder is tied to one input file: its config name carries the file's
-stem, a sha256 of its bytes and the error policy, so preparing a changed file (or the same file with another
-policy) writes a new dataset beside the old one instead of silently reusing it. Rows keep their file order
+One builder per format (`BUILDERS`). A builder is tied to one input: its config name carries the file's stem, a
+sha256 of its bytes (of a directory's state.json and Arrow files) and the error policy, and, when source options
+(split, columns, shape) are given, their hash too, so preparing changed data (or the same data with another policy
+or mapping) writes a new dataset beside the old one instead of silently reusing it. Rows keep their file order
 (`disable_shuffling`), each with its `line`, and the validation report (rows kept, skipped per reason) is stored in
 the dataset's metadata.json, where `load_prepared` finds it again for the run's results.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from typing import Any
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxalign.data import formats
+from jaxalign.data import formats, sources
 from jaxalign.data.formats import BOOL, CONTENT, CONTENTS, NUMBER, NUMBERS, SCHEMAS, TEXT, TEXTS
 
 _VERSION = "1.0.0"
@@ -36,10 +39,21 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def config_name(path: str, on_error: str) -> str:
+def input_sha256(path: str, options: sources.SourceOptions | None = None) -> str:
+    """The data's identity: the file's sha256 for a plain file read with default options (as before source options
+    existed, so earlier builds are still found), else the sha256 of the source's bytes and the options."""
+    options = sources.SourceOptions() if options is None else options
+    if options.is_default() and not os.path.isdir(path):
+        return file_sha256(path)
+    identity = {"data": sources.source_sha256(path, options.split), "options": options.describe()}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def config_name(path: str, on_error: str, options: sources.SourceOptions | None = None) -> str:
     """`<stem>-<sha256[:16]>-<on_error>`, with characters TFDS does not allow in names replaced."""
-    stem = re.sub(r"[^A-Za-z0-9_]", "_", os.path.splitext(os.path.basename(path))[0])[:40] or "data"
-    return f"{stem}-{file_sha256(path)[:16]}-{on_error}"
+    name = os.path.basename(os.path.normpath(path))
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", name if os.path.isdir(path) else os.path.splitext(name)[0])[:40] or "data"
+    return f"{stem}-{input_sha256(path, options)[:16]}-{on_error}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,13 +204,18 @@ class _PreferenceFileBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
     # checksums file to find.
     code_path = None
 
-    def __init__(self, *, input_path: str, data_dir: str, on_error: str = "fail", **kwargs):
+    def __init__(self, *, input_path: str, data_dir: str, on_error: str = "fail",
+                 options: sources.SourceOptions | None = None, **kwargs):
         formats.check_on_error(on_error)
+        self._options = sources.SourceOptions() if options is None else options
+        self._options.check(self.FORMAT)
         self._input_path = os.path.abspath(input_path)
-        if not os.path.isfile(self._input_path):
+        if not os.path.exists(self._input_path):
             raise FileNotFoundError(f"data file {input_path} does not exist")
+        if not self._options.is_default() or os.path.isdir(self._input_path):
+            sources.check_source(self._input_path, self._options)  # a missing split or column: before any build
         self._on_error = on_error
-        config = tfds.core.BuilderConfig(name=config_name(self._input_path, on_error),
+        config = tfds.core.BuilderConfig(name=config_name(self._input_path, on_error, self._options),
                                          description=f"{self.FORMAT} rows of {self._input_path}")
         super().__init__(data_dir=data_dir, config=config, file_format="array_record", **kwargs)
 
@@ -207,13 +226,14 @@ class _PreferenceFileBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing is downloaded: the input is a local file.
-        records, report = formats.load_records(self._input_path, self.FORMAT, self._on_error)
+        records, report = sources.load_records(self._input_path, self.FORMAT, self._on_error, self._options)
         if not records:
+            dropped = f", dropped by reason: {dict(report.dropped)}" if report.dropped else ""
             raise formats.DataFormatError(
                 f"{self._input_path}: no valid {self.FORMAT} rows ({report.rows_read} read, skipped by reason: "
-                f"{dict(report.skipped)})")
+                f"{dict(report.skipped)}{dropped})")
         self.info.metadata["validation"] = report.to_json()
-        self.info.metadata["input_sha256"] = file_sha256(self._input_path)
+        self.info.metadata["input_sha256"] = input_sha256(self._input_path, self._options)
         return {"train": self._generate_examples(records)}
 
     def _generate_examples(self, records):
@@ -257,22 +277,25 @@ BUILDERS: dict[str, type[_PreferenceFileBuilder]] = {
 }
 
 
-def builder(format: str, input_path: str, data_dir: str, on_error: str = "fail") -> _PreferenceFileBuilder:
+def builder(format: str, input_path: str, data_dir: str, on_error: str = "fail",
+            options: sources.SourceOptions | None = None) -> _PreferenceFileBuilder:
     if format not in BUILDERS:
         raise ValueError(f"unknown data format {format!r}; expected one of {formats.FORMATS}")
-    return BUILDERS[format](input_path=input_path, data_dir=data_dir, on_error=on_error)
+    return BUILDERS[format](input_path=input_path, data_dir=data_dir, on_error=on_error, options=options)
 
 
-def prepare(format: str, input_path: str, data_dir: str, on_error: str = "fail") -> tuple[str, dict]:
+def prepare(format: str, input_path: str, data_dir: str, on_error: str = "fail",
+            options: sources.SourceOptions | None = None) -> tuple[str, dict]:
     """Build the dataset if it is not built yet; returns (its directory, the validation report)."""
-    b = builder(format, input_path, data_dir, on_error)
+    b = builder(format, input_path, data_dir, on_error, options)
     b.download_and_prepare()
     return str(b.data_path), dict(b.info.metadata["validation"])
 
 
-def load_prepared(format: str, input_path: str, data_dir: str, on_error: str = "fail") -> tuple[list[dict], dict]:
-    """All records of the (built if need be) dataset in file order, and its validation report."""
-    b = builder(format, input_path, data_dir, on_error)
+def load_prepared(format: str, input_path: str, data_dir: str, on_error: str = "fail",
+                  options: sources.SourceOptions | None = None) -> tuple[list[dict], dict]:
+    """All records of the (built if need be) dataset in source order, and its validation report."""
+    b = builder(format, input_path, data_dir, on_error, options)
     b.download_and_prepare()
     source = b.as_data_source(split="train")
     raw = getattr(source, "data_source", None)  # the array_record reader under TFDS's decoding wrapper
@@ -288,4 +311,4 @@ def load_prepared(format: str, input_path: str, data_dir: str, on_error: str = "
 
 __all__ = ["BUILDERS", "PairwisePreferences", "RankedPreferences", "RewardTrajectories", "StepwisePreferences",
            "UnpairedPreferences", "builder", "config_name", "decode_example", "decode_serialized", "encode_record",
-           "features", "file_sha256", "load_prepared", "prepare"]
+           "features", "file_sha256", "input_sha256", "load_prepared", "prepare"]

@@ -26,6 +26,14 @@ offset), so that `on_error="skip"` can skip it like any other.
 
 Validated rows are plain dicts ("records") with the same field names plus `line` (1-based line or row number), the
 canonical form that the TFDS builders store and the tokenizer reads.
+
+Sources and column options (`jaxalign.data.sources`, which documents each in full): besides these files, rows can
+come from a Hugging Face `datasets` save_to_disk directory (`split`: which split of a DatasetDict, default
+"train"); `columns` ("field=column,...") reads a field from a column of another name; `shape` reads common public
+layouts: "native" (the fields above), "binarized" (pairwise from chosen/rejected conversations with
+score_chosen/score_rejected; `min_score_gap` drops close pairs) and "ratings" (rows of prompt, completion, rating:
+best against worst per prompt for pairwise, with `min_score_gap`; rating >= `desirable_threshold` for unpaired).
+Rows a shape leaves out are counted per reason in the report's `dropped`.
 """
 from __future__ import annotations
 
@@ -160,6 +168,16 @@ def _check(field: str, kind: str, value: Any) -> Any:
             raise _wrong(field, kind, value)
         return value
     raise AssertionError(f"unknown field kind {kind!r}")
+
+
+def show(value: Any) -> str:
+    """A value as messages quote it (`_show`)."""
+    return _show(value)
+
+
+def check_value(field: str, kind: str, value: Any) -> Any:
+    """The canonical value of one field of kind `kind` (CONTENT, TEXT, NUMBER, ...), or RowError naming `field`."""
+    return _check(field, kind, value)
 
 
 def _is_chat(value: Any) -> bool:
@@ -320,7 +338,8 @@ def read_rows(path: str) -> Iterator[tuple[str, Any]]:
 
 @dataclasses.dataclass
 class ValidationReport:
-    """What happened to the rows of one file: kept, skipped per reason, and the first few skip messages."""
+    """What happened to the rows of one source: kept, skipped per reason (malformed), dropped per reason (valid rows
+    a shape's policy leaves out, `jaxalign.data.sources`), and the first few skip messages."""
 
     file: str
     format: str
@@ -328,22 +347,32 @@ class ValidationReport:
     rows_kept: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     first_errors: list[str] = dataclasses.field(default_factory=list)
+    dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    source: dict = dataclasses.field(default_factory=dict)  # split, columns, shape options; empty for a plain file
 
     def skip(self, error: "RowError", where: str, keep_messages: int = 5) -> None:
         self.skipped[error.reason] += 1
         if len(self.first_errors) < keep_messages:
-            self.first_errors.append(f"{os.path.basename(self.file)} {where}: {error.message}")
+            self.first_errors.append(f"{os.path.basename(os.path.normpath(self.file))} {where}: {error.message}")
 
     def to_json(self) -> dict:
-        """The JSON form written into a run's results (`rows_skipped` is the total over reasons)."""
-        return {"file": self.file, "format": self.format, "rows_read": self.rows_read, "rows_kept": self.rows_kept,
-                "rows_skipped": int(sum(self.skipped.values())), "skipped_by_reason": dict(sorted(
-                    self.skipped.items())), "first_errors": list(self.first_errors)}
+        """The JSON form written into a run's results (`rows_skipped` is the total over reasons). The source
+        options and dropped rows appear only when a source option is in use, so a plain file's report is as
+        before."""
+        out = {"file": self.file, "format": self.format, "rows_read": self.rows_read, "rows_kept": self.rows_kept,
+               "rows_skipped": int(sum(self.skipped.values())), "skipped_by_reason": dict(sorted(
+                   self.skipped.items())), "first_errors": list(self.first_errors)}
+        if self.source:
+            out.update(source=dict(self.source), rows_dropped=int(sum(self.dropped.values())),
+                       dropped_by_reason=dict(sorted(self.dropped.items())))
+        return out
 
 
 def location(path: str, line: int) -> str:
-    """How a row is named in messages: "line N" in a JSONL file, "row N" (1-based) in a Parquet file."""
-    return f"{'row' if str(path).lower().endswith('.parquet') else 'line'} {line}"
+    """How a row is named in messages: "line N" in a JSONL file, "row N" (1-based) in a Parquet file or a
+    `datasets` directory (the row's index within its split, plus one)."""
+    path = str(path)
+    return f"{'row' if path.lower().endswith('.parquet') or os.path.isdir(path) else 'line'} {line}"
 
 
 def check_on_error(on_error: str) -> None:
@@ -353,13 +382,34 @@ def check_on_error(on_error: str) -> None:
 
 def row_failure(path: str, where: str, error: RowError) -> DataFormatError:
     """The one error raised for a bad row under on_error='fail'."""
-    return DataFormatError(f"{os.path.basename(path)} {where}: {error.message} (file {path})")
+    kind = "directory" if os.path.isdir(path) else "file"
+    return DataFormatError(f"{os.path.basename(os.path.normpath(path))} {where}: {error.message} ({kind} {path})")
+
+
+def keep_or_skip(report: ValidationReport, path: str, where: str, on_error: str, check, *args) -> Any:
+    """check(*args), or None after counting its RowError in `report` (on_error="skip"); under "fail" the RowError
+    becomes the run's one DataFormatError naming the source and the row."""
+    try:
+        return check(*args)
+    except RowError as e:
+        if on_error == "fail":
+            raise row_failure(path, where, e) from None
+        report.skip(e, where)
+        return None
+
+
+def validate_parsed(format: str, row: Any) -> dict:
+    """validate_row for a row as read: a RowError read in its place (bad JSON, bad UTF-8) is raised."""
+    if isinstance(row, RowError):
+        raise row
+    return validate_row(format, row)
 
 
 def load_records(path: str, format: str, on_error: str = "fail") -> tuple[list[dict], ValidationReport]:
-    """Every valid record of `path` (with its `line`) and the report of what was skipped.
+    """Every valid record of the file `path` (with its `line`) and the report of what was skipped.
 
-    on_error="fail" raises DataFormatError at the first bad row; "skip" drops it and counts it by reason.
+    on_error="fail" raises DataFormatError at the first bad row; "skip" drops it and counts it by reason. For a
+    `datasets` directory, other column names and the rating shapes, see `jaxalign.data.sources.load_records`.
     """
     check_on_error(on_error)
     if format not in SCHEMAS:
@@ -368,21 +418,15 @@ def load_records(path: str, format: str, on_error: str = "fail") -> tuple[list[d
     records = []
     for where, row in read_rows(path):
         report.rows_read += 1
-        try:
-            if isinstance(row, RowError):
-                raise row
-            record = validate_row(format, row)
-        except RowError as e:
-            if on_error == "fail":
-                raise row_failure(path, where, e) from None
-            report.skip(e, where)
-            continue
-        record["line"] = int(where.split()[1])  # "line N" / "row N": `location` turns it back into text
-        records.append(record)
-        report.rows_kept += 1
+        record = keep_or_skip(report, path, where, on_error, validate_parsed, format, row)
+        if record is not None:
+            record["line"] = int(where.split()[1])  # "line N" / "row N": `location` turns it back into text
+            records.append(record)
+    report.rows_kept = len(records)
     return records, report
 
 
 __all__ = ["CONTENT", "CONTENTS", "FORMATS", "NUMBER", "NUMBERS", "ON_ERROR", "SCHEMAS", "TEXT", "TEXTS", "BOOL",
            "DataFormatError", "RowError", "ValidationReport", "load_records", "read_rows", "row_failure",
-           "validate_row", "check_on_error", "location"]
+           "validate_row", "check_on_error", "check_value", "keep_or_skip", "location", "show",
+           "validate_parsed"]

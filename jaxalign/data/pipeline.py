@@ -159,14 +159,16 @@ def fingerprint(dataset: BucketedDataset, batch_size: int, seed: int) -> str:
 
 def prepare_dataset(format: str, input_path: str, data_dir: str, tokenizer, tokenize_config, *,
                     on_error: str = "fail", boundaries: tuple[int, ...] = (), batch_size: int | None = None,
-                    ) -> tuple[BucketedDataset, dict]:
-    """File -> TFDS array_record build (validated) -> tokens -> a BucketedDataset, and everything a run should put
-    into its results about its data: the validation report (rows skipped per reason), the tokenization report
-    (rows skipped or truncated) and, given `batch_size`, the bucket statistics."""
+                    source_options=None) -> tuple[BucketedDataset, dict]:
+    """File or `datasets` directory -> TFDS array_record build (validated; `source_options`, a
+    `jaxalign.data.sources.SourceOptions`, picks the split and maps columns and shapes) -> tokens -> a
+    BucketedDataset, and everything a run should put into its results about its data: the validation report (rows
+    skipped and dropped per reason), the tokenization report (rows skipped or truncated) and, given `batch_size`,
+    the bucket statistics."""
     from jaxalign.data import builders
     from jaxalign.data.tokenize import tokenize_records
 
-    records, validation = builders.load_prepared(format, input_path, data_dir, on_error)
+    records, validation = builders.load_prepared(format, input_path, data_dir, on_error, source_options)
     tokenized = tokenize_records(format, records, tokenizer, tokenize_config, on_error=on_error, source=input_path)
     dataset = BucketedDataset.from_tokenized(tokenized, tuple(boundaries))
     results = {"format": format, "validation": validation, "tokenization": tokenized.report,

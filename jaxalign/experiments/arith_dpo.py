@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 
+from jaxalign import paths
 from jaxalign.data.iterator import dropped_per_epoch
 from jaxalign.experiments import arith_kit as kit
 from jaxalign.experiments.arith_kit import ArithDPOConfig, task_config  # noqa: F401  (the registry's entry points)
@@ -90,5 +91,5 @@ def _plot(history: list[dict], records: list[dict], path: str) -> None:
         twin.set_ylabel("reward margin", color="tab:orange")
     ax_len.set(xlabel="DPO step", ylabel="tokens")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    paths.save_figure(fig, path, dpi=120)
     plt.close(fig)

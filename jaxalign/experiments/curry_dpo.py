@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import os
 import time
 from typing import Any, ClassVar
 
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.algorithms.curriculum import CurriculumConfig, CurriculumPairs, build_curriculum
 from jaxalign.data.iterator import ArrayDataset
 from jaxalign.experiments import arith_kit as kit
@@ -111,7 +111,7 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
 
     params, records = sft_params, []
     for i, pairs in enumerate(stages):
-        stage_dir = os.path.join(workdir, "stages", f"stage_{i}")
+        stage_dir = paths.join(workdir, "stages", f"stage_{i}")
         reference_sha = params_sha256(params)  # Curry-DPO: the stage's reference is its starting policy
         selected, _, guard = kit.train_dpo(stage_config(cfg), mesh, params,
                                                  pair_dataset(lists, pairs), problems, stage_dir,
@@ -128,7 +128,7 @@ def run(cfg: CurryDPOConfig, workdir: str) -> dict:
     baseline = None
     if cfg.compare_baseline:
         total = cfg.steps_per_stage * cfg.curriculum.num_iterations
-        baseline_dir = os.path.join(workdir, "baseline")
+        baseline_dir = paths.join(workdir, "baseline")
         selected, _, guard = kit.train_dpo(stage_config(cfg, total), mesh, sft_params,
                                                  pair_dataset(lists, staged), problems, baseline_dir,
                                                  MetricsLog(RunDir(baseline_dir).metrics))
@@ -187,5 +187,5 @@ def _plot(results: dict[str, Any], path: str) -> None:
     twin.plot(range(len(stages)), [s["gap_mean"] for s in stages], color="tab:orange", marker="o")
     twin.set_ylabel("mean score gap", color="tab:orange")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    paths.save_figure(fig, path, dpi=120)
     plt.close(fig)

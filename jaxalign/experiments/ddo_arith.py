@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import numbers
-import os
 import time
 from typing import Any
 
@@ -54,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.algorithms.iterative import run_iterations
 from jaxalign.algorithms.preference_pairs import PairSelection, pair_arrays
 from jaxalign.data.iterator import ArrayDataset
@@ -250,7 +250,7 @@ def evaluate(params, base: kit.ArithDPOConfig, problems: np.ndarray, path: str, 
 def train_rounds(cfg: DDOArithConfig, mesh, sft_params, problems: kit.Problems,
                  data: np.ndarray, workdir: str) -> tuple[list[Any], list[dict]]:
     """Multi-round DDO (module docstring, step 3) from `sft_params`; returns (the rounds' models, their records)."""
-    rounds_dir = os.path.join(workdir, "rounds")
+    rounds_dir = paths.join(workdir, "rounds")
     round_cfg = round_config(cfg, cfg.steps_per_round)
     loss = CustomLoss(ddo_loss_fn(DecoderLM(cfg.base.model), cfg.beta, cfg.alpha), cfg.base.dpo.batch_size,
                                 ("chosen_attention_mask", "rejected_attention_mask"))
@@ -258,8 +258,8 @@ def train_rounds(cfg: DDOArithConfig, mesh, sft_params, problems: kit.Problems,
 
     def one_round(t: int, reference, previous):
         del previous  # DDO's reference is the latest model alone
-        round_dir = os.path.join(rounds_dir, f"round_{t}")
-        os.makedirs(round_dir, exist_ok=True)
+        round_dir = paths.join(rounds_dir, f"round_{t}")
+        paths.makedirs(round_dir)
         prompt_tokens, samples, masks = reference_samples(cfg, reference, data, t,
                                                           RunDir(round_dir).samples)
         arrays, stats = ddo_rows(data, prompt_tokens, samples, masks)
@@ -280,8 +280,8 @@ def train_rounds(cfg: DDOArithConfig, mesh, sft_params, problems: kit.Problems,
 def continued_sft(cfg: DDOArithConfig, mesh, sft_params, problems: kit.Problems,
                   rows: dict[str, np.ndarray], workdir: str) -> dict:
     """The baseline (module docstring, step 4): maximum likelihood on the gold rows for all of DDO's steps."""
-    baseline_dir = os.path.join(workdir, "continued_sft")
-    os.makedirs(baseline_dir, exist_ok=True)
+    baseline_dir = paths.join(workdir, "continued_sft")
+    paths.makedirs(baseline_dir)
     steps = cfg.rounds * cfg.steps_per_round
     loss = CustomLoss(sft_loss_fn(DecoderLM(cfg.base.model)), cfg.base.dpo.batch_size, ("attention_mask",))
     selected, _, guard = kit.train_dpo(round_config(cfg, steps), mesh, sft_params,
@@ -395,5 +395,5 @@ def plot(results: dict, path: str) -> None:
     ax_test.set(xlabel="round (0 = SFT)", ylabel="held-out accuracy", xticks=range(len(rounds)))
     ax_test.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    paths.save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -39,13 +39,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import numbers
-import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.algorithms.iterative import run_iterations
 from jaxalign.data.iterator import ArrayDataset
 from jaxalign.distributed import host_local, is_primary
@@ -273,8 +273,8 @@ def train_iterations(cfg: DPAArithConfig, mesh, sft_params, problems: kit.Proble
 
     def iterate(t: int, latest, previous):
         del previous  # every iteration fine-tunes the latest model
-        it_dir = os.path.join(workdir, "iterations", f"iter_{t}")
-        os.makedirs(it_dir, exist_ok=True)
+        it_dir = paths.join(workdir, "iterations", f"iter_{t}")
+        paths.makedirs(it_dir)
         prompts, buckets = iteration_problems(cfg, problems.train, t)
         rows, stats = rejection_sample(cfg, latest, prompts, buckets, t, RunDir(it_dir).file("selected.npz"))
         params, _ = kit.train_supervised(cfg.base, cfg.rsf, mesh, ArrayDataset(rows), it_dir,
@@ -362,7 +362,7 @@ def run(cfg: DPAArithConfig, workdir: str) -> dict:
     """Run (or resume) DPA on ARITH in `workdir`; returns and writes results.json (module docstring)."""
     clock = time.perf_counter()
     base = cfg.base
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     mesh = make_mesh(base.mesh)
     validate_config(cfg, mesh)
     claim(cfg, workdir)
@@ -417,5 +417,5 @@ def plot(results: dict, path: str) -> None:
     ax_acc.set(xlabel="direction angle (deg)", ylabel="held-out accuracy (greedy)", title="the accuracy it costs")
     ax_len.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    paths.save_figure(fig, path, dpi=120)
     plt.close(fig)

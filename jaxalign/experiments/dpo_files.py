@@ -4,8 +4,9 @@
     jaxalign run dpo_files --workdir DIR model.path=MODEL_DIR data.path=steps.jsonl data.format=stepwise
     jaxalign run dpo_files --workdir DIR model.path=MODEL_DIR data.path=lists.jsonl data.format=ranked \
         loss=plackett_luce dpo.list_batch_size=16
+    jaxalign run dpo_files --workdir DIR model.path=MODEL_DIR data.path=labels.jsonl data.format=unpaired loss=kto
 
-Three of `jaxalign data prepare`'s formats train here (`data.format`, `jaxalign.data.tokenize` for the layouts):
+Four of `jaxalign data prepare`'s formats train here (`data.format`, `jaxalign.data.tokenize` for the layouts):
 - pairwise (prompt, chosen, rejected): every pairwise, reference-free or unpaired objective reading the pairs.
 - stepwise (prompt, prefix steps, chosen step, rejected step): Step-DPO (Lai et al. 2024, eq. 2) is DPO whose
   prompt is the question plus the earlier correct steps and whose completions are the next step only; the layout is
@@ -14,6 +15,14 @@ Three of `jaxalign data prepare`'s formats train here (`data.format`, `jaxalign.
   plackett_luce, rankdpo), `dpo.list_batch_size` lists per step. A pairwise objective on ranked data is refused
   rather than silently reduced to pairs (which pairs to take is a modelling choice: write them as a pairwise file);
   tpo is refused too, as it needs reasoning-step ids and hidden states that a ranked file does not define.
+- unpaired (prompt, completion, label: true desirable / false undesirable): the unpaired objectives that need
+  nothing but the labelled completions, `dpo.batch_size` completions per step (`jaxalign.train.unpaired`). kto
+  (Ethayarajh et al. 2024, eqs. 7-8) reads its reference point from MISMATCHED sequences: the training rows are
+  shuffled (seeded) and cut into chunks of `dpo.batch_size`, and within a chunk each row's prompt is followed by the
+  completion of the row before it (section 3; TRL rotates completions the same way when it prepares the data), the
+  KL estimate being the batch mean of their policy-minus-reference log-probs, clamped at 0 and without gradient;
+  bco (Jung et al. 2024) keeps its running reward baseline in the train state. dro is refused: it needs a scalar
+  reward per completion and a value head that an unpaired file does not carry.
 A mismatch of data.format and loss is one error before the work directory is created.
 
 Pipeline (re-running the same command continues a killed run from its latest checkpoint):
@@ -22,61 +31,74 @@ Pipeline (re-running the same command continues a killed run from its latest che
 2. Validate and tokenize the file (`jaxalign.data.pipeline.prepare_dataset`: a TFDS array_record build under
    `data.dataset_dir`, default WORKDIR/data, reused while the file is unchanged) with the tokenizer of
    `model.tokenizer` (default: the model directory). Skipped rows and truncations are counted in results.json.
-3. Split off `data.eval_fraction` of the rows (pairs or lists) as held-out rows (a seeded permutation: the same
-   split every run).
+3. Split off `data.eval_fraction` of the rows (pairs, lists or completions) as held-out rows (a seeded
+   permutation: the same split every run).
 4. The shared preference phase (`jaxalign.train.preference`) with `dpo.objective` (default sigmoid DPO; any
    registered pairwise, reference-free or unpaired objective whose inputs are the pairs themselves), the loaded
    model being the reference: its log-probs cached on disk ("cached", default), a frozen copy run every step
    ("online") or TR-DPO's periodic sync ("sync"). `lora.rank` > 0 trains adapters only, the loaded model being their
    frozen base and the reference (one copy of the weights). `dpo.select_best=true` returns the step with the lowest
    held-out loss instead of the last one.
-5. Every `dpo.eval_every` steps, and at step 0 and the last step, the held-out pairs are scored under the sigmoid
-   DPO loss with `dpo.beta` against the loaded model: loss (log 2 at step 0, where policy = reference), reward
-   accuracy (share of pairs whose chosen reward exceeds the rejected one; 0 at step 0, where all rewards are 0)
-   and mean reward margin. Held-out ranked lists are scored under the trained listwise objective itself (its
-   hyper-parameters, the summed log-probs of every valid completion under policy and loaded model): loss, top-1
-   accuracy (share of lists with a strict preference whose best-scored completion has the highest implicit reward
-   beta * (log pi - log ref), strictly; 0 at step 0), pair accuracy over the strictly ordered pairs and the
-   best-minus-worst reward margin; `dpo.select_best` then selects on that held-out listwise loss.
-   results.json reports before/after, dpo_heldout.png plots them.
+5. Every `dpo.eval_every` steps, and at step 0 and the last step, the held-out pairs are scored under the sigmoid DPO
+   loss with `dpo.beta` (unset: the objective's own beta, else 0.1) against the loaded model: loss (log 2 at step 0,
+   where policy = reference), reward accuracy (share of pairs whose chosen reward exceeds the rejected one; 0 at step
+   0, where all rewards are 0) and mean reward margin. Held-out ranked lists are scored under the trained listwise
+   objective itself (its hyper-parameters, the summed log-probs of every valid completion under policy and loaded
+   model): loss, top-1 accuracy (share of lists with a strict preference whose best-scored completion has the highest
+   implicit reward beta * (log pi - log ref), strictly; 0 at step 0), pair accuracy over the strictly ordered pairs
+   and the best-minus-worst reward margin; `dpo.select_best` then selects on that held-out listwise loss. Held-out
+   unpaired completions are scored as ONE batch under the trained unpaired objective itself (its hyper-parameters;
+   kto's reference point from the held-out rows' own mismatched sequences, built as for training; bco's baseline from
+   a fresh state folding in that batch, i.e. the held-out mean reward), with the implicit rewards r = beta * (log pi
+   - log ref) of the summed completion log-probs: loss (kto: the mean of the desirable / undesirable weights times
+   1/2 at step 0; bco: log 2), reward accuracy (share of completions whose reward has the sign of its label,
+   strictly: r > 0 desirable, r < 0 undesirable; 0 at step 0) and the reward margin (mean reward of the desirable
+   completions minus that of the undesirable ones; 0 at step 0), with both means; `dpo.select_best` selects on that
+   held-out loss. results.json reports before/after, dpo_heldout.png plots them.
 6. With `export.enabled=true`, the trained policy (adapters merged) is written to WORKDIR/export as a Hugging Face
-   checkpoint of the source family (`save_pretrained`), with the tokenizer files beside it.
+   checkpoint of the source family (`save_pretrained`), with the tokenizer files beside it (staged locally and
+   copied up when WORKDIR is on an object store: ExportSection).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-import shutil
 import time
 from typing import ClassVar
 
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.algorithms import objective_extras
-from jaxalign.data.formats import ON_ERROR
+from jaxalign.data.sources import SourceOptions, check_source
 from jaxalign.data.pipeline import SEQUENCE_SUFFIXES, BucketedDataset, fingerprint
-from jaxalign.data.tokenize import ON_OVERFLOW, PROMPT_TRUNCATION, TokenizeConfig
+from jaxalign.data.tokenize import TokenizeConfig
 from jaxalign.distributed import host_local, is_primary
-from jaxalign.losses import ListwiseInputs, get_spec
+from jaxalign.experiments.files_kit import (ExportSection, ModelSection, check_context, check_data_section,
+                                            data_and_model_summary, export_family, export_policy, load_model,
+                                            load_tokenizer, model_format, split_rows, tokenize_config,
+                                            tokenizer_path)
+from jaxalign.losses import ListwiseInputs, UnpairedInputs, get_spec, initial_state, update_state
 from jaxalign.models import hf
-from jaxalign.models.llama import ModelConfig, check_model_fits_mesh, count_params
-from jaxalign.models.lora import count_adapter_params
+from jaxalign.models.llama import ModelConfig, check_model_fits_mesh
 from jaxalign.rundir import RunDir, claim, config_to_dict, params_sha256, write_json_atomic
 from jaxalign.sharding import MeshConfig, check_batch_fits_mesh, make_mesh
 from jaxalign.train.checkpoint import CheckpointConfig
 from jaxalign.train.loop import MetricsLog
-from jaxalign.train.preference import Evaluation, LoraSection, PreferenceConfig, train_preference
+from jaxalign.train.preference import (Evaluation, LoraSection, PreferenceConfig, implicit_reward_beta,
+                                       train_preference)
 from jaxalign.train.step import extra_params_needed
+from jaxalign.train.unpaired import MISMATCHED_KEYS, mismatch_partners, mismatched_unpaired, unpaired_missing_extras
 
-EXPORT_DTYPES = ("float32", "bfloat16")
-# Files of a Hugging Face tokenizer copied beside an export, so the exported directory is complete.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 EVAL_KEYS = ("eval/loss", "eval/reward_accuracy", "eval/reward_margin", "eval/chosen_reward",
              "eval/rejected_reward")
 LIST_EVAL_KEYS = ("eval/loss", "eval/top1_accuracy", "eval/reward_margin", "eval/pair_accuracy")
-# The formats that train here; unpaired and trajectory files are validated by `jaxalign data prepare` only.
-TRAIN_FORMATS = ("pairwise", "stepwise", "ranked")
+UNPAIRED_EVAL_KEYS = ("eval/loss", "eval/reward_accuracy", "eval/reward_margin", "eval/desirable_reward",
+                      "eval/undesirable_reward")
+# The formats that train here; trajectory files are validated by `jaxalign data prepare` only.
+TRAIN_FORMATS = ("pairwise", "stepwise", "ranked", "unpaired")
+UNPAIRED_ARRAYS = ("tokens", "attention_mask", "completion_mask")
 LIST_ARRAYS = ("list_tokens", "list_attention_mask", "list_completion_mask")
 
 
@@ -87,11 +109,37 @@ def file_listwise_objectives() -> list[str]:
     return sorted(n for n, s in registry.SPECS.items() if s.family == "listwise" and not s.extras)
 
 
+def file_unpaired_objectives() -> list[str]:
+    """The registered unpaired objectives that train on labelled completions alone (`unpaired_missing_extras`)."""
+    from jaxalign.losses import registry
+
+    return sorted(n for n, s in registry.SPECS.items() if s.family == "unpaired" and not unpaired_missing_extras(n))
+
+
+def check_unpaired_objective(name: str) -> None:
+    """data.format=unpaired: only the unpaired objectives whose inputs are the labelled completions."""
+    spec = get_spec(name)
+    usable = ", ".join(file_unpaired_objectives())
+    if spec.family != "unpaired":
+        held = "ranked lists" if spec.family == "listwise" else "pairs"
+        raise ValueError(f"loss={name} (dpo.objective) is {spec.family} and trains on {held}, but "
+                         f"data.format=unpaired holds single completions labelled desirable or undesirable; use an "
+                         f"unpaired objective ({usable})")
+    missing = unpaired_missing_extras(name)
+    if missing:
+        raise ValueError(f"loss={name} (dpo.objective) needs {', '.join(missing)} (a scalar reward per completion "
+                         f"and a value head) beyond the labelled completions of data.format=unpaired, which "
+                         f"dpo_files does not build; use {usable}")
+
+
 def check_objective(name: str, format: str = "pairwise") -> None:
     """Refuse an objective whose family does not match `format` (listwise on pairs, pairwise on lists) and objectives
-    that need more than the rows and the reference: extras this experiment does not build (KTO's mismatched pairs,
-    reward models, judged scores, value heads, TPO's step ids and hidden states). One error naming data.format and
-    loss, or what the objective needs."""
+    that need more than the rows and the reference: extras this experiment does not build (KTO's mismatched
+    sequences from pairs: only unpaired rows get them; reward models, judged scores, value heads, TPO's step ids and
+    hidden states). data.format=unpaired takes the unpaired objectives `check_unpaired_objective` allows. One error
+    naming data.format and loss, or what the objective needs."""
+    if format == "unpaired":
+        return check_unpaired_objective(name)
     spec = get_spec(name)
     if format == "ranked":
         if spec.family != "listwise":
@@ -108,6 +156,10 @@ def check_objective(name: str, format: str = "pairwise") -> None:
                          f"data.format={format} holds pairs; use data.format=ranked with a ranked file, or a "
                          f"pairwise objective")
     unsupported = [builder.needs for builder in objective_extras.builders_for(spec)] + list(extra_params_needed(name))
+    if spec.family == "unpaired" and "kl_policy" in spec.extras:
+        raise ValueError(f"loss={name} (dpo.objective) needs {', '.join(unsupported)}, which dpo_files builds from "
+                         f"unpaired rows only, but data.format={format} holds pairs; write them as unpaired rows "
+                         f"(chosen: label true, rejected: label false) with data.format=unpaired, or use arith_dpo")
     if unsupported:
         raise ValueError(f"dpo.objective={name!r} needs {', '.join(unsupported)} "
                          f"beyond the preference pairs, which dpo_files does not build; use arith_dpo for it, or "
@@ -115,26 +167,14 @@ def check_objective(name: str, format: str = "pairwise") -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSection:
-    """path: a Hugging Face checkpoint directory (config.json + model.safetensors or shards) or a `jaxalign convert
-        hf-to-jaxalign` output (jaxalign_config.json + params.safetensors); which one is detected from the files.
-    tokenizer: a tokenizer.json or the directory holding it (and its tokenizer_config.json); default: `path`.
-    dtype: the compute dtype (parameters stay float32).
-    remat: recompute each block's activations in the backward pass (less memory, more compute)."""
-
-    path: str = ""
-    tokenizer: str = ""
-    dtype: str = "float32"
-    remat: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
 class DataSection:
     """The preference file and how it becomes token arrays (`jaxalign.data.tokenize`).
 
-    path: a .jsonl or .parquet file in `format`.
+    path: a .jsonl or .parquet file in `format`, or a Hugging Face `datasets` save_to_disk directory
+        (`jaxalign.data.sources`).
     format: the rows' format: "pairwise" (prompt, chosen, rejected), "stepwise" (prompt, prefix, chosen and rejected
-        next step: Step-DPO) or "ranked" (prompt, completions, scores: listwise objectives)
+        next step: Step-DPO), "ranked" (prompt, completions, scores: listwise objectives) or "unpaired" (prompt,
+        completion, label: kto, bco)
     on_error: a malformed row stops the run naming file, line and field ("fail") or is skipped and counted ("skip")
     max_length: tokens of prompt + completion per sequence; longer rows are handled by `on_overflow`
     max_prompt_length: tokens of the prompt at most (None: max_length - 1); a longer prompt is cut
@@ -144,7 +184,14 @@ class DataSection:
         refused naming its line ("error")
     eval_fraction: share of the rows (at least one) held out for evaluation, split by a permutation seeded by `seed`
     dataset_dir: where the TFDS build goes (default WORKDIR/data; point it at a `jaxalign data prepare --output`
-        directory to reuse that build)."""
+        directory to reuse that build).
+    split: the split of a `datasets` DatasetDict directory (default "train"; a missing one lists those there)
+    columns: "field=column,...": read each field from that column, e.g. "prompt=question,chosen=good,rejected=bad"
+    shape: how the rows hold the data: "native" (the format's fields), "binarized" (pairwise from chosen/rejected
+        conversations with score_chosen/score_rejected) or "ratings" (one row per prompt, completion, rating:
+        best vs worst per prompt for pairwise, rating >= desirable_threshold for unpaired)
+    min_score_gap: binarized, or ratings to pairwise: pairs whose score gap is below this are dropped and counted
+    desirable_threshold: ratings to unpaired: the rating from which a completion is desirable (required there)"""
 
     path: str = ""
     format: str = "pairwise"
@@ -155,49 +202,37 @@ class DataSection:
     on_overflow: str = "truncate"
     eval_fraction: float = 0.1
     dataset_dir: str = ""
+    split: str = "train"
+    columns: str = ""
+    shape: str = "native"
+    min_score_gap: float | None = None
+    desirable_threshold: float | None = None
 
     def __post_init__(self):
         if self.format not in TRAIN_FORMATS:
             raise ValueError(f"data.format must be one of {TRAIN_FORMATS} (the formats dpo_files trains on), got "
                              f"{self.format!r}")
-        if self.on_error not in ON_ERROR:
-            raise ValueError(f"data.on_error must be one of {ON_ERROR}, got {self.on_error!r}")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"data.eval_fraction must lie in (0, 1), got {self.eval_fraction!r}")
-        for name, allowed in (("prompt_truncation", PROMPT_TRUNCATION), ("on_overflow", ON_OVERFLOW)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"data.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_data_section(self)
         self.tokenize_config()  # TokenizeConfig's own checks of the lengths
+        self.source_options()
 
     def tokenize_config(self) -> TokenizeConfig:
+        return tokenize_config(self)
+
+    def source_options(self) -> SourceOptions:
+        """The split, column mapping and shape options (`jaxalign.data.sources`), checked against `format`."""
+        options = SourceOptions(split=self.split, columns=self.columns, shape=self.shape,
+                                min_score_gap=self.min_score_gap, desirable_threshold=self.desirable_threshold)
         try:
-            return TokenizeConfig(max_length=self.max_length, max_prompt_length=self.max_prompt_length,
-                                  prompt_truncation=self.prompt_truncation, on_overflow=self.on_overflow)
+            options.check(self.format)
         except ValueError as e:
-            raise ValueError(str(e).replace("TokenizeConfig.", "data.")) from None
+            raise ValueError(f"data.{e}") from None
+        return options
 
 
 # The preference phase for a user's model: the library's defaults (beta 0.1, no chosen-NLL term, AdamW 5e-6), small
 # batches, and the last step returned (dpo.select_best=true selects the step with the lowest held-out loss instead).
 FILES_DPO = PreferenceConfig(steps=100, batch_size=8, select_best=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportSection:
-    """enabled: write the trained policy (LoRA adapters merged) to WORKDIR/export as a Hugging Face checkpoint.
-    family: llama|mistral|qwen2|gemma, default the source model's.
-    dtype: float32|bfloat16: the dtype of the exported tensors."""
-
-    enabled: bool = False
-    family: str = ""
-    dtype: str = "float32"
-
-    def __post_init__(self):
-        if self.family and self.family not in hf.FAMILIES:
-            raise ValueError(f"export.family must be one of {hf.FAMILIES} (or empty: the source's), got "
-                             f"{self.family!r}")
-        if self.dtype not in EXPORT_DTYPES:
-            raise ValueError(f"export.dtype must be one of {EXPORT_DTYPES}, got {self.dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,33 +258,55 @@ class DPOFilesConfig:
 # Small pure helpers.
 
 
-def model_format(path: str) -> str:
-    """"jaxalign" for a `jaxalign convert` directory, "hf" for a Hugging Face one; else one clear error."""
-    if not os.path.isdir(path):
-        raise ValueError(f"model.path={path!r} is not a directory; expected a Hugging Face checkpoint directory "
-                         f"(config.json + safetensors) or a `jaxalign convert hf-to-jaxalign` output")
-    if os.path.isfile(os.path.join(path, hf.NATIVE_CONFIG)):
-        return "jaxalign"
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return "hf"
-    raise ValueError(f"model.path={path!r} holds neither config.json (Hugging Face) nor {hf.NATIVE_CONFIG} "
-                     f"(jaxalign convert)")
-
-
-def split_rows(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, held-out rows) of `n` pairs: a permutation seeded by `seed`, the first round(eval_fraction * n)
-    (at least 1) held out; both sorted, so the split depends on nothing but (n, eval_fraction, seed)."""
-    held = min(max(1, int(round(eval_fraction * n))), n - 1)
-    order = np.random.default_rng([seed, 7]).permutation(n)
-    return np.sort(order[held:]), np.sort(order[:held])
-
-
 def take_rows(data: BucketedDataset, rows: np.ndarray) -> BucketedDataset:
     """The given rows, with the sequence arrays (time last: [N, L] pairs, [N, K, L] lists) cut to the longest of them
     (no all-padding columns)."""
     width = max(int(np.max(data.lengths[rows])), 2)
     arrays = {k: v[rows][..., :width] if k.endswith(SEQUENCE_SUFFIXES) else v[rows] for k, v in data.arrays.items()}
     return BucketedDataset(arrays, data.lengths[rows])
+
+
+def unpaired_rows(data: BucketedDataset, rows: np.ndarray, chunk: int | None, seed: int) -> BucketedDataset:
+    """The given rows (`take_rows`); with `chunk`, each also carries its mismatched sequence for KTO's reference
+    point (`jaxalign.train.unpaired.mismatch_partners`: prompts and completions rotated within seeded chunks of
+    `chunk` rows), a row's length being the longer of its two sequences."""
+    if chunk is None:
+        return take_rows(data, rows)
+    arrays = {k: v[rows] for k, v in data.arrays.items()}
+    mismatched = mismatched_unpaired(arrays, mismatch_partners(len(rows), chunk, seed))
+    lengths = np.maximum(data.lengths[rows], mismatched["kl_attention_mask"].sum(axis=1))
+    return take_rows(BucketedDataset({**arrays, **mismatched}, lengths), np.arange(len(rows)))
+
+
+def unpaired_metrics(policy, reference, labels, objective: str, objective_kwargs: dict, beta: float,
+                     kl_policy=None, kl_reference=None) -> dict[str, float]:
+    """Held-out metrics of labelled completions from their summed completion log-probs [N] under policy and
+    reference: the unpaired `objective` itself on the N completions as one batch (each completion given as one
+    "token" holding its sum; KTO's reference point from `kl_policy` / `kl_reference`, the summed log-probs of their
+    mismatched sequences; a stateful objective's state starts fresh and folds in this batch, so BCO's baseline is
+    the batch's mean reward), and, with implicit rewards r = beta * (policy - reference): reward accuracy (share of
+    completions with r > 0 if desirable, r < 0 if not), the mean rewards of desirable and undesirable completions
+    (0 for a kind with none) and their difference, the reward margin."""
+    import jax.numpy as jnp
+
+    policy, reference = np.asarray(policy, np.float64), np.asarray(reference, np.float64)
+    good = np.asarray(labels) > 0
+    extras = {} if kl_policy is None else {"kl_policy": jnp.asarray(kl_policy, jnp.float32),
+                                           "kl_reference": jnp.asarray(kl_reference, jnp.float32)}
+    inputs = UnpairedInputs(policy=jnp.asarray(policy[:, None], jnp.float32),
+                            reference=jnp.asarray(reference[:, None], jnp.float32),
+                            mask=jnp.ones((len(policy), 1), jnp.int32), desirable=jnp.asarray(good, jnp.float32),
+                            extras=extras)
+    spec = get_spec(objective)
+    if spec.state is not None:
+        _, inputs = update_state(objective, initial_state(objective), inputs, objective_kwargs)
+    loss, _ = spec.fn(inputs, **objective_kwargs)
+    rewards = beta * (policy - reference)
+    desirable = float(np.mean(rewards[good])) if good.any() else 0.0
+    undesirable = float(np.mean(rewards[~good])) if (~good).any() else 0.0
+    return {"eval/loss": float(loss), "eval/reward_accuracy": float(np.mean(np.where(good, rewards > 0, rewards < 0))),
+            "eval/reward_margin": desirable - undesirable, "eval/desirable_reward": desirable,
+            "eval/undesirable_reward": undesirable}
 
 
 def pair_metrics(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
@@ -318,6 +375,13 @@ def summed_pair_logprobs(params, model_cfg: ModelConfig, arrays: dict, batch_siz
                  for side in ("chosen", "rejected"))
 
 
+def summed_unpaired_logprobs(params, model_cfg: ModelConfig, arrays: dict, batch_size: int,
+                             keys: tuple[str, ...] = UNPAIRED_ARRAYS) -> np.ndarray:
+    """[N] summed completion log-probs of every labelled completion (or, with MISMATCHED_KEYS, of every row's
+    mismatched sequence) under `params`."""
+    return objective_extras.summed_logprobs(params, model_cfg, *(arrays[k] for k in keys), batch_size)
+
+
 def check_tokens_fit_model(arrays: dict, model_cfg: ModelConfig, tokenizer_path: str) -> None:
     """Every token id must have an embedding row: a tokenizer that does not belong to the model is one error."""
     top = max(int(np.max(v)) for k, v in arrays.items() if k.endswith("tokens"))
@@ -330,37 +394,9 @@ def check_tokens_fit_model(arrays: dict, model_cfg: ModelConfig, tokenizer_path:
 # Loading.
 
 
-def load_model(cfg: DPOFilesConfig, mesh) -> tuple[dict, ModelConfig, str | None]:
-    """(params sharded over `mesh`, ModelConfig, Hugging Face family or None) from `model.path`."""
-    overrides = {"dtype": cfg.model.dtype, "remat": cfg.model.remat}
-    if model_format(cfg.model.path) == "jaxalign":
-        return hf.load_native(cfg.model.path, mesh=mesh, **overrides)
-    _, family = hf.read_hf_config(cfg.model.path)
-    params, model_cfg = hf.from_pretrained(cfg.model.path, mesh=mesh, **overrides)
-    return params, model_cfg, family
-
-
-def tokenizer_path(cfg: DPOFilesConfig) -> str:
-    return cfg.model.tokenizer or cfg.model.path
-
-
-def load_tokenizer(cfg: DPOFilesConfig):
-    """The run's tokenizer (`model.tokenizer`, else the model directory's), or one clear error."""
-    from jaxalign.data.tokenize import load_hf_tokenizer
-
-    source = tokenizer_path(cfg)
-    if not os.path.exists(source):
-        raise ValueError(f"model.tokenizer={source!r} does not exist")
-    try:
-        return load_hf_tokenizer(source)
-    except FileNotFoundError as e:
-        raise ValueError(f"{e}; set model.tokenizer to the model's tokenizer.json or its directory (a `jaxalign "
-                         f"convert` output holds no tokenizer)") from None
-
-
 def row_unit(cfg: DPOFilesConfig) -> str:
     """What one row of the data is, for messages and results keys."""
-    return "lists" if cfg.data.format == "ranked" else "pairs"
+    return {"ranked": "lists", "unpaired": "completions"}.get(cfg.data.format, "pairs")
 
 
 def step_batch(cfg: DPOFilesConfig) -> tuple[str, int]:
@@ -371,20 +407,26 @@ def step_batch(cfg: DPOFilesConfig) -> tuple[str, int]:
 
 def load_pairs(cfg: DPOFilesConfig, workdir: str, model_cfg: ModelConfig, tok):
     """(train rows, held-out rows, data report): the file validated, tokenized with `tok` and split; rows are pairs
-    (pairwise, stepwise) or ranked lists."""
+    (pairwise, stepwise), ranked lists or labelled completions (unpaired; with their mismatched sequences when the
+    objective reads KTO's reference point)."""
     from jaxalign.data.pipeline import prepare_dataset
 
     source = tokenizer_path(cfg)
-    data_dir = cfg.data.dataset_dir or os.path.join(workdir, "data")
+    data_dir = cfg.data.dataset_dir or paths.join(workdir, "data")
     dataset, report = prepare_dataset(cfg.data.format, cfg.data.path, data_dir, tok, cfg.data.tokenize_config(),
-                                      on_error=cfg.data.on_error)
+                                      on_error=cfg.data.on_error, source_options=cfg.data.source_options())
     check_tokens_fit_model(dataset.arrays, model_cfg, source)
     unit = row_unit(cfg)
     if len(dataset) < 2:
         raise ValueError(f"{cfg.data.path}: {len(dataset)} usable {unit}; at least 2 are needed (one to train on, "
                          f"one held out)")
     train_rows, eval_rows = split_rows(len(dataset), cfg.data.eval_fraction, cfg.seed)
-    train, held_out = take_rows(dataset, train_rows), take_rows(dataset, eval_rows)
+    if cfg.data.format == "unpaired":
+        mismatched = "kl_policy" in get_spec(cfg.dpo.objective).extras
+        train = unpaired_rows(dataset, train_rows, cfg.dpo.batch_size if mismatched else None, cfg.seed)
+        held_out = unpaired_rows(dataset, eval_rows, len(eval_rows) if mismatched else None, cfg.seed)
+    else:
+        train, held_out = take_rows(dataset, train_rows), take_rows(dataset, eval_rows)
     setting, batch = step_batch(cfg)
     if len(train) < batch:
         raise ValueError(f"{cfg.data.path}: {len(train)} training {unit} (after holding out {len(held_out)}) are "
@@ -406,26 +448,33 @@ def validate_config(cfg: DPOFilesConfig, mesh) -> None:
     model_format(cfg.model.path)
     if not cfg.data.path:
         raise ValueError(f"data.path is required: a .jsonl or .parquet file of {cfg.data.format} preferences")
-    if not os.path.isfile(cfg.data.path):
+    if not os.path.exists(cfg.data.path):
         raise ValueError(f"data.path={cfg.data.path!r} does not exist")
+    check_source(cfg.data.path, cfg.data.source_options())  # a missing split or column, before the workdir
     check_objective(cfg.dpo.objective, cfg.data.format)
+    if cfg.data.format == "unpaired":
+        check_unpaired_settings(cfg.dpo)
     setting, batch = step_batch(cfg)
     check_batch_fits_mesh(batch // cfg.dpo.grad_accum_steps, mesh, f"{setting} / grad_accum_steps")
+
+
+def check_unpaired_settings(dpo: PreferenceConfig) -> None:
+    """The preference settings that only pairs can use, refused for unpaired rows before anything is written."""
+    for name, value, off in (("sft_weight", dpo.sft_weight, "0"), ("logprob_chunk", dpo.logprob_chunk, "0"),
+                             ("packing", dpo.packing, "false")):
+        if value:
+            raise ValueError(f"dpo.{name}={value} applies to pairs; data.format=unpaired trains without it: set "
+                             f"dpo.{name}={off}")
+    if get_spec(dpo.objective).state is not None and dpo.grad_accum_steps != 1:
+        raise ValueError(f"loss={dpo.objective} keeps a running state that folds in one batch per step; set "
+                         f"dpo.grad_accum_steps=1 (got {dpo.grad_accum_steps})")
 
 
 def check_model(cfg: DPOFilesConfig, model_cfg: ModelConfig, family: str | None, mesh) -> str | None:
     """Checks that need the model's config; returns the export family (None when not exporting)."""
     check_model_fits_mesh(model_cfg, mesh)
-    if cfg.data.max_length > model_cfg.max_len:
-        raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's context of {model_cfg.max_len} "
-                         f"positions (max_position_embeddings); set data.max_length <= {model_cfg.max_len}")
-    if not cfg.export.enabled:
-        return None
-    export_family = cfg.export.family or family
-    if export_family is None:
-        raise ValueError(f"{cfg.model.path} records no Hugging Face family; set export.family "
-                         f"({', '.join(hf.FAMILIES)})")
-    return export_family
+    check_context(cfg, model_cfg.max_len)
+    return export_family(cfg, family)
 
 
 def run(cfg: DPOFilesConfig, workdir: str) -> dict:
@@ -438,7 +487,7 @@ def run(cfg: DPOFilesConfig, workdir: str) -> dict:
     tok = load_tokenizer(cfg)
     if model_format(cfg.model.path) != "jaxalign":
         hf.read_hf_config(cfg.model.path)
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     claim(cfg, workdir)
     base, model_cfg, family = load_model(cfg, mesh)
     export_family = check_model(cfg, model_cfg, family, mesh)
@@ -455,16 +504,8 @@ def run(cfg: DPOFilesConfig, workdir: str) -> dict:
         "eval_before": before, "eval_after": after, "eval_history": history,
         **train_loss_summary(log.records("dpo")),
         f"train_{unit}": data_report[f"train_{unit}"], f"eval_{unit}": data_report[f"eval_{unit}"],
-        "rows_read": data_report["validation"]["rows_read"],
-        "rows_skipped": data_report["validation"]["rows_skipped"] + data_report["tokenization"]["rows_skipped"],
-        "prompts_truncated": data_report["tokenization"]["prompts_truncated"],
-        "completions_truncated": data_report["tokenization"]["completions_truncated"],
-        "data": data_report,
+        **data_and_model_summary(cfg, data_report, base, state_params, family),
         "steps": cfg.dpo.steps,
-        "num_params": count_params(base),
-        "num_trainable_params": count_adapter_params(state_params) if cfg.lora.rank else count_params(base),
-        "model_format": model_format(cfg.model.path),
-        "family": family,
         "wall_seconds": time.perf_counter() - clock,
         "params_sha256": params_sha256(policy),
         "config": config_to_dict(cfg),
@@ -474,28 +515,56 @@ def run(cfg: DPOFilesConfig, workdir: str) -> dict:
     if is_primary():
         write_json_atomic(RunDir(workdir).results, results)
         _plot(history, log.records("dpo"), RunDir(workdir).file("dpo_heldout.png"), keys[1],
-              listwise=cfg.dpo.listwise)
+              listwise=cfg.dpo.listwise, objective=cfg.dpo.objective if cfg.data.format == "unpaired" else None)
     return results
 
 
 def eval_keys(cfg: DPOFilesConfig) -> tuple[str, ...]:
+    if cfg.data.format == "unpaired":
+        return UNPAIRED_EVAL_KEYS
     return LIST_EVAL_KEYS if cfg.dpo.listwise else EVAL_KEYS
 
 
 def heldout_evaluation(cfg: DPOFilesConfig, model_cfg: ModelConfig, base, held_out: BucketedDataset):
-    """policy params -> held-out metrics against `base` (pairs: `pair_metrics`; lists: `list_metrics`)."""
+    """policy params -> held-out metrics against `base` (pairs: `pair_metrics`; lists: `list_metrics`; labelled
+    completions: `unpaired_metrics`)."""
     from jaxalign.train.preference import objective_kwargs
 
+    if cfg.data.format == "unpaired":
+        return unpaired_evaluation(cfg, model_cfg, base, held_out.arrays, objective_kwargs(cfg.dpo))
     if not cfg.dpo.listwise:
         reference = summed_pair_logprobs(host_local(base), model_cfg, held_out.arrays, cfg.eval_batch_size)
         return lambda params: pair_metrics(*summed_pair_logprobs(host_local(params), model_cfg, held_out.arrays,
-                                                                 cfg.eval_batch_size), *reference, cfg.dpo.beta)
+                                                                 cfg.eval_batch_size), *reference,
+                                                                 implicit_reward_beta(cfg.dpo))
     lists = held_out.arrays
     reference = summed_list_logprobs(host_local(base), model_cfg, lists, cfg.eval_batch_size)
     hyper = objective_kwargs(cfg.dpo)
     return lambda params: list_metrics(summed_list_logprobs(host_local(params), model_cfg, lists, cfg.eval_batch_size),
                                        reference, lists["list_scores"], lists["list_valid"], cfg.dpo.objective,
-                                       hyper, cfg.dpo.beta)
+                                       hyper, implicit_reward_beta(cfg.dpo))
+
+
+def unpaired_evaluation(cfg: DPOFilesConfig, model_cfg: ModelConfig, base, rows: dict, hyper: dict):
+    """policy params -> `unpaired_metrics` of the held-out completions (and their mismatched sequences, when the
+    rows carry them) against `base`."""
+
+    def summed(params) -> tuple[np.ndarray, ...]:
+        local = host_local(params)
+        out = (summed_unpaired_logprobs(local, model_cfg, rows, cfg.eval_batch_size),)
+        if "kl_tokens" in rows:
+            out += (summed_unpaired_logprobs(local, model_cfg, rows, cfg.eval_batch_size, MISMATCHED_KEYS),)
+        return out
+
+    reference = summed(base)
+    beta = implicit_reward_beta(cfg.dpo)
+
+    def evaluate(params) -> dict[str, float]:
+        policy = summed(params)
+        kl = {} if len(policy) == 1 else {"kl_policy": policy[1], "kl_reference": reference[1]}
+        return unpaired_metrics(policy[0], reference[0], rows["label"], cfg.dpo.objective, hyper, beta, **kl)
+
+    return evaluate
 
 
 def train_dpo(cfg: DPOFilesConfig, mesh, model_cfg: ModelConfig, base, train: BucketedDataset,
@@ -519,27 +588,6 @@ def train_dpo(cfg: DPOFilesConfig, mesh, model_cfg: ModelConfig, base, train: Bu
     return result.selected, result.state_params, result.history
 
 
-def export_policy(params, model_cfg: ModelConfig, family: str, cfg: DPOFilesConfig, workdir: str, tok) -> dict:
-    """Write `params` to WORKDIR/export as a Hugging Face `family` checkpoint with the tokenizer's special-token ids
-    (config.json and generation_config.json: transformers' `generate` stops where ours does), plus the tokenizer
-    files."""
-    import jax.numpy as jnp
-
-    path = os.path.join(workdir, "export")
-    dtype = np.float32 if cfg.export.dtype == "float32" else jnp.bfloat16
-    hf.save_pretrained(params, model_cfg, path, family, dtype=dtype,
-                       token_ids={"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})
-    source = tokenizer_path(cfg)
-    directory = source if os.path.isdir(source) else os.path.dirname(source)
-    copied = []
-    if is_primary():
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(directory, name)):
-                shutil.copyfile(os.path.join(directory, name), os.path.join(path, name))
-                copied.append(name)
-    return {"path": path, "family": family, "dtype": cfg.export.dtype, "tokenizer_files": copied}
-
-
 def train_loss_summary(records: list[dict]) -> dict:
     """The training loss at the first and last logged steps (every `log_every` steps) of the metrics log."""
     logged = [r for r in records if "loss" in r]
@@ -550,8 +598,9 @@ def train_loss_summary(records: list[dict]) -> dict:
 
 
 def _plot(history: list[dict], records: list[dict], path: str, accuracy: str = "eval/reward_accuracy",
-          listwise: bool = False) -> None:
-    """Held-out loss (with the training loss) and the held-out `accuracy` metric over steps."""
+          listwise: bool = False, objective: str | None = None) -> None:
+    """Held-out loss (with the training loss) and the held-out `accuracy` metric over steps; `objective`: the
+    unpaired objective trained on labelled completions (its loss at step 0, policy = reference, is the line)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -563,18 +612,21 @@ def _plot(history: list[dict], records: list[dict], path: str, accuracy: str = "
     train = [r for r in records if "loss" in r]
     if train:
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], alpha=0.6, label="training")
-    if not listwise:  # a listwise loss at policy = reference depends on the lists' sizes and ties
+    if objective is not None:  # its value at policy = reference depends on the objective and its weights
+        ax_loss.axhline(history[0]["eval/loss"], color="gray", linestyle=":", label="step 0 (policy = reference)")
+    elif not listwise:  # a listwise loss at policy = reference depends on the lists' sizes and ties
         ax_loss.axhline(math.log(2), color="gray", linestyle=":", label="log 2 (policy = reference)")
-    name = "listwise loss" if listwise else "DPO loss"
+    name = f"{objective} loss" if objective is not None else "listwise loss" if listwise else "DPO loss"
     ax_loss.set(xlabel="DPO step", ylabel=name, title=name)
     ax_loss.legend()
     label = accuracy.split("/")[1].replace("_", " ")
     ax_acc.plot(steps, [r[accuracy] for r in history], marker="o")
     ax_acc.set(xlabel="DPO step", ylabel=f"{label} (held-out)", ylim=(-0.02, 1.02), title=f"held-out {label}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    paths.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
 __all__ = ["DPOFilesConfig", "DataSection", "ExportSection", "FILES_DPO", "ModelSection", "TRAIN_FORMATS",
-           "check_objective", "list_metrics", "model_format", "pair_metrics", "run", "split_rows", "take_rows"]
+           "check_objective", "list_metrics", "model_format", "pair_metrics", "run", "split_rows", "take_rows",
+           "unpaired_metrics", "unpaired_rows"]

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import os
 import time
 
 import jax
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.algorithms.lm_ppo import LMPPOConfig, init_ppo_state, train_lm_ppo
 from jaxalign.data.iterator import ArrayDataset
 from jaxalign.distributed import host_local
@@ -128,7 +128,7 @@ def train_method(cfg: DRPOArithConfig, ppo: LMPPOConfig, seed: int, sft_params, 
     validation history [{"step": updates, "rollouts", "val/accuracy"}] starting with the SFT policy at step 0, the
     last update's record)."""
     base, tok = cfg.base, CharTokenizer()
-    os.makedirs(run_dir, exist_ok=True)
+    paths.makedirs(run_dir)
     log = MetricsLog(RunDir(run_dir).metrics)
     phase = "drpo" if ppo.beta_reset else "ppo"
 
@@ -140,7 +140,7 @@ def train_method(cfg: DRPOArithConfig, ppo: LMPPOConfig, seed: int, sft_params, 
 
     state = init_ppo_state(ppo, base.model, sft_params, jax.random.key(seed))
     metadata = {"phase": phase, "model": dataclasses.asdict(base.model), "value_model": ppo.value_model}
-    with Checkpointer(os.path.join(run_dir, "checkpoints"), CheckpointConfig(every_steps=1, keep_last=2),
+    with Checkpointer(paths.join(run_dir, "checkpoints"), CheckpointConfig(every_steps=1, keep_last=2),
                       metadata=metadata) as ckpt:
         state, _ = train_lm_ppo(
             state, sft_params, data, cfg=ppo, model_cfg=base.model,
@@ -185,7 +185,7 @@ def run(cfg: DRPOArithConfig, workdir: str) -> dict:
     for name, ppo in method_configs(cfg).items():
         runs[name] = []
         for index in range(cfg.rl_seeds):
-            seed, run_dir = rl_seed(cfg, index), os.path.join(workdir, name, f"seed_{index}")
+            seed, run_dir = rl_seed(cfg, index), paths.join(workdir, name, f"seed_{index}")
             policy, history, last = train_method(cfg, ppo, seed, sft_params, problems, data, sft_val["val_accuracy"],
                                                  run_dir)
             evaluation = kit.cached_greedy_eval(policy, base, problems.test, RunDir(run_dir).file("eval.json"),
@@ -254,5 +254,5 @@ def plot(results: dict, path: str) -> None:
     ax.set(xlabel="rollouts", ylabel="validation accuracy (greedy)", title="DR-PO vs PPO on ARITH")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    paths.save_figure(fig, path, dpi=120)
     plt.close(fig)

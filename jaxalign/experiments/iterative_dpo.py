@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import os
 import time
 from typing import Any, ClassVar
 
 import jax
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.algorithms.iterative import best_iterate, extrapolated_reference, run_iterations
 from jaxalign.algorithms.preference_pairs import check_replay_fractions, pair_arrays, replay_indices, select_pairs
 from jaxalign.data.iterator import ArrayDataset
@@ -219,7 +219,7 @@ def with_replay(cfg: IterativeConfig, own: ArrayDataset, t: int, iterations_dir:
     fractions = cfg.replay_fractions
     if not fractions or t == 0:
         return own, {"replayed": 0, "replay_shortfall": 0}
-    earlier = [kit.load_dataset(os.path.join(iterations_dir, f"iter_{s}", "pairs.npz"))[0]
+    earlier = [kit.load_dataset(paths.join(iterations_dir, f"iter_{s}", "pairs.npz"))[0]
                for s in range(t - 1, max(t - 1 - len(fractions), -1), -1)]
     picks, stats = replay_indices(len(own), [len(d) for d in earlier], fractions,
                                   np.random.default_rng([cfg.base.seed, 6, t]))
@@ -238,12 +238,12 @@ def _reference_logprobs(cfg: IterativeConfig, params, data: ArrayDataset, cache:
 def train_iterations(cfg: IterativeConfig, mesh, sft_params, problems: kit.Problems,
                      workdir: str) -> tuple[list[Any], list[dict]]:
     """The loop (module docstring, step 2) from `sft_params`; returns (iterates pihat_1..pihat_T, their records)."""
-    iterations_dir = os.path.join(workdir, "iterations")
+    iterations_dir = paths.join(workdir, "iterations")
     records: list[dict] = []
 
     def iterate(t: int, latest, previous):
-        it_dir = os.path.join(iterations_dir, f"iter_{t}")
-        os.makedirs(it_dir, exist_ok=True)
+        it_dir = paths.join(iterations_dir, f"iter_{t}")
+        paths.makedirs(it_dir)
         prompts = iteration_prompts(cfg, problems.train, t)
         prompt_tokens, completions, masks = sample_candidates(cfg, latest, previous, prompts, t,
                                                               RunDir(it_dir).samples)
@@ -336,5 +336,5 @@ def plot(runs: list[tuple[str, dict]], path: str) -> None:
                   title="on-policy reward")
     ax_acc.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    paths.save_figure(fig, path, dpi=120)
     plt.close(fig)

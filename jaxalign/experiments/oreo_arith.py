@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.algorithms.oreo import (
     BeamConfig,
     OreoConfig,
@@ -205,9 +205,9 @@ def train_phase(cfg: OreoArithConfig, sft_params, data: ArrayDataset, workdir: s
     policy, critic_params = start or (sft_params, None)
     actor, critic = init_oreo_states(cfg.oreo, base.model, policy, jax.random.key(base.seed + 5), critic_params)
     metadata = {"model": dataclasses.asdict(base.model), "oreo": dataclasses.asdict(cfg.oreo)}
-    directory = os.path.join(workdir, "checkpoints")
-    with Checkpointer(os.path.join(directory, "oreo_actor"), base.checkpoint, {"phase": "oreo_actor", **metadata}) \
-            as actor_ckpt, Checkpointer(os.path.join(directory, "oreo_critic"), base.checkpoint,
+    directory = paths.join(workdir, "checkpoints")
+    with Checkpointer(paths.join(directory, "oreo_actor"), base.checkpoint, {"phase": "oreo_actor", **metadata}) \
+            as actor_ckpt, Checkpointer(paths.join(directory, "oreo_critic"), base.checkpoint,
                                         {"phase": "oreo_critic", **metadata}) as critic_ckpt:
         actor, critic, _ = train_oreo(actor, critic, sft_params, data, cfg=cfg.oreo, model_cfg=base.model,
                                       seed=base.seed + 7, checkpointers=(actor_ckpt, critic_ckpt), metrics_log=log,
@@ -249,7 +249,7 @@ def baselines(cfg: OreoArithConfig, mesh, sft_params, data: ArrayDataset, proble
                                                  RunDir(workdir).file("rs_sft_eval.json"),
                                                  {"sequences": int(len(rs_data))})
     pairs, pair_stats = kit.on_policy_pairs(base, sft_params, problems.train, workdir)  # the same samples.npz
-    dpo_dir = os.path.join(workdir, "dpo")
+    dpo_dir = paths.join(workdir, "dpo")
     dpo_params, _, _ = kit.train_dpo(base, mesh, sft_params, pairs, problems, dpo_dir,
                                            MetricsLog(RunDir(dpo_dir).metrics))
     out["dpo"] = kit.cached_greedy_eval(dpo_params, base, problems.test, RunDir(workdir).file("dpo_eval.json"),
@@ -267,7 +267,7 @@ def run(cfg: OreoArithConfig, workdir: str) -> dict:
     policy, critic, last_metrics = train_phase(cfg, sft_params, data, workdir, log)
     success_per_iteration = [float(data.arrays["reward"].mean())]
     for iteration in range(1, cfg.iterations):  # iterative OREO: re-collect with the new policy, train on
-        it_dir = os.path.join(workdir, "iterations", f"iter_{iteration}")
+        it_dir = paths.join(workdir, "iterations", f"iter_{iteration}")
         it_data = trajectories(cfg, policy, problems, it_dir)
         policy, critic, last_metrics = train_phase(cfg, sft_params, it_data, it_dir,
                                                    MetricsLog(RunDir(it_dir).metrics), (policy, critic))
@@ -343,5 +343,5 @@ def _plot(results: dict, per_prompt: dict, path: str) -> None:
     ax_value.set(xlabel="SFT sampled success rate", ylabel="V(s_0)",
                  title="V(s_0) vs success" + ("" if corr is None else f" (r = {corr:.2f})"))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    paths.save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import os
 import time
 from typing import Any, ClassVar
 
 import jax
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.algorithms.preference_pairs import pair_arrays, select_pairs
 from jaxalign.algorithms.step_pairs import build_step_pairs
 from jaxalign.data.iterator import ArrayDataset
@@ -181,8 +181,8 @@ def first_rows(data: ArrayDataset, n: int) -> ArrayDataset:
 def train_method(cfg: StepDPOConfig, name: str, mesh, sft_params, data: ArrayDataset, problems,
                  workdir: str, extra: dict) -> dict:
     """The main job's DPO phase on `data` from the SFT policy, in workdir/<name>; its held-out evaluation record."""
-    method_dir = os.path.join(workdir, name)
-    os.makedirs(method_dir, exist_ok=True)
+    method_dir = paths.join(workdir, name)
+    paths.makedirs(method_dir)
     selected, _, guard = kit.train_dpo(cfg.base, mesh, sft_params, data, problems, method_dir,
                                              MetricsLog(RunDir(method_dir).metrics))
     # Without base.dpo.select_best train_dpo returns the last step, whatever the guard would have chosen.
@@ -261,5 +261,5 @@ def plot(results: dict, path: str) -> None:
     ax_val.set(xlabel="DPO step", ylabel="validation accuracy (greedy)")
     ax_val.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    paths.save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -17,6 +17,7 @@ from jaxalign.losses.registry import (
     compute_objective,
     get_objective,
     get_spec,
+    hyperparameter_defaults,
     initial_state,
     needed_extras,
     objective_kwargs,
@@ -35,5 +36,6 @@ from jaxalign.losses import unpaired as _unpaired  # noqa: F401
 from jaxalign.losses import weighted as _weighted  # noqa: F401
 
 __all__ = ["FAMILIES", "OBJECTIVES", "SPECS", "ListwiseInputs", "ObjectiveSpec", "PairwiseInputs", "StateHooks",
-           "UnpairedInputs", "compute_objective", "get_objective", "get_spec", "initial_state", "needed_extras",
+           "UnpairedInputs", "compute_objective", "get_objective", "get_spec",
+           "hyperparameter_defaults", "initial_state", "needed_extras",
            "objective_kwargs", "parse_objective_args", "register", "unpair", "unregister", "update_state"]

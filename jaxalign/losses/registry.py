@@ -348,12 +348,21 @@ def parse_objective_args(text: str, setting: str = "dpo") -> dict[str, Any]:
     return parsed
 
 
-def objective_kwargs(name: str, beta: float, label_smoothing: float | None = None, objective_args: str = "", *,
-                     setting: str = "dpo") -> dict[str, Any]:
-    """The keyword arguments a trainer passes to objective `name`: beta when the objective takes one, each of its
-    `beta_aliases` as a function of beta (ADPO: tau = 1/beta; DRO: tau = beta; Flex-DPO: beta_chosen =
-    beta_rejected = beta), label_smoothing when not None, and `objective_args` ("name=value,name=value",
-    `parse_objective_args`), which win. TRL's loss modifiers (f_divergence, f_alpha, ld_alpha, wpo) are accepted
+def hyperparameter_defaults(name: str) -> dict[str, Any]:
+    """The defaults objective `name` declares in its own signature (what it trains with when nothing is set)."""
+    spec = get_spec(name)
+    parameters = inspect.signature(spec.fn).parameters
+    return {k: parameters[k].default for k in sorted(spec.hyperparameters)
+            if k in parameters and parameters[k].default is not inspect.Parameter.empty}
+
+
+def objective_kwargs(name: str, beta: float | None, label_smoothing: float | None = None, objective_args: str = "",
+                     *, setting: str = "dpo") -> dict[str, Any]:
+    """The keyword arguments a trainer passes to objective `name`: beta when it is set (not None) and the objective
+    takes one, each of its `beta_aliases` as a function of that beta (ADPO: tau = 1/beta; DRO: tau = beta; Flex-DPO:
+    beta_chosen = beta_rejected = beta), label_smoothing when not None, and `objective_args` ("name=value,name=value",
+    `parse_objective_args`), which win. Whatever is not set keeps the objective's own default
+    (`hyperparameter_defaults`). TRL's loss modifiers (f_divergence, f_alpha, ld_alpha, wpo) are accepted
     by every objective that declares a modifier; `compute_objective` rejects the ones it does not support.
 
     Pure. Unknown names are one ValueError listing the accepted ones; `setting` names the config section the
@@ -364,10 +373,11 @@ def objective_kwargs(name: str, beta: float, label_smoothing: float | None = Non
     if spec.modifiers:
         accepted |= set(MODIFIER_ARGUMENTS)
     kwargs: dict[str, Any] = {}
-    if "beta" in accepted:
-        kwargs["beta"] = beta
-    for alias, from_beta in spec.beta_aliases:
-        kwargs[alias] = from_beta(beta)
+    if beta is not None:
+        if "beta" in accepted:
+            kwargs["beta"] = beta
+        for alias, from_beta in spec.beta_aliases:
+            kwargs[alias] = from_beta(beta)
     if label_smoothing is not None:
         kwargs["label_smoothing"] = label_smoothing
     kwargs.update(parse_objective_args(objective_args, setting))

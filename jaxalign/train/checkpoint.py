@@ -27,6 +27,11 @@ once every item is written (on file systems with atomic rename; on GCS it uses a
 killed half-way therefore leaves only a temporary directory, which `latest_step`/`restore_latest` never see and
 which is deleted when the next checkpointer on that directory is opened. Saves are synchronous, so when `save()`
 has returned the step directory has been renamed into place and a SIGKILL cannot lose it.
+
+Object stores: the directory may be a `gs://...` URI (`jaxalign.paths.absolute_path` makes it an `epath.Path`, which
+orbax takes as is). There orbax cannot rename a directory; it marks a finished step with a commit file of its own
+instead, and TensorStore writes the arrays through its own Cloud Storage driver (not epath). Neither has run against
+real Cloud Storage in this project's tests.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxalign.paths import absolute_path
 from jaxalign.rundir import ABSENT, first_json_difference, json_normalise, sanitise_json, show_json_value
 from jaxalign.train.state import TrainState
 from jaxalign.validation import check_positive_int
@@ -173,7 +179,7 @@ class PytreeCheckpointer:
     def __init__(self, directory: str | epath.PathLike, metadata: Any, keep_last: int = 2) -> None:
         if isinstance(keep_last, bool) or not isinstance(keep_last, (int, np.integer)) or keep_last < 1:
             raise ValueError(f"keep_last must be a positive int, got {keep_last!r}")
-        self.directory = epath.Path(directory).absolute()
+        self.directory = absolute_path(directory)
         self.keep_last = int(keep_last)
         try:
             self.metadata = json_normalise(metadata)

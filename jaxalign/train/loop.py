@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxalign import tracking
+from jaxalign import paths, tracking
 from jaxalign.data.iterator import ArrayDataset, batch_at
 from jaxalign.rundir import strict_json_line
 from jaxalign.sharding import process_batch_block, put_batch
@@ -35,7 +35,7 @@ def process_log_path(path: str, process_index: int) -> str:
     if process_index == 0:
         return path
     stem, ext = os.path.splitext(os.path.basename(path))
-    return os.path.join(os.path.dirname(path), "logs", f"{stem}.process_{process_index}{ext}")
+    return paths.join(paths.dirname(path), "logs", f"{stem}.process_{process_index}{ext}")
 
 
 class MetricsLog:
@@ -47,32 +47,29 @@ class MetricsLog:
     In a multi-process run only process 0 writes `path`; process i > 0 keeps its own identical copy in
     `process_log_path(path, i)`, so processes sharing a work directory never append to (or read half of) one file
     and every process reads back exactly the records it wrote.
+
+    `path` may be on an object store (`jaxalign.paths`): there each `write` rewrites the whole object (objects
+    cannot be appended to), which is correct because each file has one writer.
     """
 
     def __init__(self, path: str, process_index: int | None = None):
         process_index = jax.process_index() if process_index is None else process_index
         self.path = process_log_path(path, process_index)
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        paths.makedirs(paths.dirname(self.path) or ".")
 
     def records(self, phase: str | None = None) -> list[dict[str, Any]]:
-        if not os.path.exists(self.path):
+        if not paths.exists(self.path):
             return []
-        with open(self.path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in paths.read_text(self.path).split("\n") if line.strip()]
         return [r for r in records if phase is None or r.get("phase") == phase]
 
     def truncate(self, phase: str, after_step: int) -> None:
         kept = [r for r in self.records() if r.get("phase") != phase or r.get("step", 0) <= after_step]
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(strict_json_line(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
+        paths.write_atomic(self.path, "".join(strict_json_line(r) + "\n" for r in kept))
         tracking.sync(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(strict_json_line(record) + "\n")
-            f.flush()
+        paths.append_text(self.path, strict_json_line(record) + "\n")
         tracking.sync(self.path)
 
 

@@ -21,13 +21,13 @@ This module knows nothing about tasks or files: what to evaluate and which data 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 
 from jaxalign.data.packing import PackedPairDataset
 from jaxalign.distributed import host_local
-from jaxalign.losses import get_spec
+from jaxalign.losses import get_spec, hyperparameter_defaults
 from jaxalign.losses import objective_kwargs as registry_objective_kwargs
 from jaxalign.losses.dpo import check_beta
 from jaxalign.models.llama import DecoderLM, ModelConfig
@@ -38,6 +38,8 @@ from jaxalign.train.loop import ON_NONFINITE, MetricsLog, train_loop
 from jaxalign.train.optim import OptimConfig, make_optimizer
 from jaxalign.train.reference import ReferenceSync, cached_reference_logprobs
 from jaxalign.train.setup import sharded_lora_train_state, sharded_train_state
+from jaxalign.train.unpaired import (UNPAIRED_TOKEN_KEYS, cached_unpaired_reference_logprobs, is_unpaired,
+                                     unpaired_loss_fn)
 from jaxalign.train.step import (
     dpo_loss_fn,
     initial_objective_state,
@@ -69,12 +71,15 @@ class PreferenceConfig:
     """How a preference phase trains (every field can be overridden from the command line as dpo.FIELD=VALUE).
 
     objective: any registered objective (`jaxalign objectives`). Listwise objectives train on ranked lists,
-        `list_batch_size` lists per step; every other family on pairs, `batch_size` pairs per step.
+        `list_batch_size` lists per step; every other family on pairs, `batch_size` pairs per step. An experiment's
+        beta, label_smoothing, objective_args and sft_weight are its settings for its own objective: choosing
+        another one (`loss=NAME`) puts them back to the defaults below unless they are set too (`RESET_WITH`).
     beta: the KL strength (Rafailov et al. 2023, eq. 7), passed to every objective that takes one (or its
-        registered equivalent, e.g. ADPO's tau = 1/beta); 0.1 is the paper's and TRL's default. label_smoothing only
-        when set; `objective_args` sets any other hyper-parameter or TRL's loss modifiers, e.g. "tau=0.1" or
-        "ld_alpha=0.5,wpo=true".
-    sft_weight: weight of the chosen-NLL regulariser (RPO, Pang et al. 2024); 0 disables it.
+        registered equivalent, e.g. ADPO's tau = 1/beta); none: the objective's own default (0.1 for DPO, the
+        paper's and TRL's; 2.0 for SimPO). label_smoothing only when set; `objective_args` sets any other
+        hyper-parameter or TRL's loss modifiers, e.g. "tau=0.1" or "ld_alpha=0.5,wpo=true", or one at a time:
+        dpo.objective_args.tau=0.1 (a sweep can vary it: dpo.objective_args.tau=0.1,0.2).
+    sft_weight: weight of the chosen-NLL regulariser added to the objective (RPO, Pang et al. 2024); 0 disables it.
     reference: "cached" (per-token log-probs of the initial policy, computed once and cached on disk under a content
         hash in `reference_cache_dir`, default WORKDIR/reference_cache), "online" (a frozen copy runs a forward pass
         every step) or "sync" (TR-DPO: every `sync_every` steps ref <- sync_alpha * policy + (1 - sync_alpha) * ref).
@@ -90,7 +95,7 @@ class PreferenceConfig:
     batch_size: int = 64  # preference pairs per step
     list_batch_size: int = 16  # ranked lists per step (listwise objectives)
     grad_accum_steps: int = 1  # microbatches per step, accumulated exactly
-    beta: float = 0.1
+    beta: float | None = None
     label_smoothing: float | None = None  # cDPO's assumed label-flip rate epsilon (only objectives that take it)
     objective: str = "sigmoid"
     objective_args: str = ""  # the objective's own hyper-parameters, "name=value,name=value"
@@ -108,9 +113,15 @@ class PreferenceConfig:
     # and the policy and online reference run over those rows; same losses as padded, fewer padded tokens computed
     packing: bool = False
 
+    # The experiment's values of these were chosen for its objective (`jaxalign.overrides`).
+    RESET_WITH: ClassVar[dict[str, tuple[str, ...]]] = {
+        "objective": ("beta", "label_smoothing", "objective_args", "sft_weight")}
+    ARGUMENT_FIELDS: ClassVar[tuple[str, ...]] = ("objective_args",)
+
     def __post_init__(self):
-        check_beta(self.beta)
-        check_positive("dpo", "beta", self.beta)  # inf passes check_beta and trains to nan
+        if self.beta is not None:
+            check_beta(self.beta)
+            check_positive("dpo", "beta", self.beta)  # inf passes check_beta and trains to nan
         for name in ("steps", "batch_size", "list_batch_size", "grad_accum_steps", "eval_every"):
             check_positive_int("dpo", name, getattr(self, name))
         if self.label_smoothing is not None:
@@ -144,8 +155,43 @@ class PreferenceConfig:
 
 def objective_kwargs(dpo: PreferenceConfig) -> dict[str, Any]:
     """The hyper-parameters `dpo.objective` receives (`jaxalign.losses.objective_kwargs`: beta or its registered
-    alias, label_smoothing when set, then `objective_args`); unknown names are one clear error."""
+    alias when set, label_smoothing when set, then `objective_args`); unknown names are one clear error."""
     return registry_objective_kwargs(dpo.objective, dpo.beta, dpo.label_smoothing, dpo.objective_args)
+
+
+def resolved_hyperparameters(dpo: PreferenceConfig) -> dict[str, Any]:
+    """Every hyper-parameter the objective trains with: its own defaults, then what the config sets."""
+    return {**hyperparameter_defaults(dpo.objective), **objective_kwargs(dpo)}
+
+
+def implicit_reward_beta(dpo: PreferenceConfig) -> float:
+    """The beta of the implicit reward beta * (log pi - log ref) reported in evaluations (Rafailov et al. 2023,
+    eq. 5): dpo.beta, else the objective's own beta, else DPO's 0.1 for objectives that take none."""
+    if dpo.beta is not None:
+        return dpo.beta
+    beta = resolved_hyperparameters(dpo).get("beta")
+    return float(beta) if isinstance(beta, (int, float)) else 0.1
+
+
+def objective_lines(cfg: Any, prefix: str = "") -> list[str]:
+    """"KEY: describe_objective(...)" for every preference phase in a (nested) config, e.g. "dpo: sigmoid(...)"."""
+    if isinstance(cfg, PreferenceConfig):
+        return [f"{prefix.rstrip('.')}: {describe_objective(cfg)}"]
+    if not dataclasses.is_dataclass(cfg):
+        return []
+    return [line for f in dataclasses.fields(cfg)
+            for line in objective_lines(getattr(cfg, f.name), f"{prefix}{f.name}.")]
+
+
+def describe_objective(dpo: PreferenceConfig) -> str:
+    """One line saying what a preference phase optimises, every hyper-parameter resolved (printed at the start of
+    a run, so an experiment's regulariser never reaches another objective unnoticed), e.g.
+    "sigmoid(beta=2.0, label_smoothing=0.0) + 1.0 x chosen NLL (RPO); reference: cached"."""
+    spec = get_spec(dpo.objective)
+    arguments = ", ".join(f"{k}={v}" for k, v in resolved_hyperparameters(dpo).items() if v is not None)
+    regulariser = f" + {dpo.sft_weight:g} x chosen NLL (RPO)" if dpo.sft_weight else ""
+    reference = dpo.reference if spec.needs_reference else "none (reference-free)"
+    return f"{dpo.objective}({arguments}){regulariser}; reference: {reference}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,14 +280,16 @@ def resolve_reference(cfg: PreferenceConfig, model: DecoderLM, init_params: Any,
         return None, data
     if cfg.reference == "online":
         return init_params, data
-    cached = cached_list_reference_logprobs if spec.family == "listwise" else cached_reference_logprobs
+    cached = (cached_list_reference_logprobs if spec.family == "listwise" else
+              cached_unpaired_reference_logprobs if is_unpaired(data.arrays) else cached_reference_logprobs)
     # One local copy: every process computes the same cache from the same bytes.
     arrays, _ = cached(cache_dir, logits_fn(model), host_local(init_params), data.arrays, tokenization, batch_size)
     return None, with_arrays(data, {**data.arrays, **arrays})
 
 
-def _loss(cfg: PreferenceConfig, model: DecoderLM, custom: CustomLoss | None, separator_id: int | None):
-    """(loss_fn, items per step, token keys) of the phase."""
+def _loss(cfg: PreferenceConfig, model: DecoderLM, custom: CustomLoss | None, separator_id: int | None,
+          unpaired: bool = False):
+    """(loss_fn, items per step, token keys) of the phase; `unpaired`: the data are labelled single completions."""
     if cfg.packing and (custom is not None or cfg.listwise):
         raise ValueError(f"dpo.packing applies to registered pairwise objectives; this phase trains "
                          f"{'a custom loss' if custom is not None else f'the listwise {cfg.objective!r}'}: set "
@@ -255,6 +303,10 @@ def _loss(cfg: PreferenceConfig, model: DecoderLM, custom: CustomLoss | None, se
         loss = listwise_loss_fn(model, cfg.objective, sft_weight=cfg.sft_weight, separator_id=separator_id,
                                 **objective_kwargs(cfg))
         return loss, cfg.list_batch_size, LIST_TOKEN_KEYS
+    if unpaired:
+        loss = unpaired_loss_fn(model, cfg.objective, sft_weight=cfg.sft_weight, logprob_chunk=cfg.logprob_chunk,
+                                packing=cfg.packing, **objective_kwargs(cfg))
+        return loss, cfg.batch_size, UNPAIRED_TOKEN_KEYS
     loss = dpo_loss_fn(model, cfg.objective, sft_weight=cfg.sft_weight, logprob_chunk=cfg.logprob_chunk,
                        packing=cfg.packing, **objective_kwargs(cfg))
     return loss, cfg.batch_size, PAIR_TOKEN_KEYS
@@ -333,7 +385,7 @@ def train_preference(cfg: PreferenceConfig, *, model_cfg: ModelConfig, mesh, ini
             history.append({"step": step, **record})
             return record
 
-        loss, batch_size, token_keys = _loss(cfg, model, custom, separator_id)
+        loss, batch_size, token_keys = _loss(cfg, model, custom, separator_id, is_unpaired(data.arrays))
         if cfg.packing:
             data = PackedPairDataset(data, cfg.grad_accum_steps, mesh.shape["data"] * mesh.shape["fsdp"])
         if lora_cfg is not None:
@@ -361,5 +413,7 @@ def train_preference(cfg: PreferenceConfig, *, model_cfg: ModelConfig, mesh, ini
     return PreferenceResult(selected, last, state.params, history, best)
 
 
-__all__ = ["CustomLoss", "Evaluation", "LoraSection", "PreferenceConfig", "PreferenceResult",
-           "objective_kwargs", "resolve_reference", "select_checkpoint", "train_preference"]
+__all__ = ["CustomLoss", "Evaluation", "LoraSection", "PreferenceConfig", "PreferenceResult", "describe_objective",
+           "implicit_reward_beta", "objective_kwargs", "objective_lines", "resolve_reference",
+           "resolved_hyperparameters",
+           "select_checkpoint", "train_preference"]

@@ -15,13 +15,13 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.logprobs import pair_token_logprobs
 
 REFERENCE_KEYS = ("reference_chosen", "reference_rejected")
@@ -107,10 +107,10 @@ def cached_arrays(cache_dir: str, stem: str, key: str, compute: Callable[[], dic
 
     Returns (arrays, info) with info = {"key", "path", "hit"}. A file that exists but cannot be read, carries another
     key or another number of rows is one clear error naming it (never silently recomputed over)."""
-    path = os.path.join(cache_dir, f"{stem}-{key[:32]}.npz")
-    if os.path.exists(path):
+    path = paths.join(cache_dir, f"{stem}-{key[:32]}.npz")
+    if paths.exists(path):
         try:
-            with np.load(path) as f:
+            with np.load(paths.readable(path)) as f:
                 arrays = {k: f[k] for k in f.files if k != "key"}
                 stored_key = str(f["key"])
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
@@ -123,10 +123,8 @@ def cached_arrays(cache_dir: str, stem: str, key: str, compute: Callable[[], dic
                              f"recompute it")
         return arrays, {"key": key, "path": path, "hit": True}
     arrays = compute()
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, key=key, **arrays)
-    os.replace(tmp, path)
+    paths.makedirs(cache_dir)
+    paths.write_atomic_with(path, lambda target: np.savez(target, key=key, **arrays), temporary_suffix=".npz")
     return arrays, {"key": key, "path": path, "hit": False}
 
 

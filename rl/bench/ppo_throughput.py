@@ -24,6 +24,7 @@ import argparse
 import csv
 import dataclasses
 import importlib.metadata
+import io
 import json
 import os
 import time
@@ -32,6 +33,7 @@ import jax
 
 from rl.envs import CartPole
 from rl.ppo import PPOConfig, make_ppo
+from jaxalign import paths
 from jaxalign.rundir import RunDir
 
 MISSING_EXTRA = "the Stable-Baselines3 baseline needs the benchmark extra: pip install -e '.[bench]'"
@@ -148,13 +150,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _save(summary: dict, out: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(RunDir(out).file("ppo_throughput.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(out, "ppo_throughput.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary["rows"][0]))
-        writer.writeheader()
-        writer.writerows(summary["rows"])
+    paths.makedirs(out)
+    paths.write_atomic(RunDir(out).file("ppo_throughput.json"), json.dumps(summary, indent=2))
+    table = io.StringIO(newline="")  # csv's own CRLF line ends, as a file opened with newline="" keeps them
+    writer = csv.DictWriter(table, fieldnames=list(summary["rows"][0]))
+    writer.writeheader()
+    writer.writerows(summary["rows"])
+    paths.write_atomic(paths.join(out, "ppo_throughput.csv"), table.getvalue())
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,6 +167,6 @@ def _save(summary: dict, out: str) -> None:
     ax.barh(names, [r["env_steps_per_second"] for r in summary["rows"]])
     ax.set(xscale="log", xlabel="training env-steps/s (log scale)", title="PPO on CartPole-v1")
     fig.tight_layout()
-    fig.savefig(RunDir(out).file("ppo_throughput.png"), dpi=120)
+    paths.save_figure(fig, RunDir(out).file("ppo_throughput.png"), dpi=120)
     plt.close(fig)
     print(f"saved {out}/ppo_throughput.{{json,csv,png}}")

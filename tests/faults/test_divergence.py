@@ -121,6 +121,8 @@ DIVERGING = [*TINY_ARITH, "sft.steps=30", "checkpoint.every_steps=2", "log_every
 def test_a_diverging_run_exits_with_one_line_and_only_finite_checkpoints(tmp_path):
     proc = run_arith(tmp_path, *DIVERGING)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and lines[0].startswith("objective of dpo: sigmoid(beta=2.0"), proc.stderr[-4000:]  # the run's header
+    lines = lines[1:]
     assert proc.returncode == 2 and len(lines) == 1, f"rc {proc.returncode}\n{proc.stderr[-4000:]}"
     sft_dir = tmp_path / "checkpoints" / "sft"
     assert lines[0].startswith("jaxalign: error: phase 'sft' diverged: "), lines[0]

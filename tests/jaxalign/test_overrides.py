@@ -228,3 +228,64 @@ def test_bad_values_for_the_main_job_name_the_key_and_the_value(override, fragme
         apply_overrides(ArithDPOConfig(), [override])
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An experiment's objective settings belong to its objective (issue: a plugin objective silently got the main
+# job's beta=2.0 and chosen-NLL term).
+
+
+def test_choosing_another_objective_gives_it_its_own_defaults_and_no_chosen_nll_term():
+    main = ArithDPOConfig().dpo
+    assert (main.objective, main.beta, main.sft_weight) == ("sigmoid", 2.0, 1.0)  # tuned for sigmoid DPO
+    dpo = apply_overrides(ArithDPOConfig(), ["loss=simpo"]).dpo
+    assert (dpo.beta, dpo.sft_weight, dpo.label_smoothing, dpo.objective_args) == (None, 0.0, None, "")
+    assert dpo.optim == main.optim and dpo.steps == main.steps  # only the objective's own settings reset
+
+
+def test_settings_given_with_the_objective_hold_in_any_order():
+    for overrides in (["loss=ipo", "dpo.beta=0.5", "dpo.sft_weight=0.2"],
+                      ["dpo.sft_weight=0.2", "dpo.beta=0.5", "loss=ipo"]):
+        dpo = apply_overrides(ArithDPOConfig(), overrides).dpo
+        assert (dpo.objective, dpo.beta, dpo.sft_weight) == ("ipo", 0.5, 0.2)
+
+
+def test_naming_the_experiments_own_objective_keeps_its_settings():
+    assert apply_overrides(ArithDPOConfig(), ["loss=sigmoid"]) == ArithDPOConfig()
+
+
+def test_objective_arguments_can_be_set_one_at_a_time_and_merge():
+    cfg = apply_overrides(ArithDPOConfig(), ["dpo.objective_args=ld_alpha=0.5", "dpo.objective_args.wpo=true"])
+    assert cfg.dpo.objective_args == "ld_alpha=0.5,wpo=true" and cfg.dpo.beta == 2.0
+    cfg = apply_overrides(cfg, ["dpo.objective_args.ld_alpha=0.3"])
+    assert cfg.dpo.objective_args == "ld_alpha=0.3,wpo=true"
+    # a new objective starts from no arguments: the old objective's ld_alpha does not follow it
+    cfg = apply_overrides(cfg, ["loss=simpo", "dpo.objective_args.gamma_beta_ratio=0"])
+    assert cfg.dpo.objective_args == "gamma_beta_ratio=0" and cfg.dpo.beta is None
+
+
+def test_one_objective_argument_takes_one_value_and_unknown_names_are_refused():
+    with pytest.raises(ConfigError, match="one value per argument"):
+        apply_overrides(ArithDPOConfig(), ["dpo.objective_args.gamma_beta_ratio=0,1"])
+    with pytest.raises(ConfigError, match="takes no gamma"):
+        apply_overrides(ArithDPOConfig(), ["dpo.objective_args.gamma=1"])
+
+
+def test_nested_preference_sections_reset_too():
+    from jaxalign.experiments.iterative_dpo import IterativeConfig
+
+    cfg = apply_overrides(IterativeConfig(), ["base.dpo.objective=sppo_hard"])
+    assert (cfg.base.dpo.beta, cfg.base.dpo.sft_weight) == (None, 0.0)
+
+
+def test_a_config_file_keeps_its_values_of_the_reset_fields(tmp_path):
+    """A run's config.json fed back with --config: simpo at beta 2.0 (equal to the main job's) stays at 2.0."""
+    import json
+
+    from jaxalign.overrides import file_overrides
+    from jaxalign.rundir import config_to_dict
+
+    trained = apply_overrides(ArithDPOConfig(), ["loss=simpo", "dpo.beta=2.0", "dpo.sft_weight=1.0"])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config_to_dict(trained)))
+    assert apply_overrides(ArithDPOConfig(), file_overrides(ArithDPOConfig(), str(path))) == trained

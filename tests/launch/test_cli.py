@@ -227,6 +227,9 @@ def test_resuming_a_checkpoint_of_a_different_model(tmp_path):
             proc.kill()
             proc.wait()
     assert _steps(sft_dir), f"no SFT checkpoint appeared:\n{(tmp_path / 'first-run.stderr').read_text()[-4000:]}"
+    # a run starts by saying what its preference phase optimises, every hyper-parameter resolved
+    assert ("objective of dpo: sigmoid(beta=2.0, f_alpha=0.5, f_divergence=reverse_kl, label_smoothing=0.0) + 1 x "
+            "chosen NLL (RPO); reference: cached") in (tmp_path / "first-run.stderr").read_text()
 
     proc = jaxalign("run", "arith_dpo", "--workdir", str(workdir), *TINY, "model.d_model=48")
     assert_clean_error(proc, str(workdir / "config.json"), "model.d_model", "32", "48")
@@ -257,7 +260,7 @@ def test_run_name_help_lists_every_key_with_type_default_and_description(capsys)
     cfg = get_experiment("arith_dpo").default_config()
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert set(valid_keys(cfg)) <= set(lines), set(valid_keys(cfg)) - set(lines)
-    assert lines["dpo.beta"].split()[1:4] == ["float", "=", "2.0:"] and "KL strength" in lines["dpo.beta"]
+    assert lines["dpo.beta"].split()[1:6] == ["float", "|", "None", "=", "2.0:"] and "KL strength" in lines["dpo.beta"]
     assert "on-policy oracle-labelled pairs" in out and "aliases: loss = dpo.objective" in out
     assert main(["run", "no_such_experiment", "--help"]) == 2
 

@@ -105,11 +105,14 @@ def test_without_the_plugin_the_names_are_unknown_and_a_broken_plugin_is_one_lin
 def test_the_main_job_accepts_a_plugin_objective(plugin):
     check = ("from jaxalign.plugins import load_plugins; from jaxalign.registry import configure; "
              f"load_plugins([{str(plugin)!r}]); "
-             "_, cfg = configure('arith_dpo', ['loss=plugin_offset_dpo', 'dpo.objective_args=offset=0.5']); "
-             "print(cfg.dpo.objective)")
+             "from jaxalign.train.preference import describe_objective; "
+             "_, cfg = configure('arith_dpo', ['loss=plugin_offset_dpo', 'dpo.objective_args.offset=0.5']); "
+             "print(describe_objective(cfg.dpo))")
     proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "JAXALIGN_PLUGINS"})
-    assert proc.returncode == 0 and proc.stdout.strip() == "plugin_offset_dpo", proc.stderr[-2000:]
+    # its own beta default (not the main job's 2.0) and no chosen-NLL term (the main job's sft_weight=1.0)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "plugin_offset_dpo(beta=0.1, offset=0.5); reference: cached"
 
 
 def test_sweep_points_and_local_processes_import_the_plugin(plugin, tmp_path):

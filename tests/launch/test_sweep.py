@@ -260,3 +260,13 @@ def test_real_tiny_ppo_sweep_writes_one_row_per_point_and_resumes(tmp_path, caps
     assert "2 points, 0 ran, 2 skipped" in capsys.readouterr().out
     assert {r["point"]: (workdir / r["point"] / sweep.LOG_FILE).read_text() for r in rows} == logs
     assert [r["status"] for r in read_csv(workdir / "sweep.csv")] == ["skipped", "skipped"]
+
+
+def test_one_objective_argument_is_an_axis_of_its_own(tmp_path):
+    """`dpo.objective_args.gamma_beta_ratio=0,1` varies one argument (the whole string would need g=0,g=1)."""
+    axes, points = sweep.plan("arith_dpo", ["loss=simpo", "dpo.objective_args.gamma_beta_ratio=0,1"],
+                              str(tmp_path / "sweep"))
+    assert [p.name for p in points] == [f"dpo.objective_args.gamma_beta_ratio-{v}" for v in (0, 1)]
+    configs = sweep.validate("arith_dpo", points)
+    assert [(c.dpo.objective, c.dpo.objective_args, c.dpo.beta) for c in configs] == [
+        ("simpo", "gamma_beta_ratio=0", None), ("simpo", "gamma_beta_ratio=1", None)]

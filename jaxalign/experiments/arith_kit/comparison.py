@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Callable
 
 import jax
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.algorithms.iterative import run_iterations
 from jaxalign.algorithms.preference_pairs import pair_arrays, select_pairs
 from jaxalign.data.iterator import ArrayDataset
@@ -146,7 +146,7 @@ def train_method(cfg, method: Method, mesh, sft_params, problems: Problems, work
     def iterate(t: int, latest, previous):
         it = RunDir(workdir).sub(method.name, f"iter_{t}")
         it_dir = it.root
-        os.makedirs(it_dir, exist_ok=True)
+        paths.makedirs(it_dir)
         prompts = iteration_prompts(cfg, problems.train, t)
         # Iteration 0 samples the SFT policy for every method: one shared file, the same samples.
         samples_path = RunDir(workdir).file("samples_sft.npz") if t == 0 else it.samples
@@ -247,5 +247,5 @@ def plot(results: dict, title: str, path: str) -> None:
     ax_kl.set(xlabel="iteration", ylabel="KL(pi || pi_old) per response", title="distance to the sampling policy")
     ax_acc.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    paths.save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -3,11 +3,11 @@ training, the preference phase with ARITH's validation guard, objective extras, 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable
 
 import jax
 
+from jaxalign import paths
 from jaxalign.algorithms import objective_extras
 from jaxalign.data.iterator import ArrayDataset
 from jaxalign.distributed import host_local, is_primary
@@ -182,7 +182,7 @@ def start_experiment(cfg: Any, base: ArithDPOConfig, workdir: str, validated: Ar
     if check is not None:
         check(problems)
     run = RunDir(workdir)
-    os.makedirs(run.root, exist_ok=True)
+    paths.makedirs(run.root)
     claim(cfg, workdir)
     log = MetricsLog(run.metrics)
     sft_params, _ = train_sft(base, mesh, problems, workdir, log)

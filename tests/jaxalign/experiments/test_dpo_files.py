@@ -21,7 +21,8 @@ import pytest
 import torch
 import transformers
 
-from dpo_files_support import DATA, REPO, TOKENIZER, VOCAB, tiny_hf_model
+from dpo_files_support import compilation_cache  # noqa: F401 (a fixture this module uses)
+from dpo_files_support import DATA, read_jsonl, REPO, tiny_hf_model, TOKENIZER, VOCAB
 from jaxalign.data.tokenize import load_hf_tokenizer  # noqa: E402
 from jaxalign.experiments import dpo_files  # noqa: E402
 from jaxalign.models import hf  # noqa: E402
@@ -60,34 +61,11 @@ def files(tmp_path_factory):
     return hf_dir, native_dir, data
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The runs here with one config compile identical programs: a persistent compilation cache (in a temporary
-    directory, switched off again afterwards) lets the resumed run load the full run's executables instead of
-    compiling them again, which keeps this module within its time budget. Results do not depend on it."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-                "jax_persistent_cache_min_compile_time_secs": 0.0,
-                "jax_persistent_cache_min_entry_size_bytes": -1}
-    saved = {name: getattr(jax.config, name) for name in settings}
-    cc.reset_cache()
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def config(*overrides: str) -> dpo_files.DPOFilesConfig:
     return apply_overrides(dpo_files.DPOFilesConfig(), [*COMMON, *overrides])
-
-
-def read_jsonl(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @pytest.fixture(scope="module")

@@ -71,10 +71,25 @@ def test_one_beta_default_shared_by_every_preference_experiment():
     from jaxalign.experiments.arith_kit import ArithDPOConfig
     from jaxalign.experiments.dpo_files import DPOFilesConfig
 
-    assert PreferenceConfig().beta == 0.1  # Rafailov et al. 2023's and TRL's default
+    assert PreferenceConfig().beta is None  # each objective's own default: 0.1 for DPO (Rafailov et al. 2023, TRL)
+    assert preference.resolved_hyperparameters(PreferenceConfig())["beta"] == 0.1
     assert type(ArithDPOConfig().dpo) is type(DPOFilesConfig().dpo) is PreferenceConfig
     assert DPOFilesConfig().dpo.beta == PreferenceConfig().beta
     assert ArithDPOConfig().dpo.beta == 2.0  # ARITH's own setting (a tiny model over-optimises at 0.1)
+
+
+def test_the_resolved_objective_line_names_every_value_the_phase_trains_with():
+    from jaxalign.experiments.arith_kit import ArithDPOConfig
+
+    assert preference.objective_lines(ArithDPOConfig()) == [
+        "dpo: sigmoid(beta=2.0, f_alpha=0.5, f_divergence=reverse_kl, label_smoothing=0.0) + 1 x chosen NLL (RPO); "
+        "reference: cached"]
+    simpo = PreferenceConfig(objective="simpo", objective_args="gamma_beta_ratio=0")
+    assert preference.describe_objective(simpo) == ("simpo(beta=2.0, gamma_beta_ratio=0, label_smoothing=0.0); "
+                                                    "reference: none (reference-free)")
+    assert preference.implicit_reward_beta(simpo) == 2.0  # SimPO's own beta
+    assert preference.implicit_reward_beta(PreferenceConfig(objective="adpo")) == 0.1  # takes none: DPO's
+    assert preference.implicit_reward_beta(PreferenceConfig(objective="adpo", beta=3.0)) == 3.0
 
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("batch_size", -1), ("eval_every", 0),

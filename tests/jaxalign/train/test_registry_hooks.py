@@ -248,6 +248,15 @@ def test_beta_reaches_each_objective_under_its_own_name():
     assert objective_kwargs("sigmoid", 2.0, objective_args="beta=0.5") == {"beta": 0.5}
 
 
+def test_an_unset_beta_leaves_every_objective_its_own_default():
+    from jaxalign.losses import hyperparameter_defaults
+
+    assert objective_kwargs("simpo", None) == {} and objective_kwargs("adpo", None) == {}
+    assert objective_kwargs("simpo", None, objective_args="gamma_beta_ratio=0") == {"gamma_beta_ratio": 0}
+    assert hyperparameter_defaults("simpo") == {"beta": 2.0, "gamma_beta_ratio": 0.5, "label_smoothing": 0.0}
+    assert hyperparameter_defaults("kto") == {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}
+
+
 def test_label_smoothing_is_passed_only_when_set():
     assert "label_smoothing" not in objective_kwargs("sigmoid", 1.0)
     assert objective_kwargs("sigmoid", 1.0, 0.2) == {"beta": 1.0, "label_smoothing": 0.2}
