@@ -60,9 +60,10 @@ def test_a_killed_and_resumed_runs_tensorboard_curves_hold_every_step_once(tmp_p
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     workdir, cache = tmp_path / "run", tmp_path / "xla_cache"
-    killed, saved = run_registered("ppo_cartpole", workdir, [*TINY, "tracking=tensorboard"], cache, kill_after=2)
+    killed, saved = run_registered("ppo_cartpole", workdir, [*TINY, "tracking=tensorboard"], cache, kill_after=2,
+                                   fast_compile=True)
     assert killed.returncode == -9 and saved == [2], killed.stderr[-2000:]
-    resumed, _ = run_registered("ppo_cartpole", workdir, [*TINY, "tracking=tensorboard"], cache)
+    resumed, _ = run_registered("ppo_cartpole", workdir, [*TINY, "tracking=tensorboard"], cache, fast_compile=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     scalars, tags = tensorboard_scalars(workdir, "train/loss")

@@ -29,7 +29,7 @@ TIMING = {"train_seconds", "wall_seconds", "throughput"}
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp")
-    done, _ = run_registered("deceptive_paths", root / "A", TINY, root / "xla_cache")
+    done, _ = run_registered("deceptive_paths", root / "A", TINY, root / "xla_cache", fast_compile=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return root
 
@@ -75,10 +75,10 @@ def test_killed_run_resumes_bit_identically(finished_run):
     a, b, cache = finished_run / "A", finished_run / "B", finished_run / "xla_cache"
     before, after = checkpoint_arrays(a, 2), checkpoint_arrays(a, FINAL)
     assert sum(before[k].tobytes() != after[k].tobytes() for k in after if before[k].dtype.kind == "f") > 4
-    killed, saved = run_registered("deceptive_paths", b, TINY, cache, kill_after=KILL_AT)
+    killed, saved = run_registered("deceptive_paths", b, TINY, cache, kill_after=KILL_AT, fast_compile=True)
     assert killed.returncode == -9, f"expected SIGKILL, got rc {killed.returncode}: {killed.stderr[-3000:]}"
     assert saved == [KILL_AT] and not (b / "results.json").exists()
-    resumed, saved = run_registered("deceptive_paths", b, TINY, cache)
+    resumed, saved = run_registered("deceptive_paths", b, TINY, cache, fast_compile=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert saved == [2, 3]
     failures = run_differences(a, b, FINAL, TIMING)

@@ -26,7 +26,7 @@ TIMING = {"train_seconds", "wall_seconds"}
 
 
 def _run(workdir: Path, cache: Path, kill_after: int | None = None, overrides: list[str] = TINY):
-    return run_registered("ddp_gridworld", workdir, overrides, cache, kill_after)
+    return run_registered("ddp_gridworld", workdir, overrides, cache, kill_after, fast_compile=True)
 
 
 def _differences(a: Path, b: Path) -> list[str]:

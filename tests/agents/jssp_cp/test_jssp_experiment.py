@@ -37,7 +37,7 @@ def _solve(capsys, path, out, *options):
 
 def test_run_resumes_bit_identically_then_solve_and_bench_use_its_policy(tmp_path, capsys):
     cache, a, b = tmp_path / "xla_cache", tmp_path / "A", tmp_path / "B"
-    done, saved = run_registered("jssp_cp", a, TINY, cache)
+    done, saved = run_registered("jssp_cp", a, TINY, cache, fast_compile=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert saved == [KILL_AT, FINAL]
     results = json.loads((a / "results.json").read_text())
@@ -55,9 +55,9 @@ def test_run_resumes_bit_identically_then_solve_and_bench_use_its_policy(tmp_pat
     before, after = checkpoint_arrays(a, KILL_AT), checkpoint_arrays(a, FINAL)
     assert sum(before[k].tobytes() != after[k].tobytes() for k in after if before[k].dtype.kind == "f") > 4
 
-    killed, saved = run_registered("jssp_cp", b, TINY, cache, kill_after=KILL_AT)
+    killed, saved = run_registered("jssp_cp", b, TINY, cache, kill_after=KILL_AT, fast_compile=True)
     assert killed.returncode == -9 and saved == [KILL_AT] and not (b / "results.json").exists()
-    resumed, saved = run_registered("jssp_cp", b, TINY, cache)
+    resumed, saved = run_registered("jssp_cp", b, TINY, cache, fast_compile=True)
     assert resumed.returncode == 0 and saved == [FINAL], resumed.stderr[-3000:]
     failures = run_differences(a, b, FINAL, {"timings"})
     assert not failures, "the resumed run differs from the uninterrupted one:\n- " + "\n- ".join(failures)

@@ -1,4 +1,6 @@
 """The policy network: job-permutation equivariance, padding invariance, masking, one parameter set for any size."""
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,10 @@ from agents.jssp_cp.instances import random_instance
 from agents.jssp_cp.network import ILLEGAL, JobShopPolicy, NetworkConfig, init_params
 
 NET = JobShopPolicy(NetworkConfig(dim=16, heads=2, window_layers=1, job_layers=2))
-APPLY = jax.jit(NET.apply)
+# LLVM at -O0 (as in tests/jaxalign/models/test_llama.py): these checks are compile-bound, and the JAX program is
+# what they check, not the backend's code generation.
+O0 = {"xla_backend_optimization_level": 0}
+APPLY = jax.jit(NET.apply, compiler_options=O0)
 
 
 def _params():
@@ -25,7 +30,7 @@ def _mid_episode(shape_or_instance, steps: int, jobs: int | None = None, seed: i
     return _observe_after(env.pad(inst, jobs, max(6, inst.num_machines)), steps)
 
 
-@jax.jit
+@partial(jax.jit, compiler_options=O0)
 def _observe_after(instance, steps):
     def body(_, state):
         legal = env.legal_actions(state)

@@ -22,7 +22,7 @@ TIMING = {"train_seconds", "wall_seconds", "env_steps_per_second"}
 
 def test_tiny_run_end_to_end_killed_and_resumed_bit_identically(tmp_path):
     cache, a, b = tmp_path / "xla_cache", tmp_path / "A", tmp_path / "B"
-    done, saved = run_registered("pdppo_lot_sizing", a, TINY, cache)
+    done, saved = run_registered("pdppo_lot_sizing", a, TINY, cache, fast_compile=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert saved == [1, 2, 3]
     results = json.loads((a / "results.json").read_text())
@@ -48,10 +48,10 @@ def test_tiny_run_end_to_end_killed_and_resumed_bit_identically(tmp_path):
     before, after = checkpoint_arrays(a, 2), checkpoint_arrays(a, FINAL)
     assert sum(before[k].tobytes() != after[k].tobytes() for k in after if before[k].dtype.kind == "f") > 4
 
-    killed, saved = run_registered("pdppo_lot_sizing", b, TINY, cache, kill_after=KILL_AT)
+    killed, saved = run_registered("pdppo_lot_sizing", b, TINY, cache, kill_after=KILL_AT, fast_compile=True)
     assert killed.returncode == -9, f"expected SIGKILL, got rc {killed.returncode}: {killed.stderr[-3000:]}"
     assert saved[-1] == KILL_AT and not (b / "results.json").exists()
-    resumed, saved = run_registered("pdppo_lot_sizing", b, TINY, cache)
+    resumed, saved = run_registered("pdppo_lot_sizing", b, TINY, cache, fast_compile=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert saved == [3], f"the re-run trained chunks ending at {saved}, not just the missing one"
     failures = run_differences(a, b, FINAL, TIMING)

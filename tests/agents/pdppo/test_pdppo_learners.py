@@ -51,7 +51,8 @@ def arms():
     for algorithm in L.ALGORITHMS:
         learner = L.make_learner(_config(algorithm), TINY)
         start = learner.init(jax.random.key(0))
-        update = jax.jit(learner.update)
+        # LLVM at -O0: compiling the update is most of this fixture's time (the same JAX program is checked).
+        update = jax.jit(learner.update, compiler_options={"xla_backend_optimization_level": 0})
         after, metrics = update(start)
         out[algorithm] = (learner, start, after, metrics, update)
     return out
