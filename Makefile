@@ -16,4 +16,4 @@ run: $(VENV)/.installed  ## the main job: SFT then DPO on ARITH, results in $(WO
 	$(VENV)/bin/jaxalign run arith_dpo --workdir $(WORKDIR)
 
 test: $(VENV)/.installed  ## the whole test suite (what CI runs)
-	$(VENV)/bin/pytest -q -n 2
+	$(VENV)/bin/pytest -q -n 2 --dist worksteal
