@@ -3,16 +3,17 @@
 Every ```bash block of the sections "Quick start" and "Use it on your model and data" is run line by line, in order,
 in a scratch directory that holds what a fresh clone has (tests/data, via a link); the first walkthrough makes the
 demo model and files (`python -m launch.demo_files runs/demo`) that stand in for the user's. Lines starting with
-`jaxalign` run through the real command line in this process, `python ...` lines in a child process, and the line
-activating .venv is what this process already is; the quick start's `jaxalign run arith_dpo` line is resolved
-(experiment, keys, values) but not trained, since the main job trains in its own tests. Each `jaxalign run` gets a
-few small overrides appended (later overrides win) so that a walkthrough takes seconds: the commands, files, keys and
-values are the README's own. A block cannot hide a placeholder: an upper-case word such as MODEL_DIR fails the test,
-so every command in those blocks is one a user can paste.
+`jaxalign` and `python -m` run in this process (the real command line), other `python ...` lines in a child process,
+and the line activating .venv is what this process already is; the quick start's `jaxalign run arith_dpo` line is
+resolved (experiment, keys, values) but not trained, since the main job trains in its own tests. Each `jaxalign run`
+gets a few small overrides appended (later overrides win) so that a walkthrough takes seconds: the commands, files,
+keys and values are the README's own. A block cannot hide a placeholder: an upper-case word such as MODEL_DIR fails
+the test, so every command in those blocks is one a user can paste.
 """
 from __future__ import annotations
 
 import re
+import runpy
 import shlex
 import subprocess
 import sys
@@ -67,6 +68,11 @@ def clone(tmp_path_factory):
 def run_line(line: str, cwd: Path, monkeypatch) -> None:
     argv = shlex.split(line)
     if argv[:2] == [".", ".venv/bin/activate"]:
+        return
+    if argv[:2] == ["python", "-m"]:  # a module of this repository: in this process (no second interpreter start)
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", argv[2:])
+        runpy.run_module(argv[2], run_name="__main__", alter_sys=False)
         return
     if argv[0] == "python":
         proc = subprocess.run([sys.executable, *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=300)
