@@ -193,6 +193,11 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "jitted policy and learner; checkpointed and resumable per chunk, evaluated greedily",
         _module_experiment("ppo_gymnasium", "rl.experiments.ppo_gymnasium", "PPOGymnasiumConfig"),
     ),
+    "dqn_gymnasium": (
+        "double DQN on any gymnasium environment with discrete actions (env=Acrobot-v1, ...), stepped on the host "
+        "with the jitted policy and learner; replay buffer checkpointed per chunk, resumable, evaluated greedily",
+        _module_experiment("dqn_gymnasium", "rl.experiments.dqn_gymnasium", "DQNGymnasiumConfig"),
+    ),
 }
 
 

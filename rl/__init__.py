@@ -10,12 +10,15 @@
     networks.py       MLP torsos, actor-critic, Q and distributional Q heads
     ppo.py            PPO: ppo_loss, make_ppo / make_train (one jitted scan, vmappable over seeds)
     replay.py         a uniform replay buffer as a pytree
-    dqn.py            DQN / double DQN: targets, loss, make_dqn / make_train
+    dqn.py            DQN / double DQN: targets, loss, make_learner (environment-independent), make_dqn / make_train
     distributional.py C51 categorical projection, quantile-regression Huber loss
     harness.py        the run harness (PureJaxRL-style): an agent's init + update scanned in jitted chunks, the
                       runner state checkpointed after each and resumed bit for bit, the environment batch sharded
                       over the devices' data axis, metrics.jsonl, results.json, a learning curve, progress
+    host.py           the host-side loop for gymnasium environments (ppo_gymnasium, dqn_gymnasium): the harness's
+                      claim, chunks, divergence check, checkpoints and resume, with per-chunk seeded env resets
     testing.py        kill-and-resume checks for experiments on the harness (SIGKILL right after a checkpoint)
-    experiments/      reference runs registered with the experiment registry (ppo_cartpole)
+    experiments/      reference runs registered with the experiment registry (ppo_cartpole, ppo_gymnasium,
+                      dqn_gymnasium)
     bench/            benchmarks registered with the CLI (ppo-throughput)
 """
