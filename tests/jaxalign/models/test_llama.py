@@ -14,10 +14,14 @@ import pytest
 from jax.sharding import AbstractMesh
 
 from jaxalign.models.llama import (
+    ACTIVATIONS,
     Attention,
     DecoderLM,
     ModelConfig,
     check_model_fits_mesh,
+    gated_activation,
+    grouped_attention,
+    head_major_attention,
     init_cache,
     init_params,
 )
@@ -383,3 +387,31 @@ def test_fit_check_accepts_exactly_the_meshes_that_split_every_parameter_evenly(
             except ValueError:
                 fits = False
             assert fits == divisible_under_rules(cfg, mesh), f"fsdp={fsdp} tensor={tensor}"
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_the_gated_activations_hand_written_gradient_equals_autodiff(activation):
+    gate, up, dy = jax.random.normal(jax.random.key(0), (3, 6, 40)) * 3.0
+    by_hand = jax.vjp(lambda g, u: gated_activation(g, u, activation), gate, up)
+    by_autodiff = jax.vjp(lambda g, u: ACTIVATIONS[activation](g) * u, gate, up)
+    np.testing.assert_allclose(by_hand[0], by_autodiff[0], rtol=1e-6)
+    for mine, reference in zip(by_hand[1](dy), by_autodiff[1](dy)):
+        np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attn_logit_softcap": 5.0, "query_pre_attn_scalar": 12.0}])
+def test_head_major_attention_equals_grouped_attention_with_its_gradients(overrides):
+    """The training path (keys and values repeated per query head, [b, h, t, d]) and the decoding path (query heads
+    grouped by their key/value head) compute the same function, masks and soft-capping included."""
+    cfg = dataclasses.replace(CFG, **overrides)
+    keys = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(keys[0], (3, 7, cfg.n_heads, cfg.head_dim))
+    k, v = (jax.random.normal(key, (3, 7, cfg.n_kv_heads, cfg.head_dim)) for key in keys[1:3])
+    allowed = jnp.tril(jnp.ones((7, 7), bool))[None] & (jax.random.uniform(keys[3], (3, 1, 7)) > 0.3)
+    allowed = allowed | jnp.eye(7, dtype=bool)[None]  # every query sees at least itself
+    outputs = [jax.vjp(lambda *x: attend(*x, allowed, cfg), q, k, v)
+               for attend in (head_major_attention, grouped_attention)]
+    np.testing.assert_allclose(outputs[0][0], outputs[1][0], rtol=1e-5, atol=1e-6)
+    cotangent = jax.random.normal(keys[3], q.shape)
+    for a, b in zip(outputs[0][1](cotangent), outputs[1][1](cotangent)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
