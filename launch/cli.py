@@ -10,6 +10,7 @@
     jaxalign bench ppo-throughput [--timesteps N] [--sb3-timesteps N] [--no-sb3]
     jaxalign bench objectives --workdir DIR [--seeds 0,1,2] [--tasks ...] [--objectives ...] [key=value ...]
     jaxalign bench reference-cost [--sizes tiny,small,medium] [--steps N] [--out DIR]
+    jaxalign bench step-profile --out DIR [--sizes small,medium,large] [--prompt-len N] [--completion-len N]
     jaxalign bench iterative --workdir DIR [--seeds 0,1,2] [--algorithms ...] [--no-arith] [key=value ...]
     jaxalign bench pdppo --workdir DIR [--budget N] [--seeds 0,1,2,3,4] [--instances 15i5m,20i10m,25i15m] [--no-tiny]
     jaxalign convert hf-to-jaxalign|jaxalign-to-hf SRC DST [--family F] [--dtype D]      (launch/convert.py)
@@ -64,6 +65,7 @@ BENCHMARKS = {
     "objectives": "jaxalign.bench.objectives",
     "sampling": "jaxalign.bench.sampling",
     "logprob-memory": "jaxalign.bench.logprob_memory",
+    "step-profile": "jaxalign.bench.step_profile",
     "packing": "jaxalign.bench.packing",
     "iterative": "jaxalign.bench.iterative",
     "jssp": "agents.jssp_cp.bench",

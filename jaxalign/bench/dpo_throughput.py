@@ -62,6 +62,10 @@ SIZES = {
                          max_len=64),
     "medium": ModelConfig(vocab_size=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, mlp_dim=688,
                           max_len=64),
+    # Matmuls dominate: about 40M parameters, a 32k vocabulary (run it with --prompt-len/--completion-len summing
+    # to 256); seconds per step on a 2-core CPU.
+    "large": ModelConfig(vocab_size=32_000, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64,
+                         mlp_dim=1376, max_len=256),
 }
 FIRST_TOKEN = 3  # ids 0-2 are special in the TRL baseline's tokenizer; both sides draw tokens from [3, vocab)
 BENCH_EXTRA = ("datasets", "tokenizers", "torch", "transformers", "trl")

@@ -253,23 +253,37 @@ def attention_probabilities(scores: jax.Array, allowed: jax.Array, cfg: ModelCon
     return jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
 
 
+def causal_query_blocks(time: int, max_blocks: int = 4) -> list[tuple[int, int]]:
+    """[start, end) query blocks of a causal attention: up to `max_blocks` of at least 32 positions each."""
+    blocks = min(max_blocks, max(1, time // 32))
+    bounds = [round(i * time / blocks) for i in range(blocks + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def head_major_attention(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array,
                          cfg: ModelConfig) -> jax.Array:
-    """Attention over a whole sequence (training, scoring, prefill without a cache) in the [batch, heads, time,
-    head_dim] layout, each key/value head repeated for its n_heads / n_kv_heads query heads (query head j reads
-    key/value head j // groups, as in `grouped_attention`).
+    """Causal attention over a whole sequence (training, scoring, prefill without a cache) in the [batch, heads,
+    time, head_dim] layout, each key/value head repeated for its n_heads / n_kv_heads query heads (query head j
+    reads key/value head j // groups, as in `grouped_attention`).
 
-    q [b, t, n_heads, d], keys/values [b, s, n_kv_heads, d], allowed [b, t, s] -> [b, t, n_heads, d]. Equal to
-    `grouped_attention`; on XLA:CPU its forward + backward runs about 2.3x faster (B 16, T 128, 8 heads, 4 key/value
-    heads: 13 vs 30 ms), because every score op is a plain batched matmul over (batch, head) whose backward needs
-    no relayout of the five-axis grouped scores.
+    q [b, t, n_heads, d], keys/values [b, t, n_kv_heads, d], allowed [b, t, t] (causal: no query sees a later
+    index) -> [b, t, n_heads, d]. The queries go in up to four blocks (`causal_query_blocks`) and each block scores
+    only the keys up to its own end, so the masked upper triangle is mostly never computed (with four blocks, 10
+    of the 16 score tiles). Equal to `grouped_attention` with a causal mask. On XLA:CPU (B 16, 8 heads, 4 key/value
+    heads, head_dim 32) its forward + backward takes 10 ms at T 128 and 56 ms at T 256, where the grouped layout
+    over all keys takes 30 ms at T 128: every score op is a plain batched matmul over (batch, head) whose backward
+    needs no relayout of five-axis grouped scores, and about 40 % of the score work is skipped.
     """
     groups = cfg.n_heads // cfg.n_kv_heads
     q = q.transpose(0, 2, 1, 3)
     keys = jnp.repeat(keys, groups, axis=2).transpose(0, 2, 1, 3)
     values = jnp.repeat(values, groups, axis=2).transpose(0, 2, 1, 3)
-    weights = attention_probabilities(jnp.einsum("bhtd,bhsd->bhts", q, keys), allowed[:, None], cfg)
-    return jnp.einsum("bhts,bhsd->bhtd", weights, values).transpose(0, 2, 1, 3)
+    outputs = []
+    for start, end in causal_query_blocks(q.shape[2]):
+        scores = jnp.einsum("bhtd,bhsd->bhts", q[:, :, start:end], keys[:, :, :end])
+        weights = attention_probabilities(scores, allowed[:, None, start:end, :end], cfg)
+        outputs.append(jnp.einsum("bhts,bhsd->bhtd", weights, values[:, :, :end]))
+    return jnp.concatenate(outputs, axis=2).transpose(0, 2, 1, 3)
 
 
 def grouped_attention(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array,

@@ -482,4 +482,5 @@ def jit_train_step(step, mesh: Mesh, state_shardings, frozen_shardings):
         with mesh:
             return jitted(state, frozen, batch, next_position)
 
+    call.jitted = jitted  # for lowering and inspecting the compiled step (`jaxalign.bench.step_profile`)
     return call

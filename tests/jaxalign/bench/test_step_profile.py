@@ -1,0 +1,40 @@
+"""`jaxalign bench step-profile`: every traced operation of the DPO step is attributed to a part of the model and a
+pass, and the smoke run's breakdown covers the parts a decoder has. No timing assertions (machine-dependent)."""
+import json
+
+import pytest
+
+from jaxalign.bench import step_profile
+
+
+@pytest.mark.parametrize("op_name, part, backward", [
+    ("jit(run)/jvp(DecoderLM)/layer_0/mlp/up/dot_general", "mlp", False),
+    ("jit(run)/transpose(jvp(DecoderLM))/layer_3/mlp/jit(silu)/mul", "mlp", True),
+    ("jit(run)/jvp(DecoderLM)/layer_1/attn/bhtd,bhsd->bhts/dot_general", "attention core", False),
+    ("jit(run)/transpose(jvp(DecoderLM))/layer_1/attn/k/dot_general", "attention proj.", True),
+    ("jit(run)/jvp(DecoderLM)/layer_0/mlp_norm/mul", "norms", False),
+    ("jit(run)/jvp(DecoderLM)/embed.attend/dot_general", "embedding/logits", False),
+    ("jit(run)/jvp(jit(log_softmax))/reduce_max", "loss/optimizer", False),
+    ("", "loss/optimizer", False),
+])
+def test_operations_are_attributed_by_their_op_name(op_name, part, backward):
+    assert step_profile.part_of(op_name) == part and step_profile.is_backward(op_name) == backward
+
+
+def test_the_breakdown_sums_per_part_and_pass_and_divides_by_the_steps():
+    names = {"a": "x/mlp/up/dot_general", "b": "transpose(x)/mlp/down/dot_general", "c": "x/attn/div"}
+    rows = {r["part"]: r for r in step_profile.breakdown({"a": 3000.0, "b": 1000.0, "c": 4000.0}, names, steps=2)}
+    assert rows["mlp"]["forward_ms"] == 1.5 and rows["mlp"]["backward_ms"] == 0.5 and rows["mlp"]["share"] == 0.5
+    assert rows["attention core"]["forward_ms"] == 2.0 and rows["norms"]["share"] == 0.0
+
+
+def test_a_smoke_profile_of_the_tiny_step_attributes_time_to_every_part_of_the_model(tmp_path, capsys):
+    (result,) = step_profile.main(["--sizes", "tiny", "--prompt-len", "4", "--completion-len", "4", "--steps", "1",
+                                   "--out", str(tmp_path)])
+    parts = {r["part"]: r for r in result["parts"]}
+    assert set(parts) == set(step_profile.PARTS)
+    assert sum(r["share"] for r in result["parts"]) == pytest.approx(1.0)
+    for part in ("mlp", "attention core", "attention proj."):
+        assert parts[part]["forward_ms"] > 0 and parts[part]["backward_ms"] > 0, part
+    assert json.loads((tmp_path / "step_profile.json").read_text())[0]["size"] == "tiny"
+    assert "attention core" in capsys.readouterr().out
