@@ -31,7 +31,6 @@ import re
 import sys
 
 import jax
-import numpy as np
 
 from jaxalign import paths
 from jaxalign.bench import dpo_throughput

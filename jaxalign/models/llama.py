@@ -28,7 +28,6 @@ Decoding uses an explicit key/value cache pytree passed in and returned (no muta
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -387,32 +386,6 @@ class Attention(nn.Module):
         return out, new_cache
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def gated_activation(gate: jax.Array, up: jax.Array, activation: str) -> jax.Array:
-    """act(gate) * up, the gated MLP's hidden activation (Shazeer 2020, eqs. 5-6).
-
-    Differentiated by hand so that the backward pass is one elementwise pass over (dy, gate, up) that recomputes
-    act(gate) and act'(gate), rather than autodiff's chain of separately materialised products; the forward
-    saves only its two inputs. Equal to autodiff's gradient up to rounding (tests/jaxalign/models).
-    """
-    return ACTIVATIONS[activation](gate) * up
-
-
-def _gated_activation_forward(gate, up, activation):
-    return gated_activation(gate, up, activation), (gate, up)
-
-
-def _gated_activation_backward(activation, saved, dy):
-    # The barrier keeps XLA from merging this recomputation with the forward pass's (CSE), which would make the
-    # forward materialise act(gate) for the backward after all.
-    gate, up = jax.lax.optimization_barrier(saved)
-    act, act_vjp = jax.vjp(ACTIVATIONS[activation], gate)
-    return act_vjp(dy * up)[0], dy * act
-
-
-gated_activation.defvjp(_gated_activation_forward, _gated_activation_backward)
-
-
 class SwiGLU(nn.Module):
     """Gated MLP: W_down (act(x W_gate) * x W_up), act = silu (SwiGLU, Shazeer 2020, eq. 6) or the tanh-GELU
     (GeGLU, eq. 5) as `cfg.activation` says. The module keeps its name whatever the activation (parameter paths)."""
@@ -429,7 +402,7 @@ class SwiGLU(nn.Module):
         tokens = flatten_tokens(x)
         gate = dense("gate", cfg.mlp_dim, ("embed", "mlp"), cfg.d_model)(tokens)
         up = dense("up", cfg.mlp_dim, ("embed", "mlp"), cfg.d_model)(tokens)
-        out = dense("down", cfg.d_model, ("mlp", "embed"), cfg.mlp_dim)(gated_activation(gate, up, cfg.activation))
+        out = dense("down", cfg.d_model, ("mlp", "embed"), cfg.mlp_dim)(ACTIVATIONS[cfg.activation](gate) * up)
         return out.reshape(x.shape[:-1] + (cfg.d_model,))
 
 
