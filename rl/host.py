@@ -17,6 +17,7 @@ deterministic given their seed, as the classic-control ones are).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -27,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxalign import paths
-from jaxalign.rundir import RunDir, claim, config_to_dict, without_presentation_fields
+from jaxalign.rundir import RunDir, claim, config_to_dict, params_sha256, without_presentation_fields
 from jaxalign.train.checkpoint import PytreeCheckpointer, strict_json
 from rl import harness
 from rl.wrappers import GymnasiumDriver
@@ -142,4 +143,38 @@ def train(cfg: Any, workdir: str, envs: list[gymnasium.Env], state: Any, *, seed
     return HostTrained(state, history, time.perf_counter() - start, trained)
 
 
-__all__ = ["ChunkResult", "HostTrained", "chunk_seed", "evaluate_greedy", "host_metrics", "make_envs", "train"]
+def write_report(cfg: Any, workdir: str, trained: HostTrained, greedy_policy: Callable, params: Any, *,
+                 algorithm: str, num_updates: int, update_unit: str, steps_per_update: int, curve_label: str,
+                 started: float) -> dict:
+    """Evaluate `params` greedily over `cfg.eval_episodes` episodes of `cfg.env`, write results.json and
+    learning_curve.png (training returns against environment steps, the evaluation as a line); returns the results.
+    `update_unit` names the update count in results.json ("updates", "iterations"); `started` is the run's
+    `time.perf_counter()` at its start."""
+    returns = evaluate_greedy(cfg.env, greedy_policy, params, cfg.eval_episodes)
+    results = {
+        "env": cfg.env,
+        "mean_return": float(np.mean(returns)),
+        "eval_return_std": float(np.std(returns)),
+        "eval_episodes": cfg.eval_episodes,
+        "eval_policy": "greedy",
+        "env_steps": num_updates * steps_per_update,
+        update_unit: num_updates,
+        "train_seconds": trained.train_seconds,
+        "env_steps_per_second": (trained.updates_trained * steps_per_update / trained.train_seconds
+                                 if trained.updates_trained else None),
+        "wall_seconds": time.perf_counter() - started,
+        "seed": cfg.seed,
+        "params_sha256": params_sha256(params),
+        "config": dataclasses.asdict(cfg),
+    }
+    harness.write_results(workdir, results)
+    harness.plot_learning_curve(
+        workdir, trained.history, "env_steps", {curve_label: "episode_return"},
+        title=f"{algorithm} on {cfg.env} (gymnasium, host-side)", xlabel="environment steps",
+        hline=(results["mean_return"], f"final evaluation (greedy, {cfg.eval_episodes} episodes): "
+                                       f"{results['mean_return']:.1f}"))
+    return results
+
+
+__all__ = ["ChunkResult", "HostTrained", "chunk_seed", "evaluate_greedy", "host_metrics", "make_envs", "train",
+           "write_report"]

@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.training.train_state import TrainState
 
-from jaxalign.rundir import params_sha256
-from rl import harness, host
+from rl import host
 from rl.ppo import PPOConfig, make_learner
 from rl.rollout import completed_episode_stats
 
@@ -74,29 +73,6 @@ def run(cfg: PPOGymnasiumConfig, workdir: str) -> dict:
     trained = host.train(cfg, workdir, envs, state, seed=cfg.seed, num_updates=cfg.ppo.num_updates,
                          num_chunks=cfg.num_chunks, steps_per_update=steps, run_chunk=run_chunk,
                          desc=f"ppo {cfg.env}", show_progress=cfg.show_progress)
-    state, history = trained.state, trained.history
-    returns = host.evaluate_greedy(cfg.env, learner.greedy_policy, state["train_state"].params, cfg.eval_episodes)
-    results = {
-        "env": cfg.env,
-        "mean_return": float(np.mean(returns)),
-        "eval_return_std": float(np.std(returns)),
-        "eval_episodes": cfg.eval_episodes,
-        "eval_policy": "greedy",
-        "env_steps": cfg.ppo.num_updates * steps,
-        "updates": cfg.ppo.num_updates,
-        "train_seconds": trained.train_seconds,
-        "env_steps_per_second": (trained.updates_trained * steps / trained.train_seconds
-                                 if trained.updates_trained else None),
-        "wall_seconds": time.perf_counter() - clock,
-        "seed": cfg.seed,
-        "params_sha256": params_sha256(state["train_state"].params),
-        "config": dataclasses.asdict(cfg),
-    }
-    harness.write_results(workdir, results)
-    harness.plot_learning_curve(
-        workdir, history, "env_steps", {"training episodes (sampled policy)": "episode_return"},
-        title=f"PPO on {cfg.env} (gymnasium, host-side)", xlabel="environment steps",
-        hline=(results["mean_return"], f"final evaluation (greedy, {cfg.eval_episodes} episodes): "
-                                       f"{results['mean_return']:.1f}"))
-    return results
-
+    return host.write_report(cfg, workdir, trained, learner.greedy_policy, trained.state["train_state"].params,
+                             algorithm="PPO", num_updates=cfg.ppo.num_updates, update_unit="updates",
+                             steps_per_update=steps, curve_label="training episodes (sampled policy)", started=clock)
