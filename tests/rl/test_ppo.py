@@ -49,8 +49,13 @@ def test_ppo_loss_matches_numpy(clip_value, norm):
 def test_chunked_runs_compute_what_one_scan_computes_and_seeds_vmap():
     cfg = PPOConfig(num_envs=4, num_steps=16, total_timesteps=4 * 16 * 4, num_minibatches=2, update_epochs=2)
     ppo = make_ppo(cfg, CartPole())
-    # One agent per seed with vmap (the first seed is the reference run), ...
-    states, metrics = jax.jit(jax.vmap(make_train(cfg, CartPole())))(jax.random.split(jax.random.key(0), 2))
+    # One agent per seed with vmap (the first seed is the reference run), ... The initial states are built one seed
+    # at a time and stacked: a vmapped init runs the orthogonal initialisers' QR as a batched LAPACK call, and two
+    # of those at once (this test beside another worker's) can deadlock XLA:CPU's thread pool (README, RL section;
+    # seen twice on the 2-core machine even with single-threaded Eigen). The vmapped training scan is unchanged.
+    seeds = jax.random.split(jax.random.key(0), 2)
+    initial = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[jax.jit(ppo.init)(seed) for seed in seeds])
+    states, metrics = jax.jit(jax.vmap(lambda state: ppo.run(state, cfg.num_updates)))(initial)
     assert metrics["loss"].shape == (2, 4)
     np.testing.assert_array_equal(np.asarray(metrics["env_steps"][0]), [64, 128, 192, 256])
     kernels = np.asarray(states.train_state.params["params"]["actor"]["Dense_0"]["kernel"])
