@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rl.envs import CartPole
-from rl.ppo import PPOConfig, make_ppo, make_train, ppo_loss
+from rl.ppo import PPOConfig, make_ppo, ppo_loss
 from rl.rollout import evaluate_episodes
 
 
