@@ -11,6 +11,7 @@
     jaxalign bench objectives --workdir DIR [--seeds 0,1,2] [--tasks ...] [--objectives ...] [key=value ...]
     jaxalign bench reference-cost [--sizes tiny,small,medium] [--steps N] [--out DIR]
     jaxalign bench step-profile --out DIR [--sizes small,medium,large] [--prompt-len N] [--completion-len N]
+    jaxalign bench lm-step [--size medium] [--batch 16] [--seq-len 128] [--repeats 10] [--out DIR]
     jaxalign bench iterative --workdir DIR [--seeds 0,1,2] [--algorithms ...] [--no-arith] [key=value ...]
     jaxalign bench pdppo --workdir DIR [--budget N] [--seeds 0,1,2,3,4] [--instances 15i5m,20i10m,25i15m] [--no-tiny]
     jaxalign convert hf-to-jaxalign|jaxalign-to-hf SRC DST [--family F] [--dtype D]      (launch/convert.py)
@@ -66,6 +67,7 @@ BENCHMARKS = {
     "sampling": "jaxalign.bench.sampling",
     "logprob-memory": "jaxalign.bench.logprob_memory",
     "step-profile": "jaxalign.bench.step_profile",
+    "lm-step": "jaxalign.bench.lm_step",
     "packing": "jaxalign.bench.packing",
     "iterative": "jaxalign.bench.iterative",
     "jssp": "agents.jssp_cp.bench",

@@ -192,17 +192,36 @@ def packed_pair_logprobs(apply_fn, params, packed: PackedPairs, average: bool = 
 # inputs, so nothing may be dropped and every sequence's log-probs go back to its unpacked [pairs, T] slot.
 
 PACKED_PAIR_KEYS = ("packed_tokens", "packed_segment_ids", "chosen_packed_index", "rejected_packed_index")
-# row_len = ROW_FACTOR * T for a padded batch of width T: the smallest factor that fits any pair of that batch
-# (chosen + rejected <= 2T real tokens) in one row, so no pair is ever dropped or split.
+# A pair batch of width T packs into rows of at most ROW_FACTOR * T tokens: the smallest factor that fits any pair
+# of that batch (chosen + rejected <= 2T real tokens) in one row, so no pair is ever dropped or split.
 ROW_FACTOR = 2
 
 
+def shape_bucket(n: int, cap: int | None = None) -> int:
+    """The smallest size >= n of the form 2^k or 3 * 2^k (1, 2, 3, 4, 6, 8, 12, 16, 24, ...), at most `cap`.
+
+    Packed shapes (rows per batch, tokens per row) go through this so that a run compiles its step for at most two
+    sizes per doubling, while a batch pays at most a third of its size in padding rows or columns (powers of two
+    alone waste up to half: 5 rows of need become 8)."""
+    size = 1 << max(n - 1, 0).bit_length()  # next power of two >= n
+    if size >= 4 and 3 * size // 4 >= n:
+        size = 3 * size // 4
+    return size if cap is None else min(size, cap)
+
+
 def _packed_rows(count: int, cap: int, multiple: int) -> int:
-    """Rows per microbatch: `count` rounded up to a power of two (at most log2(cap) + 1 shapes to compile over a
-    run) but never above `cap` (the worst case, one pair per row), then up to a multiple of `multiple` (the devices
-    the batch is split over)."""
-    rows = min(1 << max(count - 1, 0).bit_length(), cap)
+    """Rows per microbatch: `count` bucketed (`shape_bucket`) but never above `cap` (the worst case, one pair per
+    row), then up to a multiple of `multiple` (the devices the batch is split over)."""
+    rows = shape_bucket(count, cap)
     return -(-max(rows, 1) // multiple) * multiple
+
+
+def packed_row_len(pair_lengths: np.ndarray, width: int) -> int:
+    """Tokens per packed row for pairs of `pair_lengths` (chosen + rejected real tokens) from a batch of width T:
+    the longest pair, bucketed (`shape_bucket`), at most ROW_FACTOR * T. Rows only as long as the longest pair need
+    keep attention, which costs row_len^2 per row, from growing with the padded width: on a heavy-tailed length mix
+    the longest pair is often far shorter than twice the longest sequence."""
+    return shape_bucket(int(np.max(pair_lengths, initial=1)), ROW_FACTOR * width)
 
 
 def pack_pair_batch(batch: dict, row_len: int | None = None, microbatches: int = 1, row_multiple: int = 1,
@@ -211,9 +230,9 @@ def pack_pair_batch(batch: dict, row_len: int | None = None, microbatches: int =
     packed form, the keys `PACKED_PAIR_KEYS`:
 
     packed_tokens, packed_segment_ids [rows, row_len]: the pairs first-fit (in input order, Johnson 1973) into rows
-        of row_len (default ROW_FACTOR * T) as units: a pair's chosen segment is directly followed by its rejected
-        one in the same row (segment ids 2k+1 and 2k+2 for the row's k-th pair; 0 is padding), so a pair is never
-        split.
+        of row_len (default `packed_row_len`: the longest pair, bucketed, at most ROW_FACTOR * T) as units: a
+        pair's chosen segment is directly followed by its rejected one in the same row (segment ids 2k+1 and 2k+2
+        for the row's k-th pair; 0 is padding), so a pair is never split.
     chosen_packed_index, rejected_packed_index [P, T]: for every unpacked token, the flat index (row * row_len +
         column, within its microbatch) of the same token in the packed rows, -1 on padding.
 
@@ -228,11 +247,11 @@ def pack_pair_batch(batch: dict, row_len: int | None = None, microbatches: int =
     tokens = [np.asarray(batch[f"{side}_tokens"]) for side in ("chosen", "rejected")]
     masks = [np.asarray(batch[f"{side}_attention_mask"]).astype(bool) for side in ("chosen", "rejected")]
     pairs, width = tokens[0].shape
-    row_len = ROW_FACTOR * width if row_len is None else row_len
     if pairs % microbatches:
         raise ValueError(f"{pairs} pairs do not split into {microbatches} microbatches")
     lengths = [m.sum(axis=1) for m in masks]
     total = lengths[0] + lengths[1]
+    row_len = packed_row_len(total, width) if row_len is None else row_len
     if np.any(total > row_len):
         bad = int(np.flatnonzero(total > row_len)[0])
         raise ValueError(f"pair {bad} has {int(total[bad])} tokens, more than a packed row's {row_len}")

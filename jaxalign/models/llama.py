@@ -178,9 +178,8 @@ def flatten_tokens(x: jax.Array) -> jax.Array:
     time); XLA:CPU then canonicalises it by transposing the [batch, time, features] gradient into a
     [features, batch * time] copy inside the elementwise fusion that produces it (for the MLP, the SwiGLU backward),
     which costs more than the matmul itself. On the flattened tokens the weight gradient contracts one leading axis
-    and needs no copy: on a 2-core CPU this and `head_major_attention` took the medium benchmark model's forward +
-    backward (16 x 128 tokens) from 458 to 346 ms (README, Performance). The reshape is free (a bitcast) and
-    sharding-neutral (batch stays the major axis).
+    and needs no copy (the copy showed in `jaxalign bench step-profile`'s trace; README, Performance). The reshape
+    is free (a bitcast) and sharding-neutral (batch stays the major axis).
     """
     return x.reshape((-1,) + x.shape[2:])
 
@@ -261,25 +260,24 @@ def causal_query_blocks(time: int, max_blocks: int = 4) -> list[tuple[int, int]]
 
 
 def head_major_attention(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array,
-                         cfg: ModelConfig) -> jax.Array:
+                         cfg: ModelConfig, max_blocks: int = 4) -> jax.Array:
     """Causal attention over a whole sequence (training, scoring, prefill without a cache) in the [batch, heads,
     time, head_dim] layout, each key/value head repeated for its n_heads / n_kv_heads query heads (query head j
     reads key/value head j // groups, as in `grouped_attention`).
 
     q [b, t, n_heads, d], keys/values [b, t, n_kv_heads, d], allowed [b, t, t] (causal: no query sees a later
-    index) -> [b, t, n_heads, d]. The queries go in up to four blocks (`causal_query_blocks`) and each block scores
-    only the keys up to its own end, so the masked upper triangle is mostly never computed (with four blocks, 10
-    of the 16 score tiles). Equal to `grouped_attention` with a causal mask. On XLA:CPU (B 16, 8 heads, 4 key/value
-    heads, head_dim 32) its forward + backward takes 10 ms at T 128 and 56 ms at T 256, where the grouped layout
-    over all keys takes 30 ms at T 128: every score op is a plain batched matmul over (batch, head) whose backward
-    needs no relayout of five-axis grouped scores, and about 40 % of the score work is skipped.
+    index) -> [b, t, n_heads, d]. The queries go in up to `max_blocks` blocks (`causal_query_blocks`) and each block
+    scores only the keys up to its own end, so the masked upper triangle is mostly never computed (with four
+    blocks, 10 of the 16 score tiles). Equal to `grouped_attention` with a causal mask. Every score op is a plain
+    batched matmul over (batch, head) whose backward needs no relayout of five-axis grouped scores, which is what
+    makes it faster than the grouped layout on XLA:CPU (`jaxalign bench lm-step` times the three variants).
     """
     groups = cfg.n_heads // cfg.n_kv_heads
     q = q.transpose(0, 2, 1, 3)
     keys = jnp.repeat(keys, groups, axis=2).transpose(0, 2, 1, 3)
     values = jnp.repeat(values, groups, axis=2).transpose(0, 2, 1, 3)
     outputs = []
-    for start, end in causal_query_blocks(q.shape[2]):
+    for start, end in causal_query_blocks(q.shape[2], max_blocks):
         scores = jnp.einsum("bhtd,bhsd->bhts", q[:, :, start:end], keys[:, :, :end])
         weights = attention_probabilities(scores, allowed[:, None, start:end, :end], cfg)
         outputs.append(jnp.einsum("bhts,bhsd->bhtd", weights, values[:, :, :end]))

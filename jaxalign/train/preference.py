@@ -109,7 +109,8 @@ class PreferenceConfig:
     sync_alpha: float = 0.6  # reference="sync": the policy's weight in each update (TR-DPO's alpha)
     on_nonfinite: str = "stop"
     logprob_chunk: int = 0  # >0: log-probs from the hidden states this many positions at a time (no full logits)
-    # true: each pair batch is packed first-fit into rows of 2x its width (jaxalign.data.packing.pack_pair_batch)
+    # true: each pair batch is packed first-fit into rows as long as its longest pair
+    # (jaxalign.data.packing.pack_pair_batch)
     # and the policy and online reference run over those rows; same losses as padded, fewer padded tokens computed
     packing: bool = False
 

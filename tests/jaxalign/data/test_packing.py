@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.data.packing import (first_fit, pack_pairs, pack_sequences, packed_pair_logprobs,
-                                   packed_sequence_logprobs, packed_token_logprobs)
+from jaxalign.data.packing import (first_fit, pack_pairs, pack_sequences, packed_pair_logprobs, packed_row_len,
+                                   packed_sequence_logprobs, packed_token_logprobs, shape_bucket)
 from jaxalign.logprobs import masked_token_logprobs, sequence_logprobs
 from jaxalign.models.llama import DecoderLM, ModelConfig, init_params, segment_positions
 
@@ -55,6 +55,16 @@ def unpacked_logprobs(cfg, tokens, attention, completion):
 def test_segment_positions_restart_at_each_segment():
     seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
     np.testing.assert_array_equal(segment_positions(seg), [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))])
+
+
+def test_packed_shapes_are_bucketed_to_two_sizes_per_doubling():
+    assert [shape_bucket(n) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+    assert shape_bucket(700) == 768 and shape_bucket(769) == 1024 and shape_bucket(1025) == 1536
+    assert shape_bucket(1025, cap=1200) == 1200
+    # rows as long as the longest pair (bucketed), never more than twice the padded width
+    assert packed_row_len(np.array([300, 650, 120]), width=1600) == 768
+    assert packed_row_len(np.array([3000]), width=1600) == 3072
+    assert packed_row_len(np.array([3000]), width=1500) == 3000
 
 
 def test_first_fit_places_in_input_order_and_marks_too_long():

@@ -388,17 +388,19 @@ def test_fit_check_accepts_exactly_the_meshes_that_split_every_parameter_evenly(
 
 
 @pytest.mark.parametrize("overrides", [{}, {"attn_logit_softcap": 5.0, "query_pre_attn_scalar": 12.0}])
-def test_head_major_attention_equals_grouped_attention_with_its_gradients(overrides):
-    """The training path (keys and values repeated per query head, [b, h, t, d]) and the decoding path (query heads
-    grouped by their key/value head) compute the same function, masks and soft-capping included."""
+@pytest.mark.parametrize("time, max_blocks", [(7, 4), (100, 1), (100, 4)])
+def test_head_major_attention_equals_grouped_attention_with_its_gradients(overrides, time, max_blocks):
+    """The training path (keys and values repeated per query head, [b, h, t, d], queries in causal blocks: 100
+    positions make three blocks) and the decoding path (query heads grouped by their key/value head) compute the
+    same function, masks and soft-capping included."""
     cfg = dataclasses.replace(CFG, **overrides)
     keys = jax.random.split(jax.random.key(1), 4)
-    q = jax.random.normal(keys[0], (3, 7, cfg.n_heads, cfg.head_dim))
-    k, v = (jax.random.normal(key, (3, 7, cfg.n_kv_heads, cfg.head_dim)) for key in keys[1:3])
-    allowed = jnp.tril(jnp.ones((7, 7), bool))[None] & (jax.random.uniform(keys[3], (3, 1, 7)) > 0.3)
-    allowed = allowed | jnp.eye(7, dtype=bool)[None]  # every query sees at least itself
-    outputs = [jax.vjp(lambda *x: attend(*x, allowed, cfg), q, k, v)
-               for attend in (head_major_attention, grouped_attention)]
+    q = jax.random.normal(keys[0], (3, time, cfg.n_heads, cfg.head_dim))
+    k, v = (jax.random.normal(key, (3, time, cfg.n_kv_heads, cfg.head_dim)) for key in keys[1:3])
+    allowed = jnp.tril(jnp.ones((time, time), bool))[None] & (jax.random.uniform(keys[3], (3, 1, time)) > 0.3)
+    allowed = allowed | jnp.eye(time, dtype=bool)[None]  # every query sees at least itself
+    head_major = functools.partial(head_major_attention, max_blocks=max_blocks)
+    outputs = [jax.vjp(lambda *x: attend(*x, allowed, cfg), q, k, v) for attend in (head_major, grouped_attention)]
     np.testing.assert_allclose(outputs[0][0], outputs[1][0], rtol=1e-5, atol=1e-6)
     cotangent = jax.random.normal(keys[3], q.shape)
     for a, b in zip(outputs[0][1](cotangent), outputs[1][1](cotangent)):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.data.packing import PACKED_PAIR_KEYS, ROW_FACTOR, pack_pair_batch
+from jaxalign.data.packing import PACKED_PAIR_KEYS, ROW_FACTOR, pack_pair_batch, shape_bucket
 from jaxalign.logprobs import pair_token_logprobs
 from jaxalign.models.llama import DecoderLM, ModelConfig, init_params
 from jaxalign.train.preference import PreferenceConfig
@@ -57,10 +57,10 @@ def side(lengths, seed, prompts=None):
 
 
 @functools.lru_cache(maxsize=None)
-def padded_batch():
-    c = side(CHOSEN, 1)
-    prompts = [c[0][i][c[1][i] == 1][:PROMPT] for i in range(len(CHOSEN))]
-    r = side(REJECTED, 2, prompts)
+def padded_batch(chosen=CHOSEN, rejected=REJECTED):
+    c = side(chosen, 1)
+    prompts = [c[0][i][c[1][i] == 1][:PROMPT] for i in range(len(chosen))]
+    r = side(rejected, 2, prompts)
     return {f"{s}_{k}": a for s, arrays in (("chosen", c), ("rejected", r))
             for k, a in zip(("tokens", "attention_mask", "completion_mask"), arrays)}
 
@@ -110,8 +110,9 @@ def test_packing_reduces_rows_and_never_splits_a_pair():
     batch = padded_batch()
     packed = pack_pair_batch(batch)
     pairs = len(CHOSEN)
-    row_len = ROW_FACTOR * WIDTH
-    assert packed["packed_tokens"].shape[1] == row_len
+    longest_pair = max(2 * PROMPT + c + r for c, r in zip(CHOSEN, REJECTED))  # 17 tokens: a 24-token row
+    row_len = packed["packed_tokens"].shape[1]
+    assert row_len == min(shape_bucket(longest_pair), ROW_FACTOR * WIDTH) == 24
     rows = packed["packed_tokens"].shape[0]
     assert rows < pairs < 2 * pairs  # padded: 2 * pairs rows of WIDTH; packed: fewer rows of 2 * WIDTH
     assert packed["packed_tokens"].size < 2 * pairs * WIDTH
@@ -131,7 +132,7 @@ def test_microbatches_are_laid_out_for_the_step_split():
     packed = pack_pair_batch(padded_batch(), microbatches=2)
     rows = packed["packed_tokens"].shape[0]
     assert rows % 2 == 0 and all(k in packed for k in PACKED_PAIR_KEYS)
-    row_len = ROW_FACTOR * WIDTH
+    row_len = packed["packed_tokens"].shape[1]
     batch = padded_batch()
     for i in range(len(CHOSEN)):  # pair i belongs to microbatch i % 2, whose row j is global row 2 * j + i % 2
         real = batch["chosen_attention_mask"][i] == 1
@@ -139,6 +140,16 @@ def test_microbatches_are_laid_out_for_the_step_split():
         global_rows = 2 * (local // row_len) + i % 2
         placed = packed["packed_tokens"][global_rows, local % row_len]
         np.testing.assert_array_equal(placed, batch["chosen_tokens"][i][real])
+
+
+def test_rows_are_as_long_as_the_longest_pair_not_twice_the_padded_width():
+    """Short pairs from a wide batch (one long sequence elsewhere sets the width) pack into short rows, so attention,
+    quadratic in the row length, does not pay for the padded width; the losses stay equal to the padded batch's."""
+    batch = padded_batch((1, 1, 2, 1, 1, 1, 2, 1), (2, 1, 1, 1, 2, 1, 1, 2))
+    packed = pack_pair_batch(batch)
+    assert packed["packed_tokens"].shape[1] == shape_bucket(2 * PROMPT + 3) == 8 < ROW_FACTOR * WIDTH
+    assert pack_pair_batch(batch, row_len=ROW_FACTOR * WIDTH)["packed_tokens"].shape[1] == ROW_FACTOR * WIDTH
+    assert_same("sigmoid", params(1), batch)
 
 
 def test_a_pair_longer_than_a_row_is_refused():
