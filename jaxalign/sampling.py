@@ -1,7 +1,10 @@
 """Jitted autoregressive sampling with a key/value cache: temperature, top-k, top-p, greedy, EOS and stop sequences.
 
 Prompts of different lengths are left-padded to a common width so every row's next token is written at the same
-cache slot; rotary positions count real tokens only, so padding does not change what a row sees.
+cache slot; rotary positions count real tokens only, so padding does not change what a row sees. Decoding stops
+as soon as every row has finished (EOS or a stop sequence), not after max_new_tokens steps. `generate` is compiled
+once per input shape: `bucket_prompts` / `generate_bucketed` round the prompt width (and optionally the batch) up to a
+bucket, so that calls with different prompt widths share one compilation.
 
 Logits are processed in the order Hugging Face's `generate` applies its warpers (transformers'
 `GenerationMixin._get_logits_processor`): temperature, then top-k, then top-p (nucleus, Holtzman et al. 2020,
@@ -302,6 +305,67 @@ def generate_extrapolated(params, previous_params, alpha, prompt_tokens, prompt_
                          f"{alpha!r}")
     return _generate_extrapolated(params, previous_params, jnp.float32(alpha), prompt_tokens, prompt_mask, rng,
                                   cfg=cfg, sampling=sampling, eos_id=eos_id, pad_id=pad_id, num_tokens=num_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bucketed prompt shapes: one compilation for many calls.
+
+
+def _bucketed(size: int, bucket: int) -> int:
+    """`size` rounded up to a multiple of `bucket`."""
+    return -(-size // bucket) * bucket
+
+
+def bucket_prompts(prompt_tokens, prompt_mask, pad_id: int, width_bucket: int,
+                   row_bucket: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompts [B, P] widened to [B', P'] for `generate`: P' is P rounded up to a multiple of
+    `width_bucket` and B' is B rounded up to a multiple of `row_bucket`, so calls whose prompt batches differ in
+    width (or size) within a bucket share one compiled `generate` (it is specialised on the input shapes).
+
+    Columns are added on the left as padding (`pad_id`, mask 0): rotary positions count real tokens only and padded
+    keys are masked, so every row decodes as it did at width P (up to float rounding of the longer attention sums;
+    the greedy tokens are the same), and the random draws, shaped [B, vocab], are unchanged. Extra rows are copies of
+    the last real row rather than empty prompts, so that they finish when a real row does (greedy: with it) and
+    never keep the early-stopping decode loop running on their own; drop them from the output (`[:B]`). With
+    jax's default `jax_threefry_partitionable` draws, appending rows leaves the real rows' draws unchanged too.
+
+    Host arrays in, NumPy arrays out (this runs before the jitted call); `generate_bucketed` wraps it around
+    `generate`, and `generate_sharded` / `generate_extrapolated` accept its output alike.
+    """
+    tokens, mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+    if tokens.ndim != 2 or tokens.shape != mask.shape:
+        raise ValueError(f"bucket_prompts: prompt tokens and mask must be [batch, width] arrays of one shape, got "
+                         f"{tokens.shape} and {mask.shape}")
+    for name, value in (("width_bucket", width_bucket), ("row_bucket", row_bucket)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"bucket_prompts: {name} must be an integer >= 1, got {value!r}")
+    batch, width = tokens.shape
+    if batch == 0:
+        raise ValueError("bucket_prompts: the prompt batch is empty (extra rows copy a real one)")
+    extra_cols = _bucketed(width, width_bucket) - width
+    extra_rows = _bucketed(batch, row_bucket) - batch
+    tokens = np.pad(tokens, ((0, 0), (extra_cols, 0)), constant_values=pad_id)
+    mask = np.pad(mask, ((0, 0), (extra_cols, 0)), constant_values=0)
+    if extra_rows:
+        tokens = np.concatenate([tokens, np.repeat(tokens[-1:], extra_rows, axis=0)])
+        mask = np.concatenate([mask, np.repeat(mask[-1:], extra_rows, axis=0)])
+    return tokens, mask
+
+
+def generate_bucketed(params, prompt_tokens, prompt_mask, rng, *, width_bucket: int, row_bucket: int = 1,
+                      cfg: ModelConfig, sampling: SamplingConfig, eos_id: int, pad_id: int,
+                      num_tokens: int | None = None):
+    """`generate` on `bucket_prompts(prompt_tokens, prompt_mask, pad_id, width_bucket, row_bucket)`, returning the
+    original B rows only: (tokens [B, max_new_tokens], mask [B, max_new_tokens]). A caller whose prompt widths vary
+    from call to call (the longest prompt of each batch, a prefix that grows) compiles once per bucket instead of
+    once per width, at the cost of up to width_bucket - 1 padding columns in the prompt pass and the cache."""
+    batch = np.shape(prompt_tokens)[0]
+    tokens, mask = bucket_prompts(prompt_tokens, prompt_mask, pad_id, width_bucket, row_bucket)
+    out, out_mask = generate(params, tokens, mask, rng, cfg=cfg, sampling=sampling, eos_id=eos_id, pad_id=pad_id,
+                             num_tokens=num_tokens)
+    if tokens.shape[0] == batch:
+        return out, out_mask
+    return out[:batch], out_mask[:batch]
 
 
 # ---------------------------------------------------------------------------------------------------------------

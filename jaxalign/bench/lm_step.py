@@ -104,7 +104,8 @@ def jax_attention_variants(cfg, inputs: dict[str, np.ndarray]) -> dict:
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((seq_len, seq_len), bool)), (inputs["q"].shape[0], seq_len, seq_len))
     q, k, v = (jnp.asarray(inputs[n]) for n in "qkv")
     variants = {
-        "jaxalign grouped (all keys)": lambda q, k, v: grouped_attention(q, k, v, causal, cfg),
+        "jaxalign grouped (all keys)": lambda q, k, v: grouped_attention(q, k.transpose(0, 2, 1, 3),
+                                                                         v.transpose(0, 2, 1, 3), causal, cfg),
         "jaxalign head-major (one block)": lambda q, k, v: head_major_attention(q, k, v, causal, cfg, max_blocks=1),
         "jaxalign head-major, causal blocks": lambda q, k, v: head_major_attention(q, k, v, causal, cfg),
     }

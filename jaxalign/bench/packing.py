@@ -3,11 +3,14 @@
 Batches of `--pairs` preference pairs whose completion lengths are log-normal (median `--median`, capped so a
 sequence fits `--max-len`) are scored by the jitted DPO gradient (sigmoid, cached reference log-probs in the
 batch, `dpo_loss_fn` + `accumulated_gradients`) twice: padded to the batch's longest sequence (dynamic padding,
-what a length-bucketing collator does) and packed (`dpo.packing`: `pack_pair_batch`, rows of twice the padded
-width, one segment-aware pass). Every batch is run once per variant first (each batch shape compiles once);
+what a length-bucketing collator does) and packed (`dpo.packing`: `pack_pair_batch`, rows as long as the longest
+pair, bucketed, one segment-aware pass). Every batch is run once per variant first (each batch shape compiles once);
 then the variants take turns, one batch each, for `--rounds` passes over the batches, each call blocked until
 its outputs are ready, so a slow phase of the machine hits both alike. Effective tokens/s = the batches' real
 tokens (both attention masks) / the variant's total time. The losses of the two variants are compared per batch.
+
+No TRL column: TRL 1.16's DPOTrainer turns `padding_free=True` off with a warning ("temporarily unavailable after
+a refactor") and pads, so there is no packed TRL step to run beside ours.
 """
 from __future__ import annotations
 

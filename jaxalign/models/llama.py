@@ -289,13 +289,16 @@ def grouped_attention(q: jax.Array, keys: jax.Array, values: jax.Array, allowed:
     """Grouped-query attention (Ainslie et al. 2023) without repeating keys and values: query heads grouped by the
     key/value head they share. The decoding path, where the keys are a long cache read once per new token.
 
-    q [b, t, n_heads, d], keys/values [b, s, n_kv_heads, d], allowed [b, t, s] -> [b, t, n_heads, d].
+    q [b, t, n_heads, d], keys/values [b, n_kv_heads, s, d] (head-major, the layout of `init_cache`), allowed
+    [b, t, s] -> [b, t, n_heads, d]. With the cache head-major both products contract in the cache's own layout,
+    so a decoding step reads the cache where it lies (with a [b, s, n_kv_heads, d] cache, XLA:CPU copied the whole
+    cache into this layout at every new token).
     """
     batch, time = q.shape[:2]
     groups = cfg.n_heads // cfg.n_kv_heads
     q = q.reshape(batch, time, cfg.n_kv_heads, groups, cfg.head_dim)
-    weights = attention_probabilities(jnp.einsum("btkgd,bskd->bkgts", q, keys), allowed[:, None, None], cfg)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, values)
+    weights = attention_probabilities(jnp.einsum("btkgd,bksd->bkgts", q, keys), allowed[:, None, None], cfg)
+    out = jnp.einsum("bkgts,bksd->btkgd", weights, values)
     return out.reshape(batch, time, cfg.n_heads, cfg.head_dim)
 
 
@@ -353,10 +356,10 @@ class Attention(nn.Module):
         else:
             # Write this chunk at `cache["index"]` for every row; rows are aligned (prompts left-padded).
             index = cache["index"]
-            keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
-            values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+            keys, values = (jax.lax.dynamic_update_slice(cache[name], new.transpose(0, 2, 1, 3).astype(
+                cache[name].dtype), (0, 0, index, 0)) for name, new in (("k", k), ("v", v)))
             valid = jax.lax.dynamic_update_slice(cache["valid"], key_mask, (0, index))
-            slots = jnp.arange(keys.shape[1])
+            slots = jnp.arange(keys.shape[2])
             query_slots = index + jnp.arange(time)
             causal = slots[None, :] <= query_slots[:, None]  # [q, k]
             allowed = valid[:, None, :] & causal[None]
@@ -527,10 +530,11 @@ def output_head(params: Any, cfg: ModelConfig) -> jax.Array:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None):
-    """An empty key/value cache for `batch` rows and `max_len` slots, in the layout `DecoderLM` expects."""
+    """An empty key/value cache for `batch` rows and `max_len` slots, in the layout `DecoderLM` expects: keys and
+    values [batch, n_kv_heads, max_len, head_dim] (head-major, see `grouped_attention`), valid [batch, max_len]."""
     max_len = max_len or cfg.max_len
     dtype = dtype or cfg.compute_dtype
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
 
     def layer():
         return {

@@ -1,7 +1,7 @@
 """Tests for jaxalign.sampling: greedy decoding with the KV cache against a recompute-everything argmax loop, EOS
 stopping and the completion mask, top-k, top-p (against NumPy, ties included), banned ids, the sampling
 distribution at a temperature with top-k and top-p, stop sequences (kept or cut, never matched on prompt tokens),
-and sharded decoding on 8 simulated CPU devices giving the same tokens as one device.
+bucketed prompt shapes (same tokens, one compilation per bucket), and sharded decoding on 8 simulated CPU devices giving the same tokens as one device.
 
 Run as a script (`python test_sampling.py OUT.npz`, with 8 CPU devices forced by XLA_FLAGS) this file is the
 sharded test's subprocess: XLA_FLAGS must be set before jax is imported, so the multi-device part cannot run in the
@@ -23,8 +23,10 @@ import pytest
 from jaxalign.models.llama import DecoderLM, ModelConfig, init_params
 from jaxalign.sampling import (
     SamplingConfig,
+    bucket_prompts,
     encode_stop_strings,
     generate,
+    generate_bucketed,
     generate_extrapolated,
     process_logits,
     top_k_filter,
@@ -429,6 +431,77 @@ def test_stop_strings_encoded_with_the_char_tokenizer():
         encode_stop_strings([""], tok)
     with pytest.raises(ValueError, match="not in the vocabulary"):
         encode_stop_strings(["x"], tok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bucketed prompt shapes.
+
+
+def left_padded_to(prompts, width):
+    """`left_padded` at any width >= the longest prompt."""
+    tokens = np.full((len(prompts), width), PAD, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, width - len(prompt):], mask[i, width - len(prompt):] = prompt, 1
+    return tokens, mask
+
+
+def test_bucket_prompts_left_pads_columns_and_copies_the_last_row():
+    tokens, mask = left_padded(PROMPTS)  # [3, 6]
+    wide, wide_mask = bucket_prompts(tokens, mask, PAD, width_bucket=4, row_bucket=4)
+    assert wide.shape == wide_mask.shape == (4, 8)
+    np.testing.assert_array_equal(wide[:3, 2:], tokens)
+    np.testing.assert_array_equal(wide_mask[:3, 2:], mask)
+    assert np.all(wide[:, :2] == PAD) and np.all(wide_mask[:, :2] == 0)
+    np.testing.assert_array_equal(wide[3], wide[2])  # the extra row repeats a real one (it finishes with it)
+    np.testing.assert_array_equal(wide_mask[3], wide_mask[2])
+    same, same_mask = bucket_prompts(tokens, mask, PAD, width_bucket=3)  # 6 is already a multiple of 3
+    np.testing.assert_array_equal(same, tokens)
+    np.testing.assert_array_equal(same_mask, mask)
+    for bad in ({"width_bucket": 0}, {"width_bucket": 2, "row_bucket": 0}, {"width_bucket": 2.0}):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            bucket_prompts(tokens, mask, PAD, **bad)
+    with pytest.raises(ValueError, match="one shape"):
+        bucket_prompts(tokens, mask[:, 1:], PAD, width_bucket=2)
+
+
+def test_bucketed_generate_compiles_once_per_bucket_and_emits_the_unbucketed_tokens():
+    """Prompt batches 4, 6 and 7 columns wide, 2 or 3 rows: with width_bucket=8 and row_bucket=4 they all run one
+    compiled `generate` ([4, 8] prompts), and each returns exactly the greedy tokens and masks of the unbucketed call
+    (which compiles once per shape: the compilation counter is live). A sampling config no other test uses keeps the
+    jit cache counts this test's own."""
+    sampling = SamplingConfig(max_new_tokens=7, temperature=0.0)
+    eos_id, _ = greedy_case()
+    batches = [(PROMPTS, 6), (PROMPTS[1:], 4), (PROMPTS[1:] + ([1, 2, 3, 4, 5, 6, 7],), 7)]
+    kwargs = dict(cfg=CFG, sampling=sampling, eos_id=eos_id, pad_id=PAD)
+    before = generate._cache_size()
+    bucketed = []
+    for prompts, width in batches:
+        tokens, mask = left_padded_to(prompts, width)
+        out = generate_bucketed(params(), tokens, mask, jax.random.key(0), width_bucket=8, row_bucket=4, **kwargs)
+        bucketed.append(tuple(np.asarray(a) for a in out))
+    assert generate._cache_size() - before == 1
+    for (prompts, width), (out, out_mask) in zip(batches, bucketed):
+        tokens, mask = left_padded_to(prompts, width)
+        expected, expected_mask = (np.asarray(a) for a in generate(params(), tokens, mask, jax.random.key(0),
+                                                                   **kwargs))
+        assert out.shape == (len(prompts), 7)
+        np.testing.assert_array_equal(out, expected, err_msg=f"width {width}")
+        np.testing.assert_array_equal(out_mask, expected_mask, err_msg=f"width {width}")
+    assert generate._cache_size() - before == 1 + len(batches)
+    assert bucketed[0][1][0].sum() < 7, "row 0 emits EOS early (greedy_case), so EOS handling is exercised"
+
+
+def test_bucketed_sampling_draws_the_unbucketed_tokens():
+    """At temperature 1 the real rows draw what they draw unbucketed: the random draws are shaped [rows, vocab],
+    left padding columns does not change them, and (jax_threefry_partitionable) neither do appended rows."""
+    sampling = SamplingConfig(max_new_tokens=MAX_NEW, temperature=1.0)
+    tokens, mask = left_padded(PROMPTS)
+    kwargs = dict(cfg=CFG, sampling=sampling, eos_id=SAMPLE_EOS, pad_id=PAD)
+    expected = generate(params(), tokens, mask, jax.random.key(5), **kwargs)
+    out = generate_bucketed(params(), tokens, mask, jax.random.key(5), width_bucket=8, row_bucket=8, **kwargs)
+    for got, want in zip(out, expected):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 # ---------------------------------------------------------------------------------------------------------------
