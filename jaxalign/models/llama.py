@@ -297,8 +297,16 @@ def grouped_attention(q: jax.Array, keys: jax.Array, values: jax.Array, allowed:
     batch, time = q.shape[:2]
     groups = cfg.n_heads // cfg.n_kv_heads
     q = q.reshape(batch, time, cfg.n_kv_heads, groups, cfg.head_dim)
-    weights = attention_probabilities(jnp.einsum("btkgd,bksd->bkgts", q, keys), allowed[:, None, None], cfg)
-    out = jnp.einsum("bkgts,bksd->btkgd", weights, values)
+    if time == 1:
+        # One new token: each (row, head) product is a [groups, d] x [d, s] sliver that XLA:CPU's dot emitter runs
+        # one tiny matmul at a time; as an elementwise product and a reduction it is one fused pass over the cache.
+        q = q[:, 0, :, :, None, :]  # [b, k, g, 1, d]
+        scores = jnp.sum(q * keys[:, :, None], axis=-1)[:, :, :, None]  # [b, k, g, 1(t), s]
+        weights = attention_probabilities(scores, allowed[:, None, None], cfg)
+        out = jnp.sum(weights[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, None]  # [b, 1(t), k, g, d]
+    else:
+        weights = attention_probabilities(jnp.einsum("btkgd,bksd->bkgts", q, keys), allowed[:, None, None], cfg)
+        out = jnp.einsum("bkgts,bksd->btkgd", weights, values)
     return out.reshape(batch, time, cfg.n_heads, cfg.head_dim)
 
 

@@ -388,6 +388,21 @@ def test_fit_check_accepts_exactly_the_meshes_that_split_every_parameter_evenly(
 
 
 @pytest.mark.parametrize("overrides", [{}, {"attn_logit_softcap": 5.0, "query_pre_attn_scalar": 12.0}])
+def test_one_decoding_step_attends_like_the_last_row_of_the_whole_sequence(overrides):
+    """A single new token (the decoding step, an elementwise product and reduction over the head-major cache) sees
+    what the last query of the full causal attention sees."""
+    cfg = dataclasses.replace(CFG, **overrides)
+    keys = jax.random.split(jax.random.key(2), 4)
+    q = jax.random.normal(keys[0], (3, 9, cfg.n_heads, cfg.head_dim))
+    k, v = (jax.random.normal(key, (3, 9, cfg.n_kv_heads, cfg.head_dim)) for key in keys[1:3])
+    valid = (jax.random.uniform(keys[3], (3, 1, 9)) > 0.3) | (jnp.arange(9) == 8)  # padded slots, the token itself
+    allowed = jnp.tril(jnp.ones((9, 9), bool))[None] & valid
+    full = head_major_attention(q, k, v, allowed, cfg)[:, -1:]
+    step = grouped_attention(q[:, -1:], k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed[:, -1:], cfg)
+    np.testing.assert_allclose(step, full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attn_logit_softcap": 5.0, "query_pre_attn_scalar": 12.0}])
 @pytest.mark.parametrize("time, max_blocks", [(7, 4), (100, 1), (100, 4)])
 def test_head_major_attention_equals_grouped_attention_with_its_gradients(overrides, time, max_blocks):
     """The training path (keys and values repeated per query head, [b, h, t, d], queries in causal blocks: 100
