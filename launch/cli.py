@@ -7,11 +7,12 @@
     jaxalign sweep NAME --workdir DIR [--print] key=v1,v2 [other=a,b ...]
     jaxalign bench dpo-throughput [--sizes tiny,small] [--steps N] [--no-trl]
     jaxalign bench arith-seeds --workdir DIR [--seeds 0,1,2] [key=value ...]
-    jaxalign bench ppo-throughput [--timesteps N] [--sb3-timesteps N] [--no-sb3]
+    jaxalign bench ppo-throughput [--num-envs 16,64,...,4096] [--sb3-num-envs 1,4,...] [--timesteps N] [--no-sb3]
     jaxalign bench objectives --workdir DIR [--seeds 0,1,2] [--tasks ...] [--objectives ...] [key=value ...]
     jaxalign bench reference-cost [--sizes tiny,small,medium] [--steps N] [--out DIR]
     jaxalign bench step-profile --out DIR [--sizes small,medium,large] [--prompt-len N] [--completion-len N]
     jaxalign bench lm-step [--size medium] [--batch 16] [--seq-len 128] [--repeats 10] [--out DIR]
+    jaxalign bench all --out DIR [--only NAME,...] [--quick] [--overwrite]   (launch/bench_all.py: perf.md, perf.json)
     jaxalign bench iterative --workdir DIR [--seeds 0,1,2] [--algorithms ...] [--no-arith] [key=value ...]
     jaxalign bench pdppo --workdir DIR [--budget N] [--seeds 0,1,2,3,4] [--instances 15i5m,20i10m,25i15m] [--no-tiny]
     jaxalign convert hf-to-jaxalign|jaxalign-to-hf SRC DST [--family F] [--dtype D]      (launch/convert.py)
@@ -68,6 +69,7 @@ BENCHMARKS = {
     "logprob-memory": "jaxalign.bench.logprob_memory",
     "step-profile": "jaxalign.bench.step_profile",
     "lm-step": "jaxalign.bench.lm_step",
+    "all": "launch.bench_all",
     "packing": "jaxalign.bench.packing",
     "iterative": "jaxalign.bench.iterative",
     "jssp": "agents.jssp_cp.bench",
