@@ -35,7 +35,7 @@ def test_a_quick_run_writes_perf_json_and_md_with_the_machine_and_load(tmp_path,
     for record in report["benchmarks"]:
         assert record["error"] is None and record["load_before"] >= 0 and record["argv"]
     md = (tmp_path / "perf.md").read_text()
-    assert "| logprob-memory |" in md and "| packing |" in md and "load before / after" in md
+    assert "| logprob-memory |" in md and "| packing |" in md and "load before / after each benchmark" in md
     assert (tmp_path / "logprob-memory" / "logprob_memory.json").exists()
     assert "[bench all] 1/2 packing" in capsys.readouterr().out
 

@@ -57,10 +57,12 @@ def test_segment_positions_restart_at_each_segment():
     np.testing.assert_array_equal(segment_positions(seg), [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))])
 
 
-def test_packed_shapes_are_bucketed_to_two_sizes_per_doubling():
-    assert [shape_bucket(n) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
-    assert shape_bucket(700) == 768 and shape_bucket(769) == 1024 and shape_bucket(1025) == 1536
+def test_packed_shapes_are_bucketed_to_four_sizes_per_doubling():
+    assert [shape_bucket(n) for n in range(1, 18)] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 10, 12, 12, 14, 14, 16, 16, 20]
+    assert shape_bucket(700) == 768 and shape_bucket(769) == 896 and shape_bucket(1025) == 1280
     assert shape_bucket(1025, cap=1200) == 1200
+    for n in range(5, 5000):  # never more than a fifth of padding, never below n
+        assert n <= shape_bucket(n) < 1.25 * n
     # rows as long as the longest pair (bucketed), never more than twice the padded width
     assert packed_row_len(np.array([300, 650, 120]), width=1600) == 768
     assert packed_row_len(np.array([3000]), width=1600) == 3072

@@ -110,9 +110,9 @@ def test_packing_reduces_rows_and_never_splits_a_pair():
     batch = padded_batch()
     packed = pack_pair_batch(batch)
     pairs = len(CHOSEN)
-    longest_pair = max(2 * PROMPT + c + r for c, r in zip(CHOSEN, REJECTED))  # 17 tokens: a 24-token row
+    longest_pair = max(2 * PROMPT + c + r for c, r in zip(CHOSEN, REJECTED))  # 17 tokens: a 20-token row
     row_len = packed["packed_tokens"].shape[1]
-    assert row_len == min(shape_bucket(longest_pair), ROW_FACTOR * WIDTH) == 24
+    assert row_len == min(shape_bucket(longest_pair), ROW_FACTOR * WIDTH) == 20
     rows = packed["packed_tokens"].shape[0]
     assert rows < pairs < 2 * pairs  # padded: 2 * pairs rows of WIDTH; packed: fewer rows of 2 * WIDTH
     assert packed["packed_tokens"].size < 2 * pairs * WIDTH
@@ -147,7 +147,7 @@ def test_rows_are_as_long_as_the_longest_pair_not_twice_the_padded_width():
     quadratic in the row length, does not pay for the padded width; the losses stay equal to the padded batch's."""
     batch = padded_batch((1, 1, 2, 1, 1, 1, 2, 1), (2, 1, 1, 1, 2, 1, 1, 2))
     packed = pack_pair_batch(batch)
-    assert packed["packed_tokens"].shape[1] == shape_bucket(2 * PROMPT + 3) == 8 < ROW_FACTOR * WIDTH
+    assert packed["packed_tokens"].shape[1] == shape_bucket(2 * PROMPT + 3) == 7 < ROW_FACTOR * WIDTH
     assert pack_pair_batch(batch, row_len=ROW_FACTOR * WIDTH)["packed_tokens"].shape[1] == ROW_FACTOR * WIDTH
     assert_same("sigmoid", params(1), batch)
 
