@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import datetime
 import importlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -39,6 +38,7 @@ import traceback
 from typing import Callable
 
 from jaxalign import paths
+from jaxalign.bench.report import package_version
 
 VERSIONS = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "trl", "stable-baselines3")
 
@@ -163,13 +163,7 @@ def cpu_model() -> str:
 
 
 def versions() -> dict[str, str]:
-    found = {}
-    for name in VERSIONS:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    return {name: package_version(name, missing="not installed") for name in VERSIONS}
 
 
 def git_commit() -> str:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
-import importlib.util
 import math
 import os
 import sys
@@ -40,7 +38,7 @@ import numpy as np
 
 from jaxalign import paths
 from jaxalign.bench import flops
-from jaxalign.bench.report import text_table, write_csv_and_markdown
+from jaxalign.bench.report import missing_packages, package_version, text_table, write_csv_and_markdown
 from jaxalign.data.position import DataPosition
 from jaxalign.models.llama import DecoderLM, ModelConfig, check_model_fits_mesh, count_params, init_params
 from jaxalign.sharding import (
@@ -144,14 +142,7 @@ def time_jaxalign(cfg: ModelConfig, batch_pairs: int, prompt_len: int, completio
 
 
 def trl_missing() -> list[str]:
-    return [name for name in BENCH_EXTRA if importlib.util.find_spec(name) is None]
-
-
-def _version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
+    return missing_packages(BENCH_EXTRA)
 
 
 COLUMNS = (  # (title, width, row key, format)
@@ -284,7 +275,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"1-min load average at start {load:.1f} (other processes compete for the cores when it exceeds them)",
         f"matmul ceiling (jnp.dot fp32 1024^3, this process): {peak / 1e9:.1f} GFLOP/s",
         f"threads: {thread_note}" if run_trl else f"threads: XLA's CPU pool, sized to the {cores} usable cores",
-        (f"baseline: TRL {_version('trl')} DPOTrainer (PyTorch CPU), torch {_version('torch')}" if run_trl
+        (f"baseline: TRL {package_version('trl')} DPOTrainer (PyTorch CPU), torch {package_version('torch')}" if run_trl
          else "baseline: not run (--no-trl or bench extra missing)"),
         f"workload: {args.batch_pairs} pairs x ({args.prompt_len} prompt + {args.completion_len} completion) tokens, "
         f"fp32, sigmoid DPO with online reference, AdamW + clipping; {args.warmup} warmup + {args.steps} timed steps",

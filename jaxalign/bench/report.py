@@ -6,6 +6,8 @@ they are, and None or a non-finite number as "n/a" (e.g. a baseline that was not
 from __future__ import annotations
 
 import csv
+import importlib.metadata
+import importlib.util
 import io
 import math
 from typing import Sequence
@@ -13,6 +15,19 @@ from typing import Sequence
 from jaxalign import paths
 
 Column = tuple[str, int, str, str]
+
+
+def missing_packages(names) -> list[str]:
+    """Those of `names` that cannot be imported (a baseline's extra that is not installed)."""
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def package_version(name: str, missing: str = "?") -> str:
+    """The installed distribution's version, or `missing`."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return missing
 
 
 def cell(row: dict, key: str, spec: str) -> str:

@@ -54,8 +54,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import importlib.metadata
-import importlib.util
 import os
 import statistics
 import sys
@@ -70,7 +68,7 @@ from tqdm.auto import tqdm
 
 from jaxalign import paths
 from jaxalign.bench.dpo_throughput import SIZES, available_cores
-from jaxalign.bench.report import text_table, write_csv_and_markdown
+from jaxalign.bench.report import missing_packages, package_version, text_table, write_csv_and_markdown
 from jaxalign.models.llama import DecoderLM, ModelConfig, count_params, init_params
 from jaxalign.sampling import SamplingConfig, generate
 
@@ -171,14 +169,7 @@ def check_equal(kv: np.ndarray, other: np.ndarray, what: str, baseline: str = "t
 
 def transformers_missing() -> list[str]:
     """The bench extra's packages this baseline needs that are not installed."""
-    return [name for name in TRANSFORMERS_EXTRA if importlib.util.find_spec(name) is None]
-
-
-def _version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
+    return missing_packages(TRANSFORMERS_EXTRA)
 
 
 def _import_torch_transformers():
@@ -445,7 +436,7 @@ def _header(args, run_transformers: bool, rows: list[dict], load: float, cores: 
         threads = sorted({r["torch_threads"] for r in rows})
         attention = "/".join(sorted({r["transformers_attention"] for r in rows}))
         header.append(
-            f"transformers {_version('transformers')} (torch {_version('torch')}): the same parameters exported by "
+            f"transformers {package_version('transformers')} (torch {package_version('torch')}): the same parameters exported by "
             f"jaxalign.models.hf.save_pretrained ({HF_FAMILY}, fp32), AutoModelForCausalLM.from_pretrained, eval, "
             f"{attention} attention; timed: model.generate(greedy, max/min_new_tokens=new, "
             f"eos_token_id=None, suppress_tokens=[pad], use_cache=True) under torch.inference_mode()")
