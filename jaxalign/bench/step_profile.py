@@ -18,6 +18,10 @@ Times are summed over the operations of each part and divided by the steps. On a
 independent operations side by side, so the sums are CPU time, not wall time: compare the parts' shares, and
 time the step itself with `dpo-throughput` (or ablate a part and time again). The trace stays in `--out` for
 TensorBoard's or Perfetto's viewer.
+
+`--decode` profiles the sampler the same way: `jaxalign.sampling.generate` (greedy, KV cache, `--rows` prompts of
+`--prompt-len` tokens, `--new-tokens` each), with the prompt pass in place of the forward column and the decoding
+loop, per generated token, in place of the backward one (`jaxalign bench sampling` times it against transformers).
 """
 from __future__ import annotations
 
@@ -30,17 +34,24 @@ import os
 import re
 import sys
 
+import flax.linen as nn
 import jax
+import numpy as np
 
 from jaxalign import paths
 from jaxalign.bench import dpo_throughput
 from jaxalign.bench.report import text_table
 from jaxalign.data.position import DataPosition
+from jaxalign.models.llama import init_params
+from jaxalign.sampling import SamplingConfig, generate
 from jaxalign.sharding import MeshConfig, make_mesh, put_batch
 
 PARTS = ("mlp", "attention core", "attention proj.", "norms", "embedding/logits", "loss/optimizer")
 COLUMNS = (("part", 18, "part", "s"), ("forward ms", 10, "forward_ms", ".2f"),
            ("backward ms", 11, "backward_ms", ".2f"), ("share", 6, "share", ".3f"))
+# --decode: the last part ("loss/optimizer") holds the sampler's own work (argmax, bookkeeping, the loop)
+DECODE_COLUMNS = (("part", 18, "part", "s"), ("prompt ms", 10, "forward_ms", ".2f"),
+                  ("decode us/token", 15, "decode_us_per_token", ".1f"), ("share", 6, "share", ".3f"))
 
 
 def part_of(op_name: str) -> str:
@@ -89,13 +100,20 @@ def traced_op_microseconds(trace_dir: str, module: str) -> dict[str, float]:
     return totals
 
 
-def breakdown(op_microseconds: dict[str, float], op_names: dict[str, str], steps: int) -> list[dict]:
-    """One row per part: forward and backward milliseconds per step and the part's share of the total."""
+def is_decode_loop(op_name: str) -> bool:
+    """Operations of the sampler's token-by-token loop (inside its `lax.while_loop`), not of the prompt pass."""
+    return "/while/" in op_name
+
+
+def breakdown(op_microseconds: dict[str, float], op_names: dict[str, str], steps: int,
+              second_pass=is_backward) -> list[dict]:
+    """One row per part: milliseconds per step of the first pass (forward; the prompt pass when profiling the
+    sampler) and of the second (`second_pass`: backward; the decoding loop), and the part's share of the total."""
     forward = dict.fromkeys(PARTS, 0.0)
     backward = dict.fromkeys(PARTS, 0.0)
     for op, microseconds in op_microseconds.items():
         op_name = op_names.get(op, "")
-        (backward if is_backward(op_name) else forward)[part_of(op_name)] += microseconds / 1000 / steps
+        (backward if second_pass(op_name) else forward)[part_of(op_name)] += microseconds / 1000 / steps
     total = sum(forward.values()) + sum(backward.values())
     return [{"part": part, "forward_ms": forward[part], "backward_ms": backward[part],
              "share": (forward[part] + backward[part]) / total if total else 0.0} for part in PARTS]
@@ -126,6 +144,32 @@ def profile(size: str, batch_pairs: int, prompt_len: int, completion_len: int, s
             "steps": steps, "loss": float(metrics["loss"]), "parts": rows}
 
 
+def profile_decode(size: str, rows: int, prompt_len: int, new_tokens: int, calls: int, trace_dir: str) -> dict:
+    """Trace `calls` greedy `jaxalign.sampling.generate` calls of `size` (after one untraced) on `rows` random
+    prompts of `prompt_len` tokens decoding `new_tokens` each (no EOS: every row decodes them all), and return the
+    breakdown: "forward" = the prompt pass, "backward" = the decoding loop, per call."""
+    cfg = dpo_throughput.model_for(size, prompt_len + new_tokens)
+    params = jax.jit(lambda key: nn.meta.unbox(init_params(cfg, key)))(jax.random.key(0))
+    tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, (rows, prompt_len)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    options = {"cfg": cfg, "sampling": SamplingConfig(max_new_tokens=new_tokens, temperature=0.0), "eos_id": -1,
+               "pad_id": 0}
+    compiled = generate.lower(params, tokens, mask, jax.random.key(0), **options).compile(
+        compiler_options={"xla_cpu_enable_xprof_traceme": True})
+    jax.block_until_ready(compiled(params, tokens, mask, jax.random.key(0)))
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(calls):
+            out = compiled(params, tokens, mask, jax.random.key(0))
+        jax.block_until_ready(out)
+    hlo = compiled.as_text()
+    module = re.search(r"HloModule ([\w.\-]+)", hlo).group(1)
+    rows_out = breakdown(traced_op_microseconds(trace_dir, module), hlo_op_names(hlo), calls, is_decode_loop)
+    for row in rows_out:
+        row["decode_us_per_token"] = 1000 * row["backward_ms"] / new_tokens
+    return {"size": size, "rows": rows, "prompt_len": prompt_len, "new_tokens": new_tokens, "calls": calls,
+            "parts": rows_out}
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="jaxalign bench step-profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="small,medium", help=f"comma list of {', '.join(dpo_throughput.SIZES)}")
@@ -133,13 +177,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--completion-len", type=int, default=96)
     parser.add_argument("--steps", type=int, default=3, help="traced steps (after two untraced ones)")
+    parser.add_argument("--decode", action="store_true",
+                        help="profile the sampler instead: greedy decoding of --rows prompts of --prompt-len tokens, "
+                             "--new-tokens each (prompt pass vs decoding loop)")
+    parser.add_argument("--rows", type=int, default=8, help="--decode: prompts decoded together")
+    parser.add_argument("--new-tokens", type=int, default=96, help="--decode: tokens decoded per prompt")
     parser.add_argument("--out", required=True, help="directory for step_profile.json and the traces")
     args = parser.parse_args(argv)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     for size in args.sizes:
         dpo_throughput.model_for(size, 1)  # unknown names fail before anything runs
-    if min(args.batch_pairs, args.prompt_len, args.completion_len, args.steps) < 1:
-        parser.error("--batch-pairs, --prompt-len, --completion-len and --steps must be >= 1")
+    if min(args.batch_pairs, args.prompt_len, args.completion_len, args.steps, args.rows, args.new_tokens) < 1:
+        parser.error("--batch-pairs, --prompt-len, --completion-len, --steps, --rows and --new-tokens must be >= 1")
     return args
 
 
@@ -152,13 +201,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"1-min load average at start {load:.1f}; times are CPU time summed per part (module docstring)")
     results = []
     for size in args.sizes:
-        result = profile(size, args.batch_pairs, args.prompt_len, args.completion_len, args.steps,
-                         paths.join(args.out, f"trace_{size}"))
+        trace_dir = paths.join(args.out, f"trace_{size}" + ("_decode" if args.decode else ""))
+        if args.decode:
+            result = profile_decode(size, args.rows, args.prompt_len, args.new_tokens, args.steps, trace_dir)
+            print(f"\n{size}: greedy decoding, {args.rows} prompts x {args.prompt_len} tokens + {args.new_tokens} "
+                  f"new, {args.steps} traced calls")
+            print(text_table(result["parts"], DECODE_COLUMNS))
+        else:
+            result = profile(size, args.batch_pairs, args.prompt_len, args.completion_len, args.steps, trace_dir)
+            print(f"\n{size}: {args.batch_pairs} pairs x ({args.prompt_len} + {args.completion_len}) tokens, "
+                  f"{args.steps} traced steps")
+            print(text_table(result["parts"], COLUMNS))
         results.append(result)
-        print(f"\n{size}: {args.batch_pairs} pairs x ({args.prompt_len} + {args.completion_len}) tokens, "
-              f"{args.steps} traced steps")
-        print(text_table(result["parts"], COLUMNS))
-    paths.write_atomic(paths.join(args.out, "step_profile.json"), json.dumps(results, indent=2) + "\n")
+    paths.write_atomic(paths.join(args.out, "step_profile_decode.json" if args.decode else "step_profile.json"),
+                       json.dumps(results, indent=2) + "\n")
     return results
 
 

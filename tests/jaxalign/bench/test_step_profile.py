@@ -38,3 +38,22 @@ def test_a_smoke_profile_of_the_tiny_step_attributes_time_to_every_part_of_the_m
         assert parts[part]["forward_ms"] > 0 and parts[part]["backward_ms"] > 0, part
     assert json.loads((tmp_path / "step_profile.json").read_text())[0]["size"] == "tiny"
     assert "attention core" in capsys.readouterr().out
+
+
+def test_the_decode_profile_splits_the_prompt_pass_from_the_token_loop(tmp_path, capsys):
+    (result,) = step_profile.main(["--decode", "--sizes", "tiny", "--rows", "2", "--prompt-len", "4", "--new-tokens",
+                                   "3", "--steps", "1", "--out", str(tmp_path)])
+    parts = {r["part"]: r for r in result["parts"]}
+    assert sum(r["share"] for r in result["parts"]) == pytest.approx(1.0)
+    for part in ("mlp", "attention core", "attention proj."):  # both passes run every part of the model
+        assert parts[part]["forward_ms"] > 0 and parts[part]["decode_us_per_token"] > 0, part
+    assert parts["mlp"]["decode_us_per_token"] == pytest.approx(1000 * parts["mlp"]["backward_ms"] / 3)
+    assert json.loads((tmp_path / "step_profile_decode.json").read_text())[0]["new_tokens"] == 3
+    assert "decode us/token" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("op_name, in_loop", [
+    ("jit(generate)/while/body/DecoderLM/layer_0/mlp/up/dot_general", True),
+    ("jit(generate)/DecoderLM/layer_0/mlp/up/dot_general", False)])
+def test_decoding_loop_operations_are_told_from_the_prompt_pass(op_name, in_loop):
+    assert step_profile.is_decode_loop(op_name) is in_loop
