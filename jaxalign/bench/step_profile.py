@@ -85,6 +85,12 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
     return names
 
 
+def control_flow_ops(hlo_text: str) -> set[str]:
+    """Instructions of a compiled HLO module that only run others (while, conditional, call): the trace times them
+    as spans enclosing their bodies' operations, so counting them would count those operations twice."""
+    return set(re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b(?:while|conditional|call)\(", hlo_text, re.M))
+
+
 def traced_op_microseconds(trace_dir: str, module: str) -> dict[str, float]:
     """Summed duration (us) per HLO operation of `module` in the Perfetto trace `jax.profiler.trace` wrote."""
     found = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
@@ -106,12 +112,15 @@ def is_decode_loop(op_name: str) -> bool:
 
 
 def breakdown(op_microseconds: dict[str, float], op_names: dict[str, str], steps: int,
-              second_pass=is_backward) -> list[dict]:
+              second_pass=is_backward, skip: frozenset[str] | set[str] = frozenset()) -> list[dict]:
     """One row per part: milliseconds per step of the first pass (forward; the prompt pass when profiling the
-    sampler) and of the second (`second_pass`: backward; the decoding loop), and the part's share of the total."""
+    sampler) and of the second (`second_pass`: backward; the decoding loop), and the part's share of the total.
+    Operations in `skip` (`control_flow_ops`) are left out."""
     forward = dict.fromkeys(PARTS, 0.0)
     backward = dict.fromkeys(PARTS, 0.0)
     for op, microseconds in op_microseconds.items():
+        if op in skip:
+            continue
         op_name = op_names.get(op, "")
         (backward if second_pass(op_name) else forward)[part_of(op_name)] += microseconds / 1000 / steps
     total = sum(forward.values()) + sum(backward.values())
@@ -139,7 +148,8 @@ def profile(size: str, batch_pairs: int, prompt_len: int, completion_len: int, s
             jax.block_until_ready(metrics)
     hlo = compiled.as_text()
     module = re.search(r"HloModule ([\w.\-]+)", hlo).group(1)
-    rows = breakdown(traced_op_microseconds(trace_dir, module), hlo_op_names(hlo), steps)
+    rows = breakdown(traced_op_microseconds(trace_dir, module), hlo_op_names(hlo), steps,
+                     skip=control_flow_ops(hlo))
     return {"size": size, "batch_pairs": batch_pairs, "prompt_len": prompt_len, "completion_len": completion_len,
             "steps": steps, "loss": float(metrics["loss"]), "parts": rows}
 
@@ -163,7 +173,8 @@ def profile_decode(size: str, rows: int, prompt_len: int, new_tokens: int, calls
         jax.block_until_ready(out)
     hlo = compiled.as_text()
     module = re.search(r"HloModule ([\w.\-]+)", hlo).group(1)
-    rows_out = breakdown(traced_op_microseconds(trace_dir, module), hlo_op_names(hlo), calls, is_decode_loop)
+    rows_out = breakdown(traced_op_microseconds(trace_dir, module), hlo_op_names(hlo), calls, is_decode_loop,
+                         control_flow_ops(hlo))
     for row in rows_out:
         row["decode_us_per_token"] = 1000 * row["backward_ms"] / new_tokens
     return {"size": size, "rows": rows, "prompt_len": prompt_len, "new_tokens": new_tokens, "calls": calls,

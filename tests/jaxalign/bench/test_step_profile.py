@@ -2,6 +2,8 @@
 pass, and the smoke run's breakdown covers the parts a decoder has. No timing assertions (machine-dependent)."""
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxalign.bench import step_profile
@@ -57,3 +59,14 @@ def test_the_decode_profile_splits_the_prompt_pass_from_the_token_loop(tmp_path,
     ("jit(generate)/DecoderLM/layer_0/mlp/up/dot_general", False)])
 def test_decoding_loop_operations_are_told_from_the_prompt_pass(op_name, in_loop):
     assert step_profile.is_decode_loop(op_name) is in_loop
+
+
+def test_control_flow_instructions_are_found_and_left_out_of_the_sums():
+    """A while loop's trace event spans its body's operations; counting it would count them twice."""
+    hlo = jax.jit(lambda x: jax.lax.fori_loop(0, 3, lambda i, y: y * 2 + 1, x)).lower(jnp.ones(3)).compile().as_text()
+    loops = {name for name in step_profile.control_flow_ops(hlo) if name.startswith("while")}
+    assert len(loops) == 1
+    names = {"w": "jit(f)/while", "m": "jit(f)/while/body/DecoderLM/layer_0/mlp/up/dot_general"}
+    rows = {r["part"]: r for r in step_profile.breakdown({"w": 9000.0, "m": 1000.0}, names, 1,
+                                                         step_profile.is_decode_loop, skip={"w"})}
+    assert rows["mlp"]["share"] == 1.0 and rows["loss/optimizer"]["forward_ms"] == 0.0
