@@ -198,6 +198,11 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         "with the jitted policy and learner; replay buffer checkpointed per chunk, resumable, evaluated greedily",
         _module_experiment("dqn_gymnasium", "rl.experiments.dqn_gymnasium", "DQNGymnasiumConfig"),
     ),
+    "diffusion_gmm": (
+        "a small MLP diffusion model trained on an exact 2-D Gaussian mixture (RL harness: chunked, resumable); "
+        "MMD^2 of DDIM / DPM-Solver(++) samples vs the exact score's at each NFE",
+        _module_experiment("diffusion_gmm", "jaxalign.experiments.diffusion_gmm", "DiffusionGMMConfig"),
+    ),
 }
 
 

@@ -1,7 +1,11 @@
 """Diffusion models: VP noise schedules, parameterisations, an exact Gaussian-mixture target and fast ODE samplers
-(DDIM, DPM-Solver, DPM-Solver++), checked against exact answers (tests/jaxalign/diffusion/), and preference
-objectives (Diffusion-DPO, D3PO, Diffusion-DRO, SmPO, DenseDPO, PatchDPO, DSO) as pure functions of per-sample
-denoising errors, registered in `DIFFUSION_OBJECTIVES` (`preference`)."""
+(DDIM, DPM-Solver, DPM-Solver++), checked against exact answers (tests/jaxalign/diffusion/), a small Flax
+noise-prediction network for vectors with its denoising loss (`networks`: `VectorDenoiser`, `denoising_loss`,
+`model_fn`), and preference objectives (Diffusion-DPO, D3PO, Diffusion-DRO, SmPO, DenseDPO, PatchDPO, DSO) as pure
+functions of per-sample denoising errors, registered in `DIFFUSION_OBJECTIVES` (`preference`); AdjointDPM's
+gradients through the probability-flow ODE are in `adjoint` (import it as a module)."""
+from jaxalign.diffusion.networks import VectorDenoiser, denoising_loss, model_fn
 from jaxalign.diffusion.preference import DIFFUSION_OBJECTIVES, DiffusionObjectiveSpec, diffusion_objective
 
-__all__ = ["DIFFUSION_OBJECTIVES", "DiffusionObjectiveSpec", "diffusion_objective"]
+__all__ = ["DIFFUSION_OBJECTIVES", "DiffusionObjectiveSpec", "VectorDenoiser", "denoising_loss",
+           "diffusion_objective", "model_fn"]
