@@ -38,7 +38,7 @@ import traceback
 from typing import Callable
 
 from jaxalign import paths
-from jaxalign.bench.report import package_version
+from jaxalign.bench.report import available_cores, load_average, package_version
 
 VERSIONS = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "trl", "stable-baselines3")
 
@@ -143,14 +143,6 @@ BENCHES = [
 ]
 
 
-def load_average() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -176,7 +168,7 @@ def git_commit() -> str:
 
 
 def machine() -> dict:
-    return {"cpu": cpu_model(), "usable_cores": usable_cores(), "os_cpu_count": os.cpu_count(),
+    return {"cpu": cpu_model(), "usable_cores": available_cores(), "os_cpu_count": os.cpu_count(),
             "platform": platform.platform(), "python": platform.python_version(), "versions": versions(),
             "commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -241,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     paths.makedirs(args.out)
     selected = [b for b in BENCHES if b.name in args.only]
     command = "jaxalign bench all " + " ".join(sys.argv[3:] if argv is None else argv)
-    cores, start = usable_cores(), time.perf_counter()
+    cores, start = available_cores(), time.perf_counter()
     records, checks = [], []
     for i, bench in enumerate(selected):
         remaining = sum(b.typical_seconds for b in selected[i:]) * (0.1 if args.quick else 1.0)

@@ -38,7 +38,8 @@ import numpy as np
 
 from jaxalign import paths
 from jaxalign.bench import flops
-from jaxalign.bench.report import missing_packages, package_version, text_table, write_csv_and_markdown
+from jaxalign.bench.report import (available_cores, load_average, missing_packages, package_version, text_table,
+                                   write_csv_and_markdown)
 from jaxalign.data.position import DataPosition
 from jaxalign.models.llama import DecoderLM, ModelConfig, check_model_fits_mesh, count_params, init_params
 from jaxalign.sharding import (
@@ -68,10 +69,6 @@ SIZES = {
 FIRST_TOKEN = 3  # ids 0-2 are special in the TRL baseline's tokenizer; both sides draw tokens from [3, vocab)
 BENCH_EXTRA = ("datasets", "tokenizers", "torch", "transformers", "trl")
 FILE_STEM = "dpo_throughput"
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def model_for(size: str, seq_len: int) -> ModelConfig:
@@ -232,7 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"NOTE: {MISSING_EXTRA} (missing: {', '.join(missing)}); running the jaxalign side only.", flush=True)
         run_trl = False
 
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     mesh = make_mesh(MeshConfig())
     peak = flops.measure_matmul_flops()
     rows = []

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import sys
 import time
@@ -36,9 +35,10 @@ import numpy as np
 
 from jaxalign import paths
 from jaxalign.bench import dpo_throughput
-from jaxalign.bench.report import text_table, write_csv_and_markdown
+from jaxalign.bench.report import import_offline, load_average, text_table, write_csv_and_markdown
 from jaxalign.models.llama import DecoderLM, grouped_attention, head_major_attention, init_params
 
+MISSING_EXTRA = "the PyTorch side needs the benchmark extra: pip install -e '.[bench]'"
 MODEL_COLUMNS = [("implementation", 34, "implementation", "s"), ("ms", 9, "ms", ".1f"),
                  ("vs torch", 9, "ratio_to_torch", ".2f")]
 ATTENTION_COLUMNS = [("attention core, fwd + bwd", 34, "implementation", "s"), ("ms", 9, "ms", ".2f"),
@@ -161,15 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
     "attention": rows, ...} where each row has implementation, ms and ratio_to_torch (> 1: slower than torch)."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
-        from jaxalign.bench.trl_baseline import _import_extra
-
-        _, _, torch, transformers, _ = _import_extra()
+        torch, transformers = import_offline(("torch", "transformers"), MISSING_EXTRA)
     except ImportError as exc:
         raise ValueError(str(exc)) from None
     torch.set_num_threads(args.threads)
     cfg = dataclasses.replace(dpo_throughput.model_for(args.size, args.seq_len), max_len=max(64, args.seq_len))
     tokens = np.random.default_rng(0).integers(dpo_throughput.FIRST_TOKEN, cfg.vocab_size, (args.batch, args.seq_len))
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     header = [f"machine: {jax.devices()[0].device_kind} ({jax.default_backend()}), usable cores "
               f"{dpo_throughput.available_cores()}, torch {torch.__version__} with {args.threads} threads, "
               f"transformers {transformers.__version__}, 1-min load average at start {load:.1f}",

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign import paths
+from jaxalign.bench.report import load_average
 from jaxalign.models.llama import DecoderLM, ModelConfig, init_params
 from jaxalign.train.step import accumulated_gradients, dpo_loss_fn
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     if min(args.vocab, args.length, args.d_model, args.chunk) < 1 or args.d_model % 4:
         parser.error("--vocab, --length, --d-model, --chunk must be >= 1 and --d-model a multiple of 4")
     result = measure(args.vocab, args.length, args.d_model, args.chunk)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     print(f"machine: {jax.devices()[0]} ({jax.default_backend()}), 1-min load {load:.1f} (memory does not depend "
           f"on load); vocab {args.vocab}, {args.length} tokens x 2 sequences, d_model {args.d_model}")
     print(f"{'variant':<22} {'temp MiB':>10} {'args MiB':>10} {'loss':>12} {'seconds':>8}")

@@ -15,7 +15,6 @@ a refactor") and pads, so there is no packed TRL step to run beside ours.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.bench.report import load_average
 from jaxalign.data.packing import pack_pair_batch
 from jaxalign.models.llama import DecoderLM, ModelConfig, init_params
 from jaxalign.train.step import accumulated_gradients, dpo_loss_fn
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
                 jax.block_until_ready(step(params, device_batches[name][i]))
                 seconds[name] += time.perf_counter() - clock
     rate = {name: args.rounds * real / seconds[name] for name in variants}
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     print(f"machine: {jax.devices()[0]} ({jax.default_backend()}), 1-min load average {load:.1f}; "
           f"{args.batches} batches x {args.pairs} pairs, completion lengths log-normal (median {args.median:g}, "
           f"sigma {args.sigma:g}, at most {args.max_len - PROMPT}), model d_model {args.d_model}, {args.layers} layers")

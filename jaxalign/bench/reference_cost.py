@@ -18,7 +18,6 @@ variant alike. The ratio online/cached is the headline number.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from jaxalign import paths
 from jaxalign.bench.dpo_throughput import model_for, random_batch
-from jaxalign.bench.report import csv_text
+from jaxalign.bench.report import csv_text, load_average
 from jaxalign.data.position import DataPosition
 from jaxalign.experiments.arith_kit import ARITH_DPO
 from jaxalign.models.llama import DecoderLM, init_params
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             args.sync_every, mesh))
     header = [
         f"machine: {jax.devices()} ({jax.default_backend()}), 1-min load average "
-        f"{os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan'):.1f}",
+        f"{load_average():.1f}",
         f"workload: {args.batch_pairs} pairs x ({args.prompt_len} + {args.completion_len}) tokens, fp32, sigmoid DPO, "
         f"AdamW; {args.warmup} warmup + {args.steps} interleaved timed rounds; sync every {args.sync_every} steps",
         "break-even: precompute time / (online - cached seconds per step), i.e. passes over the data after which "

@@ -6,15 +6,42 @@ they are, and None or a non-finite number as "n/a" (e.g. a baseline that was not
 from __future__ import annotations
 
 import csv
+import importlib
 import importlib.metadata
 import importlib.util
 import io
 import math
+import os
 from typing import Sequence
 
 from jaxalign import paths
 
 Column = tuple[str, int, str, str]
+
+
+def load_average() -> float:
+    """The 1-minute load average (nan where the OS has none): benchmarks print it, since timings on a busy machine
+    mean little."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one), what XLA sizes its pool to."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+HF_OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")
+
+
+def import_offline(names, missing: str) -> list:
+    """The modules `names` (a baseline's extra: torch, transformers, trl, ...), imported with Hugging Face's offline
+    switches set first, so nothing is ever downloaded; a missing one is an ImportError starting with `missing`."""
+    for var in HF_OFFLINE:
+        os.environ[var] = "1"
+    try:
+        return [importlib.import_module(name) for name in names]
+    except ImportError as exc:
+        raise ImportError(f"{missing} ({exc})") from exc
 
 
 def missing_packages(names) -> list[str]:

@@ -54,7 +54,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import os
 import statistics
 import sys
 import tempfile
@@ -67,8 +66,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxalign import paths
-from jaxalign.bench.dpo_throughput import SIZES, available_cores
-from jaxalign.bench.report import missing_packages, package_version, text_table, write_csv_and_markdown
+from jaxalign.bench.dpo_throughput import SIZES
+from jaxalign.bench.report import (available_cores, import_offline, load_average, missing_packages, package_version,
+                                   text_table, write_csv_and_markdown)
 from jaxalign.models.llama import DecoderLM, ModelConfig, count_params, init_params
 from jaxalign.sampling import SamplingConfig, generate
 
@@ -174,14 +174,7 @@ def transformers_missing() -> list[str]:
 
 def _import_torch_transformers():
     """(torch, transformers), with Hugging Face's offline switches set first: nothing is downloaded."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
-        os.environ[var] = "1"
-    try:
-        import torch
-        import transformers
-    except ImportError as exc:
-        raise ImportError(f"{MISSING_EXTRA} ({exc})") from exc
-    return torch, transformers
+    return tuple(import_offline(TRANSFORMERS_EXTRA, MISSING_EXTRA))
 
 
 @contextlib.contextmanager
@@ -436,7 +429,8 @@ def _header(args, run_transformers: bool, rows: list[dict], load: float, cores: 
         threads = sorted({r["torch_threads"] for r in rows})
         attention = "/".join(sorted({r["transformers_attention"] for r in rows}))
         header.append(
-            f"transformers {package_version('transformers')} (torch {package_version('torch')}): the same parameters exported by "
+            f"transformers {package_version('transformers')} (torch {package_version('torch')}): the same parameters "
+            "exported by "
             f"jaxalign.models.hf.save_pretrained ({HF_FAMILY}, fp32), AutoModelForCausalLM.from_pretrained, eval, "
             f"{attention} attention; timed: model.generate(greedy, max/min_new_tokens=new, "
             f"eos_token_id=None, suppress_tokens=[pad], use_cache=True) under torch.inference_mode()")
@@ -470,7 +464,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"NOTE: {MISSING_EXTRA} (missing: {', '.join(missing)}); running without the transformers baseline.",
               flush=True)
         run_transformers = False
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     cases = [(size, new) for size in args.sizes for new in args.new_tokens]
     rows = []
     for size, new_tokens in tqdm(cases, desc="[sampling] cases", unit="case", disable=len(cases) < 2):

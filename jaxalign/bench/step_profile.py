@@ -40,7 +40,7 @@ import numpy as np
 
 from jaxalign import paths
 from jaxalign.bench import dpo_throughput
-from jaxalign.bench.report import text_table
+from jaxalign.bench.report import load_average, text_table
 from jaxalign.data.position import DataPosition
 from jaxalign.models.llama import init_params
 from jaxalign.sampling import SamplingConfig, generate
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Profile every size, print one table per size and write step_profile.json; returns the results."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     paths.makedirs(args.out)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     print(f"machine: {jax.devices()} ({jax.default_backend()}), usable cores={dpo_throughput.available_cores()}, "
           f"1-min load average at start {load:.1f}; times are CPU time summed per part (module docstring)")
     results = []

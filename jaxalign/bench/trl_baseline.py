@@ -29,11 +29,12 @@ processes compete for the cores (OpenMP workers wait on each other); pass `threa
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 import warnings
 from typing import Any
+
+from jaxalign.bench.report import import_offline
 
 MISSING_EXTRA = "the TRL baseline needs the benchmark extra: pip install -e '.[bench]'"
 MODEL_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "max_len",
@@ -49,17 +50,7 @@ def _word(i: int) -> str:
 
 
 def _import_extra():
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
-        os.environ[var] = "1"
-    try:
-        import datasets
-        import tokenizers
-        import torch
-        import transformers
-        import trl
-    except ImportError as exc:
-        raise ImportError(f"{MISSING_EXTRA} ({exc})") from exc
-    return datasets, tokenizers, torch, transformers, trl
+    return import_offline(("datasets", "tokenizers", "torch", "transformers", "trl"), MISSING_EXTRA)
 
 
 def _tokenizer(tokenizers, transformers, vocab_size: int):

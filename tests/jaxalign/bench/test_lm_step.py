@@ -1,10 +1,9 @@
 """`jaxalign bench lm-step`: our LM-loss forward + backward and attention variants next to PyTorch's, one table
-each. No timing assertions (machine-dependent); what is checked is what gets run and reported."""
+each. No timing assertions (machine-dependent); what is checked is what gets run and reported. The test set-up
+installs the bench extra (Makefile), so PyTorch and transformers are always there."""
 import pytest
 
 from jaxalign.bench import lm_step
-
-pytest.importorskip("transformers")
 
 
 def test_a_smoke_run_reports_every_variant_against_torch_and_writes_the_tables(tmp_path, capsys):

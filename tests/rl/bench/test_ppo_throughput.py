@@ -57,7 +57,6 @@ def test_files_hold_the_summary_and_the_sweep_table(no_sb3):
 
 
 def test_with_sb3_the_ratio_is_ours_best_over_sb3_best(tmp_path, capsys):
-    pytest.importorskip("stable_baselines3")
     out = tmp_path / "out"
     summary = ppo_throughput.main([*TINY, "--sb3-num-envs", "1,4", "--sb3-timesteps", "16", "--out", str(out)])
     assert [row["n_envs"] for row in summary["sweep"]] == [1, 2, 4]  # the union of both sweeps
@@ -75,7 +74,6 @@ def test_with_sb3_the_ratio_is_ours_best_over_sb3_best(tmp_path, capsys):
 
 
 def test_sb3_without_a_step_budget_times_whole_updates_at_the_warmup_pace():
-    pytest.importorskip("stable_baselines3")
     cfg = ppo_throughput.point_config(1, 8, 1)
     row = ppo_throughput.sb3_steps_per_second(cfg, None, threads=1, target_seconds=1e-9)
     assert row["updates"] == 1 and row["env_steps"] == 8 and _positive_finite(row["warmup_seconds"])
