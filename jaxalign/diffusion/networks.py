@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -91,16 +92,22 @@ def denoising_loss(apply_fn: Callable, params, schedule, x0, key, t_min: float =
     return jnp.mean(jnp.sum((pred - eps) ** 2, axis=-1))
 
 
-def model_fn(apply_fn: Callable, params) -> Callable:
-    """The samplers' one-sample `model_fn(x, t) -> eps` (x [dim], t scalar) of a batched `apply_fn`. Build it once
-    per parameters and reuse it: the samplers compile once per model_fn object."""
+@functools.cache
+def _one_sample(apply_fn: Callable) -> Callable:
+    """One function object per `apply_fn`, so that every `model_fn(apply_fn, params)` has the same static part and
+    the samplers' executable is shared by all parameters of one network."""
 
-    def one(x, t):
-        if jnp.ndim(x) != 1:
-            raise ValueError(f"model_fn takes one vector sample [dim], got shape {jnp.shape(x)}")
+    def one(params, x, t):
         return apply_fn(params, x[None], jnp.reshape(t, (1,)))[0]
 
     return one
+
+
+def model_fn(apply_fn: Callable, params) -> jax.tree_util.Partial:
+    """The samplers' one-sample `model_fn(x, t) -> eps` (x one sample of any shape, t scalar) of a batched
+    `apply_fn(params, x, t)`, as a `jax.tree_util.Partial` whose `params` are traced inputs: the samplers compile
+    once per network and sample shape, not once per set of parameters."""
+    return jax.tree_util.Partial(_one_sample(apply_fn), params)
 
 
 def batched(model: Callable) -> Callable:

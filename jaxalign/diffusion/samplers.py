@@ -1,8 +1,10 @@
 """Probability-flow ODE samplers for VP diffusion models: pure functions (model_fn, schedule, x_T, timesteps) -> x_0.
 
 `model_fn(x, t) -> eps` is a noise-prediction model for ONE sample x (any shape) at a scalar time t; the samplers
-vmap it over the leading (batch) axis of x_T and jit the whole solve (model_fn and schedule are static arguments,
-so build model_fn once and reuse it). `timesteps` is a concrete, strictly decreasing 1-D array t_0 = T > ... > t_M
+vmap it over the leading (batch) axis of x_T and jit the whole solve (`batched_solve`). A `model_fn` that is a
+`jax.tree_util.Partial(f, params)` (what `networks.model_fn` builds) passes its params as traced inputs, so every
+set of parameters of one network shares one executable; any other callable compiles once per object (build it
+once and reuse it). Every sampler takes an optional `mesh` and then splits the samples over the mesh's data axis. `timesteps` is a concrete, strictly decreasing 1-D array t_0 = T > ... > t_M
 inside (0, schedule.t_max]; `make_timesteps` spaces them uniformly in t or in lambda (logSNR), `plan` turns an NFE
 budget into timesteps and per-step orders. Every step is written with lambda = log(alpha / sigma) and
 h = lambda_t - lambda_s, exactly solving the linear part of the ODE (Lu et al. 2022, DPM-Solver, eq. 3.4):
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.diffusion.parameterisation import eps_to_x0
+from jaxalign.sharding import batch_sharding, check_batch_fits_mesh, replicated
 
 ORDERS = {
     "ddim": 1,
@@ -237,26 +240,57 @@ def _in_dtype_of_x(model_fn):
     return lambda x, t: model_fn(x, t).astype(x.dtype)
 
 
+def _ddim_solve(model_fn, schedule, x, ts):
+    return _scan_steps(functools.partial(_ddim_step, model_fn, schedule), x, ts)
+
+
+def _euler_solve(model_fn, schedule, x, ts):
+    return _scan_steps(functools.partial(_euler_step, model_fn, schedule), x, ts)
+
+
 _NOISE_STEPS = {1: _dpm1_step, 2: _dpm2_step, 3: _dpm3_step}
 _DATA_STEPS = {1: _pp1_step, 2: _pp2s_step}
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "schedule", "kind", "orders"))
-def _solve(model_fn, schedule, x_T, ts, kind, orders=()):
+def _dpm_solver_solve(model_fn, schedule, x, ts, orders):
+    return _singlestep_solve(model_fn, schedule, x, ts, orders, _NOISE_STEPS)
+
+
+def _pp2s_solve(model_fn, schedule, x, ts, orders):
+    return _singlestep_solve(model_fn, schedule, x, ts, orders, _DATA_STEPS)
+
+
+def as_traced(model_fn) -> jax.tree_util.Partial:
+    """`model_fn` as a pytree whose function is static and whose bound arguments are traced.
+
+    A `jax.tree_util.Partial(f, params)` (what `networks.model_fn` returns) keeps `params` as an input of the
+    compiled solve, so new parameters of the same shapes (a fine-tuned copy, a checkpoint) reuse the executable;
+    any other callable is wrapped with no arguments and compiles once per callable object, as a static argument
+    would."""
+    return model_fn if isinstance(model_fn, jax.tree_util.Partial) else jax.tree_util.Partial(model_fn)
+
+
+@functools.partial(jax.jit, static_argnames=("solve", "schedule", "static"))
+def _batched(solve, model_fn, schedule, x_T, ts, static):
     model_fn = _in_dtype_of_x(model_fn)
-    if kind == "ddim":
-        one = lambda x: _scan_steps(functools.partial(_ddim_step, model_fn, schedule), x, ts)
-    elif kind == "euler":
-        one = lambda x: _scan_steps(functools.partial(_euler_step, model_fn, schedule), x, ts)
-    elif kind == "dpm_solver":
-        one = lambda x: _singlestep_solve(model_fn, schedule, x, ts, orders, _NOISE_STEPS)
-    elif kind == "dpm_solver_pp_2s":
-        one = lambda x: _singlestep_solve(model_fn, schedule, x, ts, orders, _DATA_STEPS)
-    elif kind == "dpm_solver_pp_2m":
-        one = lambda x: _pp2m_solve(model_fn, schedule, x, ts)
-    else:
-        raise ValueError(f"unknown solver kind {kind!r}")
-    return jax.vmap(one)(x_T)
+    return jax.vmap(lambda x: solve(model_fn, schedule, x, ts, **dict(static)))(x_T)
+
+
+def batched_solve(solve, model_fn, schedule, x_T, ts, mesh=None, **static):
+    """`solve(model_fn, schedule, x, ts, **static)` (one sample) over the leading axis of x_T, jitted.
+
+    `ts` is traced (a new grid of the same length reuses the executable), `static` (e.g. per-step orders) is
+    hashed into the compilation key. With a `mesh` (`jaxalign.sharding.make_mesh`), x_T is split along its batch
+    axis over the mesh's data and fsdp axes and the model's traced arguments are replicated, so every device
+    integrates its own samples with no communication; the result is the same as on one device and stays sharded
+    the same way. The batch must divide evenly into those shards (one clear error otherwise)."""
+    model_fn = as_traced(model_fn)
+    if mesh is not None:
+        check_batch_fits_mesh(jnp.shape(x_T)[0], mesh, "x_T's batch")
+        x_T = jax.device_put(x_T, batch_sharding(mesh))
+        model_fn = jax.device_put(model_fn, replicated(mesh))
+        ts = jax.device_put(ts, replicated(mesh))
+    return _batched(solve, model_fn, schedule, x_T, ts, tuple(sorted(static.items())))
 
 
 def _orders(order, steps: int, allowed: tuple[int, ...]) -> tuple[int, ...]:
@@ -271,34 +305,34 @@ def _ts_like(ts, x_T):
     return jnp.asarray(ts, dtype=jnp.result_type(x_T))
 
 
-def ddim(model_fn, schedule, x_T, timesteps):
+def ddim(model_fn, schedule, x_T, timesteps, mesh=None):
     ts = _check(model_fn, schedule, x_T, timesteps)
-    return _solve(model_fn, schedule, x_T, _ts_like(ts, x_T), kind="ddim")
+    return batched_solve(_ddim_solve, model_fn, schedule, x_T, _ts_like(ts, x_T), mesh)
 
 
-def dpm_solver(model_fn, schedule, x_T, timesteps, order=2):
+def dpm_solver(model_fn, schedule, x_T, timesteps, order=2, mesh=None):
     """Singlestep DPM-Solver; NFE = sum of the per-step orders."""
     ts = _check(model_fn, schedule, x_T, timesteps)
     orders = _orders(order, ts.shape[0] - 1, (1, 2, 3))
-    return _solve(model_fn, schedule, x_T, _ts_like(ts, x_T), kind="dpm_solver", orders=orders)
+    return batched_solve(_dpm_solver_solve, model_fn, schedule, x_T, _ts_like(ts, x_T), mesh, orders=orders)
 
 
-def dpm_solver_pp_2s(model_fn, schedule, x_T, timesteps, order=2):
+def dpm_solver_pp_2s(model_fn, schedule, x_T, timesteps, order=2, mesh=None):
     """DPM-Solver++(2S); `order` a tuple of 1s and 2s mixes in first-order steps (NFE = their sum)."""
     ts = _check(model_fn, schedule, x_T, timesteps)
     orders = _orders(order, ts.shape[0] - 1, (1, 2))
-    return _solve(model_fn, schedule, x_T, _ts_like(ts, x_T), kind="dpm_solver_pp_2s", orders=orders)
+    return batched_solve(_pp2s_solve, model_fn, schedule, x_T, _ts_like(ts, x_T), mesh, orders=orders)
 
 
-def dpm_solver_pp_2m(model_fn, schedule, x_T, timesteps):
+def dpm_solver_pp_2m(model_fn, schedule, x_T, timesteps, mesh=None):
     """DPM-Solver++(2M); NFE = number of steps, at least 2 (the second step is the first of second order)."""
     ts = _check(model_fn, schedule, x_T, timesteps, min_steps=2)
-    return _solve(model_fn, schedule, x_T, _ts_like(ts, x_T), kind="dpm_solver_pp_2m")
+    return batched_solve(_pp2m_solve, model_fn, schedule, x_T, _ts_like(ts, x_T), mesh)
 
 
-def euler(model_fn, schedule, x_T, timesteps):
+def euler(model_fn, schedule, x_T, timesteps, mesh=None):
     ts = _check(model_fn, schedule, x_T, timesteps)
-    return _solve(model_fn, schedule, x_T, _ts_like(ts, x_T), kind="euler")
+    return batched_solve(_euler_solve, model_fn, schedule, x_T, _ts_like(ts, x_T), mesh)
 
 
 SOLVERS = {
@@ -312,15 +346,17 @@ SOLVERS = {
 }
 
 
-def sample(solver: str, model_fn, schedule, x_T, nfe: int, spacing: str = "logsnr", t_end: float = 1e-3):
-    """Runs `solver` from x_T (at schedule.t_max) to t_end with exactly `nfe` model evaluations."""
+def sample(solver: str, model_fn, schedule, x_T, nfe: int, spacing: str = "logsnr", t_end: float = 1e-3,
+           mesh=None):
+    """Runs `solver` from x_T (at schedule.t_max) to t_end with exactly `nfe` model evaluations (sharded over
+    `mesh`'s batch axes when one is given, see `batched_solve`)."""
     ts, kwargs = plan(solver, schedule, nfe, spacing, t_end)
-    return SOLVERS[solver](model_fn, schedule, x_T, ts, **kwargs)
+    return SOLVERS[solver](model_fn, schedule, x_T, ts, mesh=mesh, **kwargs)
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "schedule", "steps"))
-def _reference(model_fn, schedule, x_T, t_start, t_end, steps):
-    model_fn = _in_dtype_of_x(model_fn)
+def _rk4_solve(model_fn, schedule, x, ts, steps):
+    """RK4 with `steps` uniform steps in lambda from ts[0] to ts[1] on y = x / alpha."""
+    t_start, t_end = ts[0], ts[1]
     lam0, lam1 = schedule.lam(t_start), schedule.lam(t_end)
     h = (lam1 - lam0) / steps
 
@@ -336,17 +372,14 @@ def _reference(model_fn, schedule, x_T, t_start, t_end, steps):
         k4 = rhs(y + h * k3, lam + h)
         return y + h / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4), None
 
-    def one(x):
-        y = jax.lax.scan(body, x / schedule.alpha(t_start), jnp.arange(steps, dtype=x.dtype))[0]
-        return schedule.alpha(t_end) * y
-
-    return jax.vmap(one)(x_T)
+    y = jax.lax.scan(body, x / schedule.alpha(t_start), jnp.arange(steps, dtype=x.dtype))[0]
+    return schedule.alpha(t_end) * y
 
 
-def reference_ode(model_fn, schedule, x_T, t_start: float | None = None, t_end: float = 1e-3, steps: int = 2000):
+def reference_ode(model_fn, schedule, x_T, t_start: float | None = None, t_end: float = 1e-3, steps: int = 2000,
+                  mesh=None):
     """The probability-flow ODE solution from x_T at t_start to t_end: RK4 with `steps` uniform steps in lambda
     (4 * steps evaluations; its own error is O(h^4), far below the fast solvers' at 5-100 NFE in float64)."""
     t_start = schedule.t_max if t_start is None else t_start
     ts = _check(model_fn, schedule, x_T, [t_start, t_end])
-    dtype = jnp.result_type(x_T)
-    return _reference(model_fn, schedule, x_T, jnp.asarray(ts[0], dtype), jnp.asarray(ts[1], dtype), steps)
+    return batched_solve(_rk4_solve, model_fn, schedule, x_T, _ts_like(ts, x_T), mesh, steps=steps)

@@ -132,5 +132,5 @@ def test_invalid_inputs_are_one_value_error_each():
         networks.VectorDenoiser(embed_dim=7).init(key, x0, jnp.ones((4,)))
     with pytest.raises(ValueError, match=r"x must be \[batch, dim\], got shape \(2, 2, 2\)"):
         net.apply(params, jnp.ones((2, 2, 2)), jnp.ones((2,)))
-    with pytest.raises(ValueError, match=r"model_fn takes one vector sample \[dim\], got shape \(4, 2\)"):
-        networks.model_fn(net.apply, params)(x0, 0.5)
+    with pytest.raises(ValueError, match=r"x must be \[batch, dim\], got shape \(1, 4, 2\)"):
+        networks.model_fn(net.apply, params)(x0, 0.5)  # one sample of a vector network is [dim]
