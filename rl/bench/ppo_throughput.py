@@ -146,6 +146,7 @@ def sb3_steps_per_second(cfg: PPOConfig, updates: int | None, threads: int, seed
         import stable_baselines3
         import torch
         from stable_baselines3.common.env_util import make_vec_env
+        from stable_baselines3.common.logger import Logger
     except ImportError as e:
         raise ValueError(f"{MISSING_EXTRA} ({e})") from None
     torch.set_num_threads(threads)
@@ -164,6 +165,7 @@ def sb3_steps_per_second(cfg: PPOConfig, updates: int | None, threads: int, seed
                        "activation_fn": torch.nn.Tanh if cfg.activation == "tanh" else torch.nn.ReLU,
                        "ortho_init": True},
     )
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default logger makes a /tmp/SB3-* dir per learn
     warmup_start = time.perf_counter()
     model.learn(total_timesteps=cfg.batch_size)
     warmup_seconds = time.perf_counter() - warmup_start
