@@ -35,6 +35,7 @@ real Cloud Storage in this project's tests.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -301,8 +302,9 @@ class PytreeCheckpointer:
         _check_specs(where, saved_specs, _leaf_specs(target))
 
         try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))[_STATE]
+            with _closed_loop_callbacks_quiet():
+                restored = self._manager.restore(
+                    step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))[_STATE]
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types; report them as one.
             _silence_orphaned_reads()
             raise UnreadableCheckpointError(f"{where} could not be read: {_brief(e)}") from e
@@ -434,7 +436,7 @@ def _brief(e: Exception, limit: int = 300) -> str:
 def _is_closed_loop_noise(unraisable: Any) -> bool:
     """A report from a read the failed restore orphaned: "Event loop is closed", or any exception of one of orbax's
     own read coroutines (garbage-collected after the restore gave up on them)."""
-    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+    if _is_closed_loop_error(unraisable.exc_value):
         return True
     code = getattr(unraisable.object, "cr_code", None)
     return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
@@ -447,6 +449,27 @@ class _OrphanedReadTasks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         return not ("Task exception was never retrieved" in text and f"{os.sep}orbax{os.sep}" in text)
+
+
+def _is_closed_loop_error(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+@contextlib.contextmanager
+def _closed_loop_callbacks_quiet():
+    """While a restore runs, drop the "Event loop is closed" errors that tensorstore's reader threads print through
+    sys.excepthook (its callbacks call PyErr_Print) when orbax's loop closes before their callbacks run: that
+    happens when the restore fails, and can happen before orbax's exception reaches us, so the filter is in place
+    first. It is removed when the restore succeeds; after a failure it stays, like `_silence_orphaned_reads`."""
+    previous = sys.excepthook
+
+    def hook(exc_type: Any, exc: BaseException, tb: Any) -> None:
+        if not _is_closed_loop_error(exc):
+            previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+    yield
+    sys.excepthook = previous  # not reached when the restore raised: the orphaned reads keep reporting
 
 
 def _silence_orphaned_reads() -> None:

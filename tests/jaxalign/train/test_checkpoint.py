@@ -425,3 +425,26 @@ def test_reads_the_earlier_trainstate_meta_layout(tmp_path):
         assert_states_identical(state, ckpt.restore_latest(make_state()))
         with pytest.raises(CheckpointMismatchError, match="rng key implementation is 'threefry2x32', expected 'rbg'"):
             ckpt.restore_latest(make_state().replace(rng=jax.random.key(0, impl="rbg")))
+
+
+def test_closed_loop_callback_errors_are_dropped_during_a_restore_and_after_it_fails(monkeypatch):
+    """tensorstore's reader threads print a callback onto orbax's closed event loop through sys.excepthook; such
+    reports are dropped while a restore runs and, once it has failed, for good; every other error still prints."""
+    from jaxalign.train import checkpoint
+
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda t, e, tb: seen.append(str(e)))
+    closed, other = RuntimeError("Event loop is closed"), ValueError("a real error")
+    with checkpoint._closed_loop_callbacks_quiet():
+        sys.excepthook(RuntimeError, closed, None)
+        sys.excepthook(ValueError, other, None)
+    assert seen == ["a real error"]
+    sys.excepthook(RuntimeError, closed, None)  # the restore succeeded: the filter is gone
+    assert seen == ["a real error", "Event loop is closed"]
+
+    with pytest.raises(OSError):
+        with checkpoint._closed_loop_callbacks_quiet():
+            raise OSError("truncated chunk")
+    sys.excepthook(RuntimeError, closed, None)  # the failed restore's orphaned reads stay quiet
+    sys.excepthook(ValueError, other, None)
+    assert seen == ["a real error", "Event loop is closed", "a real error"]
