@@ -163,6 +163,22 @@ class Learner(NamedTuple):
     learn: Callable  # learn(train_state, transitions, last_obs, key) -> (train_state, mean loss metrics)
 
 
+def shuffled_minibatch_epochs(minibatch_step, train_state, batch, key, epochs: int, num_minibatches: int):
+    """PPO's optimisation phase (Schulman et al. 2017, Algorithm 1: K epochs of minibatch SGD on the rollout):
+    `epochs` passes over `batch` (leaves [B, ...]), each through a fresh permutation cut into `num_minibatches`
+    equal minibatches and scanned by `minibatch_step(train_state, minibatch) -> (train_state, metrics)`.
+    Returns (train_state, metrics stacked [epochs, num_minibatches]). Every PPO learner in rl/ and agents/ uses it."""
+    size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    shape = (num_minibatches, size // num_minibatches)
+
+    def epoch(train_state, key):
+        order = jax.random.permutation(key, size)
+        minibatches = jax.tree_util.tree_map(lambda x: x[order].reshape(shape + x.shape[1:]), batch)
+        return jax.lax.scan(minibatch_step, train_state, minibatches)
+
+    return jax.lax.scan(epoch, train_state, jax.random.split(key, epochs))
+
+
 def make_learner(config: PPOConfig, num_actions: int) -> Learner:
     """PPO's network (an MLP actor-critic with `num_actions` logits), Adam with global-norm clipping (learning rate
     annealed linearly to 0 over the run when `anneal_lr`), and `learn`: GAE on a [T, N] rollout, then
@@ -209,21 +225,13 @@ def make_learner(config: PPOConfig, num_actions: int) -> Learner:
         grads, metrics = jax.grad(loss_fn, has_aux=True)(train_state.params, batch)
         return train_state.apply_gradients(grads=grads), metrics
 
-    def epoch(carry, key):
-        train_state, batch = carry
-        order = jax.random.permutation(key, config.batch_size)
-        minibatches = jax.tree_util.tree_map(
-            lambda x: x[order].reshape((config.num_minibatches, config.minibatch_size) + x.shape[1:]), batch)
-        train_state, metrics = jax.lax.scan(minibatch_step, train_state, minibatches)
-        return (train_state, batch), metrics
-
     def learn(train_state, transitions: Transition, last_obs, key_epochs):
         advantages, targets = advantages_and_targets(train_state.params, transitions, last_obs)
         batch = {"obs": transitions.obs, "action": transitions.action, "log_prob": transitions.extras["log_prob"],
                  "value": transitions.extras["value"], "advantage": advantages, "target": targets}
         batch = jax.tree_util.tree_map(lambda x: x.reshape((config.batch_size,) + x.shape[2:]), batch)
-        (train_state, _), loss_metrics = jax.lax.scan(epoch, (train_state, batch),
-                                                      jax.random.split(key_epochs, config.update_epochs))
+        train_state, loss_metrics = shuffled_minibatch_epochs(minibatch_step, train_state, batch, key_epochs,
+                                                              config.update_epochs, config.num_minibatches)
         return train_state, {k: v.mean() for k, v in loss_metrics.items()}
 
     return Learner(network, tx, policy, greedy_policy, advantages_and_targets, learn)

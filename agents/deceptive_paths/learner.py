@@ -30,7 +30,7 @@ from agents.deceptive_paths.env import DeceptivePathEnv, EnvParams
 from agents.deceptive_paths.network import GraphSAGEActorCritic
 from rl import harness
 from rl.networks import categorical_sample_and_log_prob
-from rl.ppo import PPOConfig, ppo_loss
+from rl.ppo import PPOConfig, ppo_loss, shuffled_minibatch_epochs
 from rl.returns import generalized_advantage_estimation, shifted_next_values
 from rl.rollout import completed_episode_stats, reset_envs, rollout
 from rl.wrappers import AutoReset, EpisodeStats
@@ -119,14 +119,6 @@ def make_learner(ppo: PPOConfig, env: DeceptivePathEnv, env_params: EnvParams,
         grads, metrics = jax.grad(loss_fn, has_aux=True)(train_state.params, batch)
         return train_state.apply_gradients(grads=grads), dict(metrics, grad_norm=optax.tree.norm(grads))
 
-    def epoch(carry, key):
-        train_state, batch = carry
-        order = jax.random.permutation(key, ppo.batch_size)
-        minibatches = jax.tree_util.tree_map(
-            lambda x: x[order].reshape((ppo.num_minibatches, ppo.minibatch_size) + x.shape[1:]), batch)
-        train_state, metrics = jax.lax.scan(minibatch_step, train_state, minibatches)
-        return (train_state, batch), metrics
-
     def update(state: RunnerState):
         key, key_rollout, key_epochs = jax.random.split(state.key, 3)
         coefficient = curriculum_coefficient(state.reach_rate, curriculum)
@@ -142,8 +134,8 @@ def make_learner(ppo: PPOConfig, env: DeceptivePathEnv, env_params: EnvParams,
         batch = {"obs": tr.obs, "action": tr.action, "log_prob": tr.extras["log_prob"], "value": values,
                  "advantage": advantages, "target": targets}
         batch = jax.tree_util.tree_map(lambda x: x.reshape((ppo.batch_size,) + x.shape[2:]), batch)
-        (train_state, _), loss_metrics = jax.lax.scan(epoch, (train_state, batch),
-                                                      jax.random.split(key_epochs, ppo.update_epochs))
+        train_state, loss_metrics = shuffled_minibatch_epochs(minibatch_step, train_state, batch, key_epochs,
+                                                              ppo.update_epochs, ppo.num_minibatches)
         done = tr.done
         reached = tr.info["reached_goal"] & done
         metrics = {k: v.mean() for k, v in loss_metrics.items()}

@@ -26,7 +26,7 @@ from flax.training.train_state import TrainState
 
 from agents.jssp_cp import env
 from rl import harness
-from rl.ppo import ppo_loss
+from rl.ppo import ppo_loss, shuffled_minibatch_epochs
 from rl.returns import generalized_advantage_estimation, shifted_next_values
 
 
@@ -139,15 +139,6 @@ def make_trainer(apply, params, cfg: JSSPPPOConfig, sizes: Sequence[tuple[int, i
         metrics["grad_norm"] = optax.tree.norm(grads)
         return train_state.apply_gradients(grads=grads), metrics
 
-    def epoch(carry, key):
-        train_state, batch = carry
-        order = jax.random.permutation(key, cfg.batch_size)
-        size = cfg.batch_size // cfg.num_minibatches
-        minibatches = jax.tree_util.tree_map(
-            lambda x: x[order].reshape((cfg.num_minibatches, size) + x.shape[1:]), batch)
-        train_state, metrics = jax.lax.scan(minibatch_step, train_state, minibatches)
-        return (train_state, batch), metrics
-
     def update(runner: Runner):
         key, k_size, k_roll, k_epochs = jax.random.split(runner.key, 4)
         size = jax.random.randint(k_size, (), 0, len(sizes))
@@ -163,8 +154,8 @@ def make_trainer(apply, params, cfg: JSSPPPOConfig, sizes: Sequence[tuple[int, i
         batch = {"obs": out["obs"], "action": out["action"], "log_prob": out["log_prob"], "value": out["value"],
                  "advantage": advantages, "target": targets}
         batch = jax.tree_util.tree_map(lambda x: x.reshape((cfg.batch_size,) + x.shape[2:]), batch)
-        (train_state, _), loss_metrics = jax.lax.scan(epoch, (runner.train_state, batch),
-                                                      jax.random.split(k_epochs, cfg.update_epochs))
+        train_state, loss_metrics = shuffled_minibatch_epochs(minibatch_step, runner.train_state, batch, k_epochs,
+                                                              cfg.update_epochs, cfg.num_minibatches)
         metrics = {k: v.mean() for k, v in loss_metrics.items()}
         finished = done.sum()
         metrics["episodes"] = finished.astype(jnp.float32)

@@ -39,6 +39,7 @@ from agents.pdppo.env import LotSizing, observation
 from agents.pdppo.instances import Instance
 from rl import harness
 from rl.networks import MLP
+from rl.ppo import shuffled_minibatch_epochs
 from rl.returns import monte_carlo_returns
 from rl.rollout import completed_episode_stats, reset_envs, rollout
 from rl.wrappers import AutoReset, EpisodeStats
@@ -244,14 +245,6 @@ def make_learner(config: LearnerConfig, instance: Instance, combine: Callable = 
         grads, metrics = jax.grad(loss_fn, has_aux=True)(train_state.params, batch)
         return train_state.apply_gradients(grads=grads), metrics
 
-    def epoch(train_state_batch, key):
-        train_state, batch = train_state_batch
-        order = jax.random.permutation(key, config.batch_size)
-        shape = (config.num_minibatches, config.batch_size // config.num_minibatches)
-        minibatches = jax.tree_util.tree_map(lambda x: x[order].reshape(shape + x.shape[1:]), batch)
-        train_state, metrics = jax.lax.scan(minibatch_step, train_state, minibatches)
-        return (train_state, batch), metrics
-
     def update(state: RunnerState):
         key, key_rollout, key_epochs = jax.random.split(state.key, 3)
         (env_state, obs), tr = rollout(train_env, env_params, rollout_policy, state.train_state.params,
@@ -263,8 +256,8 @@ def make_learner(config: LearnerConfig, instance: Instance, combine: Callable = 
         batch = {"obs": tr.obs, "post_obs": tr.info["post_observation"], "action": tr.action,
                  "log_prob": tr.extras["log_prob"], "return": returns}
         batch = jax.tree_util.tree_map(lambda x: x.reshape((config.batch_size,) + x.shape[2:]), batch)
-        (train_state, _), loss_metrics = jax.lax.scan(epoch, (state.train_state, batch),
-                                                      jax.random.split(key_epochs, config.update_epochs))
+        train_state, loss_metrics = shuffled_minibatch_epochs(minibatch_step, state.train_state, batch, key_epochs,
+                                                              config.update_epochs, config.num_minibatches)
         metrics = {k: v.mean() for k, v in loss_metrics.items()}
         metrics["first_epoch_loss"] = loss_metrics["loss"][0].mean()
         metrics["last_epoch_loss"] = loss_metrics["loss"][-1].mean()
