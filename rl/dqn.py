@@ -12,6 +12,7 @@ observation; only terminations cut the bootstrap (see `rl.returns`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -23,7 +24,7 @@ from flax.training.train_state import TrainState
 from rl import replay
 from rl.env import Discrete, Environment
 from rl.networks import QNetwork
-from rl.rollout import Transition, completed_episode_stats, reset_envs, rollout
+from rl.rollout import Transition, completed_episode_stats, reset_envs, rollout, scan_updates
 from rl.wrappers import AutoReset, EpisodeStats
 
 
@@ -221,8 +222,7 @@ def make_dqn(config: DQNConfig, env: Environment, env_params: Any = None) -> DQN
             state.train_state, state.target_params, state.buffer, tr, state.iteration, key_learn)
         return DQNState(train_state, target_params, buffer, env_state, obs, key, state.iteration + 1), metrics
 
-    def run(state: DQNState, num_iterations: int):
-        return jax.lax.scan(lambda s, _: update(s), state, None, length=num_iterations)
+    run = functools.partial(scan_updates, update)  # run(state, num_iterations)
 
     def train(key):
         return run(init(key), config.num_iterations)

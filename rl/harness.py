@@ -46,6 +46,7 @@ from jaxalign.rundir import write_json_atomic
 from jaxalign.sharding import MeshConfig, make_mesh
 from jaxalign.train.checkpoint import PytreeCheckpointer, strict_json
 from jaxalign.train.loop import DivergenceError, all_finite, divergence_message
+from rl.rollout import scan_updates
 
 DATA_AXIS = "data"
 REPLICATED = P()
@@ -134,11 +135,6 @@ def chunk_sizes(num_updates: int, num_chunks: int) -> list[int]:
         raise ValueError(f"num_chunks must lie in [1, num_updates={num_updates}], got {num_chunks!r}")
     size = math.ceil(num_updates / num_chunks)
     return [size] * (num_updates // size) + ([num_updates % size] if num_updates % size else [])
-
-
-def scan_updates(update: Callable, state: Any, length: int) -> tuple[Any, dict]:
-    """`length` updates in one lax.scan: (final state, metrics stacked over updates)."""
-    return jax.lax.scan(lambda carry, _: update(carry), state, None, length=length)
 
 
 def state_shardings(trainer: Trainer, abstract_state: Any, mesh: Mesh) -> Any:

@@ -12,6 +12,7 @@ state and `run(state, n)` does n updates in one scan; `train(key) == run(init(ke
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -23,7 +24,7 @@ from flax.training.train_state import TrainState
 from rl.env import Discrete, Environment
 from rl.networks import ActorCritic, categorical_sample_and_log_prob
 from rl.returns import generalized_advantage_estimation, shifted_next_values
-from rl.rollout import Transition, completed_episode_stats, reset_envs, rollout
+from rl.rollout import Transition, completed_episode_stats, reset_envs, rollout, scan_updates
 from rl.wrappers import AutoReset, EpisodeStats
 
 
@@ -263,8 +264,7 @@ def make_ppo(config: PPOConfig, env: Environment, env_params: Any = None) -> PPO
         metrics["env_steps"] = (state.update_step + 1) * config.batch_size
         return RunnerState(train_state, env_state, obs, key, state.update_step + 1), metrics
 
-    def run(state: RunnerState, num_updates: int):
-        return jax.lax.scan(lambda s, _: update(s), state, None, length=num_updates)
+    run = functools.partial(scan_updates, update)  # run(state, num_updates)
 
     def train(key):
         return run(init(key), config.num_updates)

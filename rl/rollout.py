@@ -108,3 +108,8 @@ def evaluate_episodes(env: Environment, env_params, policy_fn: PolicyFn, policy_
     carry = (state, obs, zeros, jnp.zeros(num_episodes, jnp.int32), jnp.ones(num_episodes, bool))
     (_, _, total, length, alive), _ = jax.lax.scan(one_step, carry, jax.random.split(key_run, max_steps))
     return {"return": total, "length": length, "finished": ~alive}
+
+
+def scan_updates(update: Callable, state: Any, length: int) -> tuple[Any, dict]:
+    """`length` updates in one lax.scan: (final state, metrics stacked over updates); every agent's `run`."""
+    return jax.lax.scan(lambda carry, _: update(carry), state, None, length=length)

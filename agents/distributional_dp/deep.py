@@ -42,6 +42,7 @@ its state, so several agents (e.g. CVaR, homeostatic and the QR-DQN baseline) tr
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -54,7 +55,7 @@ from rl import replay
 from rl.distributional import quantile_huber_loss
 from rl.env import Box, Discrete, Environment
 from rl.networks import DistributionalQNetwork
-from rl.rollout import completed_episode_stats, reset_envs, rollout
+from rl.rollout import completed_episode_stats, reset_envs, rollout, scan_updates
 from rl.wrappers import AutoReset, EpisodeStats, Wrapper
 
 UTILITIES = ("mean", "cvar", "band")
@@ -336,8 +337,7 @@ def make_agent(config: DeepDDPConfig, env: StockAugmented, env_params: StockPara
         metrics = dict(metrics, epsilon=epsilon, env_steps=iteration * config.num_envs, **completed_episode_stats(tr))
         return DeepState(train_state, target_params, buffer, env_state, obs, key, iteration, state.spec), metrics
 
-    def run(state: DeepState, num_iterations: int):
-        return jax.lax.scan(lambda s, _: update(s), state, None, length=num_iterations)
+    run = functools.partial(scan_updates, update)  # run(state, num_iterations)
 
     return DeepAgent(config, network, train_env, quantiles, greedy_policy, init, update, run)
 

@@ -78,7 +78,8 @@ def test_sb3_without_a_step_budget_times_whole_updates_at_the_warmup_pace():
     row = ppo_throughput.sb3_steps_per_second(cfg, None, threads=1, target_seconds=1e-9)
     assert row["updates"] == 1 and row["env_steps"] == 8 and _positive_finite(row["warmup_seconds"])
     row = ppo_throughput.sb3_steps_per_second(cfg, None, threads=1, target_seconds=0.2)
-    assert row["updates"] > 1 and row["env_steps"] == 8 * row["updates"]
+    # as many updates as the warmup's pace fits in 0.2 s (how many depends on the machine's load, the rule does not)
+    assert row["updates"] == max(1, round(0.2 / row["warmup_seconds"])) and row["env_steps"] == 8 * row["updates"]
     assert row["env_steps_per_second"] == pytest.approx(row["env_steps"] / row["seconds"])
 
 
