@@ -403,6 +403,10 @@ def train_oreo(actor_state: TrainState, critic_state: TrainState, reference_para
     if metrics_log is not None:
         metrics_log.truncate(desc, start)
     position, records = jax.device_get(actor_state.data), []
+    # The update's outputs are committed to the first device; fresh or restored inputs are not, and jit keys on
+    # that: placed where its outputs will be, the update compiles once, not again at the second step.
+    actor_state, critic_state = (state.replace(data=position)
+                                 for state in jax.device_put((actor_state, critic_state), jax.devices()[0]))
     for step in range(start, cfg.steps):
         host_batch, position = batch_at(data, position, cfg.batch_size, seed)
         batch = {k: jnp.asarray(v) for k, v in host_batch.items()}

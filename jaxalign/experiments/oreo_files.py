@@ -371,11 +371,8 @@ def initial_states(cfg: OreoFilesConfig, model_cfg: ModelConfig, base):
     return init_oreo_states(cfg.oreo, model_cfg, adapters, jax.random.key(cfg.seed + 5), critic)
 
 
-def placed_steps(steps, total: int, show_progress: bool):
-    """`steps` whose update receives both states placed as its own outputs are (committed to the first device, the
-    data position on the host), so that neither the first step nor the first step after a restore compiles the
-    update a second time; with `show_progress`, each update also advances a progress bar (rate and ETA)."""
-    device = jax.devices()[0]
+def steps_with_progress(steps, total: int, show_progress: bool):
+    """`steps` whose update advances a progress bar (rate and ETA) when `show_progress`."""
     bar = None
     if show_progress:
         from tqdm.auto import tqdm
@@ -383,8 +380,6 @@ def placed_steps(steps, total: int, show_progress: bool):
         bar = tqdm(total=total, desc="oreo", unit="step", dynamic_ncols=True)
 
     def update(actor_state, critic_state, *args):
-        actor_state, critic_state = (state.replace(data=jax.device_get(state.data))
-                                     for state in jax.device_put((actor_state, critic_state), device))
         if bar is not None and bar.n == 0:
             bar.update(int(jax.device_get(actor_state.step)))  # a resumed run starts where it stopped
         out = steps.update(actor_state, critic_state, *args)
@@ -419,7 +414,7 @@ def train_phase(cfg: OreoFilesConfig, model_cfg: ModelConfig, base, train: dict,
     lora = cfg.lora.config()
     policy_of = (lambda params: params) if lora is None else (lambda params: merge_lora(base, params, lora))
     actor, critic = initial_states(cfg, model_cfg, base)
-    steps = placed_steps(make_oreo_steps(cfg.oreo, model_cfg, lora), cfg.oreo.steps, cfg.show_progress)
+    steps = steps_with_progress(make_oreo_steps(cfg.oreo, model_cfg, lora), cfg.oreo.steps, cfg.show_progress)
     metadata = {"experiment": "oreo_files", "model": dataclasses.asdict(model_cfg),
                 "oreo": dataclasses.asdict(cfg.oreo), "data": data_fingerprint(train, cfg.oreo.batch_size, cfg.seed),
                 **({"lora": dataclasses.asdict(lora)} if lora is not None else {})}

@@ -349,3 +349,24 @@ def test_a_nan_reward_stops_training_before_a_nonfinite_state_is_saved(setup, tm
             oreo.train_oreo(actor, critic, params, ArrayDataset(bad), cfg=longer, model_cfg=MODEL, seed=0,
                             checkpointers=(a, c), log_every=1)
         assert a.latest_step() == c.latest_step() == 2
+
+
+def test_the_update_compiles_once_over_fresh_steps_and_a_restore(setup, tmp_path):
+    """Fresh states and restored ones are placed where the update's outputs live, so neither the second step nor
+    the first step after a restore compiles the update again."""
+    from jaxalign.data.iterator import ArrayDataset
+    from jaxalign.train.checkpoint import CheckpointConfig, Checkpointer
+
+    params, batch = setup
+    data = ArrayDataset({k: np.asarray(v) for k, v in batch.items()})
+    cfg = oreo.OreoConfig(level="token", steps=2, batch_size=2, **FAST)
+    steps = oreo.make_oreo_steps(cfg, MODEL)
+    actor, critic = oreo.init_oreo_states(cfg, MODEL, params, jax.random.key(0))
+    config = CheckpointConfig(every_steps=1, keep_last=3)
+    with Checkpointer(str(tmp_path / "actor"), config, {}) as a, Checkpointer(str(tmp_path / "critic"), config, {}) as c:
+        oreo.train_oreo(actor, critic, params, data, cfg=cfg, model_cfg=MODEL, seed=0, steps=steps, checkpointers=(a, c))
+        longer = dataclasses.replace(cfg, steps=4)
+        actor, _, _ = oreo.train_oreo(actor, critic, params, data, cfg=longer, model_cfg=MODEL, seed=0, steps=steps,
+                                      checkpointers=(a, c))  # restores step 2, then steps 3 and 4
+    assert int(actor.step) == 4
+    assert steps.update._cache_size() == 1
