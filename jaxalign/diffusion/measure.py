@@ -1,7 +1,14 @@
 """The distance to the target distribution of every sampler at a few NFEs on the 2-D Gaussian mixture with its
 exact score (a measurement, not a test): x_T is drawn from the exact p_T, each sampler runs to t = 1e-3, and the
 samples are scored by the squared MMD to the mixture itself (`gmm.mmd2_to_mixture`, closed-form mixture terms),
-next to the same for exact samples of the data and for the accurate reference ODE solution (the floors).
+next to the same for exact samples of the data and for the accurate reference ODE solutions (the floors: fixed
+RK4 and adaptive Dormand-Prince, `rk45`).
+
+The rows include the solvers that register themselves in `samplers` (UniPC, DC-Solver, DPM-Solver-v3; the
+package imports them). Two of them carry inputs fitted on the same exact-score model, outside the NFE budget, at each NFE:
+DC-Solver fits its compensation ratios on the reference trajectories of the first 8 rows of x_T, DPM-Solver-v3
+computes its empirical model statistics from the trajectories of (up to) the first 1024 rows (see
+`dc_solver.sample_with_fitted_ratios` and `dpm_solver_v3.sample_with_model_ems`).
 
     .venv/bin/python -m jaxalign.diffusion.measure [--n 2000] [--nfes 5,10,20] [--schedule linear]
 """
@@ -11,7 +18,7 @@ import argparse
 
 import jax
 
-from jaxalign.diffusion import gmm, samplers
+from jaxalign.diffusion import gmm, rk45, samplers
 from jaxalign.diffusion.schedules import get_schedule
 
 
@@ -25,7 +32,8 @@ def distance_table(nfes=(5, 10, 20), n: int = 2000, schedule: str = "linear", se
         x_T = gmm.sample_marginal(mix, sch, k_T, n, sch.t_max)
         mmd = lambda xs: float(gmm.mmd2_to_mixture(xs, mix, bandwidth))
         table = {"exact samples": dict.fromkeys(nfes, mmd(gmm.sample(mix, k_data, n))),
-                 "reference ODE": dict.fromkeys(nfes, mmd(samplers.reference_ode(model, sch, x_T)))}
+                 "reference ODE": dict.fromkeys(nfes, mmd(samplers.reference_ode(model, sch, x_T))),
+                 "RK45 reference": dict.fromkeys(nfes, mmd(rk45.rk45(model, sch, x_T)[0]))}
         for solver in samplers.ORDERS:
             table[solver] = {nfe: mmd(samplers.sample(solver, model, sch, x_T, nfe)) for nfe in nfes}
         return table

@@ -346,6 +346,15 @@ SOLVERS = {
 }
 
 
+def register(name: str, order: int, solver) -> None:
+    """Adds a multistep solver (one evaluation per step, `plan` gives it `nfe` steps) defined in a module that
+    imports this one, so this one cannot import it: `unipc`, `dc_solver` and `dpm_solver_v3` register themselves
+    when imported, and `jaxalign.diffusion`'s __init__ imports them. `solver(model_fn, schedule, x_T, timesteps, mesh=None)`."""
+    if name in ORDERS and SOLVERS.get(name) is not solver:
+        raise ValueError(f"solver {name!r} is already registered")
+    ORDERS[name], SOLVERS[name] = order, solver
+
+
 def sample(solver: str, model_fn, schedule, x_T, nfe: int, spacing: str = "logsnr", t_end: float = 1e-3,
            mesh=None):
     """Runs `solver` from x_T (at schedule.t_max) to t_end with exactly `nfe` model evaluations (sharded over
