@@ -204,9 +204,10 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[], Experiment]]] = {
         _module_experiment("diffusion_gmm", "jaxalign.experiments.diffusion_gmm", "DiffusionGMMConfig"),
     ),
     "diffusion_preference": (
-        "vector version of diffusion preference fine-tuning: the diffusion_gmm base model, pairs labelled by the "
-        "reward x[0] + x[1], fine-tuned with SFT, Diffusion-DPO, SmPO, DSO (DPO, DRO), Diffusion-DRO and D3PO from "
-        "the same base and budget; reward gain and MMD^2 to the base over seeds (resumable per unit)",
+        "diffusion preference fine-tuning: a UNet base on 16x16 procedural shapes (task=shapes, the default) or the "
+        "diffusion_gmm base (task=vectors), pairs labelled by a programmatic reward, fine-tuned with SFT, "
+        "Diffusion-DPO, SmPO, DSO (DPO, DRO), Diffusion-DRO, D3PO and (shapes) PatchDPO from the same base and "
+        "budget; reward gain and MMD^2 to the base over seeds (resumable per unit)",
         _module_experiment("diffusion_preference", "jaxalign.experiments.diffusion_preference",
                            "DiffusionPreferenceConfig"),
     ),

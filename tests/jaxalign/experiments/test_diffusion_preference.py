@@ -1,7 +1,9 @@
-"""`jaxalign run diffusion_preference` (the vector version) on a tiny budget: every objective's fine-tuning changes the
-parameters (from the base's and every other objective's) and runs end to end, Diffusion-DPO raises the mean reward
-above the base's, a re-run skips the finished (seed, objective) units and redoes a missing one identically, a bad
-config value is one error line before anything is written, and the experiment is registered."""
+"""`jaxalign run diffusion_preference` on a tiny budget. The vector task (task=vectors): every objective's
+fine-tuning changes the parameters (from the base's and every other objective's) and runs end to end,
+Diffusion-DPO raises the mean reward above the base's, a re-run skips the finished (seed, objective) units and redoes
+a missing one identically, a bad config value is one error line before anything is written, and the experiment is
+registered. The shapes task (the default): a tiny UNet and a handful of steps run every objective end to end from
+one base, and a re-run skips every unit."""
 from __future__ import annotations
 
 import json
@@ -19,8 +21,8 @@ from jaxalign.experiments.diffusion_kit import DiffusionGMMConfig, init_params, 
 from jaxalign.registry import EXPERIMENTS, get_experiment
 from launch.cli import main
 
-TINY = ["seeds=0", "base.steps=600", "base.batch=256", "base.num_chunks=1", "pairs=512", "steps=60", "batch=64",
-        "num_chunks=1", "eval_samples=400", "nfe=10", "show_progress=false"]
+TINY = ["task=vectors", "seeds=0", "base.steps=600", "base.batch=256", "base.num_chunks=1", "pairs=512", "steps=60",
+        "batch=64", "num_chunks=1", "eval_samples=400", "nfe=10", "show_progress=false"]
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +127,9 @@ def test_rerun_skips_finished_units_and_redoes_a_missing_one_identically(full_ru
     ("beta_dpo=0", "beta_dpo must be positive, got beta_dpo=0.0"),
     ("num_chunks=0", "num_chunks must lie in [1, steps=400], got num_chunks=0"),
     ("base.steps=0", "steps must be a positive integer"),
+    ("task=images", "task must be one of ('shapes', 'vectors')"),
+    ("shapes.patch=3", "patch must be a positive divisor of 16"),
+    ("shapes.objectives=dense_dpo", "objectives must be distinct comma-separated names"),
 ])
 def test_bad_config_value_is_one_error_before_anything_is_written(tmp_path, capsys, override, message):
     workdir = tmp_path / "never"
@@ -136,7 +141,53 @@ def test_bad_config_value_is_one_error_before_anything_is_written(tmp_path, caps
 
 def test_experiment_is_registered(capsys):
     assert "diffusion_preference" in EXPERIMENTS
-    assert isinstance(get_experiment("diffusion_preference").default_config(), dp.DiffusionPreferenceConfig)
+    default = get_experiment("diffusion_preference").default_config()
+    assert isinstance(default, dp.DiffusionPreferenceConfig) and default.task == "shapes"
     assert main(["list"]) == 0
     assert any(line.split()[0] == "diffusion_preference" for line in capsys.readouterr().out.splitlines()
                if line.split())
+
+
+SHAPES_TINY = ["seeds=0", "shapes.base.steps=4", "shapes.base.batch=4", "shapes.base.channels=4",
+               "shapes.base.channel_mult=1", "shapes.base.num_chunks=1", "shapes.pairs=16", "shapes.tie_margin=0",
+               "shapes.steps=2", "shapes.batch=4", "shapes.num_chunks=1", "shapes.eval_samples=8", "shapes.nfe=2",
+               "shapes.objectives=diffusion_dpo,patch_weighted_dpo,d3po", "show_progress=false"]
+SHAPES_TINY_OBJECTIVES = ("diffusion_dpo", "patch_weighted_dpo", "d3po")  # both compiled programs, patch weights
+
+
+def test_shapes_task_runs_its_objectives_from_one_base_and_resumes(tmp_path):
+    """Three objectives (each of the two compiled fine-tuning programs, the patch weights): compiling the UNet's
+    programs dominates this test's time, and every objective of the switch program shares one compilation."""
+    workdir = tmp_path / "shapes"
+    assert main(["run", "diffusion_preference", "--workdir", str(workdir), *SHAPES_TINY]) == 0
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["task"] == "shapes" and set(results["objectives"]) == {"base", *SHAPES_TINY_OBJECTIVES}
+    assert results["units_run"] == 1 + len(SHAPES_TINY_OBJECTIVES) and set(results["not_done"]) == {"dense_dpo"}
+    base, base_stats = _unit(workdir, "base")
+    assert base.shape == (8, 16, 16, 3)
+    shas = {base_stats["params_sha256"]}
+    for name in SHAPES_TINY_OBJECTIVES:
+        samples, stats = _unit(workdir, name)
+        assert samples.shape == base.shape and np.isfinite(stats["first_loss"]), name
+        assert stats["params_sha256"] not in shas, name  # moved from the base and from every other objective
+        shas.add(stats["params_sha256"])
+    pairs = results["pairs"]["0"]
+    assert pairs["kept"] + pairs["ties"] == 16 and pairs["kept"] > 0
+    assert (workdir / "samples.png").stat().st_size > 5000 and "| patch_weighted_dpo |" in results["table"]
+    assert main(["run", "diffusion_preference", "--workdir", str(workdir), *SHAPES_TINY]) == 0
+    rerun = json.loads((workdir / "results.json").read_text())
+    assert rerun["units_run"] == 0 and rerun["objectives"] == results["objectives"]
+
+
+def test_image_pairs_and_patch_weights():
+    red = np.full((1, 16, 16, 3), -1.0, np.float32)
+    red[0, :4, :4, 0] = 1.0  # a red 4x4 patch in the top-left corner: reward 16 / 256
+    black = np.full((1, 16, 16, 3), -1.0, np.float32)
+    pairs = dp.label_image_pairs(np.concatenate([black, red]), np.concatenate([red, red]), tie_margin=0.0)
+    np.testing.assert_array_equal(pairs["x_w"], np.concatenate([red, red]))
+    np.testing.assert_array_equal(pairs["kept"], [True, False])  # equal rewards: a tie
+    weights = dp.patch_difference_weights(red, black, 4)
+    assert weights.shape == (1, 16) and weights[0, 0] == 16.0 and weights[0, 1:].sum() == 0.0
+    np.testing.assert_array_equal(dp.patch_difference_weights(red, red, 4), np.ones((1, 16)))  # no difference
+    quality = dp.patch_quality(red, 4)
+    assert quality[0, 0] == 1.0 and quality[0, 5] == 0.5  # red patch 1, black patch 1/2
