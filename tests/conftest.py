@@ -11,8 +11,17 @@ XLA_FLAGS. Results are unchanged up to float summation order, which no test depe
 import os
 
 FLAG = "--xla_cpu_multi_thread_eigen=false"
-if FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FLAG}".strip()
+# LLVM at -O0 for the CPU executables: the suite's models are tiny, so most of a cold run is XLA compiling them,
+# and -O0 codegen compiles a train step about twice as fast while the tiny programs run about as fast (measured cold,
+# seconds: tests/test_readme.py 82 -> 71, test_oreo_arith.py 86 -> 59, the PPO and DQN gymnasium tests 70 -> 67 CPU
+# s; the runtime-heavier new_objective notebook 71 -> 73, unchanged within noise). The subprocess tests that
+# compare runs bit for bit already pass it to every run they compare (rl.testing's fast_compile, test_sharding,
+# test_distributed, test_local); here every test process and the children that inherit XLA_FLAGS get it. A level
+# set in XLA_FLAGS beforehand wins.
+LEVEL = "--xla_backend_optimization_level"
+for flag in (FLAG, f"{LEVEL}=0"):
+    if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 # A persistent XLA compilation cache shared by the test processes (both pytest workers and the children tests
 # start): many tests compile the same small programs (the same tiny model's step, the same sampler), and a cache
