@@ -561,15 +561,9 @@ def run_seed(cfg: DiffusionPreferenceConfig, workdir: str, seed: int, schedule, 
                 if not np.all(np.isfinite(chunk_losses)):
                     break  # diverged: evaluated (and reported) as such, the run goes on
         samples, stats = evaluate(state["params"])
-        tail = max(1, len(losses) // 10)
-        nonfinite = np.flatnonzero(~np.isfinite(losses))
-        stats.update(first_loss=losses[0] if np.isfinite(losses[0]) else None,
-                     final_loss=None if nonfinite.size else float(np.mean(losses[-tail:])),
-                     first_nonfinite_loss_step=int(nonfinite[0]) + 1 if nonfinite.size else None,
-                     seconds=time.perf_counter() - clock)
-        stats["diverged"] = stats["diverged"] or bool(nonfinite.size)
+        stats = _fine_tuning_stats(stats, losses, time.perf_counter() - clock)
         if name == "d3po":
-            stats["d3po_pairs"] = d3po_counts  # its own pairs (d3po_pairs), made only when its unit runs
+            stats["d3po_pairs"] = d3po_counts  # its own pairs, made only when its unit runs
         save_arrays(_unit_path(workdir, seed, name), {"samples": samples}, stats)
         units[name] = ({"samples": samples}, stats)
         ran += 1
@@ -580,8 +574,24 @@ def run_seed(cfg: DiffusionPreferenceConfig, workdir: str, seed: int, schedule, 
 # the run
 
 
-def format_table(rows: dict) -> str:
-    lines = ["| model | reward | reward gain | MMD^2 to base | MMD^2 to mixture |", "|---|---|---|---|---|"]
+def _fine_tuning_stats(stats: dict, losses: list, seconds: float) -> dict:
+    """A unit's evaluation statistics plus its loss trace's summary: the first loss, the mean of the last tenth
+    (None after a non-finite loss), the step of the first non-finite loss, the seconds; a non-finite loss marks the
+    unit diverged."""
+    tail = max(1, len(losses) // 10)
+    nonfinite = np.flatnonzero(~np.isfinite(losses))
+    stats.update(first_loss=losses[0] if np.isfinite(losses[0]) else None,
+                 final_loss=None if nonfinite.size else float(np.mean(losses[-tail:])),
+                 first_nonfinite_loss_step=int(nonfinite[0]) + 1 if nonfinite.size else None,
+                 seconds=seconds)
+    stats["diverged"] = stats["diverged"] or bool(nonfinite.size)
+    return stats
+
+
+def format_table(rows: dict, distance: str = "mmd2_to_mixture", label: str = "MMD^2 to mixture") -> str:
+    """The markdown results table; the last column is the distance `distance` to the target (the mixture for the
+    vector task, rendered data for the shapes)."""
+    lines = ["| model | reward | reward gain | MMD^2 to base | " + label + " |", "|---|---|---|---|---|"]
     for name, row in rows.items():
         if row["reward"]["diverged_seeds"]:
             seeds = len(row["reward"]["per_seed"])
@@ -589,7 +599,7 @@ def format_table(rows: dict) -> str:
                                                       "non-finite samples)"] + [""] * 3) + " |")
             continue
         cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" for k in ("reward", "reward_gain")]
-        cells += [f"{row[k]['mean']:.2e} ± {row[k]['std']:.1e}" for k in ("mmd2_to_base", "mmd2_to_mixture")]
+        cells += [f"{row[k]['mean']:.2e} ± {row[k]['std']:.1e}" for k in ("mmd2_to_base", distance)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -928,33 +938,13 @@ def run_shapes_seed(cfg: DiffusionPreferenceConfig, workdir: str, seed: int, sch
                 if not np.all(np.isfinite(chunk_losses)):
                     break  # diverged: evaluated (and reported) as such, the run goes on
         samples, stats = evaluate(state["params"])
-        tail = max(1, len(losses) // 10)
-        nonfinite = np.flatnonzero(~np.isfinite(losses))
-        stats.update(first_loss=losses[0] if np.isfinite(losses[0]) else None,
-                     final_loss=None if nonfinite.size else float(np.mean(losses[-tail:])),
-                     first_nonfinite_loss_step=int(nonfinite[0]) + 1 if nonfinite.size else None,
-                     seconds=time.perf_counter() - clock)
-        stats["diverged"] = stats["diverged"] or bool(nonfinite.size)
+        stats = _fine_tuning_stats(stats, losses, time.perf_counter() - clock)
         if name == "d3po":
-            stats["d3po_pairs"] = d3po_counts
+            stats["d3po_pairs"] = d3po_counts  # its own pairs, made only when its unit runs
         save_arrays(_unit_path(workdir, seed, name), {"samples": samples}, stats)
         units[name] = ({"samples": samples}, stats)
         ran += 1
     return {name: (u[0]["samples"], u[1]) for name, u in units.items()}, ran, skipped
-
-
-def format_shapes_table(rows: dict) -> str:
-    lines = ["| model | reward | reward gain | MMD^2 to base | MMD^2 to data |", "|---|---|---|---|---|"]
-    for name, row in rows.items():
-        if row["reward"]["diverged_seeds"]:
-            seeds = len(row["reward"]["per_seed"])
-            lines.append(f"| {name} | " + " | ".join([f"diverged ({row['reward']['diverged_seeds']}/{seeds} seeds: "
-                                                      "non-finite samples)"] + [""] * 3) + " |")
-            continue
-        cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" for k in ("reward", "reward_gain")]
-        cells += [f"{row[k]['mean']:.2e} ± {row[k]['std']:.1e}" for k in ("mmd2_to_base", "mmd2_to_data")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def plot_image_grid(workdir: str, seed: int, drawn: dict, columns: int = 8) -> None:
@@ -1025,7 +1015,7 @@ def run_shapes(cfg: DiffusionPreferenceConfig, workdir: str) -> dict:
     results = {
         "task": "shapes",
         "objectives": rows,
-        "table": format_shapes_table(rows),
+        "table": format_table(rows, "mmd2_to_data", "MMD^2 to data"),
         "reward": shapes.REWARD,
         "pairs": {str(s): {k: v for k, v in per_seed[s]["base"][1].items() if k not in base_keys}
                   for s in cfg.seed_list},

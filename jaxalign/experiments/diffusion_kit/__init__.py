@@ -99,34 +99,43 @@ def init_params(cfg: DiffusionGMMConfig, schedule, key):
     return make_network(cfg, schedule).init(key, jnp.zeros((1, dim)), jnp.ones((1,)))
 
 
-def diffusion_trainer(cfg: DiffusionGMMConfig, schedule, mix) -> harness.Trainer:
-    """The denoiser's training for the harness: state {params, opt_state, key, step}, all replicated; one Adam
-    step per update on fresh mixture samples; metrics loss and grad_norm (watched for divergence)."""
-    apply_fn = make_network(cfg, schedule).apply
-    lr = optax.cosine_decay_schedule(cfg.lr, cfg.steps) if cfg.lr_schedule == "cosine" else cfg.lr
-    optimizer = optax.adam(lr)
+def denoiser_trainer(apply_fn, init_params_fn, draw_x0, schedule, *, steps: int, lr: float, lr_schedule: str,
+                     t_min: float, loss_format: str = ".4f") -> harness.Trainer:
+    """A denoiser's training for the harness, shared by the vector and the image base models: state {params,
+    opt_state, key, step}, all replicated; one Adam step (constant or cosine-decayed `lr`) per update on
+    `draw_x0(key)` fresh data with `networks.denoising_loss`; metrics loss and grad_norm (watched for divergence).
+    `init_params_fn(key)` initialises the network; the progress bar counts Adam steps (1 "environment step" per
+    update) and shows the recent loss in `loss_format`."""
+    schedule_lr = optax.cosine_decay_schedule(lr, steps) if lr_schedule == "cosine" else lr
+    optimizer = optax.adam(schedule_lr)
 
     def init(key):
         k_init, k_run = jax.random.split(key)
-        params = init_params(cfg, schedule, k_init)
+        params = init_params_fn(k_init)
         return {"params": params, "opt_state": optimizer.init(params), "key": k_run,
                 "step": jnp.zeros((), jnp.int32)}
 
     def update(state):
         key, k_data, k_loss = jax.random.split(state["key"], 3)
-        x0 = gmm.sample(mix, k_data, cfg.batch)
+        x0 = draw_x0(k_data)
         loss, grads = jax.value_and_grad(
-            lambda p: networks.denoising_loss(apply_fn, p, schedule, x0, k_loss, cfg.t_min))(state["params"])
+            lambda p: networks.denoising_loss(apply_fn, p, schedule, x0, k_loss, t_min))(state["params"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state, "key": key,
                "step": state["step"] + 1}
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def postfix(records):
-        return {"loss": f"{np.mean([r['loss'] for r in records[-50:]]):.4f}"}
+        return {"loss": format(np.mean([r["loss"] for r in records[-50:]]), loss_format)}
 
-    # The progress bar counts Adam steps (the harness's "environment steps" per update: here 1).
-    return harness.Trainer(init=init, update=update, num_updates=cfg.steps, env_steps_per_update=1, postfix=postfix)
+    return harness.Trainer(init=init, update=update, num_updates=steps, env_steps_per_update=1, postfix=postfix)
+
+
+def diffusion_trainer(cfg: DiffusionGMMConfig, schedule, mix) -> harness.Trainer:
+    """The vector denoiser's training on fresh mixture samples (`denoiser_trainer`)."""
+    return denoiser_trainer(make_network(cfg, schedule).apply, lambda key: init_params(cfg, schedule, key),
+                            lambda key: gmm.sample(mix, key, cfg.batch), schedule, steps=cfg.steps, lr=cfg.lr,
+                            lr_schedule=cfg.lr_schedule, t_min=cfg.t_min)
 
 
 def mmd2_between(x, y, bandwidth: float = BANDWIDTH):
@@ -142,5 +151,5 @@ def mmd2_between(x, y, bandwidth: float = BANDWIDTH):
     return kxx + kyy - 2.0 * jnp.mean(gram(x, y))
 
 
-__all__ = ["BANDWIDTH", "DiffusionGMMConfig", "LR_SCHEDULES", "SCHEDULES", "T_END", "diffusion_trainer", "init_params",
-           "make_network", "mmd2_between"]
+__all__ = ["BANDWIDTH", "DiffusionGMMConfig", "LR_SCHEDULES", "SCHEDULES", "T_END", "denoiser_trainer",
+           "diffusion_trainer", "init_params", "make_network", "mmd2_between"]

@@ -21,12 +21,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
 from jaxalign.diffusion import networks, samplers, shapes
 from jaxalign.diffusion.schedules import get_schedule
 from jaxalign.diffusion.unet import UNet
+from jaxalign.experiments.diffusion_kit import denoiser_trainer
 from rl import harness
 
 SCHEDULES = ("linear", "cosine")
@@ -96,30 +95,10 @@ def flat_apply(apply_fn):
 def shapes_trainer(cfg: ShapesBaseConfig, schedule) -> harness.Trainer:
     """The UNet's training for the harness: state {params, opt_state, key, step}, all replicated; one Adam step per
     update on `batch` fresh shapes; metrics loss (summed over the 768 elements, batch mean) and grad_norm."""
-    loss_apply = flat_apply(make_unet(cfg).apply)
-    lr = optax.cosine_decay_schedule(cfg.lr, cfg.steps) if cfg.lr_schedule == "cosine" else cfg.lr
-    optimizer = optax.adam(lr)
-
-    def init(key):
-        k_init, k_run = jax.random.split(key)
-        params = init_unet_params(cfg, k_init)
-        return {"params": params, "opt_state": optimizer.init(params), "key": k_run,
-                "step": jnp.zeros((), jnp.int32)}
-
-    def update(state):
-        key, k_data, k_loss = jax.random.split(state["key"], 3)
-        x0 = shapes.sample(k_data, cfg.batch)[0].reshape(cfg.batch, -1)
-        loss, grads = jax.value_and_grad(
-            lambda p: networks.denoising_loss(loss_apply, p, schedule, x0, k_loss, cfg.t_min))(state["params"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state, "key": key,
-               "step": state["step"] + 1}
-        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-    def postfix(records):
-        return {"loss": f"{np.mean([r['loss'] for r in records[-50:]]):.2f}"}
-
-    return harness.Trainer(init=init, update=update, num_updates=cfg.steps, env_steps_per_update=1, postfix=postfix)
+    return denoiser_trainer(flat_apply(make_unet(cfg).apply), lambda key: init_unet_params(cfg, key),
+                            lambda key: shapes.sample(key, cfg.batch)[0].reshape(cfg.batch, -1), schedule,
+                            steps=cfg.steps, lr=cfg.lr, lr_schedule=cfg.lr_schedule, t_min=cfg.t_min,
+                            loss_format=".2f")
 
 
 def clipped_apply(apply_fn, schedule):
