@@ -159,6 +159,40 @@ def _shapes_base_default() -> ShapesBaseConfig:
     return ShapesBaseConfig(steps=800, batch=32, num_chunks=4)
 
 
+def check_fine_tuning_fields(cfg, objectives: tuple[str, ...]) -> None:
+    """The checks both tasks' configs share: sizes, evaluation samples, learning rate, the objectives'
+    hyper-parameters, the chunks, the objective names (from `objectives`), the solver and its NFE (one ValueError
+    naming the field and its value)."""
+    for key in ("pairs", "steps", "batch", "nfe"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be a positive integer, got {key}={getattr(cfg, key)!r}")
+    if cfg.eval_samples < 2:
+        raise ValueError(f"eval_samples must be at least 2 (the MMD's U-statistic), got "
+                         f"eval_samples={cfg.eval_samples!r}")
+    for key in ("lr", "beta_dpo", "beta_dso", "beta_smpo", "beta_d3po"):
+        if not getattr(cfg, key) > 0:
+            raise ValueError(f"{key} must be positive, got {key}={getattr(cfg, key)!r}")
+    if not 0 < cfg.clip_d3po < 1:
+        raise ValueError(f"clip_d3po must lie in (0, 1), got clip_d3po={cfg.clip_d3po!r}")
+    if not 0 < cfg.eta_d3po <= 1:
+        raise ValueError(f"eta_d3po must lie in (0, 1], got eta_d3po={cfg.eta_d3po!r}")
+    if not cfg.margin_dro >= 0:
+        raise ValueError(f"margin_dro must be >= 0, got margin_dro={cfg.margin_dro!r}")
+    if not cfg.tie_margin >= 0:
+        raise ValueError(f"tie_margin must be >= 0, got tie_margin={cfg.tie_margin!r}")
+    if not 1 <= cfg.num_chunks <= cfg.steps:
+        raise ValueError(f"num_chunks must lie in [1, steps={cfg.steps}], got num_chunks={cfg.num_chunks!r}")
+    names = cfg.objective_names
+    if any(n not in objectives for n in names) or not names or len(set(names)) != len(names):
+        raise ValueError(f"objectives must be distinct comma-separated names from {objectives}, got "
+                         f"objectives={cfg.objectives!r}")
+    if cfg.solver not in samplers.ORDERS:
+        raise ValueError(f"solver must be one of {sorted(samplers.ORDERS)}, got solver={cfg.solver!r}")
+    need = 2 if cfg.solver == "dpm_solver_pp_2m" else samplers.ORDERS[cfg.solver]
+    if cfg.nfe < need:
+        raise ValueError(f"{cfg.solver} needs nfe >= {need}, got nfe={cfg.nfe!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ShapesPreferenceConfig:
     base: ShapesBaseConfig = dataclasses.field(default_factory=_shapes_base_default)  # the UNet base model
@@ -182,37 +216,9 @@ class ShapesPreferenceConfig:
     num_chunks: int = 2  # jitted scans per fine-tuning (progress and ETA after each; <= steps)
 
     def __post_init__(self):
-        for key in ("pairs", "steps", "batch", "nfe"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be a positive integer, got {key}={getattr(self, key)!r}")
-        if self.eval_samples < 2:
-            raise ValueError(f"eval_samples must be at least 2 (the MMD's U-statistic), got "
-                             f"eval_samples={self.eval_samples!r}")
-        for key in ("lr", "beta_dpo", "beta_dso", "beta_smpo", "beta_d3po"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"{key} must be positive, got {key}={getattr(self, key)!r}")
-        if not 0 < self.clip_d3po < 1:
-            raise ValueError(f"clip_d3po must lie in (0, 1), got clip_d3po={self.clip_d3po!r}")
-        if not 0 < self.eta_d3po <= 1:
-            raise ValueError(f"eta_d3po must lie in (0, 1], got eta_d3po={self.eta_d3po!r}")
-        if not self.margin_dro >= 0:
-            raise ValueError(f"margin_dro must be >= 0, got margin_dro={self.margin_dro!r}")
-        if not self.tie_margin >= 0:
-            raise ValueError(f"tie_margin must be >= 0, got tie_margin={self.tie_margin!r}")
+        check_fine_tuning_fields(self, SHAPES_OBJECTIVES)
         if self.patch < 1 or shapes.SIZE % self.patch:
             raise ValueError(f"patch must be a positive divisor of {shapes.SIZE}, got patch={self.patch!r}")
-        if not 1 <= self.num_chunks <= self.steps:
-            raise ValueError(f"num_chunks must lie in [1, steps={self.steps}], got num_chunks={self.num_chunks!r}")
-        names = self.objective_names
-        unknown = [n for n in names if n not in SHAPES_OBJECTIVES]
-        if unknown or not names or len(set(names)) != len(names):
-            raise ValueError(f"objectives must be distinct comma-separated names from {SHAPES_OBJECTIVES}, got "
-                             f"objectives={self.objectives!r}")
-        if self.solver not in samplers.ORDERS:
-            raise ValueError(f"solver must be one of {sorted(samplers.ORDERS)}, got solver={self.solver!r}")
-        need = 2 if self.solver == "dpm_solver_pp_2m" else samplers.ORDERS[self.solver]
-        if self.nfe < need:
-            raise ValueError(f"{self.solver} needs nfe >= {need}, got nfe={self.nfe!r}")
 
     @property
     def objective_names(self) -> tuple[str, ...]:
@@ -247,41 +253,13 @@ class DiffusionPreferenceConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got task={self.task!r}")
-        for key in ("pairs", "steps", "batch", "nfe"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be a positive integer, got {key}={getattr(self, key)!r}")
-        if self.eval_samples < 2:
-            raise ValueError(f"eval_samples must be at least 2 (the MMD's U-statistic), got "
-                             f"eval_samples={self.eval_samples!r}")
-        for key in ("lr", "beta_dpo", "beta_dso", "beta_smpo", "beta_d3po"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"{key} must be positive, got {key}={getattr(self, key)!r}")
-        if not 0 < self.clip_d3po < 1:
-            raise ValueError(f"clip_d3po must lie in (0, 1), got clip_d3po={self.clip_d3po!r}")
-        if not 0 < self.eta_d3po <= 1:
-            raise ValueError(f"eta_d3po must lie in (0, 1], got eta_d3po={self.eta_d3po!r}")
-        if not self.margin_dro >= 0:
-            raise ValueError(f"margin_dro must be >= 0, got margin_dro={self.margin_dro!r}")
-        if not self.tie_margin >= 0:
-            raise ValueError(f"tie_margin must be >= 0, got tie_margin={self.tie_margin!r}")
-        if not 1 <= self.num_chunks <= self.steps:
-            raise ValueError(f"num_chunks must lie in [1, steps={self.steps}], got num_chunks={self.num_chunks!r}")
+        check_fine_tuning_fields(self, OBJECTIVES)
         try:
             seeds = self.seed_list
         except ValueError:
             raise ValueError(f"seeds must be comma-separated integers, got seeds={self.seeds!r}") from None
         if not seeds or len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must be distinct comma-separated integers, got seeds={self.seeds!r}")
-        names = self.objective_names
-        unknown = [n for n in names if n not in OBJECTIVES]
-        if unknown or not names or len(set(names)) != len(names):
-            raise ValueError(f"objectives must be distinct comma-separated names from {OBJECTIVES}, got "
-                             f"objectives={self.objectives!r}")
-        if self.solver not in samplers.ORDERS:
-            raise ValueError(f"solver must be one of {sorted(samplers.ORDERS)}, got solver={self.solver!r}")
-        need = 2 if self.solver == "dpm_solver_pp_2m" else samplers.ORDERS[self.solver]
-        if self.nfe < need:
-            raise ValueError(f"{self.solver} needs nfe >= {need}, got nfe={self.nfe!r}")
 
     @property
     def seed_list(self) -> tuple[int, ...]:
@@ -548,18 +526,10 @@ def run_seed(cfg: DiffusionPreferenceConfig, workdir: str, seed: int, schedule, 
             continue
         clock = time.perf_counter()
         state = {"params": base_params, "opt_state": optimizer.init(base_params), "step": jnp.zeros((), jnp.int32)}
-        losses = []
-        with tqdm(total=cfg.steps, desc=f"seed {seed} {name}", unit="step", disable=not cfg.show_progress,
-                  dynamic_ncols=True) as bar:
-            for size in sizes:
-                state, chunk_losses = finetunes[name](state, d3po_data if name == "d3po" else data, base_params,
-                                                      length=size)
-                chunk_losses = np.asarray(chunk_losses)
-                losses.extend(chunk_losses.tolist())
-                bar.set_postfix(loss=f"{chunk_losses[-20:].mean():.4g}")
-                bar.update(size)
-                if not np.all(np.isfinite(chunk_losses)):
-                    break  # diverged: evaluated (and reported) as such, the run goes on
+        pairs = d3po_data if name == "d3po" else data
+        state, losses = fine_tune_in_chunks(
+            lambda st, n, f=finetunes[name], pairs=pairs: f(st, pairs, base_params, length=n), state, sizes,
+            f"seed {seed} {name}", cfg.show_progress)
         samples, stats = evaluate(state["params"])
         stats = _fine_tuning_stats(stats, losses, time.perf_counter() - clock)
         if name == "d3po":
@@ -574,6 +544,23 @@ def run_seed(cfg: DiffusionPreferenceConfig, workdir: str, seed: int, schedule, 
 # the run
 
 
+def fine_tune_in_chunks(run_chunk, state, sizes, desc: str, show_progress: bool):
+    """(state, per-step losses) of `run_chunk(state, length) -> (state, losses)` over the chunk `sizes`, with a
+    progress bar (rate, ETA, recent loss); stops after the first chunk with a non-finite loss (the unit is then
+    evaluated and reported as diverged, and the run goes on)."""
+    losses = []
+    with tqdm(total=sum(sizes), desc=desc, unit="step", disable=not show_progress, dynamic_ncols=True) as bar:
+        for size in sizes:
+            state, chunk_losses = run_chunk(state, size)
+            chunk_losses = np.asarray(chunk_losses)
+            losses.extend(chunk_losses.tolist())
+            bar.set_postfix(loss=f"{chunk_losses[-20:].mean():.4g}")
+            bar.update(size)
+            if not np.all(np.isfinite(chunk_losses)):
+                break
+    return state, losses
+
+
 def _fine_tuning_stats(stats: dict, losses: list, seconds: float) -> dict:
     """A unit's evaluation statistics plus its loss trace's summary: the first loss, the mean of the last tenth
     (None after a non-finite loss), the step of the first non-finite loss, the seconds; a non-finite loss marks the
@@ -586,6 +573,26 @@ def _fine_tuning_stats(stats: dict, losses: list, seconds: float) -> dict:
                  seconds=seconds)
     stats["diverged"] = stats["diverged"] or bool(nonfinite.size)
     return stats
+
+
+def objective_rows(per_seed: dict, seeds, names, distance: str, extra: tuple[str, ...] = ()) -> dict:
+    """results.json's per-model statistics over seeds: reward, reward gain over the same seed's base, MMD^2 to the
+    base and `distance` (to the target), and for fine-tuned models the first and final loss and `extra` keys."""
+    def column(name, key):
+        return [per_seed[s][name][1][key] for s in seeds]
+
+    base_reward = column("base", "reward")
+    rows = {}
+    for name in ("base",) + tuple(names):
+        rewards = column(name, "reward")
+        gains = [None if r is None else r - b for r, b in zip(rewards, base_reward)]
+        rows[name] = {"reward": _stats(rewards), "reward_gain": _stats(gains),
+                      "mmd2_to_base": _stats(column(name, "mmd2_to_base")),
+                      distance: _stats(column(name, distance))}
+        if name != "base":
+            for key in ("final_loss", "first_loss") + extra:
+                rows[name][key] = _stats(column(name, key))
+    return rows
 
 
 def format_table(rows: dict, distance: str = "mmd2_to_mixture", label: str = "MMD^2 to mixture") -> str:
@@ -658,20 +665,7 @@ def run_vectors(cfg: DiffusionPreferenceConfig, workdir: str) -> dict:
         per_seed[seed], r, s = run_seed(cfg, workdir, seed, schedule, mix, finetunes, draw)
         ran, skipped = ran + r, skipped + s
 
-    def column(name, key):
-        return [per_seed[s][name][1][key] for s in cfg.seed_list]
-
-    base_reward = column("base", "reward")
-    rows = {}
-    for name in ("base",) + cfg.objective_names:
-        rewards = column(name, "reward")
-        gains = [None if r is None else r - b for r, b in zip(rewards, base_reward)]
-        rows[name] = {"reward": _stats(rewards), "reward_gain": _stats(gains),
-                      "mmd2_to_base": _stats(column(name, "mmd2_to_base")),
-                      "mmd2_to_mixture": _stats(column(name, "mmd2_to_mixture"))}
-        if name != "base":
-            rows[name]["final_loss"] = _stats(column(name, "final_loss"))
-            rows[name]["first_loss"] = _stats(column(name, "first_loss"))
+    rows = objective_rows(per_seed, cfg.seed_list, cfg.objective_names, "mmd2_to_mixture")
     first = cfg.seed_list[0]
     plot_grid(workdir, first, mix, per_seed[first])
     results = {
@@ -694,7 +688,6 @@ def run_vectors(cfg: DiffusionPreferenceConfig, workdir: str) -> dict:
     }
     harness.write_results(workdir, results)
     return results
-
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -925,18 +918,10 @@ def run_shapes_seed(cfg: DiffusionPreferenceConfig, workdir: str, seed: int, sch
         state = {"params": base_params, "opt_state": optimizer.init(base_params), "step": jnp.zeros((), jnp.int32)}
         index = jnp.int32(others.index(name) if name != "d3po" else 0)
         fn = finetunes["d3po" if name == "d3po" else "others"]
-        losses = []
-        with tqdm(total=sc.steps, desc=f"seed {seed} {name}", unit="step", disable=not cfg.show_progress,
-                  dynamic_ncols=True) as bar:
-            for size in sizes:
-                state, chunk_losses = fn(state, d3po_data if name == "d3po" else data, base_params, index,
-                                         length=size)
-                chunk_losses = np.asarray(chunk_losses)
-                losses.extend(chunk_losses.tolist())
-                bar.set_postfix(loss=f"{chunk_losses[-20:].mean():.4g}")
-                bar.update(size)
-                if not np.all(np.isfinite(chunk_losses)):
-                    break  # diverged: evaluated (and reported) as such, the run goes on
+        pairs = d3po_data if name == "d3po" else data
+        state, losses = fine_tune_in_chunks(
+            lambda st, n, pairs=pairs: fn(st, pairs, base_params, index, length=n), state, sizes,
+            f"seed {seed} {name}", cfg.show_progress)
         samples, stats = evaluate(state["params"])
         stats = _fine_tuning_stats(stats, losses, time.perf_counter() - clock)
         if name == "d3po":
@@ -994,21 +979,7 @@ def run_shapes(cfg: DiffusionPreferenceConfig, workdir: str) -> dict:
         per_seed[seed], r, s = run_shapes_seed(cfg, workdir, seed, schedule, finetunes, draw)
         ran, skipped = ran + r, skipped + s
 
-    def column(name, key):
-        return [per_seed[s][name][1][key] for s in cfg.seed_list]
-
-    base_reward = column("base", "reward")
-    rows = {}
-    for name in ("base",) + sc.objective_names:
-        rewards = column(name, "reward")
-        gains = [None if r is None else r - b for r, b in zip(rewards, base_reward)]
-        rows[name] = {"reward": _stats(rewards), "reward_gain": _stats(gains),
-                      "mmd2_to_base": _stats(column(name, "mmd2_to_base")),
-                      "mmd2_to_data": _stats(column(name, "mmd2_to_data"))}
-        if name != "base":
-            rows[name]["final_loss"] = _stats(column(name, "final_loss"))
-            rows[name]["first_loss"] = _stats(column(name, "first_loss"))
-            rows[name]["seconds"] = _stats(column(name, "seconds"))
+    rows = objective_rows(per_seed, cfg.seed_list, sc.objective_names, "mmd2_to_data", extra=("seconds",))
     first = cfg.seed_list[0]
     plot_image_grid(workdir, first, per_seed[first])
     base_keys = ("reward", "mmd2_to_base", "mmd2_to_data", "params_sha256", "diverged", "finite_fraction")

@@ -26,6 +26,18 @@ def _parse_ints(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(","))
 
 
+def check_training_fields(cfg) -> None:
+    """The base-model config checks the vector and image bases share: the noise schedule, t_min inside it and the
+    number of chunks (one ValueError naming the field and its value)."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got schedule={cfg.schedule!r}")
+    t_max = get_schedule(cfg.schedule).t_max
+    if not 0.0 < cfg.t_min < t_max:
+        raise ValueError(f"t_min must lie in (0, t_max={t_max}), got t_min={cfg.t_min!r}")
+    if not 1 <= cfg.num_chunks <= cfg.steps:
+        raise ValueError(f"num_chunks must lie in [1, steps={cfg.steps}], got num_chunks={cfg.num_chunks!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DiffusionGMMConfig:
     seed: int = 0  # the PRNG key of the run: initialisation, training data and noise, x_T, exact samples
@@ -55,13 +67,7 @@ class DiffusionGMMConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got lr_schedule={self.lr_schedule!r}")
         if self.embed not in networks.EMBEDDINGS:
             raise ValueError(f"embed must be one of {networks.EMBEDDINGS}, got embed={self.embed!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got schedule={self.schedule!r}")
-        t_max = get_schedule(self.schedule).t_max
-        if not 0.0 < self.t_min < t_max:
-            raise ValueError(f"t_min must lie in (0, t_max={t_max}), got t_min={self.t_min!r}")
-        if not 1 <= self.num_chunks <= self.steps:
-            raise ValueError(f"num_chunks must lie in [1, steps={self.steps}], got num_chunks={self.num_chunks!r}")
+        check_training_fields(self)
         if self.samples < 2:
             raise ValueError(f"samples must be at least 2 (the MMD's U-statistic), got samples={self.samples!r}")
         try:
@@ -151,5 +157,5 @@ def mmd2_between(x, y, bandwidth: float = BANDWIDTH):
     return kxx + kyy - 2.0 * jnp.mean(gram(x, y))
 
 
-__all__ = ["BANDWIDTH", "DiffusionGMMConfig", "LR_SCHEDULES", "SCHEDULES", "T_END", "denoiser_trainer",
-           "diffusion_trainer", "init_params", "make_network", "mmd2_between"]
+__all__ = ["BANDWIDTH", "DiffusionGMMConfig", "LR_SCHEDULES", "SCHEDULES", "T_END", "check_training_fields",
+           "denoiser_trainer", "diffusion_trainer", "init_params", "make_network", "mmd2_between"]

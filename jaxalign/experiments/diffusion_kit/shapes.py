@@ -23,16 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.diffusion import networks, samplers, shapes
-from jaxalign.diffusion.schedules import get_schedule
 from jaxalign.diffusion.unet import UNet
-from jaxalign.experiments.diffusion_kit import denoiser_trainer
+from jaxalign.experiments.diffusion_kit import LR_SCHEDULES, T_END, check_training_fields, denoiser_trainer
 from rl import harness
 
-SCHEDULES = ("linear", "cosine")
-LR_SCHEDULES = ("cosine", "constant")
 IMAGE_SHAPE = (shapes.SIZE, shapes.SIZE, 3)
 MMD_BANDWIDTH = 14.0
-T_END = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +61,7 @@ class ShapesBaseConfig:
         if not 1 <= len(mult) <= 3 or any(m < 1 for m in mult):
             raise ValueError(f"channel_mult must be 1 to 3 comma-separated positive integers (16x16 halves at most "
                              f"twice), got channel_mult={self.channel_mult!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got schedule={self.schedule!r}")
-        t_max = get_schedule(self.schedule).t_max
-        if not 0.0 < self.t_min < t_max:
-            raise ValueError(f"t_min must lie in (0, t_max={t_max}), got t_min={self.t_min!r}")
-        if not 1 <= self.num_chunks <= self.steps:
-            raise ValueError(f"num_chunks must lie in [1, steps={self.steps}], got num_chunks={self.num_chunks!r}")
+        check_training_fields(self)
 
     @property
     def mult(self) -> tuple[int, ...]:
@@ -150,6 +140,5 @@ def mmd2_images(x, y, bandwidth: float = MMD_BANDWIDTH):
     return kxx + kyy - 2.0 * jnp.mean(gram(x, y))
 
 
-__all__ = ["IMAGE_SHAPE", "LR_SCHEDULES", "MMD_BANDWIDTH", "SCHEDULES", "ShapesBaseConfig", "T_END", "clipped_apply",
-           "flat_apply",
+__all__ = ["IMAGE_SHAPE", "MMD_BANDWIDTH", "ShapesBaseConfig", "T_END", "clipped_apply", "flat_apply",
            "init_unet_params", "make_image_sampler", "make_unet", "mmd2_images", "shapes_trainer"]
