@@ -478,16 +478,7 @@ def run_seed(cfg: DiffusionPreferenceConfig, workdir: str, seed: int, schedule, 
     xs = np.asarray(draw(base_params, x_T))
     pairs = label_pairs(xs[:cfg.pairs], xs[cfg.pairs:], cfg.tie_margin)
     kept = pairs["kept"]
-    if not kept.any():
-        raise ValueError(f"seed {seed}: every pair is a tie at tie_margin={cfg.tie_margin}; lower it")
-    rewards_kept = np.concatenate([pairs["r_w"][kept], pairs["r_l"][kept]])
-    scale = float(rewards_kept.max() - rewards_kept.min()) or 1.0
-    median = float(np.median(rewards_kept))
-    data = {"key": k_ft, "kept": jnp.asarray(kept, jnp.float32), "x_w": jnp.asarray(pairs["x_w"]),
-            "x_l": jnp.asarray(pairs["x_l"]),
-            "preference": smoothed_preference(pairs["r_w"], pairs["r_l"], scale).astype(jnp.float32),
-            "desirable_w": jnp.asarray(pairs["r_w"] > median, jnp.float32),
-            "desirable_l": jnp.asarray(pairs["r_l"] > median, jnp.float32)}
+    data, scale, median = preference_data(pairs, k_ft, cfg.tie_margin, f"seed {seed}: ")
     pair_stats = {"pairs": cfg.pairs, "kept": int(kept.sum()), "ties": int((~kept).sum()),
                   "smpo_scale": scale, "dso_dro_median": median,
                   "mean_reward_gap": float(np.mean(pairs["r_w"][kept] - pairs["r_l"][kept]))}
@@ -544,6 +535,24 @@ def run_seed(cfg: DiffusionPreferenceConfig, workdir: str, seed: int, schedule, 
 # the run
 
 
+def preference_data(pairs: dict, key, tie_margin: float, where: str = "") -> tuple[dict, float, float]:
+    """(data, scale, median) from labelled pairs: the winners, losers and kept mask every objective reads, SmPO's
+    smoothed preference (its reward scale: max - min of the kept pairs' rewards) and DSO-DRO's desirable flags
+    (reward above the kept rewards' median). Every pair a tie is one clear error (`where` prefixes it)."""
+    kept = pairs["kept"]
+    if not kept.any():
+        raise ValueError(f"{where}every pair is a tie at tie_margin={tie_margin}; lower it")
+    rewards_kept = np.concatenate([pairs["r_w"][kept], pairs["r_l"][kept]])
+    scale = float(rewards_kept.max() - rewards_kept.min()) or 1.0
+    median = float(np.median(rewards_kept))
+    data = {"key": key, "kept": jnp.asarray(kept, jnp.float32), "x_w": jnp.asarray(pairs["x_w"]),
+            "x_l": jnp.asarray(pairs["x_l"]),
+            "preference": smoothed_preference(pairs["r_w"], pairs["r_l"], scale).astype(jnp.float32),
+            "desirable_w": jnp.asarray(pairs["r_w"] > median, jnp.float32),
+            "desirable_l": jnp.asarray(pairs["r_l"] > median, jnp.float32)}
+    return data, scale, median
+
+
 def fine_tune_in_chunks(run_chunk, state, sizes, desc: str, show_progress: bool):
     """(state, per-step losses) of `run_chunk(state, length) -> (state, losses)` over the chunk `sizes`, with a
     progress bar (rate, ETA, recent loss); stops after the first chunk with a non-finite loss (the unit is then
@@ -593,6 +602,30 @@ def objective_rows(per_seed: dict, seeds, names, distance: str, extra: tuple[str
             for key in ("final_loss", "first_loss") + extra:
                 rows[name][key] = _stats(column(name, key))
     return rows
+
+
+def results_record(cfg, per_seed: dict, rows: dict, table: str, reward: str, names, base_keys, not_done,
+                   units: tuple[int, int], bandwidth: float, clock: float) -> dict:
+    """results.json of either task: the rows and their table, the reward, each seed's pair statistics (the base
+    unit's statistics other than `base_keys`), D3PO's own pair counts, what is not done, the units run and skipped,
+    the MMD bandwidth, the wall time since `clock`, the device and the config."""
+    return {
+        "objectives": rows,
+        "table": table,
+        "reward": reward,
+        "pairs": {str(s): {k: v for k, v in per_seed[s]["base"][1].items() if k not in base_keys}
+                  for s in cfg.seed_list},
+        "d3po_pairs": ({str(s): per_seed[s]["d3po"][1]["d3po_pairs"] for s in cfg.seed_list}
+                       if "d3po" in names else None),
+        "not_done": not_done,
+        "seeds": list(cfg.seed_list),
+        "units_run": units[0],
+        "units_skipped": units[1],
+        "mmd_bandwidth": bandwidth,
+        "wall_seconds": time.perf_counter() - clock,
+        "device": str(jax.devices()[0]),
+        "config": dataclasses.asdict(cfg),
+    }
 
 
 def format_table(rows: dict, distance: str = "mmd2_to_mixture", label: str = "MMD^2 to mixture") -> str:
@@ -668,24 +701,9 @@ def run_vectors(cfg: DiffusionPreferenceConfig, workdir: str) -> dict:
     rows = objective_rows(per_seed, cfg.seed_list, cfg.objective_names, "mmd2_to_mixture")
     first = cfg.seed_list[0]
     plot_grid(workdir, first, mix, per_seed[first])
-    results = {
-        "objectives": rows,
-        "table": format_table(rows),
-        "reward": REWARD,
-        "pairs": {str(s): {k: v for k, v in per_seed[s]["base"][1].items()
-                           if k not in ("reward", "mmd2_to_base", "mmd2_to_mixture", "params_sha256", "diverged")}
-                  for s in cfg.seed_list},
-        "d3po_pairs": ({str(s): per_seed[s]["d3po"][1]["d3po_pairs"] for s in cfg.seed_list}
-                       if "d3po" in cfg.objective_names else None),
-        "not_done": NOT_DONE,
-        "seeds": list(cfg.seed_list),
-        "units_run": ran,
-        "units_skipped": skipped,
-        "mmd_bandwidth": BANDWIDTH,
-        "wall_seconds": time.perf_counter() - clock,
-        "device": str(jax.devices()[0]),
-        "config": dataclasses.asdict(cfg),
-    }
+    results = results_record(cfg, per_seed, rows, format_table(rows), REWARD, cfg.objective_names,
+                             ("reward", "mmd2_to_base", "mmd2_to_mixture", "params_sha256", "diverged"), NOT_DONE,
+                             (ran, skipped), BANDWIDTH, clock)
     harness.write_results(workdir, results)
     return results
 
@@ -847,16 +865,8 @@ def shapes_pair_data(cfg: ShapesPreferenceConfig, xs, key) -> tuple[dict, dict]:
     every objective's extras (module docstring), and the pair counts."""
     pairs = label_image_pairs(xs[:cfg.pairs], xs[cfg.pairs:], cfg.tie_margin)
     kept = pairs["kept"]
-    if not kept.any():
-        raise ValueError(f"every pair is a tie at tie_margin={cfg.tie_margin}; lower it")
-    rewards_kept = np.concatenate([pairs["r_w"][kept], pairs["r_l"][kept]])
-    scale = float(rewards_kept.max() - rewards_kept.min()) or 1.0
-    median = float(np.median(rewards_kept))
-    data = {"key": key, "kept": jnp.asarray(kept, jnp.float32), "x_w": jnp.asarray(pairs["x_w"]),
-            "x_l": jnp.asarray(pairs["x_l"]),
-            "preference": smoothed_preference(pairs["r_w"], pairs["r_l"], scale).astype(jnp.float32),
-            "desirable_w": jnp.asarray(pairs["r_w"] > median, jnp.float32),
-            "desirable_l": jnp.asarray(pairs["r_l"] > median, jnp.float32),
+    data, scale, median = preference_data(pairs, key, cfg.tie_margin)
+    data = {**data,
             "quality_w": jnp.asarray(patch_quality(pairs["x_w"], cfg.patch), jnp.float32),
             "quality_l": jnp.asarray(patch_quality(pairs["x_l"], cfg.patch), jnp.float32),
             "patch_weights": jnp.asarray(patch_difference_weights(pairs["x_w"], pairs["x_l"], cfg.patch),
@@ -982,25 +992,10 @@ def run_shapes(cfg: DiffusionPreferenceConfig, workdir: str) -> dict:
     rows = objective_rows(per_seed, cfg.seed_list, sc.objective_names, "mmd2_to_data", extra=("seconds",))
     first = cfg.seed_list[0]
     plot_image_grid(workdir, first, per_seed[first])
-    base_keys = ("reward", "mmd2_to_base", "mmd2_to_data", "params_sha256", "diverged", "finite_fraction")
-    results = {
-        "task": "shapes",
-        "objectives": rows,
-        "table": format_table(rows, "mmd2_to_data", "MMD^2 to data"),
-        "reward": shapes.REWARD,
-        "pairs": {str(s): {k: v for k, v in per_seed[s]["base"][1].items() if k not in base_keys}
-                  for s in cfg.seed_list},
-        "d3po_pairs": ({str(s): per_seed[s]["d3po"][1]["d3po_pairs"] for s in cfg.seed_list}
-                       if "d3po" in sc.objective_names else None),
-        "not_done": SHAPES_NOT_DONE,
-        "seeds": list(cfg.seed_list),
-        "units_run": ran,
-        "units_skipped": skipped,
-        "mmd_bandwidth": MMD_BANDWIDTH,
-        "wall_seconds": time.perf_counter() - clock,
-        "device": str(jax.devices()[0]),
-        "config": dataclasses.asdict(cfg),
-    }
+    results = {"task": "shapes", **results_record(
+        cfg, per_seed, rows, format_table(rows, "mmd2_to_data", "MMD^2 to data"), shapes.REWARD, sc.objective_names,
+        ("reward", "mmd2_to_base", "mmd2_to_data", "params_sha256", "diverged", "finite_fraction"), SHAPES_NOT_DONE,
+        (ran, skipped), MMD_BANDWIDTH, clock)}
     harness.write_results(workdir, results)
     return results
 
