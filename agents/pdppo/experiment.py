@@ -45,7 +45,7 @@ from rl import harness
 
 TINY = "tiny"
 TINY_HORIZON = 100  # the paper's horizon, so the default learner config (whole episodes of 100) fits
-LOGGED = ("loss", "value_loss", "entropy", "approx_kl")
+LOGGED = ("loss", "value_loss", "entropy", "approx_kl", "clip_fraction")
 
 
 @dataclasses.dataclass(frozen=True)

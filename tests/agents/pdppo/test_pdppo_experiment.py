@@ -66,6 +66,7 @@ def test_tiny_run_end_to_end_killed_and_resumed_bit_identically(tmp_path):
     ("seeds=1,1", "seeds='1,1': expected at least two distinct"),
     ("learner.algorithm=ppo", "both arms (ppo, pdppo) run"),
     ("learner.num_steps=150", "must be a multiple of the instance's horizon (100)"),
+    ("learner.surrogate=product", "learner.surrogate must be one of ('per_machine', 'joint'), got 'product'"),
 ])
 def test_bad_overrides_are_one_error_line_before_any_directory(tmp_path, capsys, override, message):
     workdir = tmp_path / "run"

@@ -17,32 +17,52 @@ def _config(algorithm, updates=1, **changes):
     return L.LearnerConfig(algorithm=algorithm, total_timesteps=16 * 8 * updates, **{**SMALL, **changes})
 
 
-def test_loss_matches_a_numpy_reading_of_the_objective():
+@pytest.mark.parametrize("surrogate", L.SURROGATES)
+def test_loss_matches_a_numpy_reading_of_the_objective(surrogate):
     rng = np.random.default_rng(0)
     b, m, c = 6, 2, 3
     logits = rng.normal(size=(b, m, c))
     actions = rng.integers(0, c, (b, m))
-    old_log_prob = rng.normal(-2.0, 0.3, b)
     returns, estimate = rng.normal(size=b), rng.normal(size=b)
-    loss, metrics = L.learner_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(estimate, jnp.float32),
-                                   jnp.asarray(actions), jnp.asarray(old_log_prob, jnp.float32),
-                                   jnp.asarray(returns, jnp.float32), clip_eps=0.2, vf_coef=0.5, ent_coef=0.012)
     log_pi = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    log_prob = np.array([sum(log_pi[i, j, actions[i, j]] for j in range(m)) for i in range(b)])
-    entropy = -(np.exp(log_pi) * log_pi).sum(axis=(1, 2))
+    log_prob = np.array([[log_pi[i, j, actions[i, j]] for j in range(m)] for i in range(b)])
+    old_log_prob = log_prob + rng.normal(0.0, 0.15, (b, m))  # ratios near 1: some clipped, some not
+
+    def loss_of(estimate, ent_coef=0.012):
+        return L.learner_loss(jnp.asarray(logits, jnp.float32), estimate, jnp.asarray(actions),
+                              jnp.asarray(old_log_prob, jnp.float32), jnp.asarray(returns, jnp.float32),
+                              clip_eps=0.2, vf_coef=0.5, ent_coef=ent_coef, surrogate=surrogate)
+
+    loss, metrics = loss_of(jnp.asarray(estimate, jnp.float32))
+    entropy = -(np.exp(log_pi) * log_pi).sum(-1)  # [b, m]
     adv = returns - estimate
-    ratio = np.exp(log_prob - old_log_prob)
-    policy = -np.mean(np.minimum(ratio * adv, np.clip(ratio, 0.8, 1.2) * adv))
+    if surrogate == "joint":  # one ratio of the whole action, the entropy of the whole action
+        ratio = np.exp(log_prob.sum(1) - old_log_prob.sum(1))
+        policy = -np.mean(np.minimum(ratio * adv, np.clip(ratio, 0.8, 1.2) * adv))
+        bonus = entropy.sum(1).mean()
+    else:  # each machine's ratio against the shared advantage, entropy averaged over machines
+        ratio = np.exp(log_prob - old_log_prob)
+        policy = -np.mean(np.minimum(ratio * adv[:, None], np.clip(ratio, 0.8, 1.2) * adv[:, None]))
+        bonus = entropy.mean()
     value = np.mean((estimate - returns) ** 2)
     assert float(metrics["policy_loss"]) == pytest.approx(policy, rel=1e-5)
     assert float(metrics["value_loss"]) == pytest.approx(value, rel=1e-5)
-    assert float(loss) == pytest.approx(policy + 0.5 * value - 0.012 * entropy.mean(), rel=1e-5)
-    assert np.mean(np.abs(ratio - 1) > 0.2) > 0  # the clip is exercised
+    assert float(loss) == pytest.approx(policy + 0.5 * value - 0.012 * bonus, rel=1e-5)
+    assert float(metrics["clip_fraction"]) == pytest.approx(np.mean(np.abs(ratio - 1) > 0.2))
+    assert 0 < float(metrics["clip_fraction"]) < 1  # the clip is exercised, not everywhere
     # No gradient flows into the estimate through the advantage: d loss / d E = vf_coef * 2 (E - R) / B.
-    grad = jax.grad(lambda e: L.learner_loss(jnp.asarray(logits), e, jnp.asarray(actions), jnp.asarray(old_log_prob),
-                                             jnp.asarray(returns), clip_eps=0.2, vf_coef=0.5, ent_coef=0.0)[0])(
-        jnp.asarray(estimate))
+    grad = jax.grad(lambda e: loss_of(e, ent_coef=0.0)[0])(jnp.asarray(estimate, jnp.float32))
     np.testing.assert_allclose(grad, 0.5 * 2 * (estimate - returns) / b, rtol=1e-5)
+
+
+def test_one_machine_makes_the_two_surrogates_equal():
+    rng = np.random.default_rng(1)
+    args = [jnp.asarray(x, jnp.float32) for x in (rng.normal(size=(5, 1, 4)), rng.normal(size=5))]
+    rest = [jnp.asarray(rng.integers(0, 4, (5, 1))), jnp.asarray(rng.normal(-1.4, 0.3, (5, 1)), jnp.float32),
+            jnp.asarray(rng.normal(size=5), jnp.float32)]
+    joint, per_machine = (L.learner_loss(*args, *rest, clip_eps=0.2, vf_coef=0.5, ent_coef=0.1, surrogate=s)[0]
+                          for s in ("joint", "per_machine"))
+    assert float(joint) == pytest.approx(float(per_machine), rel=1e-6)
 
 
 @pytest.fixture(scope="module")
