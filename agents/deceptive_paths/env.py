@@ -18,7 +18,8 @@ Rewards of one step into node n at time t (t moves made, including this one):
 `deceptiveness` is the curriculum coefficient (the running goal-reach rate), passed in through the params. The bonus
 (static, `bonus=`):
     exaggeration  -(P(g | path) - P(decoy | path)) 0.95^t, P from the value-difference observer
-                  P(g) proportional to exp(V_g(s_t) - V_g(s_0)), V_g = 0.99^d(., g) (`observer.value_posterior`);
+                  P(g) proportional to exp(V_g(s_t) - V_g(s_0)), V_g = 0.99^d(., g) (`observer.value_posterior`;
+                  `params.value_step_cost` c > 0 subtracts c per move from V_g, as the authors' code does);
     ambiguity     (d_gd - |d(n, g) - d(n, decoy)|) / d_gd 0.95^t, d_gd = d(g, decoy) (`observer.ambiguity_score`);
     none          0.
 An episode ends (terminated: remaining time is observed, so the state is terminal, not truncated) at G or when
@@ -69,6 +70,7 @@ class EnvParams:
     timeout_penalty: jax.Array = -0.5
     bonus_discount: jax.Array = 0.95
     value_discount: jax.Array = 0.99
+    value_step_cost: jax.Array = 0.0
 
 
 @struct.dataclass
@@ -99,7 +101,8 @@ def make_params(maps: MapArrays | Sequence[GridMap], **kwargs) -> EnvParams:
     defaults = {"deceptiveness": jnp.float32(base.deceptiveness), "budget_fraction": jnp.float32(base.budget_fraction),
                 "decoy_move_step": jnp.int32(base.decoy_move_step), "goal_reward": jnp.float32(base.goal_reward),
                 "timeout_penalty": jnp.float32(base.timeout_penalty),
-                "bonus_discount": jnp.float32(base.bonus_discount), "value_discount": jnp.float32(base.value_discount)}
+                "bonus_discount": jnp.float32(base.bonus_discount), "value_discount": jnp.float32(base.value_discount),
+                "value_step_cost": jnp.float32(base.value_step_cost)}
     return EnvParams(maps=maps, **{**defaults, **floats, **ints})
 
 
@@ -223,7 +226,7 @@ class DeceptivePathEnv(Environment):
             dist_node = jnp.stack([m.dist_goal[i, here], self.decoy_distances(state, params, here)])
             dist_start = jnp.stack([m.dist_goal[i, start], self.decoy_distances(state, params, start)])
             score = observer.exaggeration_score(observer.value_posterior(dist_node, dist_start,
-                                                                         params.value_discount))
+                                                                         params.value_discount, params.value_step_cost))
         return (score * discount).astype(jnp.float32)
 
     # -- observation --------------------------------------------------------------------------------------------

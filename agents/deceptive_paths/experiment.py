@@ -53,6 +53,9 @@ class DeceptivePathsConfig:
     seed: int = 0  # network initialisation, map and T_max draws, actions, minibatch order; sampled eval paths
     # deception bonus (Fatemi et al. 2024): exaggeration (value-difference observer), ambiguity or none
     bonus: str = "exaggeration"
+    # cost per move in the exaggeration observer's goal values V_g (0: V_g = 0.99^d as in the paper; the authors'
+    # code uses 0.05, which sharpens the observer's posterior and enlarges the bonus)
+    value_step_cost: float = 0.0
     ego_radius: int = 2  # radius k of the observed ego-graph: the cells within k moves (2k^2 + 2k + 1 slots)
     ppo: PPOConfig = DEFAULT_PPO
     curriculum: CurriculumConfig = CurriculumConfig()
@@ -78,6 +81,8 @@ class DeceptivePathsConfig:
         if not 1 <= self.num_chunks <= self.ppo.num_updates:
             raise ValueError(f"num_chunks must lie in [1, ppo.num_updates={self.ppo.num_updates}], got "
                              f"{self.num_chunks!r}")
+        if self.value_step_cost < 0:
+            raise ValueError(f"value_step_cost must be >= 0, got {self.value_step_cost!r}")
         if self.eval_maps < 0 or self.decoy_move_step < 1 or self.ego_radius < 1:
             raise ValueError(f"eval_maps must be >= 0, decoy_move_step and ego_radius >= 1; got {self.eval_maps}, "
                              f"{self.decoy_move_step}, {self.ego_radius}")
@@ -154,7 +159,8 @@ def run(cfg: DeceptivePathsConfig, workdir: str) -> dict:
     """Train (or resume), evaluate, and write results.json and the figures (module docstring)."""
     clock = time.perf_counter()
     env = DeceptivePathEnv(cfg.ego_radius, cfg.bonus)
-    train_params = make_params([g for name in TRAIN_SETS for g in maps.load_map_set(name)])
+    train_params = make_params([g for name in TRAIN_SETS for g in maps.load_map_set(name)],
+                               value_step_cost=cfg.value_step_cost)
     learner = make_learner(cfg.ppo, env, train_params, cfg.curriculum)
     trained = harness.train(learner.trainer, cfg, workdir, jax.random.key(cfg.seed), cfg.num_chunks,
                             show_progress=cfg.show_progress, desc=f"deceptive paths ({cfg.bonus})")

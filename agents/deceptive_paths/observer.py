@@ -20,6 +20,11 @@ The value-difference observer of the exaggeration bonus (Fatemi, Suttle and Sadl
     V_g(n) = gamma^d(n, g) (gamma = 0.99),        P(g | path) proportional to exp(V_g(s_t) - V_g(s_0)),
 
 a softmax over the goals of how much closer (in discounted value) the path has brought the agent to each goal.
+With a cost c per move (`step_cost`), V_g is the optimal value of reaching g under reward -c per move and +1 on
+arrival, V_g(n) = gamma^d - c (1 - gamma^d) / (1 - gamma) (d = d(n, g)), by Bellman's equation on the grid graph
+(the authors' code computes a soft version of it with c = 0.05). The paper's V_g = gamma^d is c = 0: it changes by
+at most 1 - gamma = 0.01 per move, so over the paths of these maps the posterior stays near uniform and the
+exaggeration bonus is a few hundredths per step; a step cost c adds c to the change per move.
 """
 from __future__ import annotations
 
@@ -44,12 +49,20 @@ def cost_difference_posterior(dist_node, dist_start, beta: float = 1.0, path_cos
     return jax.nn.softmax(log_likelihood, axis=-1)
 
 
-def value_posterior(dist_node, dist_start, gamma: float = 0.99):
-    """P(g | path) proportional to exp(V_g(s_t) - V_g(s_0)) with V_g = gamma^d(., g) (Fatemi et al. 2024)."""
-    gamma = jnp.float32(gamma)
-    value_now = gamma ** jnp.asarray(dist_node, jnp.float32)
-    value_start = gamma ** jnp.asarray(dist_start, jnp.float32)
-    return jax.nn.softmax(value_now - value_start, axis=-1)
+def goal_value(distance, gamma: float = 0.99, step_cost: float = 0.0):
+    """V_g = gamma^d - c (1 - gamma^d) / (1 - gamma): the value of reaching the goal d moves away under reward -c
+    per move and +1 on arrival (module docstring); c d when gamma = 1."""
+    gamma = jnp.asarray(gamma, jnp.float32)
+    discounted = gamma ** jnp.asarray(distance, jnp.float32)
+    moves = jnp.where(gamma < 1.0, (1.0 - discounted) / jnp.where(gamma < 1.0, 1.0 - gamma, 1.0),
+                      jnp.asarray(distance, jnp.float32))
+    return discounted - jnp.asarray(step_cost, jnp.float32) * moves
+
+
+def value_posterior(dist_node, dist_start, gamma: float = 0.99, step_cost: float = 0.0):
+    """P(g | path) proportional to exp(V_g(s_t) - V_g(s_0)) with V_g = `goal_value` (Fatemi et al. 2024; the
+    paper's V_g = gamma^d is step_cost 0)."""
+    return jax.nn.softmax(goal_value(dist_node, gamma, step_cost) - goal_value(dist_start, gamma, step_cost), axis=-1)
 
 
 def is_truthful(dist_node, dist_start):

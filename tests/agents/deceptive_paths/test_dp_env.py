@@ -36,7 +36,7 @@ def within_k(arrays, cell, k):
     return seen
 
 
-def reference_reward(arrays, position, visited, time, t_max, decoy_dists, bonus, deceptiveness):
+def reference_reward(arrays, position, visited, time, t_max, decoy_dists, bonus, deceptiveness, step_cost=0.0):
     """The reward rule written out in Python floats (module docstring of env.py)."""
     at_goal = position == arrays.goal
     timeout = time >= t_max and not at_goal
@@ -48,7 +48,10 @@ def reference_reward(arrays, position, visited, time, t_max, decoy_dists, bonus,
     if bonus == "ambiguity":
         score = (decoy_dists[g] - abs(d_g - d_d)) / decoy_dists[g]
     else:
-        v = [0.99 ** d_g - 0.99 ** float(arrays.dist_goal[s]), 0.99 ** d_d - 0.99 ** float(decoy_dists[s])]
+        def value(d):  # reward -step_cost per move, +1 on arrival, discounted by 0.99: the sum written out
+            return 0.99 ** d - step_cost * sum(0.99 ** k for k in range(int(d)))
+
+        v = [value(d_g) - value(float(arrays.dist_goal[s])), value(d_d) - value(float(decoy_dists[s]))]
         p_true = math.exp(v[0]) / (math.exp(v[0]) + math.exp(v[1]))
         score = -(p_true - (1 - p_true))
     return reward + deceptiveness * score * 0.95 ** time
@@ -111,11 +114,13 @@ def test_budget_is_drawn_from_the_papers_range_or_set_by_a_fraction():
     assert set(np.asarray(indices).tolist()) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("bonus", ["exaggeration", "ambiguity", "none"])
-def test_rewards_match_the_reference_along_random_episodes(bonus):
+@pytest.mark.parametrize("bonus, step_cost", [("exaggeration", 0.0), ("exaggeration", 0.05), ("ambiguity", 0.0),
+                                              ("none", 0.0)])
+def test_rewards_match_the_reference_along_random_episodes(bonus, step_cost):
     env = DeceptivePathEnv(ego_radius=1, bonus=bonus)
     reset_to, step = jax.jit(env.reset_to), jax.jit(env.step)
-    params = PARAMS.replace(deceptiveness=jnp.float32(0.7), decoy_move_step=jnp.int32(3))
+    params = PARAMS.replace(deceptiveness=jnp.float32(0.7), decoy_move_step=jnp.int32(3),
+                            value_step_cost=jnp.float32(step_cost))
     rng = np.random.default_rng(0)
     checked_terminal = 0
     for episode in range(6):
@@ -132,7 +137,7 @@ def test_rewards_match_the_reference_along_random_episodes(bonus):
             assert int(state.position) == (target if target >= 0 else before)
             decoy_dists = arrays.dist_moved_decoy if t >= 3 else arrays.dist_decoy
             expected = reference_reward(arrays, int(state.position), visited, t, int(state.t_max), decoy_dists,
-                                        bonus, 0.7)
+                                        bonus, 0.7, step_cost)
             assert float(reward) == pytest.approx(expected, abs=1e-5)
             np.testing.assert_allclose(split_observation(obs).features[0, 2], decoy_dists[int(state.position)])
             visited.add(int(state.position))

@@ -132,3 +132,13 @@ def test_other_config_in_the_same_workdir_is_refused(finished_run, capsys):
     assert "config.json" in err and "Traceback" not in err, err
     assert (a / "config.json").read_text() == config_before
     assert np.isfinite(json.loads((a / "results.json").read_text())["train_seconds"])
+
+
+@pytest.mark.parametrize("override, message", [("bonus=sparkly", "bonus must be one of"),
+                                               ("value_step_cost=-0.1", "value_step_cost must be >= 0, got -0.1")])
+def test_bad_config_is_one_error_before_any_directory(tmp_path, capsys, override, message):
+    workdir = tmp_path / "run"
+    assert main(["run", "deceptive_paths", "--workdir", str(workdir), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not workdir.exists()

@@ -73,3 +73,41 @@ def test_batched_inputs_keep_their_leading_axes():
     start = np.array([2, 2])
     assert observer.cost_difference_posterior(node, start).shape == (2, 2, 2)
     np.testing.assert_array_equal(observer.is_truthful(node, start), [[True, False], [True, False]])
+
+
+def _value_iteration(grid, goal, gamma, step_cost, sweeps=200):
+    """Bellman's optimality equation on the grid graph by plain value iteration: V(goal) = 1,
+    V(n) = max over free neighbours n' of (-step_cost + gamma V(n'))."""
+    walls = grid.walls
+    value = np.full(walls.shape, -np.inf)
+    value[goal] = 1.0
+    for _ in range(sweeps):
+        new = value.copy()
+        for r, c in zip(*np.nonzero(~walls)):
+            if (r, c) == goal:
+                continue
+            around = [value[r + dr, c + dc] for dr, dc in ((-1, 0), (0, 1), (1, 0), (0, -1))
+                      if 0 <= r + dr < walls.shape[0] and 0 <= c + dc < walls.shape[1] and not walls[r + dr, c + dc]]
+            new[r, c] = max(-step_cost + gamma * v for v in around)
+        value = new
+    return value
+
+
+@pytest.mark.parametrize("gamma, step_cost", [(0.99, 0.0), (0.99, 0.05), (1.0, 0.05)])
+def test_goal_value_is_the_bellman_value_of_the_grid(gamma, step_cost):
+    grid = maps.parse_map("S..#....\n.#.#.##.\n.#...#..\n...#.D.G\n")
+    distances = grid.distances_from(grid.goal)
+    free = distances >= 0
+    expected = _value_iteration(grid, grid.goal, gamma, step_cost)
+    np.testing.assert_allclose(observer.goal_value(distances[free], gamma, step_cost), expected[free], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_a_step_cost_sharpens_the_value_observer():
+    # The corridor D . S . G after one move right (first test). With c = 0.05, V(d) = 0.99^d - 5 (1 - 0.99^d)
+    # = 6 0.99^d - 5, so V_G changes by 6 (0.99 - 0.99^2) = 0.0594 and V_D by 6 (0.99^3 - 0.99^2) = -0.058806:
+    # P(G) = sigmoid(0.118206) = 0.5295171, against 0.5049251 without the step cost.
+    node, start = dists(maps.parse_map("D.S.G\n"), (0, 3))
+    np.testing.assert_allclose(observer.value_posterior(node, start, step_cost=0.05), [0.5295171, 0.4704829],
+                               atol=1e-6)
+    np.testing.assert_allclose(observer.value_posterior(node, start, step_cost=0.0), [0.5049251, 0.4950749], atol=1e-6)
