@@ -18,8 +18,9 @@ Rewards of one step into node n at time t (t moves made, including this one):
 `deceptiveness` is the curriculum coefficient (the running goal-reach rate), passed in through the params. The bonus
 (static, `bonus=`):
     exaggeration  -(P(g | path) - P(decoy | path)) 0.95^t, P from the value-difference observer
-                  P(g) proportional to exp(V_g(s_t) - V_g(s_0)), V_g = 0.99^d(., g) (`observer.value_posterior`;
-                  `params.value_step_cost` c > 0 subtracts c per move from V_g, as the authors' code does);
+                  P(g) proportional to exp(V_g(s_t) - V_g(s_0)), V_g = 0.99^d(., g) - c (1 - 0.99^d) / 0.01, the
+                  value under a cost c = `params.value_step_cost` per move (`observer.value_posterior`; 0.05 by
+                  default, as in the authors' code; c = 0 is the paper's V_g = 0.99^d);
     ambiguity     (d_gd - |d(n, g) - d(n, decoy)|) / d_gd 0.95^t, d_gd = d(g, decoy) (`observer.ambiguity_score`);
     none          0.
 An episode ends (terminated: remaining time is observed, so the state is terminal, not truncated) at G or when
@@ -70,7 +71,7 @@ class EnvParams:
     timeout_penalty: jax.Array = -0.5
     bonus_discount: jax.Array = 0.95
     value_discount: jax.Array = 0.99
-    value_step_cost: jax.Array = 0.0
+    value_step_cost: jax.Array = 0.05  # the authors' code; 0 is the paper's V_g = 0.99^d
 
 
 @struct.dataclass

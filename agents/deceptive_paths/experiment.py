@@ -53,9 +53,9 @@ class DeceptivePathsConfig:
     seed: int = 0  # network initialisation, map and T_max draws, actions, minibatch order; sampled eval paths
     # deception bonus (Fatemi et al. 2024): exaggeration (value-difference observer), ambiguity or none
     bonus: str = "exaggeration"
-    # cost per move in the exaggeration observer's goal values V_g (0: V_g = 0.99^d as in the paper; the authors'
-    # code uses 0.05, which sharpens the observer's posterior and enlarges the bonus)
-    value_step_cost: float = 0.0
+    # cost per move in the exaggeration observer's goal values V_g: 0.05 as in the authors' code; 0 is the paper's
+    # V_g = 0.99^d, whose nearly uniform posterior made the bonus too small to reproduce the claims (README)
+    value_step_cost: float = 0.05
     ego_radius: int = 2  # radius k of the observed ego-graph: the cells within k moves (2k^2 + 2k + 1 slots)
     ppo: PPOConfig = DEFAULT_PPO
     curriculum: CurriculumConfig = CurriculumConfig()
