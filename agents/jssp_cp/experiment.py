@@ -4,8 +4,11 @@ Tassel, Gebser and Schekotihin, ICAPS 2023. Phases:
 
 1. Imitation (agents/jssp_cp/imitation.py): `imitation_instances` generated instances of every training size
    (never a benchmark), solved by CP-SAT (one worker, `cpsat_time_limit` seconds each), replayed into expert
-   decisions, and the network cloned on them. Its output (the expert statistics and the cloned parameters) is
-   cached under DIR/imitation/, so a resumed run does not redo it.
+   decisions, and the network cloned on them; then `improvement_rounds` rounds in which CP-SAT improves the
+   policy's own sampled schedules on `round_instances` fresh instances per size and the policy is cloned again on
+   all the decisions so far (`imitation.improvement_round`). Its output (the expert statistics, per round too, and
+   the cloned parameters) is cached under DIR/imitation/ once the phase ends, so a resumed run does not redo it (a
+   run killed during the phase redoes the phase).
 2. PPO (agents/jssp_cp/ppo.py) from the cloned policy on the RL harness (`rl.harness.train`, `num_chunks` jitted
    chunks, checkpointed and resumable: re-running the same command after a kill continues bit-identically).
 3. Evaluation of the final policy, every schedule validated: on `eval_instances` held-out generated instances of
@@ -78,6 +81,9 @@ class JSSPCPConfig:
     imitation_instances: int = 16  # per training size
     cpsat_time_limit: float = 2.0  # seconds per imitation instance
     imitation: BCConfig = BCConfig()
+    # rounds of imitating CP-SAT's improvements of the policy's own sampled schedules, after the first cloning
+    improvement_rounds: int = 0
+    round_instances: int = 8  # fresh generated instances per training size in each improvement round
     ppo: JSSPPPOConfig = JSSPPPOConfig()
     eval_sizes: str = "10x10,15x15"  # JOBSxMACHINES sizes of the held-out generated evaluation instances
     eval_instances: int = 10  # held-out generated instances per eval size
@@ -94,6 +100,9 @@ class JSSPCPConfig:
         if self.imitation_instances < 1 or self.eval_instances < 1 or self.num_samples < 1:
             raise ValueError(f"imitation_instances, eval_instances and num_samples must be >= 1; got "
                              f"{self.imitation_instances}, {self.eval_instances}, {self.num_samples}")
+        if self.improvement_rounds < 0 or self.round_instances < 1:
+            raise ValueError(f"improvement_rounds must be >= 0 and round_instances >= 1; got "
+                             f"{self.improvement_rounds}, {self.round_instances}")
         if self.cpsat_time_limit <= 0:
             raise ValueError(f"cpsat_time_limit must be > 0, got {self.cpsat_time_limit}")
         if not 1 <= self.num_chunks <= self.ppo.num_updates:
@@ -119,6 +128,19 @@ def imitation_phase(cfg: JSSPCPConfig, network: JobShopPolicy, workdir: str) -> 
     clone = imitation.make_cloning(network.apply, cfg.imitation)
     params, metrics = clone(template, data.obs, jnp.asarray(data.actions), jax.random.key(cfg.seed + 1))
     losses = np.asarray(metrics["bc_loss"])
+    first_agreement = imitation.agreement(network.apply, params, data)
+    rounds, datasets = [], [data]
+    for r in range(1, cfg.improvement_rounds + 1):
+        fresh = imitation.training_instances([cfg.seed, r], sizes, cfg.round_instances)
+        improved, round_stats = imitation.improvement_round(
+            network.apply, params, fresh, cfg.cpsat_time_limit, cfg.num_samples,
+            jax.random.fold_in(jax.random.key(cfg.seed + 2), r), jobs, machines, seed=cfg.seed)
+        datasets.append(improved)
+        everything = imitation.concatenate(datasets)
+        params, _ = clone(params, everything.obs, jnp.asarray(everything.actions),
+                          jax.random.fold_in(jax.random.key(cfg.seed + 1), r))
+        rounds.append({"round": r, **round_stats, "decisions": int(len(everything.actions)),
+                       "bc_agreement": imitation.agreement(network.apply, params, everything)})
     stats = {
         "instances": len(instances),
         "cpsat_optimal": sum(r.status == "OPTIMAL" for r in solved),
@@ -129,7 +151,8 @@ def imitation_phase(cfg: JSSPCPConfig, network: JobShopPolicy, workdir: str) -> 
         "noop_fraction": float((data.actions == jobs).mean()),
         "bc_loss_first": float(losses[:10].mean()),
         "bc_loss_last": float(losses[-10:].mean()),
-        "bc_agreement": imitation.agreement(network.apply, params, data),
+        "bc_agreement": first_agreement,
+        "improvement_rounds": rounds,
         "seconds": time.perf_counter() - clock,
     }
     paths.makedirs(cache)

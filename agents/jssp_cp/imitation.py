@@ -15,6 +15,13 @@ that need idle time are reachable only through No-Ops; without No-Ops (pure non-
 would not exist for them. With a zero-length operation the argument can fail (two operations may share a start on
 one machine); `expert_dataset` checks every replay against the target and raises if one differs.
 
+Improvement rounds (the paper's imitation of the solver's improvements on the agent's own schedules): in each
+round, fresh generated instances are scheduled by the current policy (best of N sampled rollouts), CP-SAT starts
+from that schedule as its hint and improves it within the time limit (its result is never longer: the hint is its
+first incumbent), and the improved schedules' expert decisions are added to the data the policy is cloned on again
+(`improvement_round`). The policy so learns from states its own schedules reach, in the manner of DAgger (Ross,
+Gordon and Bagnell, AISTATS 2011), with the solver as the expert.
+
 Training instances are generated (`instances.random_instance`); a Taillard benchmark instance is refused
 (`instances.is_benchmark`), so no benchmark result is ever trained on.
 """
@@ -28,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agents.jssp_cp import cpsat, env
+from agents.jssp_cp import cpsat, env, inference
 from agents.jssp_cp.instances import Instance, is_benchmark, random_instance
 from agents.jssp_cp.schedule import NOOP, semi_active, simulate, validate
 
@@ -43,8 +50,10 @@ def refuse_benchmarks(instances: Sequence[Instance]) -> None:
                              f"instances only")
 
 
-def training_instances(seed: int, sizes: Sequence[tuple[int, int]], per_size: int) -> list[Instance]:
-    """`per_size` random Taillard-style instances of every (jobs, machines) in `sizes`, from one NumPy seed."""
+def training_instances(seed: int | Sequence[int], sizes: Sequence[tuple[int, int]],
+                       per_size: int) -> list[Instance]:
+    """`per_size` random Taillard-style instances of every (jobs, machines) in `sizes`, from one NumPy seed (or
+    seed sequence: improvement round r uses [seed, r], a stream apart from the first round's)."""
     rng = np.random.default_rng(seed)
     out = [random_instance(rng, j, m) for j, m in sizes for _ in range(per_size)]
     refuse_benchmarks(out)
@@ -158,6 +167,44 @@ def solve_all(instances: Sequence[Instance], time_limit: float, seed: int = 0) -
     return [cpsat.solve(inst, time_limit=time_limit, workers=1, seed=seed) for inst in instances]
 
 
+def concatenate(parts: Sequence[ExpertData]) -> ExpertData:
+    """The decisions of several expert datasets (observations padded alike) as one."""
+    return ExpertData(obs=jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *[p.obs for p in parts]),
+                      actions=np.concatenate([p.actions for p in parts]),
+                      cpsat_makespans=np.concatenate([p.cpsat_makespans for p in parts]),
+                      shifted_makespans=np.concatenate([p.shifted_makespans for p in parts]),
+                      replayed_makespans=np.concatenate([p.replayed_makespans for p in parts]))
+
+
+def improvement_round(apply, params, instances: Sequence[Instance], time_limit: float, num_samples: int,
+                      key: jax.Array, jobs: int, machines: int, seed: int = 0) -> tuple[ExpertData, dict]:
+    """One round of imitating the solver's improvements of the policy's schedules (module docstring).
+
+    The policy's best of `num_samples` sampled rollouts per instance (validated) is CP-SAT's hint (one worker,
+    `time_limit` seconds); the better of CP-SAT's schedule and the hint (CP-SAT's unless it came back longer, which
+    a hint taken as first incumbent rules out) is replayed into expert decisions padded to `jobs` x `machines`.
+    Returns the data and {"instances", "agent_makespan", "target_makespan" (means), "improved" (instances CP-SAT
+    shortened), "cpsat_optimal"}."""
+    refuse_benchmarks(instances)
+    batch = env.stack(instances, jobs, machines)
+    starts, makespans = jax.device_get(inference.sampled_batch(apply, params, batch, key, num_samples))
+    agent = [inference.checked(inst, s, m, "the policy") for inst, s, m in zip(instances, starts, makespans)]
+    agent_makespans = np.asarray(makespans, np.int64)
+    solved = [cpsat.solve(inst, time_limit=time_limit, workers=1, hint=hint, seed=seed)
+              for inst, hint in zip(instances, agent)]
+    targets, target_makespans = [], []
+    for inst, result, hint, m in zip(instances, solved, agent, agent_makespans):
+        better = result.makespan <= m
+        targets.append(inference.checked(inst, result.start, result.makespan, "CP-SAT") if better else hint)
+        target_makespans.append(result.makespan if better else int(m))
+    data = expert_dataset(instances, targets, target_makespans, jobs, machines)
+    stats = {"instances": len(instances), "agent_makespan": float(agent_makespans.mean()),
+             "target_makespan": float(np.mean(target_makespans)),
+             "improved": int((np.asarray(target_makespans) < agent_makespans).sum()),
+             "cpsat_optimal": sum(r.status == "OPTIMAL" for r in solved)}
+    return data, stats
+
+
 # --- behaviour cloning -----------------------------------------------------------------------------------------
 
 
@@ -211,6 +258,6 @@ def agreement(apply, params, data: ExpertData) -> float:
     return float((np.asarray(logits).argmax(-1) == data.actions).mean())
 
 
-__all__ = ["BCConfig", "ExpertData", "NOOP", "agreement", "cross_entropy", "decisions_of", "expert_action",
-           "expert_dataset", "expert_rollout", "left_shift", "machine_orders", "make_cloning", "max_decisions",
-           "refuse_benchmarks", "solve_all", "training_instances"]
+__all__ = ["BCConfig", "ExpertData", "NOOP", "agreement", "concatenate", "cross_entropy", "decisions_of",
+           "expert_action", "expert_dataset", "expert_rollout", "improvement_round", "left_shift", "machine_orders",
+           "make_cloning", "max_decisions", "refuse_benchmarks", "solve_all", "training_instances"]

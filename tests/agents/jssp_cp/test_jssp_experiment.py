@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from agents.jssp_cp import env, rules
 from agents.jssp_cp.brute_force import optimum_by_orders
@@ -20,6 +21,7 @@ from launch.cli import main
 from rl.testing import checkpoint_arrays, run_differences, run_registered
 
 TINY = ["train_sizes=4x3,5x4", "imitation_instances=2", "cpsat_time_limit=5", "imitation.steps=10",
+        "improvement_rounds=1", "round_instances=1",
         "imitation.batch_size=16", "network.dim=8", "network.heads=1", "network.job_layers=1", "ppo.num_envs=2",
         "ppo.num_steps=8", "ppo.num_updates=4", "ppo.update_epochs=1", "ppo.num_minibatches=1", "num_chunks=2",
         "eval_sizes=4x3", "eval_instances=2", "taillard=", "num_samples=2", "eval_cpsat=false",
@@ -43,6 +45,9 @@ def test_run_resumes_bit_identically_then_solve_and_bench_use_its_policy(tmp_pat
     results = json.loads((a / "results.json").read_text())
     assert results["validator_violations"] == 0 and results["imitation"]["cpsat_optimal"] == 4
     assert results["imitation"]["replayed_mean_makespan"] == results["imitation"]["cpsat_mean_makespan"]
+    (improvement,) = results["imitation"]["improvement_rounds"]
+    assert improvement["round"] == 1 and improvement["instances"] == 2  # one fresh instance per training size
+    assert improvement["target_makespan"] <= improvement["agent_makespan"]
     assert set(results["heldout"]["4x3"]) == {"spt", "lpt", "mwkr", "mor", "fifo", "agent_greedy", "agent_sampled",
                                               "imitation_greedy", "imitation_sampled"}
     assert all(v >= 1.0 for v in results["heldout"]["4x3"].values())  # makespan / a lower bound
@@ -107,3 +112,16 @@ def test_solve_a_file_with_a_rule_and_cpsat_and_refuse_a_malformed_file(tmp_path
     negative.write_text("2 2\n0 3 1 -2\n1 1 0 1\n")
     code, _, err = _solve(capsys, negative, tmp_path / "neg", "--method", "cp-sat")
     assert code == 2 and err.strip() == f"jaxalign: error: {negative}, line 2: durations must be >= 0; got -2"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("improvement_rounds=-1", "improvement_rounds must be >= 0 and round_instances >= 1; got -1, 8"),
+    ("train_sizes=4by3", "train_sizes must be comma-separated JOBSxMACHINES sizes"),
+    ("taillard=ta99", "taillard must name instances ta01..ta80"),
+])
+def test_bad_config_is_one_error_before_any_directory(tmp_path, capsys, override, message):
+    workdir = tmp_path / "run"
+    assert main(["run", "jssp_cp", "--workdir", str(workdir), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not workdir.exists()
