@@ -55,6 +55,28 @@ def test_loss_matches_a_numpy_reading_of_the_objective(surrogate):
     np.testing.assert_allclose(grad, 0.5 * 2 * (estimate - returns) / b, rtol=1e-5)
 
 
+def test_normalised_advantages_are_z_scores_over_the_minibatch():
+    rng = np.random.default_rng(2)
+    logits, estimate, returns = rng.normal(size=(8, 3, 4)), rng.normal(size=8), rng.normal(size=8)
+    actions = rng.integers(0, 4, (8, 3))
+    log_pi = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    old_log_prob = np.take_along_axis(log_pi, actions[..., None], -1)[..., 0]  # ratios 1: the surrogate is mean(A)
+    adv = returns - estimate
+    z = (adv - adv.mean()) / adv.std()
+    args = [jnp.asarray(x, jnp.float32) for x in (logits, estimate)]
+    rest = [jnp.asarray(actions), jnp.asarray(old_log_prob, jnp.float32), jnp.asarray(returns, jnp.float32)]
+    # d(policy loss) / d(log pi of each taken action) = -A / (B M): the advantage each sample is weighted by.
+    for normalise, expected in ((False, adv), (True, z)):
+        def policy_loss(lp):
+            shifted = jnp.asarray(logits, jnp.float32) + lp[..., None] * jax.nn.one_hot(rest[0], 4)
+            return L.learner_loss(shifted, *args[1:], *rest, clip_eps=0.2, vf_coef=0.0, ent_coef=0.0,
+                                  normalize_advantages=normalise)[1]["policy_loss"]
+        grad = jax.grad(policy_loss)(jnp.zeros((8, 3), jnp.float32))
+        probs = np.exp(np.take_along_axis(log_pi, actions[..., None], -1)[..., 0])
+        # shifting a logit by e moves log pi(a) by (1 - pi(a)) e
+        np.testing.assert_allclose(grad, -expected[:, None] * (1 - probs) / 24, rtol=1e-4, atol=1e-6)
+
+
 def test_one_machine_makes_the_two_surrogates_equal():
     rng = np.random.default_rng(1)
     args = [jnp.asarray(x, jnp.float32) for x in (rng.normal(size=(5, 1, 4)), rng.normal(size=5))]
