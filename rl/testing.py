@@ -6,7 +6,8 @@ entry point; rl/ never imports the CLI in launch/) in a child process whose chec
 saved step and, optionally, to SIGKILL the process right after a given step is on disk: a real kill at a
 deterministic point, so a test cannot race the run. `run_differences` then compares two work directories (final
 checkpoint arrays bit for bit, results.json without timings, metrics.jsonl), which is what "a killed run resumes to
-the same result as an uninterrupted one" means.
+the same result as an uninterrupted one" means. `assert_refused_in_one_line` checks the other half of a run's
+contract: bad input is one error line before any directory exists.
 """
 from __future__ import annotations
 
@@ -90,3 +91,13 @@ def run_differences(a: Path, b: Path, final_step: int, timing_keys: set[str]) ->
     if (b / "metrics.jsonl").read_text() != (a / "metrics.jsonl").read_text():
         found.append("metrics.jsonl differs")
     return found
+
+
+def assert_refused_in_one_line(main, argv: list[str], workdir: Path, message: str, capsys) -> None:
+    """`main(argv)` (the CLI's entry point) exits with 2 and one stderr line "jaxalign: error: ..." containing
+    `message`, no traceback, and `workdir` was never created: bad input is refused before any work."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxalign: error:") and len(err.splitlines()) == 1, err
+    assert message in err and "Traceback" not in err, err
+    assert not Path(workdir).exists()

@@ -15,7 +15,7 @@ import pytest
 
 from agents.deceptive_paths import baselines, evaluation, maps
 from launch.cli import main
-from rl.testing import checkpoint_arrays, run_differences, run_registered
+from rl.testing import assert_refused_in_one_line, checkpoint_arrays, run_differences, run_registered
 
 # 3 updates of 32 envs x 16 steps in three chunks; one map per evaluation set; one throughput size.
 TINY = ["ppo.num_envs=32", "ppo.num_steps=16", "ppo.total_timesteps=1536", "ppo.num_minibatches=2",
@@ -138,7 +138,5 @@ def test_other_config_in_the_same_workdir_is_refused(finished_run, capsys):
                                                ("value_step_cost=-0.1", "value_step_cost must be >= 0, got -0.1")])
 def test_bad_config_is_one_error_before_any_directory(tmp_path, capsys, override, message):
     workdir = tmp_path / "run"
-    assert main(["run", "deceptive_paths", "--workdir", str(workdir), override]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
-    assert not workdir.exists()
+    assert_refused_in_one_line(main, ["run", "deceptive_paths", "--workdir", str(workdir), override], workdir, message,
+                               capsys)

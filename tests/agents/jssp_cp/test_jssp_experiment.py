@@ -18,7 +18,7 @@ from agents.jssp_cp.bench import main as bench_main
 from agents.jssp_cp.instances import benchmark, format_orlib, read_instance
 from agents.jssp_cp.schedule import validate
 from launch.cli import main
-from rl.testing import checkpoint_arrays, run_differences, run_registered
+from rl.testing import assert_refused_in_one_line, checkpoint_arrays, run_differences, run_registered
 
 TINY = ["train_sizes=4x3,5x4", "imitation_instances=2", "cpsat_time_limit=5", "imitation.steps=10",
         "improvement_rounds=1", "round_instances=1",
@@ -121,7 +121,4 @@ def test_solve_a_file_with_a_rule_and_cpsat_and_refuse_a_malformed_file(tmp_path
 ])
 def test_bad_config_is_one_error_before_any_directory(tmp_path, capsys, override, message):
     workdir = tmp_path / "run"
-    assert main(["run", "jssp_cp", "--workdir", str(workdir), override]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
-    assert not workdir.exists()
+    assert_refused_in_one_line(main, ["run", "jssp_cp", "--workdir", str(workdir), override], workdir, message, capsys)

@@ -11,7 +11,7 @@ import pytest
 from agents.pdppo import bench
 from agents.pdppo import experiment as X
 from launch.cli import main
-from rl.testing import checkpoint_arrays, run_differences, run_registered
+from rl.testing import assert_refused_in_one_line, checkpoint_arrays, run_differences, run_registered
 
 # 3 updates of 2 envs x 100 periods per (arm, seed), one per chunk; one epoch; 4 evaluation episodes.
 TINY = ["instance=tiny", "seeds=0,1", "learner.num_envs=2", "learner.total_timesteps=600", "learner.update_epochs=1",
@@ -70,10 +70,8 @@ def test_tiny_run_end_to_end_killed_and_resumed_bit_identically(tmp_path):
 ])
 def test_bad_overrides_are_one_error_line_before_any_directory(tmp_path, capsys, override, message):
     workdir = tmp_path / "run"
-    assert main(["run", "pdppo_lot_sizing", "--workdir", str(workdir), override]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("jaxalign: error:") and len(err.splitlines()) == 1 and message in err, err
-    assert not workdir.exists()
+    assert_refused_in_one_line(main, ["run", "pdppo_lot_sizing", "--workdir", str(workdir), override], workdir,
+                               message, capsys)
 
 
 def test_statistics_against_hand_computations():

@@ -12,6 +12,7 @@ import rl.harness
 from jaxalign.experiments import diffusion_gmm
 from jaxalign.registry import EXPERIMENTS, configure, get_experiment
 from launch.cli import main
+from rl.testing import assert_refused_in_one_line
 
 TINY = ["steps=1000", "batch=256", "num_chunks=2", "samples=400", "nfes=10",
         "solvers=ddim,dpm_solver_pp_2m", "show_progress=false", "seed=3"]
@@ -75,10 +76,8 @@ def test_run_killed_after_its_first_chunk_resumes_bit_identically(full_run, tmp_
 ])
 def test_bad_config_value_is_one_error_before_anything_is_written(tmp_path, capsys, override, message):
     workdir = tmp_path / "never"
-    assert main(["run", "diffusion_gmm", "--workdir", str(workdir), override]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("jaxalign: error:") and message in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1 and not workdir.exists()
+    assert_refused_in_one_line(main, ["run", "diffusion_gmm", "--workdir", str(workdir), override], workdir, message,
+                               capsys)
 
 
 def test_experiment_is_registered(capsys):

@@ -20,6 +20,7 @@ from jaxalign.experiments import diffusion_preference as dp
 from jaxalign.experiments.diffusion_kit import DiffusionGMMConfig, init_params, make_network
 from jaxalign.registry import EXPERIMENTS, get_experiment
 from launch.cli import main
+from rl.testing import assert_refused_in_one_line
 
 TINY = ["task=vectors", "seeds=0", "base.steps=600", "base.batch=256", "base.num_chunks=1", "pairs=512", "steps=60",
         "batch=64", "num_chunks=1", "eval_samples=400", "nfe=10", "show_progress=false"]
@@ -133,10 +134,8 @@ def test_rerun_skips_finished_units_and_redoes_a_missing_one_identically(full_ru
 ])
 def test_bad_config_value_is_one_error_before_anything_is_written(tmp_path, capsys, override, message):
     workdir = tmp_path / "never"
-    assert main(["run", "diffusion_preference", "--workdir", str(workdir), override]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("jaxalign: error:") and message in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1 and not workdir.exists()
+    assert_refused_in_one_line(main, ["run", "diffusion_preference", "--workdir", str(workdir), override], workdir,
+                               message, capsys)
 
 
 def test_experiment_is_registered(capsys):
