@@ -6,6 +6,8 @@ standard deviation over seeds (ddof 1) and the per-seed values of the policy's d
 steps on which the evaluation observer does not favour the true goal), next to the honest path and pi_d4, which
 are deterministic:
 
+  metrics       on the test maps, all four metrics (goal reach, deceptive fraction, the fraction of the path from
+                which the true goal is most probable for good, length over budget) of all three methods;
   zero-shot     every map set at the tables' budget fraction: seen train maps, unseen test maps of the train sizes,
                 and the unseen, larger 24x24 and 32x32 maps;
   tunability    the test maps' deceptive fraction at each budget fraction, and its rise from the smallest budget
@@ -30,6 +32,11 @@ import numpy as np
 from jaxalign.paths import save_figure
 
 MAP_SETS = ("train_8x8", "train_16x16", "test_8x8", "test_16x16", "unseen_24x24", "unseen_32x32")
+TEST_SETS = ("test_8x8", "test_16x16")
+METHODS = ("policy", "honest", "pi_d4")
+# metrics.path_metrics' means per map set: goal reached, deceptive steps, the path fraction from which the true goal
+# is most probable for good, path length over the budget
+METRICS = ("goal_reach_rate", "deceptive_fraction", "truthful_from_fraction", "length_over_budget")
 
 
 def load_runs(run_dirs: Sequence[str]) -> list[dict]:
@@ -82,7 +89,9 @@ def claims(runs: list[dict]) -> dict:
     seen = [run["adaptation"]["methods"]["policy"]["deceptive_fraction_after_move"] for run in runs]
     blind = [run["adaptation"]["methods"]["policy_without_move"]["deceptive_fraction_after_move"] for run in runs]
     gain = spread(np.subtract(seen, blind))
-    return {"seeds": [run["config"]["seed"] for run in runs], "zero_shot": zero_shot,
+    test_metrics = {name: {method: {metric: spread([run["tables"][name][method][metric] for run in runs])
+                                    for metric in METRICS} for method in METHODS} for name in TEST_SETS}
+    return {"seeds": [run["config"]["seed"] for run in runs], "test_metrics": test_metrics, "zero_shot": zero_shot,
             "tunability": {"curve": curve, "rise": rise, "holds": bool(rise["mean"] > 2 * rise["std"])},
             "adaptation": {"sees_the_move": spread(seen), "blind_to_the_move": spread(blind), "difference": gain,
                            "holds": bool(gain["mean"] > 2 * gain["std"])}}
@@ -93,8 +102,15 @@ def _cell(s: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"seeds {report['seeds']}; deceptive fraction: mean +- std over seeds (per seed)", "",
-             "| map set | policy | honest | pi_d4 | policy goal reach (min over seeds) |", "|---|---|---|---|---|"]
+    lines = [f"seeds {report['seeds']}; mean +- std over seeds (per seed in the other tables)", "",
+             "| test maps | method | goal reach | deceptive fraction | true goal for good from | length / budget |",
+             "|---|---|---|---|---|---|"]
+    for name, methods in report["test_metrics"].items():
+        for method, row in methods.items():
+            lines.append(f"| {name} | {method} | " + " | ".join(f"{row[m]['mean']:.3f} +- {row[m]['std']:.3f}"
+                                                             for m in METRICS) + " |")
+    lines += ["", "deceptive fraction by map set:", "",
+              "| map set | policy | honest | pi_d4 | policy goal reach (min over seeds) |", "|---|---|---|---|---|"]
     for name, row in report["zero_shot"].items():
         lines.append(f"| {name} | {_cell(row['policy'])} | {row['honest']:.3f} | {row['pi_d4']:.3f} | "
                      f"{row['policy_goal_reach']:.2f} |")

@@ -9,7 +9,8 @@ from agents.deceptive_paths import report
 
 
 def _row(fraction, reach=1.0, length=0.5):
-    return {"deceptive_fraction": fraction, "goal_reach_rate": reach, "length_over_budget": length}
+    return {"deceptive_fraction": fraction, "goal_reach_rate": reach, "length_over_budget": length,
+            "truthful_from_fraction": 0.9}
 
 
 def _results(seed, policy, curve, seen, blind):
@@ -40,6 +41,8 @@ def test_claims_over_seeds_and_their_verdicts(tmp_path, capsys):
     assert out["seeds"] == [0, 1, 2]
     assert out["zero_shot"]["unseen_32x32"]["policy"]["mean"] == pytest.approx(0.72)
     assert out["zero_shot"]["unseen_32x32"]["policy"]["std"] == pytest.approx(0.02)  # ddof 1
+    assert out["test_metrics"]["test_16x16"]["policy"]["deceptive_fraction"]["mean"] == pytest.approx(0.72)
+    assert out["test_metrics"]["test_8x8"]["pi_d4"]["truthful_from_fraction"]["std"] == 0.0
     rise = np.array([0.36, 0.32, 0.34])
     assert out["tunability"]["rise"]["values"] == pytest.approx(rise.tolist())
     assert out["tunability"]["holds"]  # 0.34 > 2 * 0.02
