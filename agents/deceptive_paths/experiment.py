@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from agents.deceptive_paths import baselines, evaluation, maps
-from agents.deceptive_paths.env import BONUSES, DeceptivePathEnv, make_params
+from agents.deceptive_paths.env import BONUSES, DeceptivePathEnv, EnvParams, make_params
 from agents.deceptive_paths.learner import CurriculumConfig, make_learner
 from agents.deceptive_paths.metrics import OBSERVERS
 from agents.deceptive_paths.planning import save_policy
@@ -55,7 +55,7 @@ class DeceptivePathsConfig:
     bonus: str = "exaggeration"
     # cost per move in the exaggeration observer's goal values V_g: 0.05 as in the authors' code; 0 is the paper's
     # V_g = 0.99^d, whose nearly uniform posterior made the bonus too small to reproduce the claims (README)
-    value_step_cost: float = 0.05
+    value_step_cost: float = float(EnvParams.value_step_cost)  # the environment's default, 0.05
     ego_radius: int = 2  # radius k of the observed ego-graph: the cells within k moves (2k^2 + 2k + 1 slots)
     ppo: PPOConfig = DEFAULT_PPO
     curriculum: CurriculumConfig = CurriculumConfig()

@@ -129,14 +129,13 @@ def imitation_phase(cfg: JSSPCPConfig, network: JobShopPolicy, workdir: str) -> 
     params, metrics = clone(template, data.obs, jnp.asarray(data.actions), jax.random.key(cfg.seed + 1))
     losses = np.asarray(metrics["bc_loss"])
     first_agreement = imitation.agreement(network.apply, params, data)
-    rounds, datasets = [], [data]
+    rounds, everything = [], data
     for r in range(1, cfg.improvement_rounds + 1):
         fresh = imitation.training_instances([cfg.seed, r], sizes, cfg.round_instances)
         improved, round_stats = imitation.improvement_round(
             network.apply, params, fresh, cfg.cpsat_time_limit, cfg.num_samples,
             jax.random.fold_in(jax.random.key(cfg.seed + 2), r), jobs, machines, seed=cfg.seed)
-        datasets.append(improved)
-        everything = imitation.concatenate(datasets)
+        everything = imitation.concatenate([everything, improved])
         params, _ = clone(params, everything.obs, jnp.asarray(everything.actions),
                           jax.random.fold_in(jax.random.key(cfg.seed + 1), r))
         rounds.append({"round": r, **round_stats, "decisions": int(len(everything.actions)),

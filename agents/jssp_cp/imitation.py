@@ -169,11 +169,9 @@ def solve_all(instances: Sequence[Instance], time_limit: float, seed: int = 0) -
 
 def concatenate(parts: Sequence[ExpertData]) -> ExpertData:
     """The decisions of several expert datasets (observations padded alike) as one."""
-    return ExpertData(obs=jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *[p.obs for p in parts]),
-                      actions=np.concatenate([p.actions for p in parts]),
-                      cpsat_makespans=np.concatenate([p.cpsat_makespans for p in parts]),
-                      shifted_makespans=np.concatenate([p.shifted_makespans for p in parts]),
-                      replayed_makespans=np.concatenate([p.replayed_makespans for p in parts]))
+    return ExpertData(**{field.name: jax.tree_util.tree_map(lambda *xs: np.concatenate(xs),
+                                                            *[getattr(p, field.name) for p in parts])
+                         for field in dataclasses.fields(ExpertData)})
 
 
 def improvement_round(apply, params, instances: Sequence[Instance], time_limit: float, num_samples: int,
