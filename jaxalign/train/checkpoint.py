@@ -35,6 +35,7 @@ real Cloud Storage in this project's tests.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -302,11 +303,10 @@ class PytreeCheckpointer:
         _check_specs(where, saved_specs, _leaf_specs(target))
 
         try:
-            with _closed_loop_callbacks_quiet():
+            with _orphaned_read_noise_dropped():
                 restored = self._manager.restore(
                     step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))[_STATE]
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types; report them as one.
-            _silence_orphaned_reads()
             raise UnreadableCheckpointError(f"{where} could not be read: {_brief(e)}") from e
 
         def rewrap(x, data):
@@ -456,39 +456,45 @@ def _is_closed_loop_error(exc: BaseException | None) -> bool:
 
 
 @contextlib.contextmanager
-def _closed_loop_callbacks_quiet():
-    """While a restore runs, drop the "Event loop is closed" errors that tensorstore's reader threads print through
-    sys.excepthook (its callbacks call PyErr_Print) when orbax's loop closes before their callbacks run: that
-    happens when the restore fails, and can happen before orbax's exception reaches us, so the filter is in place
-    first. It is removed when the restore succeeds; after a failure it stays, like `_silence_orphaned_reads`."""
-    previous = sys.excepthook
+def _orphaned_read_noise_dropped():
+    """While a restore runs, and for good once it has failed, drop the reports of the reads it orphaned.
 
-    def hook(exc_type: Any, exc: BaseException, tb: Any) -> None:
+    When a restore fails (e.g. a truncated chunk), orbax closes its event loop while tensorstore's other reads are still
+    in flight; each then reports "Event loop is closed" (or its own read error) through sys.excepthook (its C++
+    callbacks call PyErr_Print), sys.unraisablehook, or asyncio's "Task exception was never retrieved" log: tens of
+    tracebacks burying the one error that matters. They can start before orbax's exception reaches us, so the filters
+    are in place first; they are removed when the restore succeeds. After a failure they stay, and because a read can
+    still report while the interpreter shuts down (when the hooks are gone), stderr is closed at exit, after
+    everything Python prints (the refusal line included) has been flushed. Every other report reaches the previous
+    hooks and asyncio's logger."""
+    previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+    log_filter = _OrphanedReadTasks()
+
+    def except_hook(exc_type: Any, exc: BaseException, tb: Any) -> None:
         if not _is_closed_loop_error(exc):
-            previous(exc_type, exc, tb)
+            previous_except(exc_type, exc, tb)
 
-    sys.excepthook = hook
-    yield
-    sys.excepthook = previous  # not reached when the restore raised: the orphaned reads keep reporting
-
-
-def _silence_orphaned_reads() -> None:
-    """After a failed restore, orbax has already closed its event loop while tensorstore's other reads are still in
-    flight; each one then reports "Event loop is closed" (or its own read error) through sys.unraisablehook, or, when
-    its task is collected, through asyncio's "Task exception was never retrieved" log: tens of tracebacks burying the
-    one error that matters. Drop exactly those reports from now on (the process is about to stop with that error);
-    everything else still reaches the previous hook and asyncio's logger."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_drops_closed_loop_noise", False):
-        return
-
-    def hook(unraisable: Any) -> None:
+    def unraisable_hook(unraisable: Any) -> None:
         if not _is_closed_loop_noise(unraisable):
-            previous(unraisable)
+            previous_unraisable(unraisable)
 
-    hook._drops_closed_loop_noise = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_OrphanedReadTasks())
+    sys.excepthook, sys.unraisablehook = except_hook, unraisable_hook
+    logging.getLogger("asyncio").addFilter(log_filter)
+    try:
+        yield
+    except BaseException:
+        atexit.register(_close_stderr_after_flushing)
+        raise
+    sys.excepthook, sys.unraisablehook = previous_except, previous_unraisable
+    logging.getLogger("asyncio").removeFilter(log_filter)
+
+
+def _close_stderr_after_flushing() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
 
 def _params_first(path: str) -> tuple:

@@ -427,24 +427,37 @@ def test_reads_the_earlier_trainstate_meta_layout(tmp_path):
             ckpt.restore_latest(make_state().replace(rng=jax.random.key(0, impl="rbg")))
 
 
-def test_closed_loop_callback_errors_are_dropped_during_a_restore_and_after_it_fails(monkeypatch):
-    """tensorstore's reader threads print a callback onto orbax's closed event loop through sys.excepthook; such
-    reports are dropped while a restore runs and, once it has failed, for good; every other error still prints."""
+def test_orphaned_read_reports_are_dropped_during_a_restore_and_for_good_after_it_fails(monkeypatch):
+    """tensorstore's reader threads report a callback onto orbax's closed event loop through sys.excepthook or
+    sys.unraisablehook; such reports are dropped while a restore runs and, once it has failed, for good (and stderr is
+    closed at exit, after flushing, for the reads still reporting while the interpreter shuts down); every other error
+    still prints."""
+    from types import SimpleNamespace
+
     from jaxalign.train import checkpoint
 
-    seen = []
+    seen, at_exit = [], []
     monkeypatch.setattr(sys, "excepthook", lambda t, e, tb: seen.append(str(e)))
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(f"unraisable {u.exc_value}"))
+    monkeypatch.setattr(checkpoint.atexit, "register", at_exit.append)
     closed, other = RuntimeError("Event loop is closed"), ValueError("a real error")
-    with checkpoint._closed_loop_callbacks_quiet():
-        sys.excepthook(RuntimeError, closed, None)
-        sys.excepthook(ValueError, other, None)
-    assert seen == ["a real error"]
-    sys.excepthook(RuntimeError, closed, None)  # the restore succeeded: the filter is gone
-    assert seen == ["a real error", "Event loop is closed"]
 
+    def report_both():
+        for error in (closed, other):
+            sys.excepthook(type(error), error, None)
+            sys.unraisablehook(SimpleNamespace(exc_value=error, object=None))
+
+    with checkpoint._orphaned_read_noise_dropped():
+        report_both()
+    assert seen == ["a real error", "unraisable a real error"]
+    report_both()  # the restore succeeded: the filters are gone
+    assert seen[2:] == ["Event loop is closed", "unraisable Event loop is closed", "a real error",
+                        "unraisable a real error"] and at_exit == []
+
+    seen.clear()
     with pytest.raises(OSError):
-        with checkpoint._closed_loop_callbacks_quiet():
+        with checkpoint._orphaned_read_noise_dropped():
             raise OSError("truncated chunk")
-    sys.excepthook(RuntimeError, closed, None)  # the failed restore's orphaned reads stay quiet
-    sys.excepthook(ValueError, other, None)
-    assert seen == ["a real error", "Event loop is closed", "a real error"]
+    report_both()  # the failed restore's orphaned reads stay quiet
+    assert seen == ["a real error", "unraisable a real error"]
+    assert at_exit == [checkpoint._close_stderr_after_flushing]
