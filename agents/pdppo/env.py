@@ -32,6 +32,7 @@ import numpy as np
 from flax import struct
 
 from agents.pdppo.instances import Instance, binomial_pmf
+from rl import threefry
 from rl.env import Box, Environment
 
 
@@ -113,7 +114,7 @@ def post_decision(params: LotSizingParams, state: LotSizingState,
 
 def draw_demand(params: LotSizingParams, key: jax.Array) -> jax.Array:
     """i32 [I]: one demand per item by inverse-CDF sampling of the params' demand law."""
-    u = jax.random.uniform(key, params.initial_inventory.shape)
+    u = threefry.uniform(key, params.initial_inventory.shape)  # = jax.random.uniform, fused on CPU (rl.threefry)
     return jnp.sum(u[:, None] >= params.demand_cdf[None, :-1], axis=1).astype(jnp.int32)
 
 
