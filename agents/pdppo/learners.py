@@ -48,6 +48,7 @@ from rl.wrappers import AutoReset, EpisodeStats
 
 ALGORITHMS = ("ppo", "pdppo")
 SURROGATES = ("per_machine", "joint")
+CRITIC_LOSSES = ("min", "each")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +76,16 @@ class LearnerConfig:
     surrogate: str = "per_machine"  # "per_machine" (one clipped ratio per machine, the authors') or "joint"
     # z-normalise the advantages over each minibatch (not in the authors' code; `learner_loss` says why)
     normalize_advantages: bool = True
+    # "min": the paper's MSE(min(V, V_post), R), which trains only the smaller critic; "each": both toward R
+    critic_loss: str = "min"
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"learner.algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.surrogate not in SURROGATES:
             raise ValueError(f"learner.surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
+        if self.critic_loss not in CRITIC_LOSSES:
+            raise ValueError(f"learner.critic_loss must be one of {CRITIC_LOSSES}, got {self.critic_loss!r}")
         for name in ("num_envs", "num_steps", "update_epochs", "num_minibatches"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"learner.{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -116,8 +121,8 @@ def policy_terms(logits: jax.Array, actions: jax.Array) -> tuple[jax.Array, jax.
 
 
 def learner_loss(logits, estimate, actions, old_log_prob, returns, *, clip_eps: float, vf_coef: float,
-                 ent_coef: float, surrogate: str = "per_machine",
-                 normalize_advantages: bool = False) -> tuple[jax.Array, dict]:
+                 ent_coef: float, surrogate: str = "per_machine", normalize_advantages: bool = False,
+                 critic_values: tuple[jax.Array, ...] | None = None) -> tuple[jax.Array, dict]:
     """The shared objective on a minibatch: `estimate` is V(s) (PPO) or min(V(s), V_post(s^x)) (PDPPO), [B];
     `old_log_prob` [B, M] holds each machine's log-probability under the rollout policy.
 
@@ -137,6 +142,10 @@ def learner_loss(logits, estimate, actions, old_log_prob, returns, *, clip_eps: 
     one. Here time is observed (the horizon is finite, so the state needs it), the critic explains nearly all of
     the normalised returns, the raw advantages are a few hundredths, and the 0.012 entropy bonus then holds the
     policy near uniform (README).
+
+    The value loss is the paper's mean((E - R)^2); through the minimum it trains only the smaller critic on each
+    sample. Given `critic_values` (each critic's prediction, [B] each) it is instead sum_k mean((v_k - R)^2): every
+    critic learns R on every sample (`critic_loss="each"`, an ablation; `diagnose.py` says why it is worth one).
     """
     log_prob, entropy = policy_terms(logits, actions)
     advantage = returns - jax.lax.stop_gradient(estimate)
@@ -152,7 +161,10 @@ def learner_loss(logits, estimate, actions, old_log_prob, returns, *, clip_eps: 
     ratio = jnp.exp(log_ratio)
     surrogate_value = jnp.minimum(ratio * advantage, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantage)
     policy_loss = -jnp.mean(surrogate_value)
-    value_loss = jnp.mean(jnp.square(estimate - returns))
+    if critic_values is None:
+        value_loss = jnp.mean(jnp.square(estimate - returns))
+    else:
+        value_loss = sum(jnp.mean(jnp.square(v - returns)) for v in critic_values)
     loss = policy_loss + vf_coef * value_loss - ent_coef * jnp.mean(entropy)
     return loss, {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss,
                   "entropy": jnp.mean(entropy), "approx_kl": jnp.mean((ratio - 1.0) - log_ratio),
@@ -170,13 +182,20 @@ class Networks(NamedTuple):
         out = self.actor.apply(params["actor"], obs)
         return out.reshape(out.shape[:-1] + (self.n_machines, self.n_choices))
 
-    def estimate(self, params, obs, post_obs):
-        """V(s) for PPO (params without "post_critic"), combine(V(s), V_post(s^x)) for PDPPO (the minimum
-        unless the learner was made with another `combine`)."""
+    def critic_values(self, params, obs, post_obs) -> tuple[jax.Array, ...]:
+        """(V(s),) for PPO (params without "post_critic"), (V(s), V_post(s^x)) for PDPPO."""
         value = self.critic.apply(params["critic"], obs)[..., 0]
         if "post_critic" not in params:
-            return value
-        return self.combine(value, self.critic.apply(params["post_critic"], post_obs)[..., 0])
+            return (value,)
+        return value, self.critic.apply(params["post_critic"], post_obs)[..., 0]
+
+    def combined(self, values: tuple[jax.Array, ...]) -> jax.Array:
+        """E from `critic_values`: V(s) for PPO, combine(V(s), V_post(s^x)) for PDPPO (the minimum unless the
+        learner was made with another `combine`)."""
+        return values[0] if len(values) == 1 else self.combine(*values)
+
+    def estimate(self, params, obs, post_obs):
+        return self.combined(self.critic_values(params, obs, post_obs))
 
 
 def make_networks(config: LearnerConfig, instance: Instance, combine: Callable = jnp.minimum) -> Networks:
@@ -268,11 +287,12 @@ def make_learner(config: LearnerConfig, instance: Instance, combine: Callable = 
         return RunnerState(train_state, env_state, obs, jax.random.fold_in(key, 1), jnp.zeros((), jnp.int32))
 
     def loss_fn(params, batch):
-        return learner_loss(networks.logits(params, batch["obs"]),
-                            networks.estimate(params, batch["obs"], batch["post_obs"]), batch["action"],
+        values = networks.critic_values(params, batch["obs"], batch["post_obs"])
+        return learner_loss(networks.logits(params, batch["obs"]), networks.combined(values), batch["action"],
                             batch["log_prob"], batch["return"], clip_eps=config.clip_eps, vf_coef=config.vf_coef,
                             ent_coef=config.ent_coef, surrogate=config.surrogate,
-                            normalize_advantages=config.normalize_advantages)
+                            normalize_advantages=config.normalize_advantages,
+                            critic_values=values if config.critic_loss == "each" else None)
 
     def minibatch_step(train_state, batch):
         grads, metrics = jax.grad(loss_fn, has_aux=True)(train_state.params, batch)

@@ -152,3 +152,27 @@ def test_trainer_and_config_errors():
         _config("ppo", num_minibatches=3)
     with pytest.raises(ValueError, match=r"num_steps=12 must be a multiple of the instance's horizon \(8\)"):
         L.make_learner(_config("ppo", updates=2, num_steps=12), TINY)
+
+
+def test_critic_loss_each_trains_every_critic_toward_the_return():
+    """The paper's value loss reaches only the smaller critic; `critic_loss="each"` is the sum of each critic's own
+    squared error, whichever is smaller (the advantage still uses the minimum)."""
+    rng = np.random.default_rng(5)
+    logits, actions = jnp.asarray(rng.normal(size=(5, 2, 3)), jnp.float32), jnp.asarray(rng.integers(0, 3, (5, 2)))
+    old_log_prob, returns = jnp.zeros((5, 2)), jnp.asarray(rng.normal(size=5), jnp.float32)
+    v, v_post = jnp.asarray(rng.normal(size=5), jnp.float32), jnp.asarray(rng.normal(size=5), jnp.float32)
+
+    def value_loss(v, v_post, each):
+        return L.learner_loss(logits, jnp.minimum(v, v_post), actions, old_log_prob, returns, clip_eps=0.2,
+                              vf_coef=1.0, ent_coef=0.0, critic_values=(v, v_post) if each else None)[1]["value_loss"]
+
+    r = np.asarray(returns)
+    expected = np.mean((np.asarray(v) - r) ** 2) + np.mean((np.asarray(v_post) - r) ** 2)
+    assert float(value_loss(v, v_post, True)) == pytest.approx(expected, rel=1e-6)
+    g_v, g_post = jax.grad(value_loss, argnums=(0, 1))(v, v_post, True)
+    np.testing.assert_allclose(g_v, 2 * (v - returns) / 5, rtol=1e-5)
+    np.testing.assert_allclose(g_post, 2 * (v_post - returns) / 5, rtol=1e-5)
+    g_v, g_post = jax.grad(value_loss, argnums=(0, 1))(v, v_post, False)
+    assert np.all((np.asarray(g_v) == 0) | (np.asarray(g_post) == 0))  # the minimum: one critic per sample
+    with pytest.raises(ValueError, match="learner.critic_loss must be one of"):
+        L.LearnerConfig(critic_loss="max")
