@@ -41,7 +41,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxalign import paths, tracking
-from jaxalign.rundir import RunDir, claim, config_to_dict, strict_json_text, without_presentation_fields
+from jaxalign.rundir import (RunDir, claim, config_to_dict, strict_json_text, with_added_defaults,
+                             without_presentation_fields)
 from jaxalign.rundir import write_json_atomic
 from jaxalign.sharding import MeshConfig, make_mesh
 from jaxalign.train.checkpoint import PytreeCheckpointer, strict_json
@@ -182,7 +183,12 @@ def train(trainer: Trainer, cfg: Any, workdir: str, key: jax.Array, num_chunks: 
     writes = jax.process_index() == 0
 
     history: list[dict] = []
-    with PytreeCheckpointer(run_dir.file("checkpoints"), metadata, keep_last=2) as checkpoints:
+    # Checkpoints written before a config field was added (left at its default here) belong to this run, as in
+    # `claim`.
+    def upgrade(saved):
+        return without_presentation_fields(with_added_defaults(saved, cfg))
+
+    with PytreeCheckpointer(run_dir.file("checkpoints"), metadata, keep_last=2, upgrade_saved=upgrade) as checkpoints:
         done = 0
         restored = checkpoints.restore_latest(state)
         if restored is not None:

@@ -40,6 +40,7 @@ from agents.pdppo.experiment import PDPPOLotSizingConfig, arm_learners, arms_tra
 from agents.pdppo.learners import ALGORITHMS, Learner
 from jaxalign.overrides import apply_overrides, file_overrides
 from rl import harness
+from rl.returns import monte_carlo_returns
 
 DIAGNOSIS_SEED = 2_000_003  # demand keys of the diagnostic rollouts: neither training's nor evaluation's
 
@@ -63,16 +64,6 @@ def rollouts(learner: Learner, env_params, params, keys: jax.Array, horizon: int
     return jax.vmap(episode)(keys)
 
 
-def discounted_returns(rewards: jax.Array, gamma: float) -> jax.Array:
-    """R_t = sum_k gamma^k r_{t+k} within each episode, rewards [episodes, horizon]."""
-    def back(carry, r):
-        carry = r + gamma * carry
-        return carry, carry
-
-    _, out = jax.lax.scan(back, jnp.zeros(rewards.shape[0]), rewards.T[::-1])
-    return out[::-1].T
-
-
 def alternative_baselines(learner: Learner, env_params, params, state: LotSizingState, action: jax.Array,
                           value: jax.Array) -> jax.Array:
     """[M, C]: min(V(s), V_post(s^x)) with machine m's action replaced by choice c, the other machines' kept."""
@@ -91,7 +82,9 @@ def seed_diagnostics(learner: Learner, env_params, params, keys: jax.Array, hori
     """The module doc's quantities for one seed's final parameters (arrays of scalars)."""
     tr = rollouts(learner, env_params, params, keys, horizon)
     flat = jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), tr)
-    returns = discounted_returns(tr["reward"], learner.config.gamma).reshape(-1)
+    rewards = tr["reward"].T  # [horizon, episodes]: whole episodes, so no bootstrap (as in training)
+    zeros = jnp.zeros_like(rewards)
+    returns = monte_carlo_returns(rewards, zeros, zeros, zeros, learner.config.gamma).T.reshape(-1)
     returns = (returns - returns.mean()) / (returns.std() + 1e-8)
     obs = jax.vmap(lambda s: observation(env_params, s))(flat["state"])
     value = learner.networks.critic.apply(params["critic"], obs)[:, 0]
@@ -124,13 +117,11 @@ def seed_diagnostics(learner: Learner, env_params, params, keys: jax.Array, hori
 
 def restore(run_dir: str) -> tuple[PDPPOLotSizingConfig, dict, dict]:
     """(config, learners, final state) of a finished run; ValueError if the run is not finished."""
-    path = Path(run_dir) / "config.json"
     if not (Path(run_dir) / "results.json").is_file():
         raise ValueError(f"{run_dir}: no results.json (is the run finished?)")
-    cfg = apply_overrides(PDPPOLotSizingConfig(), file_overrides(PDPPOLotSizingConfig(), str(path)))
-    cfg = apply_overrides(cfg, ["show_progress=false"])
-    instance = load(cfg.instance, cfg.instance_seed)
-    learners = arm_learners(cfg.learner, instance)
+    path = str(Path(run_dir) / "config.json")
+    cfg = apply_overrides(PDPPOLotSizingConfig(), file_overrides(PDPPOLotSizingConfig(), path))
+    learners = arm_learners(cfg.learner, load(cfg.instance, cfg.instance_seed))
     trained = harness.train(arms_trainer(learners, cfg.seed_list()), cfg, run_dir, seed_keys(cfg.seed_list()),
                             cfg.num_chunks, show_progress=False)
     if trained.updates_trained:

@@ -43,7 +43,7 @@ import itertools
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import flax.serialization
 import jax
@@ -174,15 +174,19 @@ class PytreeCheckpointer:
 
     `metadata` describes the run (JSON-serialisable, e.g. its config as a dict). It is written with every step and
     must equal the saved one on restore: resuming with a different configuration is an error rather than a silent
-    mix. Put only what must not change across a resume into it.
+    mix. Put only what must not change across a resume into it. `upgrade_saved` (optional) maps a saved metadata
+    to today's form before the comparison, e.g. `jaxalign.rundir.with_added_defaults`: a config field added since
+    the step was written, left at its default, is then no difference.
     Use as a context manager (or call `close()`) so orbax's background threads are shut down.
     """
 
-    def __init__(self, directory: str | epath.PathLike, metadata: Any, keep_last: int = 2) -> None:
+    def __init__(self, directory: str | epath.PathLike, metadata: Any, keep_last: int = 2,
+                 upgrade_saved: Callable[[Any], Any] | None = None) -> None:
         if isinstance(keep_last, bool) or not isinstance(keep_last, (int, np.integer)) or keep_last < 1:
             raise ValueError(f"keep_last must be a positive int, got {keep_last!r}")
         self.directory = absolute_path(directory)
         self.keep_last = int(keep_last)
+        self._upgrade_saved = upgrade_saved or (lambda saved: saved)
         try:
             self.metadata = json_normalise(metadata)
         except ValueError as e:
@@ -286,7 +290,9 @@ class PytreeCheckpointer:
         target = jax.tree_util.tree_map(_abstract_leaf, template_dict)
         saved_meta, saved_specs = self._read_step_metadata(step, where)
 
-        diff = first_json_difference(saved_meta.get("run", ABSENT), self.metadata)
+        saved_run = saved_meta.get("run", ABSENT)
+        diff = first_json_difference(saved_run if saved_run is ABSENT else self._upgrade_saved(saved_run),
+                                     self.metadata)
         if diff is not None:
             path, saved, expected = diff
             raise CheckpointMismatchError(

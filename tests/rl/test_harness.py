@@ -3,6 +3,7 @@ learning curve, and computes the same parameters on one device and on eight (the
 mesh's data axis, the gradient averaged by XLA)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -96,6 +97,33 @@ def test_interrupted_run_resumes_bit_identically_from_the_newest_chunk(tmp_path)
     harness.plot_learning_curve(str(a), full.history, "update", {"loss": "loss", "skipped": "never_finite"},
                                 title="toy", ylabel="loss")
     assert (a / "learning_curve.png").stat().st_size > 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class _Before:
+    lr: float = 0.1
+    show_progress: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _After(_Before):
+    momentum: float = 0.0  # a field added after the run started; its default reproduces the old behaviour
+
+
+def test_a_run_resumes_after_its_config_gained_a_field_left_at_its_default(tmp_path):
+    """config.json and the checkpoints were written without `momentum`; resuming with it at its default continues
+    the run, and setting it otherwise is refused as a different run."""
+    with pytest.raises(KeyboardInterrupt):
+        harness.train(toy_trainer(interrupt_after=4), _Before(), str(tmp_path), jax.random.key(0), num_chunks=3,
+                      show_progress=False)
+    with pytest.raises(ValueError, match=r"records a run with momentum=absent, but this run has 0.9"):
+        harness.train(toy_trainer(), _After(momentum=0.9), str(tmp_path), jax.random.key(0), num_chunks=3,
+                      show_progress=False)
+    resumed = harness.train(toy_trainer(), _After(), str(tmp_path), jax.random.key(0), num_chunks=3,
+                            show_progress=False)
+    assert resumed.updates_trained == 2
+    full = _train(tmp_path / "full", toy_trainer())
+    assert _bits(resumed.state) == _bits(full.state)
 
 
 def _restore(workdir: Path, step: int):

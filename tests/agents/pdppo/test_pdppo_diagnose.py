@@ -18,17 +18,6 @@ from agents.pdppo.learners import LearnerConfig, learner_loss, make_learner
 from jaxalign.overrides import apply_overrides
 
 
-def test_discounted_returns_match_a_backward_loop():
-    rewards = np.random.default_rng(0).normal(size=(3, 7)).astype(np.float32)
-    expected = np.zeros_like(rewards)
-    for e in range(3):
-        running = 0.0
-        for t in reversed(range(7)):
-            running = rewards[e, t] + 0.9 * running
-            expected[e, t] = running
-    np.testing.assert_allclose(D.discounted_returns(jnp.asarray(rewards), 0.9), expected, rtol=1e-5)
-
-
 def test_only_the_smaller_critic_gets_a_value_gradient():
     """The paper's value loss MSE(min(V, V_post), R) reaches one critic per sample: where V(s) is the minimum on
     every sample, V_post is never trained, and the other way round (the diagnosis's `post_is_min` says which)."""
