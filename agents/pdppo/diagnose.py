@@ -86,18 +86,17 @@ def seed_diagnostics(learner: Learner, env_params, params, keys: jax.Array, hori
     zeros = jnp.zeros_like(rewards)
     returns = monte_carlo_returns(rewards, zeros, zeros, zeros, learner.config.gamma).T.reshape(-1)
     returns = (returns - returns.mean()) / (returns.std() + 1e-8)
-    obs = jax.vmap(lambda s: observation(env_params, s))(flat["state"])
-    value = learner.networks.critic.apply(params["critic"], obs)[:, 0]
+    obs, post_obs = (jax.vmap(lambda s: observation(env_params, s))(flat[k]) for k in ("state", "post"))
+    values = learner.networks.critic_values(params, obs, post_obs)
+    value, estimate = values[0], learner.networks.combined(values)
     greedy = jax.vmap(lambda a: effective_action(env_params, a))(jnp.argmax(flat["logits"], -1))
     chosen = jax.vmap(lambda a: effective_action(env_params, a))(flat["action"])
     out = {"idle": jnp.mean(chosen == 0), "greedy_idle": jnp.mean(greedy == 0),
            "rmse_v": jnp.sqrt(jnp.mean(jnp.square(value - returns))),
            "mean_episode_cost": -jnp.sum(tr["reward"], axis=1).mean()}
-    if "post_critic" not in params:
+    if len(values) == 1:  # PPO
         return out
-    post_obs = jax.vmap(lambda s: observation(env_params, s))(flat["post"])
-    v_post = learner.networks.critic.apply(params["post_critic"], post_obs)[:, 0]
-    estimate = learner.networks.combine(value, v_post)
+    v_post = values[1]
     baselines = jax.vmap(lambda s, a, v: alternative_baselines(learner, env_params, params, s, a, v))(
         flat["state"], flat["action"], value)  # [B, M, C]
     pi = jax.nn.softmax(flat["logits"], axis=-1)
