@@ -489,6 +489,7 @@ def _orphaned_read_noise_dropped():
     try:
         yield
     except BaseException:
+        atexit.unregister(_close_stderr_after_flushing)  # once, however many restores failed
         atexit.register(_close_stderr_after_flushing)
         raise
     sys.excepthook, sys.unraisablehook = previous_except, previous_unraisable

@@ -440,6 +440,7 @@ def test_orphaned_read_reports_are_dropped_during_a_restore_and_for_good_after_i
     monkeypatch.setattr(sys, "excepthook", lambda t, e, tb: seen.append(str(e)))
     monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(f"unraisable {u.exc_value}"))
     monkeypatch.setattr(checkpoint.atexit, "register", at_exit.append)
+    monkeypatch.setattr(checkpoint.atexit, "unregister", lambda f: at_exit.remove(f) if f in at_exit else None)
     closed, other = RuntimeError("Event loop is closed"), ValueError("a real error")
 
     def report_both():
@@ -461,3 +462,7 @@ def test_orphaned_read_reports_are_dropped_during_a_restore_and_for_good_after_i
     report_both()  # the failed restore's orphaned reads stay quiet
     assert seen == ["a real error", "unraisable a real error"]
     assert at_exit == [checkpoint._close_stderr_after_flushing]
+    with pytest.raises(OSError):
+        with checkpoint._orphaned_read_noise_dropped():
+            raise OSError("another truncated chunk")
+    assert at_exit == [checkpoint._close_stderr_after_flushing]  # registered once
