@@ -15,8 +15,12 @@ advantage.
   exact.py       the tiny instance's full tabular model and its optimal policy by backward induction
   throughput.py  env steps/s of the jitted vmapped env vs the NumPy reference step
   learners.py    PPO and PDPPO (one learner, the critic is the only difference) for rl.harness; the authors'
-                 two confounds behind one flag (`confounded`), the critic combination as a function (`combine`)
+                 two confounds behind one flag (`confounded`), the critic combination as a function (`combine`),
+                 the critics' loss (`critic_loss`: the paper's minimum, or each critic on its own)
+  critics.py     what trained critics and policies do: which critic PDPPO trained, the critics' errors, the
+                 baseline's dependence on the action (in results.json and `diagnose.py`)
   experiment.py  `jaxalign run pdppo_lot_sizing`: both arms per seed from one initialisation, on the harness;
                  held-out evaluation with intervals over seeds, the base-stock rule, the exact optimum on `tiny`
   bench.py       `jaxalign bench pdppo`: 15i5m, 20i10m, 25i15m (and tiny) in one CSV / markdown table
+  diagnose.py    `python -m agents.pdppo.diagnose RUN`: critics.py's diagnosis of any finished run
 """

@@ -12,7 +12,8 @@ Evaluation: `eval_episodes` episodes on held-out demand (keys split from jax.ran
 training), the same keys for every policy (common random numbers: a period's demand does not depend on the
 policy). For each arm, each seed's mean cost per episode (the policy samples its actions, as it was trained; the
 greedy policy's costs are reported too); the arm's mean over seeds with a 95 % Student-t interval over seeds. The
-base-stock rule (`heuristic.py`) on the same episodes, with a 95 % interval over episodes. The verdict "holds"
+base-stock rule (`heuristic.py`) on the same episodes, with a 95 % interval over episodes. Per arm, "diagnosis"
+holds `critics.diagnosis` per seed (which critic PDPPO trained, the critics' errors, idle fractions; README). The verdict "holds"
 (PDPPO cheaper) needs the two arms' intervals to separate; the paired per-seed difference PPO - PDPPO and its
 interval are reported beside it.
 
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agents.pdppo import exact, heuristic
+from agents.pdppo import critics, exact, heuristic
 from agents.pdppo.env import episode_cost, params_from_instance
 from agents.pdppo.instances import CONFIGS, Instance, generate, load_instance
 from agents.pdppo.learners import ALGORITHMS, Learner, LearnerConfig, RunnerState, make_learner
@@ -207,7 +208,8 @@ def evaluate(cfg: PDPPOLotSizingConfig, instance: Instance, learners: dict[str, 
         params = state[arm].train_state.params
         sampled = policy_costs(instance, lambda p, lr=learner: lr.env_policy(p, greedy=False), params, keys)
         greedy = policy_costs(instance, lambda p, lr=learner: lr.env_policy(p, greedy=True), params, keys)
-        out[arm] = {**over_seeds(sampled.mean(axis=1)), "greedy": over_seeds(greedy.mean(axis=1))}
+        out[arm] = {**over_seeds(sampled.mean(axis=1)), "greedy": over_seeds(greedy.mean(axis=1)),
+                    "diagnosis": critics.diagnosis(learner, instance, params)}
     levels = heuristic.base_stock_levels(instance)
     base = policy_costs(instance, lambda _: heuristic.base_stock_policy(levels), jnp.zeros(1), keys)[0]
     out["heuristic"] = {**heuristic.summarise(base), "rule": "base stock", "levels": [int(x) for x in levels]}
