@@ -5,8 +5,9 @@ PDPPO's baseline min(V(s), V_post(s^x)) depends on the action through the post-d
 2025, the advantage A = R - min(V(s), V_post(s^x))). A baseline b(s, a) that depends on the action adds
 -E_a[b(s, a) grad log pi(a|s)] = -grad_theta E_{a~pi}[b(s, a)] (b held fixed) to the expected policy gradient
 (Williams 1992: only an action-independent baseline leaves it unbiased), so the update also moves the policy toward
-actions whose baseline is low: toward post-decision states the critic finds expensive. This module measures, on
-rollouts of each seed's final sampled policy (fresh demand keys):
+actions whose baseline is low: toward post-decision states the critic finds expensive. And the paper's value loss,
+MSE(min(V, V_post), R), trains only the smaller critic on each sample. This module measures, on rollouts of each
+seed's final sampled policy (fresh demand keys):
 
 - `idle`: the fraction of machine-periods the policy leaves idle (sampled actions; `greedy_idle` for the argmax);
 - the critics' root-mean-square error against the Monte-Carlo returns, z-normalised over the rollouts as in training
@@ -17,7 +18,8 @@ rollouts of each seed's final sampled policy (fresh demand keys):
   `prefers_low_baseline` the mean over (state, machine) of (mean_c b_c - sum_c pi_m(c) b_c) / std_c b_c: positive
   when the policy puts its mass on the choices whose baseline is low, the direction the bias term pushes. Where
   V_post(s^x) is the minimum, b_c is the post-decision value of choice c, and a policy improved by an unbiased
-  gradient would prefer the choices the critic values higher (a negative score)."""
+  gradient would prefer the choices the critic values higher (a negative score).
+"""
 from __future__ import annotations
 
 import jax
