@@ -13,9 +13,9 @@ training), the same keys for every policy (common random numbers: a period's dem
 policy). For each arm, each seed's mean cost per episode (the policy samples its actions, as it was trained; the
 greedy policy's costs are reported too); the arm's mean over seeds with a 95 % Student-t interval over seeds. The
 base-stock rule (`heuristic.py`) on the same episodes, with a 95 % interval over episodes. Per arm, "diagnosis"
-holds `critics.diagnosis` per seed (which critic PDPPO trained, the critics' errors, idle fractions; README). The verdict "holds"
-(PDPPO cheaper) needs the two arms' intervals to separate; the paired per-seed difference PPO - PDPPO and its
-interval are reported beside it.
+holds `critics.diagnosis` per seed (which critic PDPPO trained, the critics' errors, idle fractions; README). The
+verdict "holds" (PDPPO cheaper) needs the two arms' intervals to separate; the paired per-seed difference PPO -
+PDPPO and its interval are reported beside it.
 
 `instance`: a named configuration (15i5m, 20i10m, 25i10m, 25i15m, 30i10m, 30i15m; generated with
 `instance_seed`), `tiny` (`exact.tiny_instance` with a 100-period horizon; the exact optimum by backward
