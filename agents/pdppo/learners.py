@@ -145,7 +145,7 @@ def learner_loss(logits, estimate, actions, old_log_prob, returns, *, clip_eps: 
 
     The value loss is the paper's mean((E - R)^2); through the minimum it trains only the smaller critic on each
     sample. Given `critic_values` (each critic's prediction, [B] each) it is instead sum_k mean((v_k - R)^2): every
-    critic learns R on every sample (`critic_loss="each"`, an ablation; `diagnose.py` says why it is worth one).
+    critic learns R on every sample (`critic_loss="each"`, an ablation; `critics.py` says why it is worth one).
     """
     log_prob, entropy = policy_terms(logits, actions)
     advantage = returns - jax.lax.stop_gradient(estimate)

@@ -82,9 +82,9 @@ def numpy_steps_per_second(instance: Instance, num_steps: int = 2000, seed: int 
 
 
 def measure(instance: Instance, num_envs: int = 1024, num_steps: int = 100, numpy_steps: int = 2000) -> dict:
-    """{"jax_steps_per_second", "numpy_steps_per_second", "ratio", "num_envs", "backend", "instance"} on one device,
-    plus "jax_devices",
-    "jax_all_devices_steps_per_second" and "ratio_all_devices" when the process has several: all in one run."""
+    """{"jax_steps_per_second", "numpy_steps_per_second", "ratio", "num_envs", "backend", "instance",
+    "jax_devices"} on one device, plus "jax_all_devices_steps_per_second" and "ratio_all_devices" when the process
+    has several devices: all in one run."""
     jax_sps = jax_steps_per_second(instance, num_envs, num_steps)
     numpy_sps = numpy_steps_per_second(instance, numpy_steps)
     out = {"instance": instance.name, "num_envs": num_envs, "backend": jax.default_backend(),
