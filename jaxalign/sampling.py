@@ -419,6 +419,6 @@ def generate_sharded(params, prompt_tokens, prompt_mask, rng, *, mesh: Mesh, cfg
     placed = put_batch({"tokens": prompt_tokens, "mask": prompt_mask}, mesh)
     params = jax.device_put(params, param_shardings)
     rng = jax.device_put(rng, replicated(mesh))
-    with mesh:
+    with jax.set_mesh(mesh):
         return jitted(params, placed["tokens"], placed["mask"], rng)
 

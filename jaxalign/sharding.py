@@ -108,7 +108,7 @@ def init_sharded(boxed_init: Callable[[jax.Array], Any], rng: jax.Array, mesh: M
     """
     abstract = jax.eval_shape(boxed_init, rng)
     shardings = logical_shardings(abstract, mesh)
-    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         tree = jax.jit(lambda r: nn.meta.unbox(boxed_init(r)), out_shardings=shardings)(rng)
     return tree, shardings
 

@@ -136,7 +136,7 @@ def profile(size: str, batch_pairs: int, prompt_len: int, completion_len: int, s
     step_fn, state, reference = dpo_throughput.build_dpo_step(cfg, mesh, steps + 2)
     batch = put_batch(dpo_throughput.random_batch(cfg, batch_pairs, prompt_len, completion_len), mesh)
     position = jax.device_get(DataPosition.start())
-    with mesh:
+    with jax.set_mesh(mesh):
         compiled = step_fn.jitted.lower(state, reference, batch, position).compile(
             compiler_options={"xla_cpu_enable_xprof_traceme": True})
         for _ in range(2):

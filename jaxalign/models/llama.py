@@ -150,6 +150,42 @@ def _dense_init(fan_in: int):
     return nn.initializers.normal(stddev=fan_in**-0.5)
 
 
+class HeadProjection(nn.Module):
+    """x W (+ b) with the head axes kept in the kernel: the q/k/v projections (kernel [embed, heads, head_dim],
+    `contracted=1`) and the output projection (kernel [heads, head_dim, embed], `contracted=2`).
+
+    The same parameters, initial values and arithmetic as `nn.DenseGeneral` (the kernel drawn flat as [in, out] and
+    reshaped, then promoted to `dtype` and contracted by one `dot_general`). DenseGeneral itself cannot be used: it
+    applies the kernel's logical sharding (three names) to the flat rank-2 draw, which fails as soon as a mesh is
+    set with `jax.set_mesh` (flax 0.12); here the names are attached to the reshaped kernel.
+    """
+
+    features: tuple[int, ...]
+    contracted: int
+    kernel_axes: tuple[str, ...]
+    fan_in: int
+    use_bias: bool
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[x.ndim - self.contracted:]
+
+        def kernel_init(key, shape, dtype=jnp.float32):
+            flat = (math.prod(in_shape), math.prod(self.features))
+            return _dense_init(self.fan_in)(key, flat, dtype).reshape(shape)
+
+        kernel = self.param("kernel", nn.with_logical_partitioning(kernel_init, self.kernel_axes),
+                            in_shape + self.features, jnp.float32)
+        bias = (self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                self.kernel_axes[self.contracted:]),
+                           self.features, jnp.float32) if self.use_bias else None)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x_axes = tuple(range(x.ndim - self.contracted, x.ndim))
+        out = jax.lax.dot_general(x, kernel, ((x_axes, tuple(range(self.contracted))), ((), ())))
+        return out if bias is None else out + bias
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich, 2019, eq. 4): x / rms(x) * g, computed in fp32.
 
@@ -326,14 +362,8 @@ class Attention(nn.Module):
         tokens = flatten_tokens(x)
 
         def proj(name, heads, axes):
-            return nn.DenseGeneral(
-                features=(heads, cfg.head_dim),
-                use_bias=cfg.qkv_bias,
-                dtype=dtype,
-                kernel_init=nn.with_logical_partitioning(_dense_init(cfg.d_model), axes),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
-                name=name,
-            )(tokens).reshape(batch, time, heads, cfg.head_dim)
+            return HeadProjection((heads, cfg.head_dim), 1, axes, cfg.d_model, cfg.qkv_bias, dtype,
+                                  name=name)(tokens).reshape(batch, time, heads, cfg.head_dim)
 
         q = proj("q", cfg.n_heads, ("embed", "heads", "head_dim"))
         k = proj("k", cfg.n_kv_heads, ("embed", "kv_heads", "head_dim"))
@@ -384,15 +414,8 @@ class Attention(nn.Module):
         else:
             out = grouped_attention(q, keys.astype(dtype), values.astype(dtype), allowed, cfg)
         out = out.reshape(batch * time, cfg.n_heads, cfg.head_dim)
-        out = nn.DenseGeneral(
-            features=cfg.d_model,
-            axis=(-2, -1),
-            use_bias=cfg.out_bias,
-            dtype=dtype,
-            kernel_init=nn.with_logical_partitioning(_dense_init(cfg.n_heads * cfg.head_dim), ("heads", "head_dim", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="o",
-        )(out).reshape(batch, time, cfg.d_model)
+        out = HeadProjection((cfg.d_model,), 2, ("heads", "head_dim", "embed"), cfg.n_heads * cfg.head_dim,
+                             cfg.out_bias, dtype, name="o")(out).reshape(batch, time, cfg.d_model)
         return out, new_cache
 
 

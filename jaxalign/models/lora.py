@@ -9,7 +9,7 @@ returns ordinary parameters with W = W0 + (alpha / r) A B at every targeted kern
 them unchanged. The same function merges the adapters for export (`merge_lora`): the merged tree is a plain
 parameter tree with no trace of LoRA, exactly what sec. 4.1 calls "no additional inference latency".
 
-Kernels may be multi-dimensional (DenseGeneral's q/k/v are [embed, heads, head_dim], o is [heads, head_dim,
+Kernels may be multi-dimensional (the attention's q/k/v are [embed, heads, head_dim], o is [heads, head_dim,
 embed]; under `scan_layers` every kernel has a leading "layers" axis). The kernel's logical axis names split it
 into input and output axes: leading "layers" axes are a stack of independent layers (each gets its own A and B);
 "embed" is the input when it comes first (q/k/v, gate/up, lm_head, the value head) and the output when it comes

@@ -37,7 +37,7 @@ def sharded_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh
         return create({**init_params(cfg, init_key), **extra_params}, state_key)
 
     shardings = logical_shardings(jax.eval_shape(boxed_state, init_rng, state_rng), mesh)
-    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         if params is None:
             state = jax.jit(lambda a, b: nn.meta.unbox(boxed_state(a, b)), out_shardings=shardings)(init_rng,
                                                                                                       state_rng)
@@ -65,6 +65,6 @@ def sharded_lora_train_state(cfg: ModelConfig, lora: LoraConfig, tx: optax.Gradi
                                  objective_state=objective_state)
 
     shardings = logical_shardings(jax.eval_shape(boxed_state, init_rng, state_rng), mesh)
-    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         state = jax.jit(lambda a, b: nn.meta.unbox(boxed_state(a, b)), out_shardings=shardings)(init_rng, state_rng)
     return state, shardings, logical_shardings(abstract_base, mesh)

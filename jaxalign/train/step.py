@@ -479,8 +479,10 @@ def jit_train_step(step, mesh: Mesh, state_shardings, frozen_shardings):
     )
 
     def call(state, frozen, batch, next_position):
-        with mesh:
+        with jax.set_mesh(mesh):
             return jitted(state, frozen, batch, next_position)
 
-    call.jitted = jitted  # for lowering and inspecting the compiled step (`jaxalign.bench.step_profile`)
+    # For lowering and inspecting the compiled step (`jaxalign.bench.step_profile`): lower it under `jax.set_mesh(
+    # call.mesh)`, as the call runs it, or the model's activation constraints are left out.
+    call.jitted, call.mesh = jitted, mesh
     return call

@@ -11,7 +11,8 @@ mesh (1x1x1 on ONE device, the others on all 8) and writes to OUT, per run `<con
 - `.npz`: loss, grad_norm, the exact mean gradient (recorded by a pass-through optimizer stage) and the parameters
   after the update, as flat `name -> array` entries;
 - `.json`: the sharding specs and per-device shard shapes of a few parameters and of the batch, whether the donated
-  input state was deleted, and whether AdamW's moments would be sharded exactly like the parameters;
+  input state was deleted, whether AdamW's moments would be sharded exactly like the parameters, and how many
+  sharding constraints the compiled step carries;
 
 and with --errors `errors.json`, the messages of deliberately bad mesh/model combinations on a real 8-device mesh.
 The test compares every mesh with the single-device run; this script asserts nothing itself.
@@ -22,6 +23,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import flax.linen as nn
 import jax
@@ -95,8 +97,18 @@ def spec_and_shard(x) -> dict:
             "shard_shape": list(x.addressable_shards[0].data.shape), "shape": list(x.shape)}
 
 
+def activation_constraints(step, *args) -> int:
+    """How many sharding constraints the step's program carries: the model's logical activation constraints
+    (`nn.with_logical_constraint`) only take effect while a mesh is set with `jax.set_mesh`, as the step's call
+    does; under the deprecated `with mesh:` flax treated them all as no-ops."""
+    with jax.set_mesh(step.mesh):
+        return step.jitted.lower(*args).as_text().count("sdy.sharding_constraint")
+
+
 def run(out_dir: str, name: str, mesh_shapes: list[tuple[int, int, int]]) -> None:
     assert jax.device_count() == 8, f"expected 8 simulated devices, got {jax.device_count()}"
+    # The library must not enter a mesh the deprecated way anywhere on the path of a sharded step.
+    warnings.filterwarnings("error", message=".*with mesh.*", category=DeprecationWarning)
     data = batches()
     cfg = CONFIGS[name]
     model = DecoderLM(cfg)
@@ -123,6 +135,7 @@ def run(out_dir: str, name: str, mesh_shapes: list[tuple[int, int, int]]) -> Non
             batch = put_batch(data[objective], mesh)
             step = jit_train_step(make_train_step(loss_fn, accum), mesh, state_shardings,
                                   param_shardings if objective == "dpo" else None)
+            constraints = activation_constraints(step, state, frozen, batch, DataPosition.start())
             old_leaves = jax.tree_util.tree_leaves_with_path(state)
             new_state, metrics = step(state, frozen, batch, DataPosition.start())
             jax.block_until_ready(new_state)
@@ -143,6 +156,7 @@ def run(out_dir: str, name: str, mesh_shapes: list[tuple[int, int, int]]) -> Non
                 "batch": {k: spec_and_shard(v) for k, v in batch.items()},
                 "donated_state_deleted": {jax.tree_util.keystr(path): bool(x.is_deleted()) for path, x in old_leaves},
                 "adam_moments_sharded_like_params": adam_like_params,
+                "activation_constraints": constraints,
                 "seconds": time.perf_counter() - start,
             }
             with open(os.path.join(out_dir, tag + ".json"), "w") as f:

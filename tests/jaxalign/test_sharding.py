@@ -143,6 +143,15 @@ def test_parameters_and_batch_are_sharded_as_the_rules_declare(results, config, 
     assert facts["adam_moments_sharded_like_params"]
 
 
+def test_the_models_activation_constraints_are_in_every_compiled_step(results):
+    """The model's logical activation constraints (residual stream, logits; the microbatch split) reach the
+    compiled step on every mesh, the same number as on one device: they were silently dropped while steps ran
+    under the deprecated `with mesh:` (and the runner fails on that DeprecationWarning)."""
+    for config, objective, mesh in RUNS:
+        run, single = run_result(results, config, objective, mesh)
+        assert run["facts"]["activation_constraints"] == single["facts"]["activation_constraints"] > 0
+
+
 def test_concrete_shard_shapes_on_tensor_and_fsdp_meshes(results):
     """Spot checks in numbers: on (1,1,8) the q kernel's 8 heads and the 64-token vocabulary split over tensor; on
     (1,8,1) the 32-wide embedding dimension splits over fsdp; on (2,2,2) the GQA model's 2 kv heads split in two."""

@@ -143,7 +143,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2))
     params, cfg = from_pretrained(src, mesh=mesh)
     tokens, mask = np.load(out + "/inputs.npz")["tokens"], np.load(out + "/inputs.npz")["mask"]
-    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         logits = jax.jit(lambda p, t, m: DecoderLM(cfg).apply({"params": p}, t, m)[0])(params, tokens, mask)
     q = params["layer_0"]["attn"]["q"]["kernel"]
     specs = {"/".join(str(k.key) for k in path): str(tuple(x.sharding.spec))

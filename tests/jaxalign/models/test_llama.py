@@ -16,6 +16,7 @@ from jax.sharding import AbstractMesh
 from jaxalign.models.llama import (
     Attention,
     DecoderLM,
+    HeadProjection,
     ModelConfig,
     check_model_fits_mesh,
     grouped_attention,
@@ -110,6 +111,32 @@ def test_every_parameter_carries_logical_axis_names_from_the_rules(overrides):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Padding and the key/value cache.
+
+
+@pytest.mark.parametrize("contracted, bias, dtype", [(1, False, jnp.float32), (1, True, jnp.bfloat16),
+                                                      (2, True, jnp.float32)])
+def test_head_projection_equals_flax_dense_general_bit_for_bit(contracted, bias, dtype):
+    """The attention projections' own module draws the same kernel and bias and computes the same product as
+    flax's DenseGeneral (which it replaces because DenseGeneral's initialiser fails under `jax.set_mesh`): q/k/v
+    style [embed] -> [heads, head_dim] and o style [heads, head_dim] -> [embed], with bias and bf16 compute."""
+    features, axes = ((4, 8), ("embed", "heads", "head_dim")) if contracted == 1 else ((32,), ("heads", "head_dim",
+                                                                                                 "embed"))
+    x = jax.random.normal(jax.random.key(1), (6, 32) if contracted == 1 else (6, 4, 8))
+    fan_in = 32
+    ours = HeadProjection(features, contracted, axes, fan_in, bias, dtype)
+    flax_dense = nn.DenseGeneral(features, axis=tuple(range(-contracted, 0)), use_bias=bias, dtype=dtype,
+                                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(fan_in**-0.5), axes),
+                                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[contracted:]))
+    params = nn.meta.unbox(ours.init(jax.random.key(0), x))
+    reference = nn.meta.unbox(flax_dense.init(jax.random.key(0), x))
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(reference)
+    for got, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(reference)):
+        np.testing.assert_array_equal(got, want)
+    assert nn.get_partition_spec(ours.init(jax.random.key(0), x)) == nn.get_partition_spec(
+        flax_dense.init(jax.random.key(0), x))
+    out = ours.apply(params, x)
+    assert out.dtype == dtype and out.shape == (6,) + features
+    np.testing.assert_array_equal(out, flax_dense.apply(reference, x))
 
 
 def test_left_padded_rows_equal_the_unpadded_sequence_run_alone():
