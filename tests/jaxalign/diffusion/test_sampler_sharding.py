@@ -51,16 +51,18 @@ SCRIPT = textwrap.dedent("""
     net = networks.VectorDenoiser(hidden=16, depth=2)
     model = networks.model_fn(net.apply, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)), jnp.ones((1,))))
     x_T = jax.random.normal(jax.random.PRNGKey(1), (8, 2))
-    report = {"devices": jax.device_count(), "max_diff": {}}
+    report = {"devices": jax.device_count(), "max_diff": {}, "scale": {}}
     for solver, nfe in [("ddim", 4), ("dpm_solver_3", 6), ("dpm_solver_pp_2m", 4)]:
         one = samplers.sample(solver, model, sch, x_T, nfe)
         many = samplers.sample(solver, model, sch, x_T, nfe, mesh=mesh)
         report["max_diff"][solver] = float(jnp.max(jnp.abs(one - many)))
+        report["scale"][solver] = float(jnp.max(jnp.abs(one)))
         report["batch_sharded"] = many.sharding.is_equivalent_to(batch_sharding(mesh), 2)
         report["shard_rows"] = sorted({s.data.shape[0] for s in many.addressable_shards})
     ref_one = samplers.reference_ode(model, sch, x_T, steps=20)
     ref_many = samplers.reference_ode(model, sch, x_T, steps=20, mesh=mesh)
     report["max_diff"]["reference_ode"] = float(jnp.max(jnp.abs(ref_one - ref_many)))
+    report["scale"]["reference_ode"] = float(jnp.max(jnp.abs(ref_one)))
     try:
         samplers.sample("ddim", model, sch, x_T[:6], 5, mesh=mesh)
     except ValueError as err:
@@ -83,7 +85,10 @@ def test_sharded_sampling_over_four_devices_equals_one_device(tmp_path):
     assert report["devices"] == 4
     assert report["batch_sharded"] and report["shard_rows"] == [2]  # 8 samples over 4 devices
     for solver, diff in report["max_diff"].items():
-        assert diff <= 1e-5, (solver, diff)  # float32; each device integrates its own rows, no reduction across
+        # Each device integrates its own rows (no reduction across devices), but a 2-row program may vectorise
+        # differently from an 8-row one: a few float32 ulps of the samples' magnitude (about 250 with this untrained
+        # network, where one ulp is 3e-5), not an absolute 1e-5.
+        assert diff <= 8 * np.finfo(np.float32).eps * report["scale"][solver], (solver, diff, report["scale"][solver])
     assert report["uneven_error"] == ("x_T's batch 6 is not divisible by data x fsdp = 4 batch shards of the mesh; "
                                       "expected a multiple of 4")
 
