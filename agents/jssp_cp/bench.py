@@ -14,10 +14,19 @@ CP-SAT's results depend on the machine, which is why it runs beside the agent in
 Every schedule goes through the validator (agents/jssp_cp/schedule.py); the violations are counted, written to
 the tables, and any violation fails the command after the tables are written. Writes DIR/bench_jssp.csv (one row
 per group and method), DIR/bench_jssp_instances.csv (one row per instance and method) and DIR/bench_jssp.md.
+
+A bench at 60 s per instance runs for hours, so it resumes: the per-instance file is rewritten (atomically) after
+every instance, each row tagged with a `settings` hash of what decides its numbers (time limit, samples, workers
+and the policy's bytes), and a rerun of the same command skips the instances it already holds. Rows of other
+settings stay in the file untouched; the group table is made of this command's settings only. Progress (instances
+done, seconds per instance, ETA) goes to stderr.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
+import io
 import sys
 import time
 
@@ -52,6 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--per-group", type=int, default=10, help="the first K instances of each group")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
+    if not any(g.strip() for g in args.groups.split(",")):
+        raise ValueError(f"bench jssp needs --groups to name at least one size group, got {args.groups!r}")
     if args.time_limit <= 0 or args.samples < 1 or not 1 <= args.per_group <= 10 or args.workers < 1:
         raise ValueError(f"bench jssp needs --time-limit > 0, --samples >= 1, --per-group in 1..10 and "
                          f"--workers >= 1; got {args.time_limit}, {args.samples}, {args.per_group}, {args.workers}")
@@ -123,6 +134,54 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def settings_key(args: argparse.Namespace, checkpoint: str | None) -> str:
+    """A short sha256 of what decides a row's numbers: CP-SAT's limit and workers, the number of samples and the
+    trained policy's bytes (parameters and network config); the grouping options and the work directory do not."""
+    policy = b"none" if checkpoint is None else b"".join(
+        paths.read_bytes(paths.join(checkpoint, name)) for name in (inference.POLICY_PARAMS, inference.POLICY_CONFIG))
+    payload = f"{args.time_limit!r} {args.samples} {args.workers} ".encode() + hashlib.sha256(policy).digest()
+    return hashlib.sha256(payload).hexdigest()[:12]
+
+
+INSTANCE_COLUMNS = ("group", "instance", "method", "makespan", "upper_bound", "gap_percent", "seconds", "violations",
+                    "settings")
+
+
+def read_instance_rows(path: str) -> list[dict]:
+    """The rows of a bench_jssp_instances.csv, typed; empty when there is none. A file from before the settings
+    column has settings '' (never taken as this command's)."""
+    if not paths.exists(path):
+        return []
+    rows = list(csv.DictReader(io.StringIO(paths.read_bytes(path).decode(), newline="")))
+    number = lambda text, kind: None if text in ("", "None") else kind(text)
+    return [{**r, "makespan": number(r["makespan"], int), "upper_bound": int(r["upper_bound"]),
+             "gap_percent": number(r["gap_percent"], float), "seconds": float(r["seconds"]),
+             "violations": int(r["violations"]), "settings": r.get("settings") or ""} for r in rows]
+
+
+def summarise(per_instance: list[dict], groups: list[str]) -> list[dict]:
+    """One row per group and method: instances, unsolved, mean gap over the solved ones, mean seconds, violations."""
+    rows = []
+    for group in groups:
+        results: dict[str, list] = {}
+        for r in per_instance:
+            if r["group"] == group:
+                results.setdefault(r["method"], []).append((r["gap_percent"], r["seconds"], r["violations"]))
+        for method, values in results.items():
+            gaps, seconds, violations = zip(*values)
+            solved = [g for g in gaps if g is not None]
+            rows.append({"group": group, "method": method, "instances": len(values),
+                         "unsolved": len(values) - len(solved),
+                         "mean_gap_percent": float(np.mean(solved)) if solved else None,
+                         "mean_seconds": float(np.mean(seconds)), "violations": int(sum(violations))})
+    return rows
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
@@ -132,30 +191,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if checkpoint is None and paths.exists(paths.join(workdir, inference.POLICY_PARAMS)):
         checkpoint = workdir
     policy = inference.load_policy(checkpoint) if checkpoint is not None else None
+    settings = settings_key(args, None if checkpoint is None else str(checkpoint))
     paths.makedirs(workdir)
+    instances_csv = paths.join(workdir, "bench_jssp_instances.csv")
+    kept = read_instance_rows(instances_csv)
+    done = {r["instance"] for r in kept if r["settings"] == settings}
+    todo = [(g, n) for g in groups for n in names[g] if n not in done]
+    if len(todo) < sum(map(len, names.values())):
+        print(f"[bench jssp] resuming: {sum(map(len, names.values())) - len(todo)} instances of these settings "
+              f"({settings}) already in {instances_csv}", file=sys.stderr, flush=True)
     bench = Bench(policy, args.samples, args.time_limit, args.workers)
-    per_instance, rows = [], []
-    for group in groups:
-        results = {}
-        for name in names[group]:
-            instance, _, ub = benchmark(name)
-            for method, (makespan, seconds, violations) in bench.run(instance).items():
-                gap = None if makespan is None else 100.0 * (makespan - ub) / ub
-                per_instance.append({"group": group, "instance": name, "method": method, "makespan": makespan,
-                                     "upper_bound": ub, "gap_percent": gap, "seconds": seconds,
-                                     "violations": violations})
-                results.setdefault(method, []).append((gap, seconds, violations))
-            print(f"{name}: " + ", ".join(f"{r['method']} {r['makespan']}" for r in per_instance
-                                          if r["instance"] == name), flush=True)
-        for method, values in results.items():
-            gaps, seconds, violations = zip(*values)
-            solved = [g for g in gaps if g is not None]
-            rows.append({"group": group, "method": method, "instances": len(values),
-                         "unsolved": len(values) - len(solved),
-                         "mean_gap_percent": float(np.mean(solved)) if solved else None,
-                         "mean_seconds": float(np.mean(seconds)), "violations": int(sum(violations))})
-    for name, table in (("bench_jssp.csv", rows), ("bench_jssp_instances.csv", per_instance)):
-        paths.write_atomic(paths.join(workdir, name), csv_text(table))
+    clock = time.perf_counter()
+    for count, (group, name) in enumerate(todo, 1):
+        instance, _, ub = benchmark(name)
+        found = [{"group": group, "instance": name, "method": method, "makespan": makespan, "upper_bound": ub,
+                  "gap_percent": None if makespan is None else 100.0 * (makespan - ub) / ub, "seconds": seconds,
+                  "violations": violations, "settings": settings}
+                 for method, (makespan, seconds, violations) in bench.run(instance).items()]
+        kept += found
+        paths.write_atomic(instances_csv, csv_text([{k: r[k] for k in INSTANCE_COLUMNS} for r in kept]))
+        elapsed = time.perf_counter() - clock
+        print(f"[{count}/{len(todo)}] {name}: " + ", ".join(f"{r['method']} {r['makespan']}" for r in found)
+              + f" | {elapsed / count:.1f} s/instance, ETA {_duration(elapsed / count * (len(todo) - count))}",
+              flush=True)
+    wanted = {n for g in groups for n in names[g]}
+    rows = summarise([r for r in kept if r["settings"] == settings and r["instance"] in wanted], groups)
+    paths.write_atomic(paths.join(workdir, "bench_jssp.csv"), csv_text(rows))
     note = "" if policy is not None else "\nNo trained policy was given (--checkpoint): the agent rows are absent.\n"
     text = markdown(rows) + note
     paths.write_atomic(paths.join(workdir, "bench_jssp.md"), text)
