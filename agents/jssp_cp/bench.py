@@ -18,8 +18,8 @@ per group and method), DIR/bench_jssp_instances.csv (one row per instance and me
 A bench at 60 s per instance runs for hours, so it resumes: the per-instance file is rewritten (atomically) after
 every instance, each row tagged with a `settings` hash of what decides its numbers (time limit, samples, workers
 and the policy's bytes), and a rerun of the same command skips the instances it already holds. Rows of other
-settings stay in the file untouched; the group table is made of this command's settings only. Progress (instances
-done, seconds per instance, ETA) goes to stderr.
+settings stay in the file untouched; the group table is made of this command's settings only. A line per instance
+gives each method's makespan, the seconds per instance so far and the ETA.
 """
 from __future__ import annotations
 
@@ -196,10 +196,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     instances_csv = paths.join(workdir, "bench_jssp_instances.csv")
     kept = read_instance_rows(instances_csv)
     done = {r["instance"] for r in kept if r["settings"] == settings}
-    todo = [(g, n) for g in groups for n in names[g] if n not in done]
-    if len(todo) < sum(map(len, names.values())):
-        print(f"[bench jssp] resuming: {sum(map(len, names.values())) - len(todo)} instances of these settings "
-              f"({settings}) already in {instances_csv}", file=sys.stderr, flush=True)
+    wanted = [(g, n) for g in groups for n in names[g]]
+    todo = [(g, n) for g, n in wanted if n not in done]
+    if len(todo) < len(wanted):
+        print(f"[bench jssp] resuming: {len(wanted) - len(todo)} instances of these settings ({settings}) already "
+              f"in {instances_csv}", file=sys.stderr, flush=True)
     bench = Bench(policy, args.samples, args.time_limit, args.workers)
     clock = time.perf_counter()
     for count, (group, name) in enumerate(todo, 1):
@@ -214,8 +215,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"[{count}/{len(todo)}] {name}: " + ", ".join(f"{r['method']} {r['makespan']}" for r in found)
               + f" | {elapsed / count:.1f} s/instance, ETA {_duration(elapsed / count * (len(todo) - count))}",
               flush=True)
-    wanted = {n for g in groups for n in names[g]}
-    rows = summarise([r for r in kept if r["settings"] == settings and r["instance"] in wanted], groups)
+    wanted_names = {n for _, n in wanted}
+    rows = summarise([r for r in kept if r["settings"] == settings and r["instance"] in wanted_names], groups)
     paths.write_atomic(paths.join(workdir, "bench_jssp.csv"), csv_text(rows))
     note = "" if policy is not None else "\nNo trained policy was given (--checkpoint): the agent rows are absent.\n"
     text = markdown(rows) + note
