@@ -24,9 +24,7 @@ gives each method's makespan, the seconds per instance so far and the ETA.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import sys
 import time
 
@@ -37,7 +35,7 @@ from agents.jssp_cp import cpsat, env, inference, rules
 from agents.jssp_cp.instances import TAILLARD_SIZES, benchmark, taillard_names
 from agents.jssp_cp.schedule import validate
 from jaxalign import paths
-from jaxalign.bench.report import csv_text
+from jaxalign.bench.report import csv_text, read_csv
 
 RULES = ("spt", "lpt", "mwkr", "mor", "fifo")
 
@@ -150,9 +148,7 @@ INSTANCE_COLUMNS = ("group", "instance", "method", "makespan", "upper_bound", "g
 def read_instance_rows(path: str) -> list[dict]:
     """The rows of a bench_jssp_instances.csv, typed; empty when there is none. A file from before the settings
     column has settings '' (never taken as this command's)."""
-    if not paths.exists(path):
-        return []
-    rows = list(csv.DictReader(io.StringIO(paths.read_bytes(path).decode(), newline="")))
+    rows = read_csv(path)
     number = lambda text, kind: None if text in ("", "None") else kind(text)
     return [{**r, "makespan": number(r["makespan"], int), "upper_bound": int(r["upper_bound"]),
              "gap_percent": number(r["gap_percent"], float), "seconds": float(r["seconds"]),

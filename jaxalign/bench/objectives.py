@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 from jaxalign import paths
+from jaxalign.bench.report import csv_stream, read_csv
 from jaxalign.experiments.arith_kit import TASK_VARIANTS as TASKS
 from jaxalign.losses import SPECS
 from jaxalign.overrides import apply_overrides
@@ -74,17 +75,6 @@ def parse_entry(entry: str) -> tuple[str, str]:
     return entry, ""
 
 
-def _csv_text(path: str) -> io.StringIO:
-    """The CSV file `path` as a text stream with its line ends untranslated (as `open(path, newline="")`)."""
-    return io.StringIO(paths.read_bytes(path).decode(), newline="")
-
-
-def read_rows(path: str) -> list[dict]:
-    if not paths.exists(path):
-        return []
-    return list(csv.DictReader(_csv_text(path)))
-
-
 def config_key(cfg) -> str:
     """A short sha256 of a run's resolved config (what it computes: presentation fields such as show_progress
     are left out, as when a run is resumed), the `config` column that tells rows of different overrides apart."""
@@ -115,10 +105,10 @@ def upgrade_csv(path: str) -> None:
     """Give a CSV written before the config column that column (empty in its rows), so rows can be appended."""
     if not paths.exists(path):
         return
-    header = next(csv.reader(_csv_text(path)), [])
+    header = next(csv.reader(csv_stream(path)), [])
     if "config" in header:
         return
-    rows = read_rows(path)
+    rows = read_csv(path)
     upgraded = io.StringIO(newline="")
     writer = csv.DictWriter(upgraded, fieldnames=list(dict.fromkeys([*header, *COLUMNS])), restval="")
     writer.writeheader()
@@ -246,7 +236,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     paths.makedirs(args.workdir)
     csv_path = paths.join(args.workdir, f"{FILE_STEM}.csv")
-    done = {row_key(r) for r in read_rows(csv_path)}
+    done = {row_key(r) for r in read_csv(csv_path)}
     planned: set[tuple[str, str, int, str]] = set()  # this command's runs: the ones its summary is made of
     clock = time.perf_counter()
     for seed in seeds:
@@ -287,7 +277,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 append_row(csv_path, {"objective": objective, "task": task, "seed": seed, **result,
                                       "sft_accuracy": sft_eval["accuracy"], "pairs": pair_stats["pairs"],
                                       "config": keys[objective]})
-    rows = [r for r in read_rows(csv_path) if of_command(row_key(r), planned)]
+    rows = [r for r in read_csv(csv_path) if of_command(row_key(r), planned)]
     summary = summarise(rows)
     header = [f"command: jaxalign bench objectives --workdir {args.workdir} --seeds {args.seeds} --tasks {args.tasks} "
               f"--objectives {args.objectives} {' '.join(args.overrides)}".rstrip(),

@@ -85,6 +85,19 @@ def csv_text(rows: Sequence[dict]) -> str:
     return buffer.getvalue()
 
 
+def csv_stream(path: str) -> io.StringIO:
+    """The CSV file `path` (any path `jaxalign.paths` takes) as a text stream with its line ends untranslated (as
+    `open(path, newline="")`)."""
+    return io.StringIO(paths.read_bytes(path).decode(), newline="")
+
+
+def read_csv(path: str) -> list[dict]:
+    """The rows of the CSV file `path` as dicts of strings; empty when there is no such file."""
+    if not paths.exists(path):
+        return []
+    return list(csv.DictReader(csv_stream(path)))
+
+
 def write_csv(rows: Sequence[dict], path: str) -> str:
     """Every field of every row (the first row's keys as the header) to `path` (any path `jaxalign.paths` takes)."""
     paths.makedirs(paths.dirname(path) or ".")

@@ -216,12 +216,12 @@ def test_objectives_rows_are_keyed_by_the_resolved_config(tmp_path):
         writer.writeheader()
         writer.writerow({c: "1" if c not in ("objective", "task") else {"objective": "ipo", "task": "noisy_labels"}[c]
                          for c in old_columns})
-    old_row = objectives.read_rows(str(legacy))[0]
+    old_row = objectives.read_csv(str(legacy))[0]
     assert objectives.row_key(old_row) == ("ipo", "noisy_labels", 1, "")
     assert objectives.is_done({objectives.row_key(old_row)}, "ipo", "noisy_labels", 1, other)
     objectives.append_row(str(legacy), {**{c: "2" for c in objectives.COLUMNS}, "objective": "sigmoid",
                                         "task": "noisy_labels", "config": key})
-    rows = objectives.read_rows(str(legacy))
+    rows = objectives.read_csv(str(legacy))
     assert rows[0] == {**old_row, "config": ""} and rows[1]["config"] == key
     assert objectives.of_command(objectives.row_key(rows[1]), {("sigmoid", "noisy_labels", 2, key)})
     assert not objectives.of_command(objectives.row_key(rows[1]), {("sigmoid", "noisy_labels", 2, other)})

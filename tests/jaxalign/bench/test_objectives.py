@@ -21,7 +21,7 @@ def test_objectives_benchmark_writes_one_row_per_run_and_resumes(tmp_path, capsy
     argv = ["--workdir", str(tmp_path), "--seeds", "0", "--tasks", "noisy_labels", "--objectives", "sigmoid;simpo[gamma_beta_ratio=0.25];plackett_luce",
             *TINY]
     summary = objectives.main(argv)
-    rows = objectives.read_rows(str(tmp_path / "objectives.csv"))
+    rows = objectives.read_csv(str(tmp_path / "objectives.csv"))
     assert sorted((r["objective"], r["task"], r["seed"]) for r in rows) == [
         ("plackett_luce", "noisy_labels", "0"), ("sigmoid", "noisy_labels", "0"),
         ("simpo[gamma_beta_ratio=0.25]", "noisy_labels", "0")]
@@ -35,7 +35,7 @@ def test_objectives_benchmark_writes_one_row_per_run_and_resumes(tmp_path, capsy
 
     objectives.main(argv)  # everything done: no run is repeated, no row duplicated
     assert "[objectives] seed 0" not in capsys.readouterr().err
-    assert len(objectives.read_rows(str(tmp_path / "objectives.csv"))) == 3
+    assert len(objectives.read_csv(str(tmp_path / "objectives.csv"))) == 3
 
 
 def test_objectives_benchmark_rejects_unknown_tasks_and_objectives(tmp_path):
