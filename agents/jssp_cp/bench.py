@@ -16,10 +16,12 @@ the tables, and any violation fails the command after the tables are written. Wr
 per group and method), DIR/bench_jssp_instances.csv (one row per instance and method) and DIR/bench_jssp.md.
 
 A bench at 60 s per instance runs for hours, so it resumes: the per-instance file is rewritten (atomically) after
-every instance, each row tagged with a `settings` hash of what decides its numbers (time limit, samples, workers
-and the policy's bytes), and a rerun of the same command skips the instances it already holds. Rows of other
-settings stay in the file untouched; the group table is made of this command's settings only. A line per instance
-gives each method's makespan, the seconds per instance so far and the ETA.
+every instance, each row tagged with a `settings` hash of what decides its numbers, per family of methods: nothing
+for the rules (deterministic); the samples, workers and the policy's bytes for the agent and CP-SAT at the agent's
+time; the time limit and workers for CP-SAT at --time-limit. A rerun skips every (instance, family) it already
+holds, so a newly trained agent in the same DIR reruns only the agent's family, not the hours of CP-SAT at 60 s.
+Rows of other settings stay in the file untouched; the group table is made of this command's settings only. A line
+per instance gives each method's makespan, the seconds per instance so far and the ETA.
 """
 from __future__ import annotations
 
@@ -79,22 +81,25 @@ class Bench:
             jax.block_until_ready(run())
             self.warm.add(key)
 
-    def run(self, instance) -> dict:
+    def run(self, instance, families) -> dict:
+        """{method: (makespan, seconds, violations)} of the methods of `families` (some of FAMILIES)."""
         padded = env.pad(instance)
         found = {}
-        for rule in RULES:
-            self._warm((rule, instance.machines.shape), lambda: rules.dispatch(padded, rule))
-            clock = time.perf_counter()
-            start, makespan = jax.device_get(rules.dispatch(padded, rule))
-            found[rule] = (np.asarray(start), int(makespan), time.perf_counter() - clock)
-        if self.policy is not None:
+        if "rules" in families:
+            for rule in RULES:
+                self._warm((rule, instance.machines.shape), lambda: rules.dispatch(padded, rule))
+                clock = time.perf_counter()
+                start, makespan = jax.device_get(rules.dispatch(padded, rule))
+                found[rule] = (np.asarray(start), int(makespan), time.perf_counter() - clock)
+        if "agent" in families and self.policy is not None:
             apply, params = self.policy
             for label, samples in (("agent_greedy", 0), ("agent_sampled", self.samples)):
                 self._warm((label, instance.machines.shape), lambda: _agent(apply, params, instance, samples))
                 found[label] = _agent(apply, params, instance, samples)
             limit = max(found["agent_sampled"][2], 0.05)
             found["cpsat_agent_time"] = self._cpsat(instance, limit)
-        found[f"cpsat_{self.time_limit:g}s"] = self._cpsat(instance, self.time_limit)
+        if "cpsat" in families:
+            found[cpsat_label(self.time_limit)] = self._cpsat(instance, self.time_limit)
         return {k: (makespan, seconds, 0 if start is None else
                     len(validate(instance, np.asarray(start)[:instance.jobs, :instance.operations],
                                  makespan=makespan)))
@@ -132,13 +137,27 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def settings_key(args: argparse.Namespace, checkpoint: str | None) -> str:
-    """A short sha256 of what decides a row's numbers: CP-SAT's limit and workers, the number of samples and the
-    trained policy's bytes (parameters and network config); the grouping options and the work directory do not."""
+FAMILIES = ("rules", "agent", "cpsat")
+
+
+def cpsat_label(time_limit: float) -> str:
+    return f"cpsat_{time_limit:g}s"
+
+
+def family_of(method: str) -> str:
+    return "rules" if method in RULES else "agent" if method.startswith("agent") or method == "cpsat_agent_time" \
+        else "cpsat"
+
+
+def settings_keys(args: argparse.Namespace, checkpoint: str | None) -> dict[str, str]:
+    """Per family of methods, a short sha256 of what decides its rows' numbers (module docstring); the grouping
+    options and the work directory decide none."""
     policy = b"none" if checkpoint is None else b"".join(
         paths.read_bytes(paths.join(checkpoint, name)) for name in (inference.POLICY_PARAMS, inference.POLICY_CONFIG))
-    payload = f"{args.time_limit!r} {args.samples} {args.workers} ".encode() + hashlib.sha256(policy).digest()
-    return hashlib.sha256(payload).hexdigest()[:12]
+    payloads = {"rules": b"rules",
+                "agent": f"agent {args.samples} {args.workers} ".encode() + hashlib.sha256(policy).digest(),
+                "cpsat": f"cpsat {args.time_limit!r} {args.workers}".encode()}
+    return {family: hashlib.sha256(payload).hexdigest()[:12] for family, payload in payloads.items()}
 
 
 INSTANCE_COLUMNS = ("group", "instance", "method", "makespan", "upper_bound", "gap_percent", "seconds", "violations",
@@ -187,24 +206,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if checkpoint is None and paths.exists(paths.join(workdir, inference.POLICY_PARAMS)):
         checkpoint = workdir
     policy = inference.load_policy(checkpoint) if checkpoint is not None else None
-    settings = settings_key(args, None if checkpoint is None else str(checkpoint))
+    keys = settings_keys(args, None if checkpoint is None else str(checkpoint))
+    families = [f for f in FAMILIES if f != "agent" or policy is not None]
+    mine = lambda r: r["settings"] == keys[family_of(r["method"])]
     paths.makedirs(workdir)
     instances_csv = paths.join(workdir, "bench_jssp_instances.csv")
     kept = read_instance_rows(instances_csv)
-    done = {r["instance"] for r in kept if r["settings"] == settings}
+    held = {(r["instance"], family_of(r["method"])) for r in kept if mine(r)}
     wanted = [(g, n) for g in groups for n in names[g]]
-    todo = [(g, n) for g, n in wanted if n not in done]
-    if len(todo) < len(wanted):
-        print(f"[bench jssp] resuming: {len(wanted) - len(todo)} instances of these settings ({settings}) already "
-              f"in {instances_csv}", file=sys.stderr, flush=True)
+    todo = [(g, n, [f for f in families if (n, f) not in held]) for g, n in wanted]
+    todo = [(g, n, missing) for g, n, missing in todo if missing]
+    reused = sum((n, f) in held for _, n in wanted for f in families)
+    if reused:
+        print(f"[bench jssp] resuming: {reused} (instance, method family) results of these settings already in "
+              f"{instances_csv}; running {sum(len(m) for _, _, m in todo)}", file=sys.stderr, flush=True)
     bench = Bench(policy, args.samples, args.time_limit, args.workers)
     clock = time.perf_counter()
-    for count, (group, name) in enumerate(todo, 1):
+    for count, (group, name, missing) in enumerate(todo, 1):
         instance, _, ub = benchmark(name)
         found = [{"group": group, "instance": name, "method": method, "makespan": makespan, "upper_bound": ub,
                   "gap_percent": None if makespan is None else 100.0 * (makespan - ub) / ub, "seconds": seconds,
-                  "violations": violations, "settings": settings}
-                 for method, (makespan, seconds, violations) in bench.run(instance).items()]
+                  "violations": violations, "settings": keys[family_of(method)]}
+                 for method, (makespan, seconds, violations) in bench.run(instance, missing).items()]
         kept += found
         paths.write_atomic(instances_csv, csv_text([{k: r[k] for k in INSTANCE_COLUMNS} for r in kept]))
         elapsed = time.perf_counter() - clock
@@ -212,7 +235,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               + f" | {elapsed / count:.1f} s/instance, ETA {_duration(elapsed / count * (len(todo) - count))}",
               flush=True)
     wanted_names = {n for _, n in wanted}
-    rows = summarise([r for r in kept if r["settings"] == settings and r["instance"] in wanted_names], groups)
+    rows = summarise([r for r in kept if mine(r) and r["instance"] in wanted_names
+                      and family_of(r["method"]) in families], groups)
     paths.write_atomic(paths.join(workdir, "bench_jssp.csv"), csv_text(rows))
     note = "" if policy is not None else "\nNo trained policy was given (--checkpoint): the agent rows are absent.\n"
     text = markdown(rows) + note

@@ -11,11 +11,16 @@ Tassel, Gebser and Schekotihin, ICAPS 2023. Phases:
    run killed during the phase redoes the phase).
 2. PPO (agents/jssp_cp/ppo.py) from the cloned policy on the RL harness (`rl.harness.train`, `num_chunks` jitted
    chunks, checkpointed and resumable: re-running the same command after a kill continues bit-identically).
-3. Evaluation of the final policy, every schedule validated: on `eval_instances` held-out generated instances of
-   every `eval_sizes` size (mean makespan / trivial lower bound), and on the Taillard instances `taillard` (mean gap
-   to the best-known upper bound), next to the five dispatching rules, the cloned policy, and optionally CP-SAT
-   given the sampled agent's time (`eval_cpsat`; CP-SAT's result depends on the machine's speed, so it stays out
-   of the resume comparison).
+3. Selection of the final policy: PPO can make the cloned policy worse (it did in a measured run), so the final
+   policy ("agent", saved as policy.msgpack) is whichever of the cloned and the PPO policy has the lower mean
+   makespan / lower bound of its best sampled schedules on `validation_instances` generated instances of every
+   `validation_sizes` size, a stream apart from training and evaluation (never a benchmark).
+4. Evaluation, every schedule validated: on `eval_instances` held-out generated instances of every `eval_sizes`
+   size (mean makespan / trivial lower bound), and on the Taillard instances `taillard` (mean gap to the
+   best-known upper bound), of the cloned ("imitation_*") and the PPO ("ppo_*") policies, the final one ("agent_*",
+   the same numbers as the selected one's), the five dispatching rules, and optionally CP-SAT given the sampled
+   agent's time (`eval_cpsat`; CP-SAT's result depends on the machine's speed, so it stays out of the resume
+   comparison).
 
 Writes config.json, metrics.jsonl (one record per PPO update), checkpoints/, imitation/, policy.msgpack and
 policy.json (what `jaxalign jssp solve --checkpoint DIR` and `jaxalign bench jssp` load), results.json
@@ -85,6 +90,8 @@ class JSSPCPConfig:
     improvement_rounds: int = 0
     round_instances: int = 8  # fresh generated instances per training size in each improvement round
     ppo: JSSPPPOConfig = JSSPPPOConfig()
+    validation_sizes: str = "15x15,20x20"  # JOBSxMACHINES sizes of the generated instances that pick the final policy
+    validation_instances: int = 4  # per validation size
     eval_sizes: str = "10x10,15x15"  # JOBSxMACHINES sizes of the held-out generated evaluation instances
     eval_instances: int = 10  # held-out generated instances per eval size
     taillard: str = "ta01-ta10"  # Taillard instances evaluated, a list or ranges within ta01..ta80; "" for none
@@ -96,10 +103,12 @@ class JSSPCPConfig:
     def __post_init__(self):
         parse_sizes(self.train_sizes, "train_sizes")
         parse_sizes(self.eval_sizes, "eval_sizes")
+        parse_sizes(self.validation_sizes, "validation_sizes")
         parse_taillard(self.taillard)
-        if self.imitation_instances < 1 or self.eval_instances < 1 or self.num_samples < 1:
-            raise ValueError(f"imitation_instances, eval_instances and num_samples must be >= 1; got "
-                             f"{self.imitation_instances}, {self.eval_instances}, {self.num_samples}")
+        counts = ("imitation_instances", "eval_instances", "validation_instances", "num_samples")
+        if any(getattr(self, name) < 1 for name in counts):
+            raise ValueError(f"{', '.join(counts)} must be >= 1; got "
+                             f"{', '.join(str(getattr(self, name)) for name in counts)}")
         if self.improvement_rounds < 0 or self.round_instances < 1:
             raise ValueError(f"improvement_rounds must be >= 0 and round_instances >= 1; got "
                              f"{self.improvement_rounds}, {self.round_instances}")
@@ -116,7 +125,7 @@ def imitation_phase(cfg: JSSPCPConfig, network: JobShopPolicy, workdir: str) -> 
     template = init_params(jax.random.key(cfg.seed), network)
     params_path, stats_path = paths.join(cache, "params.msgpack"), paths.join(cache, "stats.json")
     if paths.exists(params_path) and paths.exists(stats_path):
-        params = serialization.from_bytes(template, paths.read_bytes(params_path))
+        params = inference.restore_params(template, paths.read_bytes(params_path), params_path)
         return params, json.loads(paths.read_text(stats_path))
     clock = time.perf_counter()
     sizes = parse_sizes(cfg.train_sizes)
@@ -189,14 +198,44 @@ def schedule_batch(instances, apply, policies: dict, num_samples: int, seed: int
     return makespans, seconds
 
 
-def evaluate(cfg: JSSPCPConfig, apply, policies: dict) -> tuple[dict, dict]:
-    """(results, timings): held-out generated instances and the Taillard instances (module docstring)."""
+def select_policy(cfg: JSSPCPConfig, apply, candidates: dict) -> tuple[str, dict]:
+    """(label of the final policy, {label: mean makespan / lower bound of its best sampled schedules}) on the
+    generated validation instances (module docstring, phase 3); a tie keeps the first candidate."""
+    rng = np.random.default_rng([cfg.seed, 2_000_003])  # apart from the training and evaluation streams
+    ratios: dict = {label: [] for label in candidates}
+    for jobs, machines in parse_sizes(cfg.validation_sizes):
+        instances = [random_instance(rng, jobs, machines) for _ in range(cfg.validation_instances)]
+        imitation.refuse_benchmarks(instances)
+        bounds = np.array([lower_bound_of(i) for i in instances])
+        for label, params in candidates.items():
+            starts, makespans = jax.device_get(inference.sampled_batch(
+                apply, params, env.stack(instances), jax.random.key(cfg.seed), cfg.num_samples))
+            for inst, start, makespan in zip(instances, starts, makespans):
+                inference.checked(inst, start, makespan, f"the {label} policy")
+            ratios[label].extend(np.asarray(makespans) / bounds)
+    scores = {label: float(np.mean(r)) for label, r in ratios.items()}
+    return min(scores, key=scores.get), scores
+
+
+def alias_selected(table: dict, selected: str) -> dict:
+    """The table with the selected policy's entries ("imitation_sampled", ...) repeated as the agent's."""
+    return {**table, **{"agent" + k[len(selected):]: v for k, v in table.items() if k.startswith(selected + "_")}}
+
+
+def evaluate(cfg: JSSPCPConfig, apply, policies: dict, selected: str) -> tuple[dict, dict]:
+    """(results, timings): held-out generated instances and the Taillard instances (module docstring); the
+    `selected` policy's rows are also the agent's."""
     results, timings = {"heldout": {}, "taillard": {}}, {"heldout": {}, "taillard": {}}
     rng = np.random.default_rng([cfg.seed, 1_000_003])  # a stream apart from the training instances'
+
+    def schedule(instances):
+        makespans, seconds = schedule_batch(instances, apply, policies, cfg.num_samples, cfg.seed)
+        return alias_selected(makespans, selected), alias_selected(seconds, selected)
+
     for jobs, machines in parse_sizes(cfg.eval_sizes):
         instances = [random_instance(rng, jobs, machines) for _ in range(cfg.eval_instances)]
         imitation.refuse_benchmarks(instances)
-        makespans, seconds = schedule_batch(instances, apply, policies, cfg.num_samples, cfg.seed)
+        makespans, seconds = schedule(instances)
         bounds = np.array([lower_bound_of(i) for i in instances])
         results["heldout"][f"{jobs}x{machines}"] = {k: float((v / bounds).mean()) for k, v in makespans.items()}
         timings["heldout"][f"{jobs}x{machines}"] = seconds
@@ -208,7 +247,7 @@ def evaluate(cfg: JSSPCPConfig, apply, policies: dict) -> tuple[dict, dict]:
     per_instance = {}
     for group in by_size.values():
         instances = [inst for _, inst, _ in group]
-        makespans, seconds = schedule_batch(instances, apply, policies, cfg.num_samples, cfg.seed)
+        makespans, seconds = schedule(instances)
         for i, (name, inst, ub) in enumerate(group):
             per_instance[name] = {k: {"makespan": int(v[i]), "gap": 100.0 * (int(v[i]) - ub) / ub}
                                   for k, v in makespans.items()}
@@ -249,14 +288,16 @@ def run(cfg: JSSPCPConfig, workdir: str) -> dict:
     trainer = make_trainer(network.apply, cloned, cfg.ppo, parse_sizes(cfg.train_sizes))
     trained = harness.train(trainer, cfg, workdir, jax.random.key(cfg.seed), cfg.num_chunks,
                             show_progress=cfg.show_progress, desc="jssp_cp ppo")
-    params = trained.state.train_state.params
-    inference.save_policy(root, params, cfg.network)
-    evaluation, eval_timings = evaluate(cfg, network.apply, {"agent": params, "imitation": cloned})
+    policies = {"imitation": cloned, "ppo": trained.state.train_state.params}
+    selected, validation = select_policy(cfg, network.apply, policies)
+    inference.save_policy(root, policies[selected], cfg.network)
+    evaluation, eval_timings = evaluate(cfg, network.apply, policies, selected)
     last = trained.history[-1]
     results = {
         "imitation": {k: v for k, v in imitation_stats.items() if k != "seconds"},
         "ppo": {"updates": cfg.ppo.num_updates, "env_steps": cfg.ppo.num_updates * cfg.ppo.batch_size,
                 "last_makespan_over_lb": last.get("makespan_over_lb")},
+        "selection": {"policy": selected, "validation_makespan_over_lb": validation},
         **evaluation,
         "validator_violations": 0,  # every schedule above was validated; a violation raises before this line
         "timings": {"imitation_seconds": imitation_stats["seconds"], "train_seconds": trained.train_seconds,

@@ -127,8 +127,6 @@ def load_policy(directory):
     ValueError naming what is missing otherwise."""
     import json
 
-    from flax import serialization
-
     from agents.jssp_cp.network import JobShopPolicy, NetworkConfig, init_params
     from jaxalign import paths
 
@@ -140,5 +138,26 @@ def load_policy(directory):
     record = json.loads(paths.read_text(paths.join(directory, POLICY_CONFIG)))
     network = JobShopPolicy(NetworkConfig(**record["network"]))
     template = init_params(jax.random.key(0), network)
-    params = serialization.from_bytes(template, paths.read_bytes(paths.join(directory, POLICY_PARAMS)))
-    return network.apply, params
+    return network.apply, restore_params(template, paths.read_bytes(paths.join(directory, POLICY_PARAMS)),
+                                         paths.join(directory, POLICY_PARAMS))
+
+
+def restore_params(template, data: bytes, where: str):
+    """Parameters from Flax-serialised bytes, checked leaf by leaf against the template's shapes: a policy saved
+    by another version of the network or observation (e.g. before the job features) is one clear error naming
+    the file and the first parameter that differs, not a shape error deep inside the first forward pass."""
+    from flax import serialization
+
+    try:
+        params = serialization.from_bytes(template, data)
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"{where}: not parameters of this policy network ({error}); retrain with "
+                         f"`jaxalign run jssp_cp`") from None
+    want = jax.tree_util.tree_leaves_with_path(template)
+    got = jax.tree_util.tree_leaves_with_path(params)
+    for (path, a), (_, b) in zip(want, got):
+        if np.shape(a) != np.shape(b):
+            raise ValueError(f"{where}: parameter {jax.tree_util.keystr(path)} has shape {np.shape(b)}, this "
+                             f"network expects {np.shape(a)} (saved by another version of the network or "
+                             f"observation); retrain with `jaxalign run jssp_cp`")
+    return params

@@ -4,7 +4,8 @@ Input: the environment's `Observation` (agents/jssp_cp/env.py), with any leading
 
 1. Each job's window of its next operations ([is_fixed, start lower bound, duration, is_legal] per slot, plus a
    learned slot-position embedding) goes through self-attention over the slots; the slots are pooled (the first
-   slot, the operation to decide now, concatenated with the mean) into one job embedding.
+   slot, the operation to decide now, concatenated with the mean and the job's features: its remaining work and
+   operations relative to the other jobs') into one job embedding.
 2. The job embeddings attend to each other over the unfinished jobs only; the machine-competition mask enters as a
    learned additive attention bias per head, so a job can weigh the jobs that want its next machine differently.
    No positional information is used across jobs: permuting the jobs permutes the outputs (equivariance), and a
@@ -23,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from agents.jssp_cp.env import FEATURES, WINDOW, Observation
+from agents.jssp_cp.env import FEATURES, JOB_FEATURES, WINDOW, Observation
 
 ILLEGAL = -1e9
 
@@ -86,7 +87,8 @@ class JobShopPolicy(nn.Module):
         no_bias = jnp.zeros((cfg.heads, WINDOW, WINDOW), jnp.float32)
         for i in range(cfg.window_layers):
             x = Block(cfg.dim, cfg.heads, name=f"window_{i}")(x, no_bias)
-        h = nn.Dense(cfg.dim, name="pool")(jnp.concatenate([x[..., 0, :], x.mean(-2)], axis=-1))
+        h = nn.Dense(cfg.dim, name="pool")(
+            jnp.concatenate([x[..., 0, :], x.mean(-2), obs.job.astype(jnp.float32)], axis=-1))
 
         jobs = obs.job_mask.shape[-1]
         active = obs.job_mask
@@ -112,5 +114,5 @@ def init_params(key: jax.Array, network: JobShopPolicy, jobs: int = 3) -> dict:
     size."""
     obs = Observation(window=jnp.zeros((jobs, WINDOW, FEATURES), jnp.float32),
                       competition=jnp.zeros((jobs, jobs), bool), legal=jnp.ones(jobs + 1, bool),
-                      job_mask=jnp.ones(jobs, bool))
+                      job_mask=jnp.ones(jobs, bool), job=jnp.zeros((jobs, JOB_FEATURES), jnp.float32))
     return jax.jit(network.init)(key, obs)

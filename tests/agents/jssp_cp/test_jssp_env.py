@@ -128,16 +128,19 @@ def test_observation_on_a_hand_worked_instance():
     np.testing.assert_allclose(obs.window[1, :2], [[0, 0, 2 / 8, 1], [0, 2 / 8, 1, 0]])
     assert obs.competition.tolist() == [[True, True], [True, True]]
     assert obs.legal.tolist() == [True, True, False]
+    np.testing.assert_allclose(obs.job, [[6 / 10, 1], [1, 1]])  # remaining work 6 and 10, two operations each
     state, obs, reward, _ = env.step(state, 1)  # job 1 takes m0 during [0, 2)
     assert float(reward) == -2 and int(state.time) == 2
     # job 0 now waits for m0 until 2; job 1's next operation (m1) can start at 2 too
     np.testing.assert_allclose(obs.window[0, :2], [[0, 0, 4 / 8, 1], [0, 4 / 8, 2 / 8, 0]])
     np.testing.assert_allclose(obs.window[1, 0], [0, 0, 1, 1])
+    np.testing.assert_allclose(obs.job, [[6 / 8, 1], [1, 1 / 2]])  # job 1: work 8 in one operation left
     assert obs.competition.tolist() == [[True, False], [False, True]]
     state, obs, reward, _ = env.step(state, 1)  # job 1 on m1 during [2, 10)
     # job 0: m0 at 2 for 4, then m1 no earlier than 10 (busy): lower bound 10 - 2 = 8 -> 1.0
     np.testing.assert_allclose(obs.window[0, :2], [[0, 0, 4 / 8, 1], [0, 1, 2 / 8, 0]])
     assert float(reward) == -8 and obs.job_mask.tolist() == [True, False]
+    np.testing.assert_allclose(obs.job, [[1, 1], [0, 0]])  # a finished job's features are 0
 
 
 def test_pad_refuses_to_shrink():

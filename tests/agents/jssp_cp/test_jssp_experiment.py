@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from agents.jssp_cp import env, rules
 from agents.jssp_cp.brute_force import optimum_by_orders
 from agents.jssp_cp.bench import main as bench_main
+from agents.jssp_cp.inference import load_policy, restore_params
 from agents.jssp_cp.instances import benchmark, format_orlib, read_instance
 from agents.jssp_cp.schedule import validate
 from launch.cli import main
@@ -24,8 +26,8 @@ TINY = ["train_sizes=4x3,5x4", "imitation_instances=2", "cpsat_time_limit=5", "i
         "improvement_rounds=1", "round_instances=1",
         "imitation.batch_size=16", "network.dim=8", "network.heads=1", "network.job_layers=1", "ppo.num_envs=2",
         "ppo.num_steps=8", "ppo.num_updates=4", "ppo.update_epochs=1", "ppo.num_minibatches=1", "num_chunks=2",
-        "eval_sizes=4x3", "eval_instances=2", "taillard=", "num_samples=2", "eval_cpsat=false",
-        "show_progress=false", "seed=3"]
+        "validation_sizes=5x4", "validation_instances=2", "eval_sizes=4x3", "eval_instances=2", "taillard=",
+        "num_samples=2", "eval_cpsat=false", "show_progress=false", "seed=3"]
 FINAL, KILL_AT = 4, 2  # checkpoint steps are PPO updates
 TINY_FILE = "3 3\n0 3 1 2 2 2\n0 2 2 1 1 4\n1 4 2 3 0 3\n"
 
@@ -48,8 +50,26 @@ def test_run_resumes_bit_identically_then_solve_and_bench_use_its_policy(tmp_pat
     (improvement,) = results["imitation"]["improvement_rounds"]
     assert improvement["round"] == 1 and improvement["instances"] == 2  # one fresh instance per training size
     assert improvement["target_makespan"] <= improvement["agent_makespan"]
-    assert set(results["heldout"]["4x3"]) == {"spt", "lpt", "mwkr", "mor", "fifo", "agent_greedy", "agent_sampled",
-                                              "imitation_greedy", "imitation_sampled"}
+    heldout = results["heldout"]["4x3"]
+    assert set(heldout) == {"spt", "lpt", "mwkr", "mor", "fifo", "agent_greedy", "agent_sampled", "imitation_greedy",
+                            "imitation_sampled", "ppo_greedy", "ppo_sampled"}
+    # The final policy is the candidate with the better validation score; the agent's rows are its rows.
+    selection = results["selection"]
+    scores = selection["validation_makespan_over_lb"]
+    assert set(scores) == {"imitation", "ppo"} and scores[selection["policy"]] == min(scores.values())
+    assert all(heldout[f"agent_{mode}"] == heldout[f"{selection['policy']}_{mode}"] for mode in ("greedy", "sampled"))
+    # ... and policy.msgpack holds exactly the selected parameters.
+    _, saved_policy = load_policy(a)
+    saved = {jax.tree_util.keystr(path): np.asarray(leaf)
+             for path, leaf in jax.tree_util.tree_leaves_with_path(saved_policy)}
+    if selection["policy"] == "ppo":
+        final = checkpoint_arrays(a, FINAL)
+        chosen = {key: next(v for k, v in final.items() if k.endswith(key) and "opt_state" not in k) for key in saved}
+    else:
+        cloned = restore_params(saved_policy, (a / "imitation" / "params.msgpack").read_bytes(), "cloned")
+        chosen = {jax.tree_util.keystr(path): np.asarray(leaf)
+                  for path, leaf in jax.tree_util.tree_leaves_with_path(cloned)}
+    assert all(np.array_equal(v, chosen[k]) for k, v in saved.items())
     assert all(v >= 1.0 for v in results["heldout"]["4x3"].values())  # makespan / a lower bound
     records = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in records] == [1, 2, 3, 4]

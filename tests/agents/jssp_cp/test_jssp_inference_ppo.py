@@ -8,7 +8,7 @@ import pytest
 from agents.jssp_cp import env, inference, rules
 from agents.jssp_cp.brute_force import best_by_decisions, optimum_by_orders
 from agents.jssp_cp.instances import Instance, random_instance
-from agents.jssp_cp.network import ILLEGAL
+from agents.jssp_cp.network import ILLEGAL, JobShopPolicy, NetworkConfig, init_params
 from agents.jssp_cp.ppo import lower_bound, random_padded
 
 
@@ -65,3 +65,18 @@ def test_random_padded_instances_and_their_lower_bound():
         assert int(rules.dispatch(inst, "spt")[1]) == int(rules.dispatch(env.pad(plain), "spt")[1])
     tiny = random_instance(3, 3, 3, max_duration=9)
     assert int(lower_bound(env.pad(tiny))) <= optimum_by_orders(tiny)[0]
+
+
+def test_a_policy_saved_by_another_network_version_is_one_clear_error(tmp_path):
+    network = NetworkConfig(dim=8, heads=1, job_layers=1)
+    params = init_params(jax.random.key(0), JobShopPolicy(network))
+    inference.save_policy(tmp_path, params, network)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+        lambda a, b: bool((a == b).all()), inference.load_policy(tmp_path)[1], params))
+    # The pooling layer of a network from before the job features read two embeddings, not two plus the features.
+    old = jax.tree_util.tree_map(lambda x: x, params)
+    old["params"]["pool"]["kernel"] = old["params"]["pool"]["kernel"][:16]
+    inference.save_policy(tmp_path, old, network)
+    with pytest.raises(ValueError, match=r"policy.msgpack: parameter \['params'\]\['pool'\]\['kernel'\] has shape "
+                                         r"\(16, 8\), this network expects \(18, 8\)"):
+        inference.load_policy(tmp_path)

@@ -44,7 +44,7 @@ def _permute(obs: env.Observation, perm: np.ndarray) -> env.Observation:
     legal = np.asarray(obs.legal)
     return env.Observation(window=obs.window[perm], competition=obs.competition[perm][:, perm],
                            legal=jnp.asarray(np.concatenate([legal[:-1][perm], legal[-1:]])),
-                           job_mask=obs.job_mask[perm])
+                           job_mask=obs.job_mask[perm], job=obs.job[perm])
 
 
 def test_permuting_jobs_permutes_the_logits():
