@@ -6,7 +6,8 @@
 INSTANCE_FILE: Taillard or OR-Library format (detected). Prints the makespan and, when the instance's content is one
 of Taillard's ta01-ta80, its best-known bounds and the gap to the upper bound; writes OUT/schedule.json and
 OUT/gantt.png. Every schedule is validated before it is written. --time-limit: CP-SAT's limit in seconds (default
-10, two workers). --checkpoint: a `jaxalign run jssp_cp` work directory (agent only); --samples: the agent's sampled
+10, two workers). --checkpoint: a `jaxalign run jssp_cp` work directory (agent only; default: the policy shipped in
+agents/jssp_cp/data/pretrained, trained on generated instances only); --samples: the agent's sampled
 rollouts (temperatures 0.5-2.0, best kept; 0 = greedy). A malformed file is one error line naming the file and
 the line (exit 2).
 """
@@ -26,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     solve.add_argument("instance", help="a Taillard or OR-Library instance file")
     solve.add_argument("--method", required=True, choices=METHODS)
     solve.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT's limit in seconds (cp-sat)")
-    solve.add_argument("--checkpoint", default=None, help="a `jaxalign run jssp_cp` work directory (agent)")
+    solve.add_argument("--checkpoint", default=None, help="a `jaxalign run jssp_cp` work directory (agent; "
+                       "default: the shipped pretrained policy)")
     solve.add_argument("--samples", type=int, default=16, help="the agent's sampled rollouts; 0 = greedy")
     solve.add_argument("--out", default=".", help="directory for schedule.json and gantt.png (default: .)")
 
@@ -44,8 +46,7 @@ def schedule(instance, method: str, time_limit: float, checkpoint: str | None, s
         start, makespan = result.start, result.makespan
         extra = {"status": result.status, "lower_bound_proved": result.bound, "seconds": result.wall_time}
     elif method == "agent":
-        if checkpoint is None:
-            raise ValueError("--method agent needs --checkpoint DIR (a `jaxalign run jssp_cp` work directory)")
+        checkpoint = inference.pretrained_dir() if checkpoint is None else checkpoint
         if samples < 0:
             raise ValueError(f"--samples must be >= 0, got {samples}")
         apply, params = inference.load_policy(checkpoint)

@@ -11,16 +11,18 @@ Tassel, Gebser and Schekotihin, ICAPS 2023. Phases:
    run killed during the phase redoes the phase).
 2. PPO (agents/jssp_cp/ppo.py) from the cloned policy on the RL harness (`rl.harness.train`, `num_chunks` jitted
    chunks, checkpointed and resumable: re-running the same command after a kill continues bit-identically).
-3. Selection of the final policy: PPO can make the cloned policy worse (it did in a measured run), so the final
-   policy ("agent", saved as policy.msgpack) is whichever of the cloned and the PPO policy has the lower mean
-   makespan / lower bound of its best sampled schedules on `validation_instances` generated instances of every
-   `validation_sizes` size, a stream apart from training and evaluation (never a benchmark).
+3. Selection of the final policy: PPO can make the cloned policy worse (it did in measured runs), and the cloned
+   policy's learned waits (No-Ops) can cost more than they gain on instances larger than the training ones, so
+   the final policy ("agent", saved as policy.msgpack and policy.json) is whichever of four candidates has the
+   lowest mean makespan / lower bound of its best sampled schedules on `validation_instances` generated instances
+   of every `validation_sizes` size, a stream apart from training and evaluation (never a benchmark): the cloned
+   ("imitation") or the PPO ("ppo") parameters, each free to choose No-Op or restricted to non-delay dispatching
+   ("*_nondelay", `inference.NonDelay`).
 4. Evaluation, every schedule validated: on `eval_instances` held-out generated instances of every `eval_sizes`
    size (mean makespan / trivial lower bound), and on the Taillard instances `taillard` (mean gap to the
-   best-known upper bound), of the cloned ("imitation_*") and the PPO ("ppo_*") policies, the final one ("agent_*",
-   the same numbers as the selected one's), the five dispatching rules, and optionally CP-SAT given the sampled
-   agent's time (`eval_cpsat`; CP-SAT's result depends on the machine's speed, so it stays out of the resume
-   comparison).
+   best-known upper bound), of the four candidates, the final one ("agent_*", the same numbers as the selected
+   one's), the five dispatching rules, and optionally CP-SAT given the sampled agent's time (`eval_cpsat`;
+   CP-SAT's result depends on the machine's speed, so it stays out of the resume comparison).
 
 Writes config.json, metrics.jsonl (one record per PPO update), checkpoints/, imitation/, policy.msgpack and
 policy.json (what `jaxalign jssp solve --checkpoint DIR` and `jaxalign bench jssp` load), results.json
@@ -33,7 +35,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
@@ -90,7 +91,7 @@ class JSSPCPConfig:
     improvement_rounds: int = 0
     round_instances: int = 8  # fresh generated instances per training size in each improvement round
     ppo: JSSPPPOConfig = JSSPPPOConfig()
-    validation_sizes: str = "15x15,20x20"  # JOBSxMACHINES sizes of the generated instances that pick the final policy
+    validation_sizes: str = "15x15,30x20"  # JOBSxMACHINES sizes of the generated instances that pick the final policy
     validation_instances: int = 4  # per validation size
     eval_sizes: str = "10x10,15x15"  # JOBSxMACHINES sizes of the held-out generated evaluation instances
     eval_instances: int = 10  # held-out generated instances per eval size
@@ -130,12 +131,13 @@ def imitation_phase(cfg: JSSPCPConfig, network: JobShopPolicy, workdir: str) -> 
     clock = time.perf_counter()
     sizes = parse_sizes(cfg.train_sizes)
     instances = imitation.training_instances(cfg.seed, sizes, cfg.imitation_instances)
-    solved = imitation.solve_all(instances, cfg.cpsat_time_limit, seed=cfg.seed)
+    bar = lambda label: label if cfg.show_progress else None
+    solved = imitation.solve_all(instances, cfg.cpsat_time_limit, seed=cfg.seed, progress=bar("CP-SAT expert"))
     jobs, machines = max(j for j, _ in sizes), max(m for _, m in sizes)
     data = imitation.expert_dataset(instances, [r.start for r in solved], [r.makespan for r in solved], jobs,
                                     machines)
     clone = imitation.make_cloning(network.apply, cfg.imitation)
-    params, metrics = clone(template, data.obs, jnp.asarray(data.actions), jax.random.key(cfg.seed + 1))
+    params, metrics = clone(template, data.obs, data.actions, jax.random.key(cfg.seed + 1), bar("cloning"))
     losses = np.asarray(metrics["bc_loss"])
     first_agreement = imitation.agreement(network.apply, params, data)
     rounds, everything = [], data
@@ -143,10 +145,11 @@ def imitation_phase(cfg: JSSPCPConfig, network: JobShopPolicy, workdir: str) -> 
         fresh = imitation.training_instances([cfg.seed, r], sizes, cfg.round_instances)
         improved, round_stats = imitation.improvement_round(
             network.apply, params, fresh, cfg.cpsat_time_limit, cfg.num_samples,
-            jax.random.fold_in(jax.random.key(cfg.seed + 2), r), jobs, machines, seed=cfg.seed)
+            jax.random.fold_in(jax.random.key(cfg.seed + 2), r), jobs, machines, seed=cfg.seed,
+            progress=bar(f"round {r}: CP-SAT improves the policy's schedules"))
         everything = imitation.concatenate([everything, improved])
-        params, _ = clone(params, everything.obs, jnp.asarray(everything.actions),
-                          jax.random.fold_in(jax.random.key(cfg.seed + 1), r))
+        params, _ = clone(params, everything.obs, everything.actions,
+                          jax.random.fold_in(jax.random.key(cfg.seed + 1), r), bar(f"round {r}: cloning"))
         rounds.append({"round": r, **round_stats, "decisions": int(len(everything.actions)),
                        "bc_agreement": imitation.agreement(network.apply, params, everything)})
     stats = {
@@ -174,9 +177,9 @@ def lower_bound_of(instance) -> int:
     return int(max(loads.max(), instance.durations.sum(axis=1).max()))
 
 
-def schedule_batch(instances, apply, policies: dict, num_samples: int, seed: int) -> tuple[dict, dict]:
+def schedule_batch(instances, policies: dict, num_samples: int, seed: int) -> tuple[dict, dict]:
     """Makespans [n] and seconds per instance of every rule and policy on instances of one size, every schedule
-    validated. policies: label -> parameters (greedy and sampled rows for each)."""
+    validated. policies: label -> (apply, parameters) (greedy and sampled rows for each)."""
     batch = env.stack(instances)
     makespans, seconds = {}, {}
 
@@ -191,14 +194,21 @@ def schedule_batch(instances, apply, policies: dict, num_samples: int, seed: int
 
     for rule in RULES:
         record(rule, lambda rule=rule: rules.dispatch_batch(batch, rule))
-    for label, p in policies.items():
-        record(f"{label}_greedy", lambda p=p: inference.greedy_batch(apply, p, batch))
-        record(f"{label}_sampled", lambda p=p: inference.sampled_batch(apply, p, batch, jax.random.key(seed),
-                                                                      num_samples))
+    for label, (apply, p) in policies.items():
+        record(f"{label}_greedy", lambda a=apply, p=p: inference.greedy_batch(a, p, batch))
+        record(f"{label}_sampled", lambda a=apply, p=p: inference.sampled_batch(a, p, batch, jax.random.key(seed),
+                                                                               num_samples))
     return makespans, seconds
 
 
-def select_policy(cfg: JSSPCPConfig, apply, candidates: dict) -> tuple[str, dict]:
+def candidates_of(apply, cloned, trained) -> dict:
+    """label -> (apply, parameters): the four candidates for the final policy (module docstring, phase 3)."""
+    non_delay = inference.NonDelay(apply)
+    return {"imitation": (apply, cloned), "ppo": (apply, trained), "imitation_nondelay": (non_delay, cloned),
+            "ppo_nondelay": (non_delay, trained)}
+
+
+def select_policy(cfg: JSSPCPConfig, candidates: dict) -> tuple[str, dict]:
     """(label of the final policy, {label: mean makespan / lower bound of its best sampled schedules}) on the
     generated validation instances (module docstring, phase 3); a tie keeps the first candidate."""
     rng = np.random.default_rng([cfg.seed, 2_000_003])  # apart from the training and evaluation streams
@@ -207,7 +217,7 @@ def select_policy(cfg: JSSPCPConfig, apply, candidates: dict) -> tuple[str, dict
         instances = [random_instance(rng, jobs, machines) for _ in range(cfg.validation_instances)]
         imitation.refuse_benchmarks(instances)
         bounds = np.array([lower_bound_of(i) for i in instances])
-        for label, params in candidates.items():
+        for label, (apply, params) in candidates.items():
             starts, makespans = jax.device_get(inference.sampled_batch(
                 apply, params, env.stack(instances), jax.random.key(cfg.seed), cfg.num_samples))
             for inst, start, makespan in zip(instances, starts, makespans):
@@ -218,18 +228,18 @@ def select_policy(cfg: JSSPCPConfig, apply, candidates: dict) -> tuple[str, dict
 
 
 def alias_selected(table: dict, selected: str) -> dict:
-    """The table with the selected policy's entries ("imitation_sampled", ...) repeated as the agent's."""
-    return {**table, **{"agent" + k[len(selected):]: v for k, v in table.items() if k.startswith(selected + "_")}}
+    """The table with the selected policy's greedy and sampled entries repeated as the agent's."""
+    return {**table, **{f"agent_{mode}": table[f"{selected}_{mode}"] for mode in ("greedy", "sampled")}}
 
 
-def evaluate(cfg: JSSPCPConfig, apply, policies: dict, selected: str) -> tuple[dict, dict]:
+def evaluate(cfg: JSSPCPConfig, policies: dict, selected: str) -> tuple[dict, dict]:
     """(results, timings): held-out generated instances and the Taillard instances (module docstring); the
     `selected` policy's rows are also the agent's."""
     results, timings = {"heldout": {}, "taillard": {}}, {"heldout": {}, "taillard": {}}
     rng = np.random.default_rng([cfg.seed, 1_000_003])  # a stream apart from the training instances'
 
     def schedule(instances):
-        makespans, seconds = schedule_batch(instances, apply, policies, cfg.num_samples, cfg.seed)
+        makespans, seconds = schedule_batch(instances, policies, cfg.num_samples, cfg.seed)
         return alias_selected(makespans, selected), alias_selected(seconds, selected)
 
     for jobs, machines in parse_sizes(cfg.eval_sizes):
@@ -288,10 +298,10 @@ def run(cfg: JSSPCPConfig, workdir: str) -> dict:
     trainer = make_trainer(network.apply, cloned, cfg.ppo, parse_sizes(cfg.train_sizes))
     trained = harness.train(trainer, cfg, workdir, jax.random.key(cfg.seed), cfg.num_chunks,
                             show_progress=cfg.show_progress, desc="jssp_cp ppo")
-    policies = {"imitation": cloned, "ppo": trained.state.train_state.params}
-    selected, validation = select_policy(cfg, network.apply, policies)
-    inference.save_policy(root, policies[selected], cfg.network)
-    evaluation, eval_timings = evaluate(cfg, network.apply, policies, selected)
+    policies = candidates_of(network.apply, cloned, trained.state.train_state.params)
+    selected, validation = select_policy(cfg, policies)
+    inference.save_policy(root, policies[selected][1], cfg.network, noop=not selected.endswith("_nondelay"))
+    evaluation, eval_timings = evaluate(cfg, policies, selected)
     last = trained.history[-1]
     results = {
         "imitation": {k: v for k, v in imitation_stats.items() if k != "seconds"},

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from agents.jssp_cp import cpsat, env, inference
 from agents.jssp_cp.instances import Instance, is_benchmark, random_instance
@@ -160,11 +161,16 @@ def expert_dataset(instances: Sequence[Instance], starts: Sequence[np.ndarray], 
                       replayed_makespans=replayed.astype(np.int64))
 
 
-def solve_all(instances: Sequence[Instance], time_limit: float, seed: int = 0) -> list[cpsat.CPResult]:
+def solve_all(instances: Sequence[Instance], time_limit: float, seed: int = 0, hints: Sequence | None = None,
+              progress: str | None = None) -> list[cpsat.CPResult]:
     """CP-SAT on every training instance, one worker (so that a re-run finds the same schedules whenever CP-SAT
-    proves optimality within the limit, as it does on small instances)."""
+    proves optimality within the limit, as it does on small instances), optionally from a hint schedule per
+    instance; `progress`: a bar's label (rate and ETA), or None for none."""
     refuse_benchmarks(instances)
-    return [cpsat.solve(inst, time_limit=time_limit, workers=1, seed=seed) for inst in instances]
+    hints = [None] * len(instances) if hints is None else hints
+    return [cpsat.solve(inst, time_limit=time_limit, workers=1, hint=hint, seed=seed)
+            for inst, hint in tqdm(list(zip(instances, hints)), desc=progress, disable=progress is None,
+                                   unit="instance", dynamic_ncols=True)]
 
 
 def concatenate(parts: Sequence[ExpertData]) -> ExpertData:
@@ -175,7 +181,8 @@ def concatenate(parts: Sequence[ExpertData]) -> ExpertData:
 
 
 def improvement_round(apply, params, instances: Sequence[Instance], time_limit: float, num_samples: int,
-                      key: jax.Array, jobs: int, machines: int, seed: int = 0) -> tuple[ExpertData, dict]:
+                      key: jax.Array, jobs: int, machines: int, seed: int = 0,
+                      progress: str | None = None) -> tuple[ExpertData, dict]:
     """One round of imitating the solver's improvements of the policy's schedules (module docstring).
 
     The policy's best of `num_samples` sampled rollouts per instance (validated) is CP-SAT's hint (one worker,
@@ -188,8 +195,7 @@ def improvement_round(apply, params, instances: Sequence[Instance], time_limit: 
     starts, makespans = jax.device_get(inference.sampled_batch(apply, params, batch, key, num_samples))
     agent = [inference.checked(inst, s, m, "the policy") for inst, s, m in zip(instances, starts, makespans)]
     agent_makespans = np.asarray(makespans, np.int64)
-    solved = [cpsat.solve(inst, time_limit=time_limit, workers=1, hint=hint, seed=seed)
-              for inst, hint in zip(instances, agent)]
+    solved = solve_all(instances, time_limit, seed=seed, hints=agent, progress=progress)
     targets, target_makespans = [], []
     for inst, result, hint, m in zip(instances, solved, agent, agent_makespans):
         better = result.makespan <= m
@@ -224,28 +230,37 @@ def cross_entropy(logits: jax.Array, actions: jax.Array) -> jax.Array:
 
 
 def make_cloning(apply, cfg: BCConfig):
-    """A jitted `clone(params, obs, actions, key) -> (params, metrics per step)`: `cfg.steps` Adam steps of the
-    cross-entropy on minibatches drawn uniformly (with replacement) from the data, as one lax.scan."""
+    """A `clone(params, obs, actions, key, progress=None) -> (params, metrics per step)`: `cfg.steps` Adam steps of
+    the cross-entropy on minibatches drawn uniformly (with replacement) from the data, as jitted lax.scan segments
+    of about a twentieth of the steps each, so that a bar labelled `progress` can show the rate and ETA."""
     tx = optax.adam(cfg.learning_rate)
 
     def loss_fn(params, obs, actions):
         logits, _ = apply(params, obs)
         return cross_entropy(logits, actions), (logits.argmax(-1) == actions).mean()
 
-    def step(carry, key):
-        params, opt_state, obs, actions = carry
-        index = jax.random.randint(key, (cfg.batch_size,), 0, actions.shape[0])
-        batch = jax.tree_util.tree_map(lambda x: x[index], obs)
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, actions[index])
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state, obs, actions), {"bc_loss": loss,
-                                                                                  "bc_accuracy": accuracy}
-
     @jax.jit
-    def clone(params, obs, actions, key):
-        carry = (params, tx.init(params), obs, actions)
-        (params, _, _, _), metrics = jax.lax.scan(step, carry, jax.random.split(key, cfg.steps))
-        return params, metrics
+    def segment(params, opt_state, obs, actions, keys):
+        def step(carry, key):
+            params, opt_state = carry
+            index = jax.random.randint(key, (cfg.batch_size,), 0, actions.shape[0])
+            batch = jax.tree_util.tree_map(lambda x: x[index], obs)
+            (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, actions[index])
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), {"bc_loss": loss, "bc_accuracy": accuracy}
+
+        return jax.lax.scan(step, (params, opt_state), keys)
+
+    def clone(params, obs, actions, key, progress: str | None = None):
+        obs, actions = jax.tree_util.tree_map(jnp.asarray, (obs, actions))
+        keys, opt_state, metrics = jax.random.split(key, cfg.steps), tx.init(params), []
+        size = -(-cfg.steps // 20)
+        with tqdm(total=cfg.steps, desc=progress, disable=progress is None, unit="step", dynamic_ncols=True) as bar:
+            for begin in range(0, cfg.steps, size):
+                (params, opt_state), found = segment(params, opt_state, obs, actions, keys[begin:begin + size])
+                metrics.append(found)
+                bar.update(min(size, cfg.steps - begin))
+        return params, jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *metrics)
 
     return clone
 

@@ -7,9 +7,10 @@ vmapped, each a lax.while_loop over decisions. `schedule_with_agent` validates e
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +18,26 @@ import numpy as np
 
 from agents.jssp_cp import env
 from agents.jssp_cp.instances import Instance
+from agents.jssp_cp.network import ILLEGAL
 from agents.jssp_cp.schedule import validate
 
 LOW_TEMPERATURE, HIGH_TEMPERATURE = 0.5, 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class NonDelay:
+    """A policy restricted to non-delay dispatching (Giffler and Thompson 1960): No-Op is masked whenever some job
+    can start now, so no machine idles while an operation could run on it. The cloned policy learns the CP-SAT
+    expert's waits (a quarter of its decisions are No-Ops), and on instances larger than it was trained on those
+    waits cost more than they gain; masking them is a choice `jaxalign run jssp_cp` makes on validation
+    instances, recorded in policy.json. Hashable like the `apply` it wraps, so jitted rollouts compile once."""
+
+    apply: Callable
+
+    def __call__(self, params, obs: env.Observation):
+        logits, value = self.apply(params, obs)
+        some_job = obs.legal[..., :-1].any(-1)
+        return logits.at[..., -1].set(jnp.where(some_job, ILLEGAL, logits[..., -1])), value
 
 
 def temperatures(n: int) -> jax.Array:
@@ -107,11 +125,19 @@ def schedule_with_agent(apply, params, instance: Instance, num_samples: int = 0,
 POLICY_PARAMS, POLICY_CONFIG = "policy.msgpack", "policy.json"
 
 
-def save_policy(directory, params, network_config) -> None:
-    """DIRECTORY/policy.msgpack (Flax serialization) and policy.json (the network config), each written atomically,
-    the parameters first, so that a policy.json always has its parameters."""
-    import dataclasses
+def pretrained_dir() -> str:
+    """The policy shipped with the package (agents/jssp_cp/data/pretrained/): trained by `jaxalign run jssp_cp` on
+    generated instances only; its training.json holds the command, the commit and its evaluation. What `jaxalign
+    jssp solve --method agent` uses without --checkpoint."""
+    import os
 
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pretrained")
+
+
+def save_policy(directory, params, network_config, noop: bool = True) -> None:
+    """DIRECTORY/policy.msgpack (Flax serialization) and policy.json (the network config and whether the policy may
+    choose No-Op: `noop=False` loads it as `NonDelay`), each written atomically, the parameters first, so that a
+    policy.json always has its parameters."""
     from flax import serialization
 
     from jaxalign import paths
@@ -119,12 +145,13 @@ def save_policy(directory, params, network_config) -> None:
 
     directory = str(directory)
     paths.write_atomic(paths.join(directory, POLICY_PARAMS), serialization.to_bytes(jax.device_get(params)))
-    write_json_atomic(paths.join(directory, POLICY_CONFIG), {"network": dataclasses.asdict(network_config)})
+    write_json_atomic(paths.join(directory, POLICY_CONFIG), {"network": dataclasses.asdict(network_config),
+                                                            "noop": bool(noop)})
 
 
 def load_policy(directory):
-    """(apply, params) of a policy saved by `save_policy` (e.g. a `jaxalign run jssp_cp` work directory); a
-    ValueError naming what is missing otherwise."""
+    """(apply, params) of a policy saved by `save_policy` (e.g. a `jaxalign run jssp_cp` work directory), `apply`
+    wrapped in `NonDelay` when it was saved with noop=False; a ValueError naming what is missing otherwise."""
     import json
 
     from agents.jssp_cp.network import JobShopPolicy, NetworkConfig, init_params
@@ -138,8 +165,9 @@ def load_policy(directory):
     record = json.loads(paths.read_text(paths.join(directory, POLICY_CONFIG)))
     network = JobShopPolicy(NetworkConfig(**record["network"]))
     template = init_params(jax.random.key(0), network)
-    return network.apply, restore_params(template, paths.read_bytes(paths.join(directory, POLICY_PARAMS)),
-                                         paths.join(directory, POLICY_PARAMS))
+    params = restore_params(template, paths.read_bytes(paths.join(directory, POLICY_PARAMS)),
+                            paths.join(directory, POLICY_PARAMS))
+    return (network.apply if record.get("noop", True) else NonDelay(network.apply)), params
 
 
 def restore_params(template, data: bytes, where: str):

@@ -16,7 +16,7 @@ import pytest
 from agents.jssp_cp import env, rules
 from agents.jssp_cp.brute_force import optimum_by_orders
 from agents.jssp_cp.bench import main as bench_main
-from agents.jssp_cp.inference import load_policy, restore_params
+from agents.jssp_cp.inference import NonDelay, load_policy, restore_params
 from agents.jssp_cp.instances import benchmark, format_orlib, read_instance
 from agents.jssp_cp.schedule import validate
 from launch.cli import main
@@ -51,18 +51,21 @@ def test_run_resumes_bit_identically_then_solve_and_bench_use_its_policy(tmp_pat
     assert improvement["round"] == 1 and improvement["instances"] == 2  # one fresh instance per training size
     assert improvement["target_makespan"] <= improvement["agent_makespan"]
     heldout = results["heldout"]["4x3"]
-    assert set(heldout) == {"spt", "lpt", "mwkr", "mor", "fifo", "agent_greedy", "agent_sampled", "imitation_greedy",
-                            "imitation_sampled", "ppo_greedy", "ppo_sampled"}
-    # The final policy is the candidate with the better validation score; the agent's rows are its rows.
+    candidates = {"imitation", "ppo", "imitation_nondelay", "ppo_nondelay"}
+    assert set(heldout) == {"spt", "lpt", "mwkr", "mor", "fifo", "agent_greedy", "agent_sampled"} | {
+        f"{c}_{mode}" for c in candidates for mode in ("greedy", "sampled")}
+    # The final policy is the candidate with the best validation score; the agent's rows are its rows.
     selection = results["selection"]
     scores = selection["validation_makespan_over_lb"]
-    assert set(scores) == {"imitation", "ppo"} and scores[selection["policy"]] == min(scores.values())
+    assert set(scores) == candidates and scores[selection["policy"]] == min(scores.values())
     assert all(heldout[f"agent_{mode}"] == heldout[f"{selection['policy']}_{mode}"] for mode in ("greedy", "sampled"))
     # ... and policy.msgpack holds exactly the selected parameters.
-    _, saved_policy = load_policy(a)
+    apply, saved_policy = load_policy(a)
+    assert isinstance(apply, NonDelay) == selection["policy"].endswith("_nondelay")
+    parameters_of = selection["policy"].removesuffix("_nondelay")
     saved = {jax.tree_util.keystr(path): np.asarray(leaf)
              for path, leaf in jax.tree_util.tree_leaves_with_path(saved_policy)}
-    if selection["policy"] == "ppo":
+    if parameters_of == "ppo":
         final = checkpoint_arrays(a, FINAL)
         chosen = {key: next(v for k, v in final.items() if k.endswith(key) and "opt_state" not in k) for key in saved}
     else:

@@ -71,6 +71,7 @@ def test_cross_entropy_matches_numpy_and_cloning_fits_the_expert():
     before = imitation.agreement(net.apply, params, data)
     params, metrics = clone(params, data.obs, jnp.asarray(data.actions), jax.random.key(1))
     losses = np.asarray(metrics["bc_loss"])
+    assert losses.shape == (150,)  # one per step, over the scanned segments (8 steps each, the last 6)
     assert losses[-10:].mean() < 0.5 * losses[:10].mean()
     assert imitation.agreement(net.apply, params, data) > max(before, 0.85)
 

@@ -1,5 +1,7 @@
 """Inference (greedy and best-of-N) against the rules and brute force; PPO's random instances and bound against
 NumPy (PPO's updates run end to end in test_jssp_experiment.py)."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,30 @@ def test_a_policy_saved_by_another_network_version_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"policy.msgpack: parameter \['params'\]\['pool'\]\['kernel'\] has shape "
                                          r"\(16, 8\), this network expects \(18, 8\)"):
         inference.load_policy(tmp_path)
+
+
+def test_the_shipped_policy_loads_schedules_validly_and_records_how_it_was_trained():
+    apply, params = inference.load_policy(inference.pretrained_dir())
+    instance = random_instance(np.random.default_rng(5), 6, 4)
+    for samples in (0, 4):
+        found = inference.schedule_with_agent(apply, params, instance, num_samples=samples)
+        assert found.makespan == int((found.start + instance.durations).max())  # validated inside
+    with open(f"{inference.pretrained_dir()}/training.json") as f:
+        training = json.load(f)
+    assert training["command"].startswith("jaxalign run jssp_cp --workdir ") and len(training["commit"]) >= 7
+    assert training["config"]["taillard"] == "ta01-ta10"  # evaluated there, never trained on (imitation refuses)
+
+
+def test_non_delay_masks_no_op_whenever_a_job_can_start():
+    # job 0: m0 for 3 then m1 for 1; job 1: m1 for 1 then m0 for 1. After job 1's first operation, job 0 can start
+    # on m0 now and No-Op is legal too (job 1 would wait for m0).
+    instance = env.pad(Instance(np.array([[0, 1], [1, 0]]), np.array([[3, 1], [1, 1]])))
+    network = JobShopPolicy(NetworkConfig(dim=8, heads=1, job_layers=1))
+    params = init_params(jax.random.key(0), network)
+    both = env.observe(env.transition(env.reset(instance), jnp.asarray(1)))
+    assert both.legal.tolist() == [True, False, True]
+    logits, value = inference.NonDelay(network.apply)(params, both)
+    plain_logits, plain_value = network.apply(params, both)
+    assert float(logits[-1]) == ILLEGAL and float(plain_logits[-1]) > ILLEGAL
+    np.testing.assert_array_equal(logits[:-1], plain_logits[:-1])
+    assert float(value) == float(plain_value)
