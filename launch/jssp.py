@@ -7,8 +7,8 @@ INSTANCE_FILE: Taillard or OR-Library format (detected). Prints the makespan and
 of Taillard's ta01-ta80, its best-known bounds and the gap to the upper bound; writes OUT/schedule.json and
 OUT/gantt.png. Every schedule is validated before it is written. --time-limit: CP-SAT's limit in seconds (default
 10, two workers). --checkpoint: a `jaxalign run jssp_cp` work directory (agent only; default: the policy shipped in
-agents/jssp_cp/data/pretrained, trained on generated instances only); --samples: the agent's sampled
-rollouts (temperatures 0.5-2.0, best kept; 0 = greedy). A malformed file is one error line naming the file and
+agents/jssp_cp/data/pretrained, trained on generated instances only); --samples: the agent's
+rollouts, the shortest schedule kept (the greedy one and N-1 sampled at temperatures 0.5-2.0; 0 = greedy only). A malformed file is one error line naming the file and
 the line (exit 2).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     solve.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT's limit in seconds (cp-sat)")
     solve.add_argument("--checkpoint", default=None, help="a `jaxalign run jssp_cp` work directory (agent; "
                        "default: the shipped pretrained policy)")
-    solve.add_argument("--samples", type=int, default=16, help="the agent's sampled rollouts; 0 = greedy")
+    solve.add_argument("--samples", type=int, default=16, help="the agent's rollouts, the best kept: the greedy one and N-1 sampled; 0 = greedy only")
     solve.add_argument("--out", default=".", help="directory for schedule.json and gantt.png (default: .)")
 
 

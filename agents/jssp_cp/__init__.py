@@ -19,7 +19,7 @@ The second increment, the learned agent:
   network.py      the size-agnostic policy: attention over each job's window, then across jobs (competition bias)
   imitation.py    CP-SAT schedules -> left-shifted -> expert decisions (replayed and checked); behaviour cloning
   ppo.py          PPO on the makespan (rl.ppo's loss, rl.returns' GAE) as an rl.harness Trainer
-  inference.py    greedy and best-of-N sampled rollouts (temperatures 0.5-2.0), validated; the policy on disk
+  inference.py    greedy and best-of-N rollouts (greedy + N-1 sampled at 0.5-2.0), validated; the policy on disk
   experiment.py   `jaxalign run jssp_cp`: imitation, PPO, evaluation on held-out and Taillard instances
   bench.py        `jaxalign bench jssp`: every method per Taillard size group
   plots.py        Gantt charts

@@ -4,7 +4,7 @@ seconds per instance.
     jaxalign bench jssp --workdir DIR [--groups 15x15,20x15,...] [--time-limit S] [--checkpoint RUN_DIR]
                         [--samples N] [--per-group K] [--workers W]
 
-Methods: the five dispatching rules; the agent greedy and the best of --samples sampled rollouts (temperatures
+Methods: the five dispatching rules; the agent greedy and the best of --samples rollouts (the greedy one and the rest sampled at temperatures
 0.5-2.0) when a trained policy is found (--checkpoint, default DIR itself: a `jaxalign run jssp_cp` work
 directory); CP-SAT given, per instance, the sampled agent's time (as the paper compares) and CP-SAT at
 --time-limit seconds, both with --workers workers and no hint (an instance where CP-SAT finds no schedule within its
@@ -155,7 +155,9 @@ def settings_keys(args: argparse.Namespace, checkpoint: str | None) -> dict[str,
     policy = b"none" if checkpoint is None else b"".join(
         paths.read_bytes(paths.join(checkpoint, name)) for name in (inference.POLICY_PARAMS, inference.POLICY_CONFIG))
     payloads = {"rules": b"rules",
-                "agent": f"agent {args.samples} {args.workers} ".encode() + hashlib.sha256(policy).digest(),
+                # "greedy+sampled": the best of N includes the greedy rollout (rows before it are other settings)
+                "agent": f"agent greedy+sampled {args.samples} {args.workers} ".encode()
+                + hashlib.sha256(policy).digest(),
                 "cpsat": f"cpsat {args.time_limit!r} {args.workers}".encode()}
     return {family: hashlib.sha256(payload).hexdigest()[:12] for family, payload in payloads.items()}
 

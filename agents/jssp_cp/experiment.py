@@ -96,7 +96,7 @@ class JSSPCPConfig:
     eval_sizes: str = "10x10,15x15"  # JOBSxMACHINES sizes of the held-out generated evaluation instances
     eval_instances: int = 10  # held-out generated instances per eval size
     taillard: str = "ta01-ta10"  # Taillard instances evaluated, a list or ranges within ta01..ta80; "" for none
-    num_samples: int = 16  # sampled rollouts per instance (temperatures 0.5-2.0)
+    num_samples: int = 16  # rollouts per instance: the greedy one, the rest sampled at temperatures 0.5-2.0
     eval_cpsat: bool = True  # CP-SAT at the sampled agent's time on the Taillard instances
     num_chunks: int = 4  # jitted chunks the PPO updates are split into, each checkpointed (<= ppo.num_updates)
     show_progress: bool = True  # a progress bar with rate and ETA

@@ -109,3 +109,15 @@ def test_non_delay_masks_no_op_whenever_a_job_can_start():
     assert float(logits[-1]) == ILLEGAL and float(plain_logits[-1]) > ILLEGAL
     np.testing.assert_array_equal(logits[:-1], plain_logits[:-1])
     assert float(value) == float(plain_value)
+
+
+def test_the_best_of_n_includes_the_greedy_rollout():
+    network = JobShopPolicy(NetworkConfig(dim=8, heads=1, job_layers=1))
+    params = init_params(jax.random.key(2), network)
+    batch = env.stack([random_instance(seed, 8, 5) for seed in range(6)])
+    _, greedy = inference.greedy_batch(network.apply, params, batch)
+    for samples in (1, 3):
+        _, best = inference.sampled_batch(network.apply, params, batch, jax.random.key(0), samples)
+        assert (np.asarray(best) <= np.asarray(greedy)).all()
+    _, one = inference.sampled_batch(network.apply, params, batch, jax.random.key(0), 1)
+    np.testing.assert_array_equal(one, greedy)  # N = 1 is the greedy rollout alone
