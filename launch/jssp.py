@@ -8,8 +8,8 @@ of Taillard's ta01-ta80, its best-known bounds and the gap to the upper bound; w
 OUT/gantt.png. Every schedule is validated before it is written. --time-limit: CP-SAT's limit in seconds (default
 10, two workers). --checkpoint: a `jaxalign run jssp_cp` work directory (agent only; default: the policy shipped in
 agents/jssp_cp/data/pretrained, trained on generated instances only); --samples: the agent's
-rollouts, the shortest schedule kept (the greedy one and N-1 sampled at temperatures 0.5-2.0; 0 = greedy only). A malformed file is one error line naming the file and
-the line (exit 2).
+rollouts, the shortest schedule kept (the greedy one and N-1 sampled at temperatures 0.5-2.0; 0 = greedy only). A
+malformed file is one error line naming the file and the line (exit 2).
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     solve.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT's limit in seconds (cp-sat)")
     solve.add_argument("--checkpoint", default=None, help="a `jaxalign run jssp_cp` work directory (agent; "
                        "default: the shipped pretrained policy)")
-    solve.add_argument("--samples", type=int, default=16, help="the agent's rollouts, the best kept: the greedy one and N-1 sampled; 0 = greedy only")
+    solve.add_argument("--samples", type=int, default=16, help="the agent's rollouts, the best kept: the greedy one "
+                       "and N-1 sampled; 0 = greedy only")
     solve.add_argument("--out", default=".", help="directory for schedule.json and gantt.png (default: .)")
 
 

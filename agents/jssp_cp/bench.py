@@ -4,12 +4,13 @@ seconds per instance.
     jaxalign bench jssp --workdir DIR [--groups 15x15,20x15,...] [--time-limit S] [--checkpoint RUN_DIR]
                         [--samples N] [--per-group K] [--workers W]
 
-Methods: the five dispatching rules; the agent greedy and the best of --samples rollouts (the greedy one and the rest sampled at temperatures
-0.5-2.0) when a trained policy is found (--checkpoint, default DIR itself: a `jaxalign run jssp_cp` work
-directory); CP-SAT given, per instance, the sampled agent's time (as the paper compares) and CP-SAT at
---time-limit seconds, both with --workers workers and no hint (an instance where CP-SAT finds no schedule within its
-limit counts as unsolved, and the mean gap is over the solved ones). Times exclude compilation (one warm-up per shape);
-CP-SAT's results depend on the machine, which is why it runs beside the agent in the same process.
+Methods: the five dispatching rules; the agent greedy and the best of --samples rollouts (the greedy one and the
+rest sampled at temperatures 0.5-2.0) when a trained policy is found (--checkpoint, default DIR itself: a `jaxalign
+run jssp_cp` work directory); CP-SAT given, per instance, the sampled agent's time (as the paper compares) and
+CP-SAT at --time-limit seconds, both with --workers workers and no hint (an instance where CP-SAT finds no schedule
+within its limit counts as unsolved, and the mean gap is over the solved ones). Times exclude compilation (one
+warm-up per shape); CP-SAT's results depend on the machine, which is why it runs beside the agent in the same
+process.
 
 Every schedule goes through the validator (agents/jssp_cp/schedule.py); the violations are counted, written to
 the tables, and any violation fails the command after the tables are written. Writes DIR/bench_jssp.csv (one row
@@ -91,7 +92,7 @@ class Bench:
                 clock = time.perf_counter()
                 start, makespan = jax.device_get(rules.dispatch(padded, rule))
                 found[rule] = (np.asarray(start), int(makespan), time.perf_counter() - clock)
-        if "agent" in families and self.policy is not None:
+        if "agent" in families:
             apply, params = self.policy
             for label, samples in (("agent_greedy", 0), ("agent_sampled", self.samples)):
                 self._warm((label, instance.machines.shape), lambda: _agent(apply, params, instance, samples))
@@ -237,8 +238,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               + f" | {elapsed / count:.1f} s/instance, ETA {_duration(elapsed / count * (len(todo) - count))}",
               flush=True)
     wanted_names = {n for _, n in wanted}
-    rows = summarise([r for r in kept if mine(r) and r["instance"] in wanted_names
-                      and family_of(r["method"]) in families], groups)
+    rows = summarise([r for r in kept if mine(r) and r["instance"] in wanted_names], groups)
     paths.write_atomic(paths.join(workdir, "bench_jssp.csv"), csv_text(rows))
     note = "" if policy is not None else "\nNo trained policy was given (--checkpoint): the agent rows are absent.\n"
     text = markdown(rows) + note

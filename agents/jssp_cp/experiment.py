@@ -216,10 +216,10 @@ def select_policy(cfg: JSSPCPConfig, candidates: dict) -> tuple[str, dict]:
     for jobs, machines in parse_sizes(cfg.validation_sizes):
         instances = [random_instance(rng, jobs, machines) for _ in range(cfg.validation_instances)]
         imitation.refuse_benchmarks(instances)
-        bounds = np.array([lower_bound_of(i) for i in instances])
+        bounds, batch = np.array([lower_bound_of(i) for i in instances]), env.stack(instances)
         for label, (apply, params) in candidates.items():
             starts, makespans = jax.device_get(inference.sampled_batch(
-                apply, params, env.stack(instances), jax.random.key(cfg.seed), cfg.num_samples))
+                apply, params, batch, jax.random.key(cfg.seed), cfg.num_samples))
             for inst, start, makespan in zip(instances, starts, makespans):
                 inference.checked(inst, start, makespan, f"the {label} policy")
             ratios[label].extend(np.asarray(makespans) / bounds)

@@ -4,8 +4,8 @@ N rollouts is the greedy one, so the best of N is never longer than greedy: on T
 instances, 16 samples alone came out worse than the greedy rollout (README).
 
 Both run as one jitted call per padded instance shape: the greedy rollout and N - 1 sampled ones (temperature
-i = 0.5 + 1.5 i / (N - 2)) are vmapped, each a lax.while_loop over decisions. `schedule_with_agent` validates every schedule it returns
-(agents/jssp_cp/schedule.py) and raises on any violation.
+i = 0.5 + 1.5 i / (N - 2)) are vmapped, each a lax.while_loop over decisions. `schedule_with_agent` validates
+every schedule it returns (agents/jssp_cp/schedule.py) and raises on any violation.
 """
 from __future__ import annotations
 
@@ -113,8 +113,8 @@ def checked(instance: Instance, start, makespan, method: str) -> np.ndarray:
 
 
 def schedule_with_agent(apply, params, instance: Instance, num_samples: int = 0, seed: int = 0) -> AgentSchedule:
-    """Greedy (num_samples == 0) or best of `num_samples` rollouts (greedy + sampled) on one instance; validated; seconds
-    include compilation the first time a shape is seen."""
+    """Greedy (num_samples == 0) or best of `num_samples` rollouts (greedy + sampled) on one instance; validated;
+    seconds include compilation the first time a shape is seen."""
     batch = env.stack([instance])
     clock = time.perf_counter()
     if num_samples == 0:

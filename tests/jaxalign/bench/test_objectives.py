@@ -12,14 +12,15 @@ TINY = [
     "task.num_operands=3", "model.d_model=64", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
     "model.head_dim=16", "model.mlp_dim=128", "sft.steps=40", "sft.batch_size=32", "sft.optim.learning_rate=1e-2",
     "sft.optim.warmup_steps=5", "pairs.num_prompts=96", "pairs.samples_per_prompt=4",
-    "pairs.require_correct_chosen=false", "dpo.steps=4", "dpo.batch_size=16", "dpo.list_batch_size=8", "dpo.eval_every=4",
+    "pairs.require_correct_chosen=false", "dpo.steps=4", "dpo.batch_size=16", "dpo.list_batch_size=8",
+    "dpo.eval_every=4",
     "num_val_prompts=32", "eval_fraction=0.064", "eval_batch_size=64", "show_progress=false",
 ]  # fmt: skip
 
 
 def test_objectives_benchmark_writes_one_row_per_run_and_resumes(tmp_path, capsys):
-    argv = ["--workdir", str(tmp_path), "--seeds", "0", "--tasks", "noisy_labels", "--objectives", "sigmoid;simpo[gamma_beta_ratio=0.25];plackett_luce",
-            *TINY]
+    argv = ["--workdir", str(tmp_path), "--seeds", "0", "--tasks", "noisy_labels", "--objectives",
+            "sigmoid;simpo[gamma_beta_ratio=0.25];plackett_luce", *TINY]
     summary = objectives.main(argv)
     rows = objectives.read_csv(str(tmp_path / "objectives.csv"))
     assert sorted((r["objective"], r["task"], r["seed"]) for r in rows) == [
