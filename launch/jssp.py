@@ -6,10 +6,11 @@
 INSTANCE_FILE: Taillard or OR-Library format (detected). Prints the makespan and, when the instance's content is one
 of Taillard's ta01-ta80, its best-known bounds and the gap to the upper bound; writes OUT/schedule.json and
 OUT/gantt.png. Every schedule is validated before it is written. --time-limit: CP-SAT's limit in seconds (default
-10, two workers). --checkpoint: a `jaxalign run jssp_cp` work directory (agent only; default: the policy shipped in
-agents/jssp_cp/data/pretrained, trained on generated instances only); --samples: the agent's
-rollouts, the shortest schedule kept (the greedy one and N-1 sampled at temperatures 0.5-2.0; 0 = greedy only). A
-malformed file is one error line naming the file and the line (exit 2).
+10, two workers); for the agent, rounds of --samples rollouts go on while the next one is expected to end within it
+(default: one round). --checkpoint: a `jaxalign run jssp_cp` work directory (agent only; default: the policy shipped
+in agents/jssp_cp/data/pretrained, trained on generated instances only); --samples: the agent's rollouts, the
+shortest schedule kept (the greedy one and N-1 sampled at temperatures 0.5-2.0; 0 = greedy only). A malformed file
+is one error line naming the file and the line (exit 2).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "gantt.png")
     solve.add_argument("instance", help="a Taillard or OR-Library instance file")
     solve.add_argument("--method", required=True, choices=METHODS)
-    solve.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT's limit in seconds (cp-sat)")
+    solve.add_argument("--time-limit", type=float, default=None, help="seconds: CP-SAT's limit (default 10); the "
+                       "agent's budget for rounds of --samples rollouts (default: one round)")
     solve.add_argument("--checkpoint", default=None, help="a `jaxalign run jssp_cp` work directory (agent; "
                        "default: the shipped pretrained policy)")
     solve.add_argument("--samples", type=int, default=16, help="the agent's rollouts, the best kept: the greedy one "
@@ -34,16 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     solve.add_argument("--out", default=".", help="directory for schedule.json and gantt.png (default: .)")
 
 
-def schedule(instance, method: str, time_limit: float, checkpoint: str | None, samples: int):
+def schedule(instance, method: str, time_limit: float | None, checkpoint: str | None, samples: int):
     """(start [jobs, operations], makespan, extra fields for schedule.json), validated."""
     import numpy as np
 
     from agents.jssp_cp import cpsat, env, inference, rules
 
+    if time_limit is not None and time_limit <= 0:
+        raise ValueError(f"--time-limit must be > 0, got {time_limit}")
     if method == "cp-sat":
-        if time_limit <= 0:
-            raise ValueError(f"--time-limit must be > 0, got {time_limit}")
-        result = cpsat.solve(instance, time_limit=time_limit, workers=2)
+        result = cpsat.solve(instance, time_limit=10.0 if time_limit is None else time_limit, workers=2)
         start, makespan = result.start, result.makespan
         extra = {"status": result.status, "lower_bound_proved": result.bound, "seconds": result.wall_time}
     elif method == "agent":
@@ -51,9 +53,9 @@ def schedule(instance, method: str, time_limit: float, checkpoint: str | None, s
         if samples < 0:
             raise ValueError(f"--samples must be >= 0, got {samples}")
         apply, params = inference.load_policy(checkpoint)
-        found = inference.schedule_with_agent(apply, params, instance, num_samples=samples)
+        found = inference.schedule_with_agent(apply, params, instance, num_samples=samples, seconds=time_limit)
         start, makespan = found.start, found.makespan
-        extra = {"samples": samples, "seconds": found.seconds}
+        extra = {"samples": samples, "rollouts": found.rollouts, "seconds": found.seconds}
     else:
         start, makespan = rules.dispatch(env.pad(instance), method)
         makespan = int(makespan)

@@ -2,11 +2,13 @@
 seconds per instance.
 
     jaxalign bench jssp --workdir DIR [--groups 15x15,20x15,...] [--time-limit S] [--checkpoint RUN_DIR]
-                        [--samples N] [--per-group K] [--workers W]
+                        [--samples N] [--agent-time S] [--per-group K] [--workers W]
 
 Methods: the five dispatching rules; the agent greedy and the best of --samples rollouts (the greedy one and the
-rest sampled at temperatures 0.5-2.0) when a trained policy is found (--checkpoint, default DIR itself: a `jaxalign
-run jssp_cp` work directory); CP-SAT given, per instance, the sampled agent's time (as the paper compares) and
+rest sampled at temperatures 0.5-2.0), or with --agent-time the best of rounds of --samples rollouts while the next
+round is expected to end within that many seconds (`inference.best_within`), when a trained policy is found
+(--checkpoint, default DIR itself: a `jaxalign run jssp_cp` work directory); CP-SAT given, per instance, the
+sampled agent's time (as the paper compares) and
 CP-SAT at --time-limit seconds, both with --workers workers and no hint (an instance where CP-SAT finds no schedule
 within its limit counts as unsolved, and the mean gap is over the solved ones). Times exclude compilation (one
 warm-up per shape); CP-SAT's results depend on the machine, which is why it runs beside the agent in the same
@@ -18,11 +20,11 @@ per group and method), DIR/bench_jssp_instances.csv (one row per instance and me
 
 A bench at 60 s per instance runs for hours, so it resumes: the per-instance file is rewritten (atomically) after
 every instance, each row tagged with a `settings` hash of what decides its numbers, per family of methods: nothing
-for the rules (deterministic); the samples, workers and the policy's bytes for the agent and CP-SAT at the agent's
-time; the time limit and workers for CP-SAT at --time-limit. A rerun skips every (instance, family) it already
-holds, so a newly trained agent in the same DIR reruns only the agent's family, not the hours of CP-SAT at 60 s.
-Rows of other settings stay in the file untouched; the group table is made of this command's settings only. A line
-per instance gives each method's makespan, the seconds per instance so far and the ETA.
+for the rules (deterministic); the samples, agent time, workers and the policy's bytes for the agent and CP-SAT at
+the agent's time; the time limit and workers for CP-SAT at --time-limit. A rerun skips every (instance, family) it
+already holds, so a newly trained agent in the same DIR reruns only the agent's family, not the hours of CP-SAT at
+60 s. Rows of other settings stay in the file untouched; the group table is made of this command's settings only. A
+line per instance gives each method's makespan, the seconds per instance so far and the ETA.
 """
 from __future__ import annotations
 
@@ -58,23 +60,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=60.0, help="CP-SAT's own limit in seconds")
     parser.add_argument("--checkpoint", default=None, help="a `jaxalign run jssp_cp` work directory (default: "
                         "--workdir when it holds policy.msgpack)")
-    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=16, help="the agent's rollouts (per round with --agent-time)")
+    parser.add_argument("--agent-time", type=float, default=None, help="seconds per instance for rounds of --samples "
+                        "rollouts (default: one round)")
     parser.add_argument("--per-group", type=int, default=10, help="the first K instances of each group")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     if not any(g.strip() for g in args.groups.split(",")):
         raise ValueError(f"bench jssp needs --groups to name at least one size group, got {args.groups!r}")
-    if args.time_limit <= 0 or args.samples < 1 or not 1 <= args.per_group <= 10 or args.workers < 1:
-        raise ValueError(f"bench jssp needs --time-limit > 0, --samples >= 1, --per-group in 1..10 and "
-                         f"--workers >= 1; got {args.time_limit}, {args.samples}, {args.per_group}, {args.workers}")
+    if (args.time_limit <= 0 or args.samples < 1 or not 1 <= args.per_group <= 10 or args.workers < 1
+            or (args.agent_time is not None and args.agent_time <= 0)):
+        raise ValueError(f"bench jssp needs --time-limit > 0, --samples >= 1, --agent-time > 0, --per-group in "
+                         f"1..10 and --workers >= 1; got {args.time_limit}, {args.samples}, {args.agent_time}, "
+                         f"{args.per_group}, {args.workers}")
     return args
 
 
 class Bench:
     """Runs the methods on one instance at a time, recording (makespan, seconds, violations) per method."""
 
-    def __init__(self, policy, samples: int, time_limit: float, workers: int):
+    def __init__(self, policy, samples: int, time_limit: float, workers: int, agent_time: float | None = None):
         self.policy, self.samples, self.time_limit, self.workers = policy, samples, time_limit, workers
+        self.agent_time = agent_time
         self.warm: set = set()
 
     def _warm(self, key, run):
@@ -95,8 +102,9 @@ class Bench:
         if "agent" in families:
             apply, params = self.policy
             for label, samples in (("agent_greedy", 0), ("agent_sampled", self.samples)):
+                # One round compiles what every round of `best_within` runs.
                 self._warm((label, instance.machines.shape), lambda: _agent(apply, params, instance, samples))
-                found[label] = _agent(apply, params, instance, samples)
+                found[label] = _agent(apply, params, instance, samples, None if samples == 0 else self.agent_time)
             limit = max(found["agent_sampled"][2], 0.05)
             found["cpsat_agent_time"] = self._cpsat(instance, limit)
         if "cpsat" in families:
@@ -116,13 +124,18 @@ class Bench:
         return result.start, result.makespan, result.wall_time
 
 
-def _agent(apply, params, instance, samples: int):
-    """The agent's (start, makespan, seconds): greedy (samples == 0) or best of `samples`; validated by the caller
-    like every other method (counted, not raised, so that the bench reports every violation)."""
+def _agent(apply, params, instance, samples: int, seconds: float | None = None):
+    """The agent's (start, makespan, seconds): greedy (samples == 0), best of `samples`, or best of rounds of
+    `samples` within `seconds`; validated by the caller like every other method (counted, not raised, so that the
+    bench reports every violation)."""
     batch = env.stack([instance])
     clock = time.perf_counter()
-    found = (inference.greedy_batch(apply, params, batch) if samples == 0
-             else inference.sampled_batch(apply, params, batch, jax.random.key(0), samples))
+    if samples == 0:
+        found = inference.greedy_batch(apply, params, batch)
+    elif seconds is None:
+        found = inference.sampled_batch(apply, params, batch, jax.random.key(0), samples)
+    else:
+        found = inference.best_within(apply, params, batch, jax.random.key(0), seconds, round_size=samples)[:2]
     start, makespan = jax.device_get(found)
     return np.asarray(start[0]), int(makespan[0]), time.perf_counter() - clock
 
@@ -157,7 +170,9 @@ def settings_keys(args: argparse.Namespace, checkpoint: str | None) -> dict[str,
         paths.read_bytes(paths.join(checkpoint, name)) for name in (inference.POLICY_PARAMS, inference.POLICY_CONFIG))
     payloads = {"rules": b"rules",
                 # "greedy+sampled": the best of N includes the greedy rollout (rows before it are other settings)
+                # --agent-time adds to the payload, so rows without it keep their key
                 "agent": f"agent greedy+sampled {args.samples} {args.workers} ".encode()
+                + (b"" if args.agent_time is None else f"within {args.agent_time!r} ".encode())
                 + hashlib.sha256(policy).digest(),
                 "cpsat": f"cpsat {args.time_limit!r} {args.workers}".encode()}
     return {family: hashlib.sha256(payload).hexdigest()[:12] for family, payload in payloads.items()}
@@ -223,7 +238,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if reused:
         print(f"[bench jssp] resuming: {reused} (instance, method family) results of these settings already in "
               f"{instances_csv}; running {sum(len(m) for _, _, m in todo)}", file=sys.stderr, flush=True)
-    bench = Bench(policy, args.samples, args.time_limit, args.workers)
+    bench = Bench(policy, args.samples, args.time_limit, args.workers, args.agent_time)
     clock = time.perf_counter()
     for count, (group, name, missing) in enumerate(todo, 1):
         instance, _, ub = benchmark(name)

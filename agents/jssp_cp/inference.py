@@ -4,8 +4,10 @@ N rollouts is the greedy one, so the best of N is never longer than greedy: on T
 instances, 16 samples alone came out worse than the greedy rollout (README).
 
 Both run as one jitted call per padded instance shape: the greedy rollout and N - 1 sampled ones (temperature
-i = 0.5 + 1.5 i / (N - 2)) are vmapped, each a lax.while_loop over decisions. `schedule_with_agent` validates
-every schedule it returns (agents/jssp_cp/schedule.py) and raises on any violation.
+i = 0.5 + 1.5 i / (N - 2)) are vmapped, each a lax.while_loop over decisions. `best_within` repeats such rounds
+while they fit in a time limit, so that the agent, like CP-SAT, turns more time into shorter schedules (most of all
+on small instances, where a rollout is cheap). `schedule_with_agent` validates every schedule it returns
+(agents/jssp_cp/schedule.py) and raises on any violation.
 """
 from __future__ import annotations
 
@@ -70,10 +72,12 @@ def _greedy(apply, params, instances: env.JobShop):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _sampled(apply, params, instances: env.JobShop, key: jax.Array, num_samples: int):
-    # Rollout 0 is the greedy one (its temperature is unused), the others sample.
-    temps = jnp.concatenate([jnp.ones(1), temperatures(num_samples - 1)]) if num_samples > 1 else jnp.ones(1)
-    greedy = jnp.arange(num_samples) == 0
+def _sampled(apply, params, instances: env.JobShop, key: jax.Array, num_samples: int, with_greedy: jax.Array):
+    # Rollout 0 is the greedy one when `with_greedy` (its temperature is unused); traced, so that the first round of
+    # `best_within` and the later, all-sampled ones share one compilation.
+    greedy = (jnp.arange(num_samples) == 0) & with_greedy
+    temps = jnp.where(with_greedy, jnp.concatenate([jnp.ones(1), temperatures(num_samples - 1)]),
+                      temperatures(num_samples)) if num_samples > 1 else jnp.ones(1)
 
     def best_of(inst, key):
         keys = jax.random.split(key, num_samples)
@@ -94,13 +98,61 @@ def sampled_batch(apply, params, instances: env.JobShop, key: jax.Array, num_sam
     sampled (module docstring); one jitted call."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    return _sampled(apply, params, instances, key, num_samples)
+    return _round(apply, params, instances, key, num_samples, True)
+
+
+_ROUNDS_SEEN: set = set()  # (apply, shape, round size) of the rounds compiled in this process
+
+
+def _round(apply, params, instances: env.JobShop, key: jax.Array, num_samples: int, with_greedy: bool):
+    found = _sampled(apply, params, instances, key, num_samples, jnp.bool_(with_greedy))
+    _ROUNDS_SEEN.add((apply, instances.machines.shape, num_samples))
+    return found
+
+
+class Anytime(NamedTuple):
+    start: np.ndarray  # [B, J, O] of the best schedule found per instance
+    makespan: np.ndarray  # [B]
+    rollouts: int  # per instance, over all rounds (the greedy one included)
+    seconds: float
+
+
+def best_within(apply, params, instances: env.JobShop, key: jax.Array, seconds: float, round_size: int = 16,
+                max_rounds: int | None = None) -> Anytime:
+    """The best of as many rollouts as fit in `seconds`, an anytime search like CP-SAT's time limit: round 0 is
+    `sampled_batch` (greedy + `round_size` - 1 sampled, the same key), each further round `round_size` fresh samples
+    at temperatures spread over [0.5, 2.0] (keys folded with the round's index), the best schedule per instance kept.
+    A round starts only if it is expected to end within `seconds`, judged by the last round's wall time; round 0
+    always runs, so a round longer than `seconds` overruns it, and when round 0 compiled (a shape new to this
+    process) its time says little about a round's, so round 1 runs if any time is left. `max_rounds` caps the rounds
+    (a deterministic result whatever the machine's speed)."""
+    if round_size < 1 or seconds <= 0 or (max_rounds is not None and max_rounds < 1):
+        raise ValueError(f"best_within needs round_size >= 1, seconds > 0 and max_rounds >= 1 (or None); got "
+                         f"{round_size}, {seconds}, {max_rounds}")
+    clock = time.perf_counter()
+    compiles = (apply, instances.machines.shape, round_size) not in _ROUNDS_SEEN
+    best_start = best_makespan = None
+    rounds, last = 0, 0.0
+    while rounds == 0 or ((max_rounds is None or rounds < max_rounds)
+                          and time.perf_counter() - clock + last <= seconds):
+        began = time.perf_counter()
+        round_key = key if rounds == 0 else jax.random.fold_in(key, rounds)
+        start, makespan = jax.device_get(_round(apply, params, instances, round_key, round_size, rounds == 0))
+        if best_makespan is None:
+            best_start, best_makespan = np.asarray(start), np.asarray(makespan)
+        else:
+            better = makespan < best_makespan
+            best_start = np.where(better[:, None, None], start, best_start)
+            best_makespan = np.where(better, makespan, best_makespan)
+        rounds, last = rounds + 1, 0.0 if rounds == 0 and compiles else time.perf_counter() - began
+    return Anytime(best_start, best_makespan, rounds * round_size, time.perf_counter() - clock)
 
 
 class AgentSchedule(NamedTuple):
     start: np.ndarray
     makespan: int
     seconds: float
+    rollouts: int
 
 
 def checked(instance: Instance, start, makespan, method: str) -> np.ndarray:
@@ -112,19 +164,26 @@ def checked(instance: Instance, start, makespan, method: str) -> np.ndarray:
     return start
 
 
-def schedule_with_agent(apply, params, instance: Instance, num_samples: int = 0, seed: int = 0) -> AgentSchedule:
-    """Greedy (num_samples == 0) or best of `num_samples` rollouts (greedy + sampled) on one instance; validated;
-    seconds include compilation the first time a shape is seen."""
+def schedule_with_agent(apply, params, instance: Instance, num_samples: int = 0, seed: int = 0,
+                        seconds: float | None = None) -> AgentSchedule:
+    """Greedy (num_samples == 0), the best of `num_samples` rollouts (greedy + sampled), or, given `seconds`, the
+    best of rounds of `num_samples` rollouts within that time (`best_within`) on one instance; validated; seconds
+    include compilation the first time a shape is seen."""
     batch = env.stack([instance])
     clock = time.perf_counter()
+    key = jax.random.key(seed)
     if num_samples == 0:
         start, makespan = greedy_batch(apply, params, batch)
+        rollouts, method = 1, "the agent (greedy)"
+    elif seconds is None:
+        start, makespan = sampled_batch(apply, params, batch, key, num_samples)
+        rollouts, method = num_samples, f"the agent (best of {num_samples})"
     else:
-        start, makespan = sampled_batch(apply, params, batch, jax.random.key(seed), num_samples)
+        start, makespan, rollouts, _ = best_within(apply, params, batch, key, seconds, round_size=num_samples)
+        method = f"the agent (best of {rollouts} in {seconds:g} s)"
     makespan = int(jax.device_get(makespan)[0])
     seconds = time.perf_counter() - clock
-    method = "the agent (greedy)" if num_samples == 0 else f"the agent (best of {num_samples})"
-    return AgentSchedule(checked(instance, start[0], makespan, method), makespan, seconds)
+    return AgentSchedule(checked(instance, start[0], makespan, method), makespan, seconds, rollouts)
 
 
 # --- the trained policy on disk --------------------------------------------------------------------------------
@@ -170,11 +229,18 @@ def load_policy(directory):
         raise ValueError(f"{directory} holds no trained policy ({' and '.join(missing)} missing); train one with "
                          f"`jaxalign run jssp_cp --workdir {directory}`")
     record = json.loads(paths.read_text(paths.join(directory, POLICY_CONFIG)))
-    network = JobShopPolicy(NetworkConfig(**record["network"]))
+    network = _network(JobShopPolicy, NetworkConfig(**record["network"]))
     template = init_params(jax.random.key(0), network)
     params = restore_params(template, paths.read_bytes(paths.join(directory, POLICY_PARAMS)),
                             paths.join(directory, POLICY_PARAMS))
     return (network.apply if record.get("noop", True) else NonDelay(network.apply)), params
+
+
+@functools.lru_cache(maxsize=None)
+def _network(cls, config):
+    # One module per config, so that every policy loaded with it shares `apply` and with it the jitted rollouts'
+    # compilations (Flax modules compare by identity).
+    return cls(config)
 
 
 def restore_params(template, data: bytes, where: str):

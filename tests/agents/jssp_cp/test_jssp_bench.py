@@ -60,12 +60,17 @@ def test_a_new_policy_reruns_only_the_agents_family(tmp_path):
     assert {r["method"] for r in rows} == RULES | agent | {"cpsat_0.2s"}
     kept = _instance_rows(out)
     assert kept[:len(first)] == first and {r["method"] for r in kept[len(first):]} == agent
+    # A time budget for the agent's rounds is another agent setting: again only the agent's family runs.
+    rows = bench_main([*common, "--checkpoint", str(tmp_path / "policy1"), "--agent-time", "0.05"])
+    assert {r["method"] for r in rows} == RULES | agent | {"cpsat_0.2s"}
+    assert {r["method"] for r in _instance_rows(out)[len(kept):]} == agent
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--groups", " , "], "--groups to name at least one size group"),
     (["--groups", "15x16"], "unknown Taillard size group '15x16'"),
     (["--time-limit", "0"], "--time-limit > 0"),
+    (["--agent-time", "-1"], "--agent-time > 0"),
 ])
 def test_bad_options_are_refused_before_the_work_directory_is_made(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):

@@ -98,6 +98,13 @@ def test_run_resumes_bit_identically_then_solve_and_bench_use_its_policy(tmp_pat
     assert code == 0 and "agent makespan" in out, err
     record = json.loads((tmp_path / "agent" / "schedule.json").read_text())
     assert validate(read_instance(path), np.array(record["start"]), makespan=record["makespan"]) == []
+    assert record["rollouts"] == 4
+    # --time-limit gives the agent rounds of --samples rollouts while they fit in it.
+    code, _, err = _solve(capsys, path, tmp_path / "timed", "--method", "agent", "--checkpoint", str(a),
+                          "--samples", "4", "--time-limit", "2")
+    timed = json.loads((tmp_path / "timed" / "schedule.json").read_text())
+    assert code == 0 and timed["rollouts"] % 4 == 0 and timed["rollouts"] > 4 and timed["makespan"] <= record[
+        "makespan"], err
     capsys.readouterr()
     rows = bench_main(
         ["--workdir", str(tmp_path / "bench"), "--checkpoint", str(a), "--groups", "15x15", "--per-group", "1",

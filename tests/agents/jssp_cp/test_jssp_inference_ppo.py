@@ -121,3 +121,26 @@ def test_the_best_of_n_includes_the_greedy_rollout():
         assert (np.asarray(best) <= np.asarray(greedy)).all()
     _, one = inference.sampled_batch(network.apply, params, batch, jax.random.key(0), 1)
     np.testing.assert_array_equal(one, greedy)  # N = 1 is the greedy rollout alone
+
+
+def test_best_within_a_time_limit_runs_rounds_and_keeps_the_best_of_them():
+    instances = [random_instance(seed, 3, 3, max_duration=6) for seed in range(4)]
+    batch = env.stack(instances)
+    key = jax.random.key(3)
+    # One round is `sampled_batch` itself: the greedy rollout, the rest sampled, the same key.
+    one = inference.best_within(uniform, None, batch, key, seconds=1e6, round_size=4, max_rounds=1)
+    start, makespan = inference.sampled_batch(uniform, None, batch, key, 4)
+    np.testing.assert_array_equal(one.makespan, makespan)
+    np.testing.assert_array_equal(one.start, start)
+    assert one.rollouts == 4
+    # More rounds: fresh samples each round, the best kept, never longer than fewer rounds; a valid schedule.
+    many = inference.best_within(uniform, None, batch, key, seconds=1e6, round_size=4, max_rounds=40)
+    assert many.rollouts == 160 and (many.makespan <= one.makespan).all()
+    for inst, s, m in zip(instances, many.start, many.makespan):
+        inference.checked(inst, s, m, "rounds of uniform sampling")
+        assert int(m) == optimum_by_orders(inst)[0]  # 160 uniform rollouts on 3x3 find the optimum
+    assert (many.makespan < one.makespan).any()
+    # A limit shorter than one round still runs round 0 and stops there.
+    assert inference.best_within(uniform, None, batch, key, seconds=1e-9, round_size=4).rollouts == 4
+    with pytest.raises(ValueError, match="seconds > 0"):
+        inference.best_within(uniform, None, batch, key, seconds=0)
