@@ -20,7 +20,7 @@
                                                                                           (launch/data.py)
     jaxalign jssp solve INSTANCE_FILE --method agent|cp-sat|spt|lpt|mwkr|mor|fifo [--time-limit S] [--checkpoint DIR]
                         [--out DIR]                                                       (launch/jssp.py)
-    jaxalign bench jssp --workdir DIR [--groups 15x15,20x15] [--time-limit S] [--checkpoint DIR]
+    jaxalign bench jssp --workdir DIR [--groups 15x15,20x15] [--time-limit S] [--checkpoint DIR] [--agent-time S]
     jaxalign generate --checkpoint DIR|--model HF_DIR --prompt TEXT|--prompts FILE [--chat] [sampling options]
                                                                                           (launch/generate.py)
     jaxalign deceptive-paths plan MAP.txt --checkpoint DIR [--out DIR] [--budget-fraction F]
