@@ -26,8 +26,9 @@ TINY = ["train_sizes=4x3,5x4", "imitation_instances=2", "cpsat_time_limit=5", "i
         "improvement_rounds=1", "round_instances=1",
         "imitation.batch_size=16", "network.dim=8", "network.heads=1", "network.job_layers=1", "ppo.num_envs=2",
         "ppo.num_steps=8", "ppo.num_updates=4", "ppo.update_epochs=1", "ppo.num_minibatches=1", "num_chunks=2",
-        "validation_sizes=5x4", "validation_instances=2", "eval_sizes=4x3", "eval_instances=2", "taillard=",
+        "validation_sizes=5x4", "validation_instances=2", "eval_sizes=5x4", "eval_instances=2", "taillard=",
         "num_samples=2", "eval_cpsat=false", "show_progress=false", "seed=3"]
+# Validation and evaluation share one size, so their rollouts share compilations (the test's largest cost).
 FINAL, KILL_AT = 4, 2  # checkpoint steps are PPO updates
 TINY_FILE = "3 3\n0 3 1 2 2 2\n0 2 2 1 1 4\n1 4 2 3 0 3\n"
 
@@ -50,7 +51,7 @@ def test_run_resumes_bit_identically_then_solve_and_bench_use_its_policy(tmp_pat
     (improvement,) = results["imitation"]["improvement_rounds"]
     assert improvement["round"] == 1 and improvement["instances"] == 2  # one fresh instance per training size
     assert improvement["target_makespan"] <= improvement["agent_makespan"]
-    heldout = results["heldout"]["4x3"]
+    heldout = results["heldout"]["5x4"]
     candidates = {"imitation", "ppo", "imitation_nondelay", "ppo_nondelay"}
     assert set(heldout) == {"spt", "lpt", "mwkr", "mor", "fifo", "agent_greedy", "agent_sampled"} | {
         f"{c}_{mode}" for c in candidates for mode in ("greedy", "sampled")}
@@ -73,7 +74,7 @@ def test_run_resumes_bit_identically_then_solve_and_bench_use_its_policy(tmp_pat
         chosen = {jax.tree_util.keystr(path): np.asarray(leaf)
                   for path, leaf in jax.tree_util.tree_leaves_with_path(cloned)}
     assert all(np.array_equal(v, chosen[k]) for k, v in saved.items())
-    assert all(v >= 1.0 for v in results["heldout"]["4x3"].values())  # makespan / a lower bound
+    assert all(v >= 1.0 for v in results["heldout"]["5x4"].values())  # makespan / a lower bound
     records = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in records] == [1, 2, 3, 4]
     assert all(np.isfinite([r["loss"], r["grad_norm"], r["entropy"]]).all() for r in records)
