@@ -8,11 +8,10 @@ Methods: the five dispatching rules; the agent greedy and the best of --samples 
 rest sampled at temperatures 0.5-2.0), or with --agent-time the best of rounds of --samples rollouts while the next
 round is expected to end within that many seconds (`inference.best_within`), when a trained policy is found
 (--checkpoint, default DIR itself: a `jaxalign run jssp_cp` work directory); CP-SAT given, per instance, the
-sampled agent's time (as the paper compares) and
-CP-SAT at --time-limit seconds, both with --workers workers and no hint (an instance where CP-SAT finds no schedule
-within its limit counts as unsolved, and the mean gap is over the solved ones). Times exclude compilation (one
-warm-up per shape); CP-SAT's results depend on the machine, which is why it runs beside the agent in the same
-process.
+sampled agent's time (as the paper compares) and CP-SAT at --time-limit seconds, both with --workers workers and no
+hint (an instance where CP-SAT finds no schedule within its limit counts as unsolved, and the mean gap is over the
+solved ones). Times exclude compilation (one warm-up per shape); CP-SAT's results depend on the machine, which is
+why it runs beside the agent in the same process.
 
 Every schedule goes through the validator (agents/jssp_cp/schedule.py); the violations are counted, written to
 the tables, and any violation fails the command after the tables are written. Writes DIR/bench_jssp.csv (one row
@@ -104,7 +103,7 @@ class Bench:
             for label, samples in (("agent_greedy", 0), ("agent_sampled", self.samples)):
                 # One round compiles what every round of `best_within` runs.
                 self._warm((label, instance.machines.shape), lambda: _agent(apply, params, instance, samples))
-                found[label] = _agent(apply, params, instance, samples, None if samples == 0 else self.agent_time)
+                found[label] = _agent(apply, params, instance, samples, self.agent_time)
             limit = max(found["agent_sampled"][2], 0.05)
             found["cpsat_agent_time"] = self._cpsat(instance, limit)
         if "cpsat" in families:
@@ -130,14 +129,8 @@ def _agent(apply, params, instance, samples: int, seconds: float | None = None):
     bench reports every violation)."""
     batch = env.stack([instance])
     clock = time.perf_counter()
-    if samples == 0:
-        found = inference.greedy_batch(apply, params, batch)
-    elif seconds is None:
-        found = inference.sampled_batch(apply, params, batch, jax.random.key(0), samples)
-    else:
-        found = inference.best_within(apply, params, batch, jax.random.key(0), seconds, round_size=samples)[:2]
-    start, makespan = jax.device_get(found)
-    return np.asarray(start[0]), int(makespan[0]), time.perf_counter() - clock
+    start, makespan, _ = inference.agent_schedules(apply, params, batch, jax.random.key(0), samples, seconds)
+    return start[0], int(makespan[0]), time.perf_counter() - clock
 
 
 def markdown(rows: list[dict]) -> str:

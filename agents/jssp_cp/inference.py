@@ -164,26 +164,31 @@ def checked(instance: Instance, start, makespan, method: str) -> np.ndarray:
     return start
 
 
+def agent_schedules(apply, params, instances: env.JobShop, key: jax.Array, num_samples: int = 0,
+                    seconds: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(start [B, J, O], makespan [B], rollouts per instance), on the host, not validated: greedy
+    (num_samples == 0), the best of `num_samples` rollouts (greedy + sampled), or, given `seconds`, the best of
+    rounds of `num_samples` rollouts within that time (`best_within`). `seconds` is ignored for greedy."""
+    if num_samples == 0:
+        start, makespan = jax.device_get(greedy_batch(apply, params, instances))
+        return np.asarray(start), np.asarray(makespan), 1
+    if seconds is None:
+        start, makespan = jax.device_get(sampled_batch(apply, params, instances, key, num_samples))
+        return np.asarray(start), np.asarray(makespan), num_samples
+    start, makespan, rollouts, _ = best_within(apply, params, instances, key, seconds, round_size=num_samples)
+    return start, makespan, rollouts
+
+
 def schedule_with_agent(apply, params, instance: Instance, num_samples: int = 0, seed: int = 0,
                         seconds: float | None = None) -> AgentSchedule:
-    """Greedy (num_samples == 0), the best of `num_samples` rollouts (greedy + sampled), or, given `seconds`, the
-    best of rounds of `num_samples` rollouts within that time (`best_within`) on one instance; validated; seconds
-    include compilation the first time a shape is seen."""
+    """`agent_schedules` on one instance, validated; seconds include compilation the first time a shape is seen."""
     batch = env.stack([instance])
     clock = time.perf_counter()
-    key = jax.random.key(seed)
-    if num_samples == 0:
-        start, makespan = greedy_batch(apply, params, batch)
-        rollouts, method = 1, "the agent (greedy)"
-    elif seconds is None:
-        start, makespan = sampled_batch(apply, params, batch, key, num_samples)
-        rollouts, method = num_samples, f"the agent (best of {num_samples})"
-    else:
-        start, makespan, rollouts, _ = best_within(apply, params, batch, key, seconds, round_size=num_samples)
-        method = f"the agent (best of {rollouts} in {seconds:g} s)"
-    makespan = int(jax.device_get(makespan)[0])
-    seconds = time.perf_counter() - clock
-    return AgentSchedule(checked(instance, start[0], makespan, method), makespan, seconds, rollouts)
+    start, makespan, rollouts = agent_schedules(apply, params, batch, jax.random.key(seed), num_samples, seconds)
+    elapsed = time.perf_counter() - clock
+    method = ("the agent (greedy)" if num_samples == 0 else f"the agent (best of {num_samples})" if seconds is None
+              else f"the agent (best of {rollouts} in {seconds:g} s)")
+    return AgentSchedule(checked(instance, start[0], makespan[0], method), int(makespan[0]), elapsed, rollouts)
 
 
 # --- the trained policy on disk --------------------------------------------------------------------------------
