@@ -163,8 +163,9 @@ def settings_keys(args: argparse.Namespace, checkpoint: str | None) -> dict[str,
         paths.read_bytes(paths.join(checkpoint, name)) for name in (inference.POLICY_PARAMS, inference.POLICY_CONFIG))
     payloads = {"rules": b"rules",
                 # "greedy+sampled": the best of N includes the greedy rollout (rows before it are other settings)
-                # --agent-time adds to the payload, so rows without it keep their key
-                "agent": f"agent greedy+sampled {args.samples} {args.workers} ".encode()
+                # --agent-time adds to the payload, so rows without it keep their key; "forced-skip": rollouts
+                # skip the network on forced decisions (same schedules, less time), so older times are not reused
+                "agent": f"agent greedy+sampled forced-skip {args.samples} {args.workers} ".encode()
                 + (b"" if args.agent_time is None else f"within {args.agent_time!r} ".encode())
                 + hashlib.sha256(policy).digest(),
                 "cpsat": f"cpsat {args.time_limit!r} {args.workers}".encode()}

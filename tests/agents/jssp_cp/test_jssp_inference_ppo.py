@@ -1,5 +1,6 @@
 """Inference (greedy and best-of-N) against the rules and brute force; PPO's random instances and bound against
 NumPy (PPO's updates run end to end in test_jssp_experiment.py)."""
+import functools
 import json
 
 import jax
@@ -109,6 +110,37 @@ def test_non_delay_masks_no_op_whenever_a_job_can_start():
     assert float(logits[-1]) == ILLEGAL and float(plain_logits[-1]) > ILLEGAL
     np.testing.assert_array_equal(logits[:-1], plain_logits[:-1])
     assert float(value) == float(plain_value)
+
+
+def every_decision_rollout(apply, params, instance, key, temperature, greedy):
+    """The rollout as it was before forced decisions skipped the network (it asks the network at every decision),
+    and how many of its decisions had a single allowed action."""
+    def body(carry):
+        state, key, forced = carry
+        key, k_act = jax.random.split(key)
+        logits, _ = apply(params, env.observe(state))
+        action = jnp.where(greedy, jnp.argmax(logits), jax.random.categorical(k_act, logits / temperature))
+        forced = forced + (inference.allowed_actions(apply, state).sum() == 1)
+        return env.transition(state, action), key, forced
+
+    final, _, forced = jax.lax.while_loop(lambda c: ~env.done(c[0]), body, (env.reset(instance), key, 0))
+    return final, forced
+
+
+@pytest.mark.parametrize("non_delay", [False, True])
+def test_forced_decisions_skip_the_network_and_change_no_schedule(non_delay):
+    network = JobShopPolicy(NetworkConfig(dim=8, heads=2, job_layers=1))
+    params = init_params(jax.random.key(4), network)
+    apply = inference.NonDelay(network.apply) if non_delay else network.apply
+    batch = env.stack([random_instance(seed, jobs, machines) for seed, (jobs, machines)
+                       in enumerate([(6, 4), (8, 5), (3, 6), (10, 3)])], jobs=10, machines=6)
+    args = (batch, jax.random.split(jax.random.key(9), 4), jnp.asarray([0.5, 1.0, 2.0, 1.0]),
+            jnp.asarray([False, False, False, True]))  # three sampled rollouts at three temperatures, one greedy
+    skipping = jax.jit(jax.vmap(functools.partial(inference.rollout, apply, params)))(*args)
+    reference, forced = jax.jit(jax.vmap(functools.partial(every_decision_rollout, apply, params)))(*args)
+    np.testing.assert_array_equal(skipping.start, reference.start)
+    np.testing.assert_array_equal(skipping.makespan, reference.makespan)
+    assert (np.asarray(forced) > 0).all()  # every rollout had decisions the skipping one took without the network
 
 
 def test_the_best_of_n_includes_the_greedy_rollout():
