@@ -6,11 +6,11 @@
 INSTANCE_FILE: Taillard or OR-Library format (detected). Prints the makespan and, when the instance's content is one
 of Taillard's ta01-ta80, its best-known bounds and the gap to the upper bound; writes OUT/schedule.json and
 OUT/gantt.png. Every schedule is validated before it is written. --time-limit: CP-SAT's limit in seconds (default
-10, two workers); for the agent, rounds of --samples rollouts go on while the next one is expected to end within it
-(default: one round). --checkpoint: a `jaxalign run jssp_cp` work directory (agent only; default: the policy shipped
-in agents/jssp_cp/data/pretrained, trained on generated instances only); --samples: the agent's rollouts, the
-shortest schedule kept (the greedy one and N-1 sampled at temperatures 0.5-2.0; 0 = greedy only). A malformed file
-is one error line naming the file and the line (exit 2).
+10, two workers); for the agent, the greedy rollout and then rounds of --samples sampled rollouts while the next one
+is expected to end within it (default: one best of --samples, no limit). --checkpoint: a `jaxalign run jssp_cp` work
+directory (agent only; default: the policy shipped in agents/jssp_cp/data/pretrained, trained on generated instances
+only); --samples: the agent's rollouts, the shortest schedule kept (the greedy one and N-1 sampled at temperatures
+0.5-2.0; 0 = greedy only). A malformed file is one error line naming the file and the line (exit 2).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     solve.add_argument("instance", help="a Taillard or OR-Library instance file")
     solve.add_argument("--method", required=True, choices=METHODS)
     solve.add_argument("--time-limit", type=float, default=None, help="seconds: CP-SAT's limit (default 10); the "
-                       "agent's budget for rounds of --samples rollouts (default: one round)")
+                       "agent's budget: greedy, then rounds of --samples sampled rollouts (default: one best of N)")
     solve.add_argument("--checkpoint", default=None, help="a `jaxalign run jssp_cp` work directory (agent; "
                        "default: the shipped pretrained policy)")
     solve.add_argument("--samples", type=int, default=16, help="the agent's rollouts, the best kept: the greedy one "

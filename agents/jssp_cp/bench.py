@@ -5,9 +5,9 @@ seconds per instance.
                         [--samples N] [--agent-time S] [--per-group K] [--workers W]
 
 Methods: the five dispatching rules; the agent greedy and the best of --samples rollouts (the greedy one and the
-rest sampled at temperatures 0.5-2.0), or with --agent-time the best of rounds of --samples rollouts while the next
-round is expected to end within that many seconds (`inference.best_within`), when a trained policy is found
-(--checkpoint, default DIR itself: a `jaxalign run jssp_cp` work directory); CP-SAT given, per instance, the
+rest sampled at temperatures 0.5-2.0), or with --agent-time the greedy rollout and then rounds of --samples sampled
+ones while the next is expected to end within that many seconds (`inference.best_within`), when a trained policy
+is found (--checkpoint, default DIR itself: a `jaxalign run jssp_cp` work directory); CP-SAT given, per instance, the
 sampled agent's time (as the paper compares) and CP-SAT at --time-limit seconds, both with --workers workers and no
 hint (an instance where CP-SAT finds no schedule within its limit counts as unsolved, and the mean gap is over the
 solved ones). Times exclude compilation (one warm-up per shape); CP-SAT's results depend on the machine, which is
@@ -60,8 +60,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint", default=None, help="a `jaxalign run jssp_cp` work directory (default: "
                         "--workdir when it holds policy.msgpack)")
     parser.add_argument("--samples", type=int, default=16, help="the agent's rollouts (per round with --agent-time)")
-    parser.add_argument("--agent-time", type=float, default=None, help="seconds per instance for rounds of --samples "
-                        "rollouts (default: one round)")
+    parser.add_argument("--agent-time", type=float, default=None, help="seconds per instance: greedy, then rounds of "
+                        "--samples sampled rollouts (default: one best of --samples)")
     parser.add_argument("--per-group", type=int, default=10, help="the first K instances of each group")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
@@ -101,7 +101,7 @@ class Bench:
         if "agent" in families:
             apply, params = self.policy
             for label, samples in (("agent_greedy", 0), ("agent_sampled", self.samples)):
-                # One round compiles what every round of `best_within` runs.
+                # These two warm-ups compile what every round of `best_within` runs (greedy, sampled).
                 self._warm((label, instance.machines.shape), lambda: _agent(apply, params, instance, samples))
                 found[label] = _agent(apply, params, instance, samples, self.agent_time)
             limit = max(found["agent_sampled"][2], 0.05)
@@ -166,7 +166,7 @@ def settings_keys(args: argparse.Namespace, checkpoint: str | None) -> dict[str,
                 # --agent-time adds to the payload, so rows without it keep their key; "forced-skip": rollouts
                 # skip the network on forced decisions (same schedules, less time), so older times are not reused
                 "agent": f"agent greedy+sampled forced-skip {args.samples} {args.workers} ".encode()
-                + (b"" if args.agent_time is None else f"within {args.agent_time!r} ".encode())
+                + (b"" if args.agent_time is None else f"within {args.agent_time!r} greedy-first ".encode())
                 + hashlib.sha256(policy).digest(),
                 "cpsat": f"cpsat {args.time_limit!r} {args.workers}".encode()}
     return {family: hashlib.sha256(payload).hexdigest()[:12] for family, payload in payloads.items()}

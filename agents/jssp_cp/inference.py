@@ -4,10 +4,11 @@ N rollouts is the greedy one, so the best of N is never longer than greedy: on T
 instances, 16 samples alone came out worse than the greedy rollout (README).
 
 Both run as one jitted call per padded instance shape: the greedy rollout and N - 1 sampled ones (temperature
-i = 0.5 + 1.5 i / (N - 2)) are vmapped, each a lax.while_loop over decisions. `best_within` repeats such rounds
-while they fit in a time limit, so that the agent, like CP-SAT, turns more time into shorter schedules (most of all
-on small instances, where a rollout is cheap). `schedule_with_agent` validates every schedule it returns
-(agents/jssp_cp/schedule.py) and raises on any violation.
+i = 0.5 + 1.5 i / (N - 2)) are vmapped, each a lax.while_loop over decisions in which the network is asked only
+when the policy has a choice (`play_forced`). `best_within` starts from the greedy rollout and adds rounds of
+sampled ones while they fit in a time limit, so that the agent, like CP-SAT, turns more time into shorter
+schedules (most of all on small instances, where a rollout is cheap). `schedule_with_agent` validates every
+schedule it returns (agents/jssp_cp/schedule.py) and raises on any violation.
 """
 from __future__ import annotations
 
@@ -100,8 +101,8 @@ def _greedy(apply, params, instances: env.JobShop):
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _sampled(apply, params, instances: env.JobShop, key: jax.Array, num_samples: int, with_greedy: jax.Array):
-    # Rollout 0 is the greedy one when `with_greedy` (its temperature is unused); traced, so that the first round of
-    # `best_within` and the later, all-sampled ones share one compilation.
+    # Rollout 0 is the greedy one when `with_greedy` (its temperature is unused); traced, so that `sampled_batch`
+    # and the all-sampled rounds of `best_within` share one compilation.
     greedy = (jnp.arange(num_samples) == 0) & with_greedy
     temps = jnp.where(with_greedy, jnp.concatenate([jnp.ones(1), temperatures(num_samples - 1)]),
                       temperatures(num_samples)) if num_samples > 1 else jnp.ones(1)
@@ -125,16 +126,21 @@ def sampled_batch(apply, params, instances: env.JobShop, key: jax.Array, num_sam
     sampled (module docstring); one jitted call."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    return _round(apply, params, instances, key, num_samples, True)
+    return _sampled(apply, params, instances, key, num_samples, jnp.bool_(True))
 
 
-_ROUNDS_SEEN: set = set()  # (apply, shape, round size) of the rounds compiled in this process
+_COMPILED: set = set()  # (apply, shape, rollouts per instance) of the rounds compiled in this process; 0 = greedy
 
 
-def _round(apply, params, instances: env.JobShop, key: jax.Array, num_samples: int, with_greedy: bool):
-    found = _sampled(apply, params, instances, key, num_samples, jnp.bool_(with_greedy))
-    _ROUNDS_SEEN.add((apply, instances.machines.shape, num_samples))
-    return found
+def _timed(run, apply, instances: env.JobShop, rollouts: int) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """(start, makespan) of `run()` on the host and its wall time, None when the call compiled (a shape new to this
+    process), since such a time says little about the next call's."""
+    shape = (apply, instances.machines.shape, rollouts)
+    began = time.perf_counter()
+    start, makespan = jax.device_get(run())
+    seconds = time.perf_counter() - began if shape in _COMPILED else None
+    _COMPILED.add(shape)
+    return np.asarray(start), np.asarray(makespan), seconds
 
 
 class Anytime(NamedTuple):
@@ -146,33 +152,32 @@ class Anytime(NamedTuple):
 
 def best_within(apply, params, instances: env.JobShop, key: jax.Array, seconds: float, round_size: int = 16,
                 max_rounds: int | None = None) -> Anytime:
-    """The best of as many rollouts as fit in `seconds`, an anytime search like CP-SAT's time limit: round 0 is
-    `sampled_batch` (greedy + `round_size` - 1 sampled, the same key), each further round `round_size` fresh samples
-    at temperatures spread over [0.5, 2.0] (keys folded with the round's index), the best schedule per instance kept.
-    A round starts only if it is expected to end within `seconds`, judged by the last round's wall time; round 0
-    always runs, so a round longer than `seconds` overruns it, and when round 0 compiled (a shape new to this
-    process) its time says little about a round's, so round 1 runs if any time is left. `max_rounds` caps the rounds
-    (a deterministic result whatever the machine's speed)."""
+    """The best of as many rollouts as fit in `seconds`, an anytime search like CP-SAT's time limit. Round 0 is the
+    greedy rollout; each further round samples `round_size` rollouts at temperatures spread over [0.5, 2.0] (keys
+    folded with the round's index), and the best schedule per instance is kept. A round starts only if it is
+    expected to end within `seconds`: the first sampled round is expected to cost `round_size` greedy rollouts (a
+    vmapped round costs less: 11-13 greedy rollouts for 16 on Taillard's instances), a later one what the last one
+    cost. So an instance too large for one round in the limit gets its greedy schedule in time instead of a round
+    that overruns (Taillard's 100x20: 1.5 s greedy, a round of 16 about 17 s). A round that compiled (a shape new to
+    this process) says nothing about the next one's time, which then runs if any time is left. Round 0 always runs;
+    `max_rounds` caps the rounds (a deterministic result whatever the machine's speed)."""
     if round_size < 1 or seconds <= 0 or (max_rounds is not None and max_rounds < 1):
         raise ValueError(f"best_within needs round_size >= 1, seconds > 0 and max_rounds >= 1 (or None); got "
                          f"{round_size}, {seconds}, {max_rounds}")
     clock = time.perf_counter()
-    compiles = (apply, instances.machines.shape, round_size) not in _ROUNDS_SEEN
-    best_start = best_makespan = None
-    rounds, last = 0, 0.0
-    while rounds == 0 or ((max_rounds is None or rounds < max_rounds)
-                          and time.perf_counter() - clock + last <= seconds):
-        began = time.perf_counter()
-        round_key = key if rounds == 0 else jax.random.fold_in(key, rounds)
-        start, makespan = jax.device_get(_round(apply, params, instances, round_key, round_size, rounds == 0))
-        if best_makespan is None:
-            best_start, best_makespan = np.asarray(start), np.asarray(makespan)
-        else:
-            better = makespan < best_makespan
-            best_start = np.where(better[:, None, None], start, best_start)
-            best_makespan = np.where(better, makespan, best_makespan)
-        rounds, last = rounds + 1, 0.0 if rounds == 0 and compiles else time.perf_counter() - began
-    return Anytime(best_start, best_makespan, rounds * round_size, time.perf_counter() - clock)
+    best_start, best_makespan, greedy = _timed(lambda: _greedy(apply, params, instances), apply, instances, 0)
+    expected = None if greedy is None else round_size * greedy
+    rounds = 1
+    while ((max_rounds is None or rounds < max_rounds)
+           and time.perf_counter() - clock + (expected or 0.0) <= seconds):
+        start, makespan, expected = _timed(
+            lambda: _sampled(apply, params, instances, jax.random.fold_in(key, rounds), round_size, jnp.bool_(False)),
+            apply, instances, round_size)
+        better = makespan < best_makespan
+        best_start = np.where(better[:, None, None], start, best_start)
+        best_makespan = np.where(better, makespan, best_makespan)
+        rounds += 1
+    return Anytime(best_start, best_makespan, 1 + (rounds - 1) * round_size, time.perf_counter() - clock)
 
 
 class AgentSchedule(NamedTuple):
