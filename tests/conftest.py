@@ -40,3 +40,11 @@ CACHE_SETTINGS = {
 for name, value in CACHE_SETTINGS.items():
     os.environ.setdefault(name.upper(), str(value))
     jax.config.update(name, type(value)(os.environ[name.upper()]))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked `slow` first, each group in collection order. pytest-xdist's work stealing hands the two
+    workers halves of this list and lets an idle worker take tests from the end of the other's queue, so with the
+    slow tests at the front the last tests to run are short ones and neither worker waits minutes for the other
+    (collected alphabetically, the README walkthroughs and the notebooks came last)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -97,6 +97,7 @@ def run_line(line: str, cwd: Path, monkeypatch) -> None:
     assert main(argv) == 0, line
 
 
+@pytest.mark.slow
 def test_the_walkthroughs_run_as_written(clone, monkeypatch):
     """In README order: later walkthroughs may read what earlier ones wrote (generate reads the pairwise run)."""
     for block in BLOCKS:

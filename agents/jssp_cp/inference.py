@@ -66,7 +66,7 @@ def play_forced(apply, state: env.State, key: jax.Array) -> tuple[env.State, jax
     has a choice. The network is not evaluated: with one allowed action every other logit is ILLEGAL, so the argmax
     and any sample at any temperature take that action. Each forced decision splits the key as a sampled one
     does, so the rollout draws the same numbers, and returns the same schedule, as one that asks the network at
-    every decision. In the non-delay rollouts of Taillard's instances 16-56 % of the decisions are forced."""
+    every decision (tested); only faster (the README's job-shop section has the times)."""
     def forced(carry):
         state, _ = carry
         return ~env.done(state) & (allowed_actions(apply, state).sum() == 1)
@@ -116,9 +116,17 @@ def _sampled(apply, params, instances: env.JobShop, key: jax.Array, num_samples:
     return jax.vmap(best_of)(instances, jax.random.split(key, instances.num_ops.shape[0]))
 
 
+_COMPILED: set = set()  # (apply, shape, rollouts per instance; 0 = greedy) of the calls compiled in this process
+
+
+def _compiled(apply, instances: env.JobShop, rollouts: int, found):
+    _COMPILED.add((apply, instances.machines.shape, rollouts))
+    return found
+
+
 def greedy_batch(apply, params, instances: env.JobShop):
     """(start [B, J, O], makespan [B]) of the greedy policy on a batch of padded instances; one jitted call."""
-    return _greedy(apply, params, instances)
+    return _compiled(apply, instances, 0, _greedy(apply, params, instances))
 
 
 def sampled_batch(apply, params, instances: env.JobShop, key: jax.Array, num_samples: int):
@@ -126,21 +134,18 @@ def sampled_batch(apply, params, instances: env.JobShop, key: jax.Array, num_sam
     sampled (module docstring); one jitted call."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    return _sampled(apply, params, instances, key, num_samples, jnp.bool_(True))
-
-
-_COMPILED: set = set()  # (apply, shape, rollouts per instance) of the rounds compiled in this process; 0 = greedy
+    return _compiled(apply, instances, num_samples, _sampled(apply, params, instances, key, num_samples,
+                                                            jnp.bool_(True)))
 
 
 def _timed(run, apply, instances: env.JobShop, rollouts: int) -> tuple[np.ndarray, np.ndarray, float | None]:
-    """(start, makespan) of `run()` on the host and its wall time, None when the call compiled (a shape new to this
-    process), since such a time says little about the next call's."""
-    shape = (apply, instances.machines.shape, rollouts)
+    """(start, makespan) of `run()` on the host and its wall time, None when the call compiled (its shape is new to
+    this process: no earlier `greedy_batch`, `sampled_batch` or round ran it), since such a time says little about
+    the next call's."""
+    warm = (apply, instances.machines.shape, rollouts) in _COMPILED
     began = time.perf_counter()
-    start, makespan = jax.device_get(run())
-    seconds = time.perf_counter() - began if shape in _COMPILED else None
-    _COMPILED.add(shape)
-    return np.asarray(start), np.asarray(makespan), seconds
+    start, makespan = jax.device_get(_compiled(apply, instances, rollouts, run()))
+    return np.asarray(start), np.asarray(makespan), time.perf_counter() - began if warm else None
 
 
 class Anytime(NamedTuple):
@@ -156,11 +161,11 @@ def best_within(apply, params, instances: env.JobShop, key: jax.Array, seconds: 
     greedy rollout; each further round samples `round_size` rollouts at temperatures spread over [0.5, 2.0] (keys
     folded with the round's index), and the best schedule per instance is kept. A round starts only if it is
     expected to end within `seconds`: the first sampled round is expected to cost `round_size` greedy rollouts (a
-    vmapped round costs less: 11-13 greedy rollouts for 16 on Taillard's instances), a later one what the last one
-    cost. So an instance too large for one round in the limit gets its greedy schedule in time instead of a round
-    that overruns (Taillard's 100x20: 1.5 s greedy, a round of 16 about 17 s). A round that compiled (a shape new to
-    this process) says nothing about the next one's time, which then runs if any time is left. Round 0 always runs;
-    `max_rounds` caps the rounds (a deterministic result whatever the machine's speed)."""
+    vmapped round costs less: 9-12 greedy rollouts' time for 16 in the README's Taillard table), a later one what
+    the last one cost. So an instance too large for one round in the limit gets its greedy schedule in time instead
+    of a round that overruns (Taillard's 100x20: greedy 1.6 s, 16 rollouts 18 s). A round that compiled (a shape
+    new to this process) says nothing about the next one's time, which then runs if any time is left. Round 0
+    always runs; `max_rounds` caps the rounds (a deterministic result whatever the machine's speed)."""
     if round_size < 1 or seconds <= 0 or (max_rounds is not None and max_rounds < 1):
         raise ValueError(f"best_within needs round_size >= 1, seconds > 0 and max_rounds >= 1 (or None); got "
                          f"{round_size}, {seconds}, {max_rounds}")

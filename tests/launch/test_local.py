@@ -53,6 +53,7 @@ def _losses(path: Path) -> dict[tuple[str, int], float]:
     return {(r["phase"], r["step"]): r["loss"] for r in records if "loss" in r}
 
 
+@pytest.mark.slow
 def test_two_processes_log_the_losses_of_one_process(tmp_path):
     """2 processes x 1 CPU device (each loading only its half of every batch) vs 1 process x 2 devices: the same
     mesh and global batch, so the same per-step SFT and DPO losses (to fp tolerance), the same pairs and the same

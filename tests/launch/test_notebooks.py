@@ -47,6 +47,7 @@ def write_kernel_spec(jupyter_path: Path) -> None:
     }))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes_without_errors(path, tmp_path, monkeypatch):
     jupyter_path = tmp_path / "jupyter"

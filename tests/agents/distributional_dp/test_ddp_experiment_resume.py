@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from launch.cli import main
 from rl.testing import checkpoint_arrays, run_registered, run_differences
 
@@ -33,6 +35,7 @@ def _differences(a: Path, b: Path) -> list[str]:
     return run_differences(a, b, FINAL, TIMING)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bit_identically_and_other_config_is_refused(tmp_path, capsys):
     cache, a, b = tmp_path / "xla_cache", tmp_path / "A", tmp_path / "B"
     done, _ = _run(a, cache)

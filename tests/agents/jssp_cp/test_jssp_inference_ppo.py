@@ -176,5 +176,10 @@ def test_best_within_a_time_limit_runs_rounds_and_keeps_the_best_of_them():
     # expected to overrun (a round of 10^6 is expected to cost 10^6 greedy rollouts, the greedy one now compiled).
     assert inference.best_within(uniform, None, batch, key, seconds=1e-9, round_size=4).rollouts == 1
     assert inference.best_within(uniform, None, batch, key, seconds=5.0, round_size=10**6).rollouts == 1
+    # `greedy_batch` warms a shape for `best_within` too (as the bench's warm-up does): its greedy time is then the
+    # estimate, so a round of 2,000 rollouts (expected 2,000 greedy rollouts' time) does not start in 50 ms.
+    other = env.stack([random_instance(seed, 4, 3, max_duration=6) for seed in range(2)])
+    jax.block_until_ready(inference.greedy_batch(uniform, None, other))
+    assert inference.best_within(uniform, None, other, key, seconds=0.05, round_size=2000).rollouts == 1
     with pytest.raises(ValueError, match="seconds > 0"):
         inference.best_within(uniform, None, batch, key, seconds=0)

@@ -20,6 +20,7 @@ FINAL, KILL_AT = 3, 2
 TIMING = {"train_seconds", "wall_seconds", "env_steps_per_second"}
 
 
+@pytest.mark.slow
 def test_tiny_run_end_to_end_killed_and_resumed_bit_identically(tmp_path):
     cache, a, b = tmp_path / "xla_cache", tmp_path / "A", tmp_path / "B"
     done, saved = run_registered("pdppo_lot_sizing", a, TINY, cache, fast_compile=True)

@@ -154,6 +154,7 @@ SHAPES_TINY = ["seeds=0", "shapes.base.steps=4", "shapes.base.batch=4", "shapes.
 SHAPES_TINY_OBJECTIVES = ("diffusion_dpo", "patch_weighted_dpo", "d3po")  # both compiled programs, patch weights
 
 
+@pytest.mark.slow
 def test_shapes_task_runs_its_objectives_from_one_base_and_resumes(tmp_path):
     """Three objectives (each of the two compiled fine-tuning programs, the patch weights): compiling the UNet's
     programs dominates this test's time, and every objective of the switch program shares one compilation."""

@@ -18,6 +18,7 @@ FINAL, KILL_AT = 2500, 1250
 TIMING = {"train_seconds", "wall_seconds", "env_steps_per_second"}
 
 
+@pytest.mark.slow
 def test_learns_cartpole_and_a_killed_run_resumes_bit_identically(tmp_path):
     cache, a, b = tmp_path / "xla_cache", tmp_path / "A", tmp_path / "B"
     done, saved = run_registered("dqn_gymnasium", a, TINY, cache)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from launch.cli import main
 from rl.testing import checkpoint_arrays, run_registered, run_differences
 
@@ -23,13 +25,14 @@ TIMING = {"train_seconds", "wall_seconds", "env_steps_per_second", "env_steps_pe
 
 
 def _run(workdir: Path, cache: Path, kill_after: int | None = None, overrides: list[str] = TINY):
-    return run_registered("ppo_cartpole", workdir, overrides, cache, kill_after)
+    return run_registered("ppo_cartpole", workdir, overrides, cache, kill_after, fast_compile=True)
 
 
 def _differences(a: Path, b: Path) -> list[str]:
     return run_differences(a, b, UPDATES, TIMING)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bit_identically_and_other_config_is_refused(tmp_path, capsys):
     cache, a, b = tmp_path / "xla_cache", tmp_path / "A", tmp_path / "B"
     done, _ = _run(a, cache)

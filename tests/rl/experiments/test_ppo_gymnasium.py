@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from launch.cli import main
 from rl.testing import run_differences, run_registered
 
@@ -15,6 +17,7 @@ FINAL, KILL_AT = 24, 12
 TIMING = {"train_seconds", "wall_seconds", "env_steps_per_second"}
 
 
+@pytest.mark.slow
 def test_learns_cartpole_and_a_killed_run_resumes_bit_identically(tmp_path):
     cache, a, b = tmp_path / "xla_cache", tmp_path / "A", tmp_path / "B"
     done, saved = run_registered("ppo_gymnasium", a, TINY, cache)
