@@ -92,6 +92,7 @@ def test_two_processes_log_the_losses_of_one_process(tmp_path):
     assert "all 2 processes finished" in lines[-1]
 
 
+@pytest.mark.slow
 def test_a_killed_process_stops_the_run_with_a_clear_error_within_60_seconds(tmp_path):
     """SIGKILL process 1 in the middle of SFT (process 0 then waits on it in the step's collectives): the launcher
     and the surviving process exit non-zero within 60 s, naming the process that died."""
