@@ -10,7 +10,8 @@ OUT/gantt.png. Every schedule is validated before it is written. --time-limit: C
 is expected to end within it (default: one best of --samples, no limit). --checkpoint: a `jaxalign run jssp_cp` work
 directory (agent only; default: the policy shipped in agents/jssp_cp/data/pretrained, trained on generated instances
 only); --samples: the agent's rollouts, the shortest schedule kept (the greedy one and N-1 sampled at temperatures
-0.5-2.0; 0 = greedy only). A malformed file is one error line naming the file and the line (exit 2).
+0.5-2.0; 0 = greedy only, which refuses --time-limit). A malformed file is one error line naming the file and the
+line (exit 2).
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def schedule(instance, method: str, time_limit: float | None, checkpoint: str | 
         checkpoint = inference.pretrained_dir() if checkpoint is None else checkpoint
         if samples < 0:
             raise ValueError(f"--samples must be >= 0, got {samples}")
+        if samples == 0 and time_limit is not None:
+            raise ValueError("--time-limit needs --samples >= 1 for the agent: --samples 0 is the greedy rollout "
+                             "alone, which has nothing to spend a time limit on")
         apply, params = inference.load_policy(checkpoint)
         found = inference.schedule_with_agent(apply, params, instance, num_samples=samples, seconds=time_limit)
         start, makespan = found.start, found.makespan

@@ -149,6 +149,12 @@ def test_solve_a_file_with_a_rule_and_cpsat_and_refuse_a_malformed_file(tmp_path
     negative.write_text("2 2\n0 3 1 -2\n1 1 0 1\n")
     code, _, err = _solve(capsys, negative, tmp_path / "neg", "--method", "cp-sat")
     assert code == 2 and err.strip() == f"jaxalign: error: {negative}, line 2: durations must be >= 0; got -2"
+    # A time limit for the greedy agent alone (one rollout) is refused, not silently ignored, before any work.
+    code, out, err = _solve(capsys, path, tmp_path / "greedy", "--method", "agent", "--samples", "0", "--time-limit",
+                            "5")
+    assert code == 2 and out == "" and not (tmp_path / "greedy").exists()
+    assert err.strip() == ("jaxalign: error: --time-limit needs --samples >= 1 for the agent: --samples 0 is the "
+                           "greedy rollout alone, which has nothing to spend a time limit on")
 
 
 @pytest.mark.parametrize("override, message", [
