@@ -164,9 +164,12 @@ def settings_keys(args: argparse.Namespace, checkpoint: str | None) -> dict[str,
     payloads = {"rules": b"rules",
                 # "greedy+sampled": the best of N includes the greedy rollout (rows before it are other settings)
                 # --agent-time adds to the payload, so rows without it keep their key; "forced-skip": rollouts
-                # skip the network on forced decisions (same schedules, less time), so older times are not reused
+                # skip the network on forced decisions (same schedules, less time), so older times are not reused;
+                # "greedy-first warm-estimate": best_within's rounds follow the greedy rollout, estimated after a
+                # warm-up too
                 "agent": f"agent greedy+sampled forced-skip {args.samples} {args.workers} ".encode()
-                + (b"" if args.agent_time is None else f"within {args.agent_time!r} greedy-first ".encode())
+                + (b"" if args.agent_time is None
+                   else f"within {args.agent_time!r} greedy-first warm-estimate ".encode())
                 + hashlib.sha256(policy).digest(),
                 "cpsat": f"cpsat {args.time_limit!r} {args.workers}".encode()}
     return {family: hashlib.sha256(payload).hexdigest()[:12] for family, payload in payloads.items()}
