@@ -170,7 +170,7 @@ def best_within(apply, params, instances: env.JobShop, key: jax.Array, seconds: 
         raise ValueError(f"best_within needs round_size >= 1, seconds > 0 and max_rounds >= 1 (or None); got "
                          f"{round_size}, {seconds}, {max_rounds}")
     clock = time.perf_counter()
-    best_start, best_makespan, greedy = _timed(lambda: _greedy(apply, params, instances), apply, instances, 0)
+    best_start, best_makespan, greedy = _timed(lambda: greedy_batch(apply, params, instances), apply, instances, 0)
     expected = None if greedy is None else round_size * greedy
     rounds = 1
     while ((max_rounds is None or rounds < max_rounds)
